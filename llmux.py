@@ -1,0 +1,2420 @@
+#!/usr/bin/env python3
+"""llmux.py: one GPU node, many models, one OpenAI-compatible endpoint.
+
+llmux reads the ``model`` field of each request. When that model is not loaded it
+drains the requests in flight, runs the loaded model's ``sleep`` hook and the
+requested model's ``wake`` hook (any shell text, run with ``sh -c``), then proxies
+the request to ``127.0.0.1:<model port>`` and streams the answer back::
+
+    client ──HTTP/1.1──▶ server ──▶ route ──▶ switcher.acquire(model) ──▶ relay ──▶ 127.0.0.1:<port>
+                           │                      │ (queue, drain, hooks)    (stream back,
+                           │                      ▼                           release slot)
+                           │                 hooks: sh -c wake / sleep / alive
+                           └── /v1/models, /health
+
+One file, standard library only, CPython 3.8 to 3.13.  Run ``python3 llmux.py -h``.
+
+Reading order (leaves first): limits → errors → config → HTTP wire (sans-I/O) →
+relay → hooks → policies and switcher → server → demo backend and probe → CLI.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "__version__",
+    "LLMuxError",
+    "HTTPError",
+    "ConfigError",
+    "HookError",
+    "UpstreamError",
+    "Config",
+    "ModelConfig",
+    "Policy",
+    "HttpConfig",
+    "load_config",
+    "parse_config",
+    "RequestParser",
+    "ResponseParser",
+    "RequestHead",
+    "ResponseHead",
+    "Body",
+    "EndOfMessage",
+    "NEED_DATA",
+    "HookRunner",
+    "HookResult",
+    "Switcher",
+    "ModelState",
+    "SchedulingPolicy",
+    "FifoPolicy",
+    "POLICIES",
+    "Server",
+    "Log",
+    "main",
+]
+
+import argparse
+import asyncio
+import collections
+import enum
+import errno
+import fcntl
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
+
+try:  # Optional: YAML configs. Without PyYAML a .yaml config gets a clear error.
+    import yaml  # type: ignore
+except ImportError:  # pragma: no cover - depends on the machine
+    yaml = None
+
+__version__ = "0.1.0"
+
+
+# ───────────────────────────────── limits and defaults ─────────────────────────────────
+# Each limit names the status it maps to.  The HTTP ones bound what one client can make
+# llmux hold in memory or wait for; the hook ones bound what a hook can make it hold.
+
+MAX_REQUEST_LINE = 8 * 1024  # 414: longer than any real OpenAI route plus query string.
+MAX_HEADER_BYTES = 64 * 1024  # 431: the header section, request line excluded.
+MAX_HEADER_COUNT = 128  # 431: real clients send ~10-20.
+MAX_CONTENT_LENGTH_DIGITS = 18  # 400: 10**18 bytes is no real body; longer is an attack.
+MAX_CHUNK_SIZE_DIGITS = 16  # 400: 16 hex digits is 2**64; more would overflow a peer.
+MAX_CHUNK_LINE = 4 * 1024  # 400: chunk size line with extensions.
+MAX_TRAILER_BYTES = 16 * 1024  # 431: trailers are parsed and dropped.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # 413: a chat request with several images.
+DEFAULT_HEADER_TIMEOUT = 30.0  # 408: from a request's first byte to the end of its head.
+DEFAULT_BODY_TIMEOUT = 60.0  # 408: longest silence while a request body arrives.
+DEFAULT_IDLE_TIMEOUT = 120.0  # keep-alive connection with no request: closed quietly.
+DEFAULT_MAX_CONNECTIONS = 1024  # 503: beyond this a new connection is answered and closed.
+READ_SIZE = 64 * 1024  # one socket read.
+STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
+MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head.
+MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
+UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
+
+DEFAULT_PORT = 3000
+DEFAULT_HOST = "0.0.0.0"  # as the Rust llmux: clients come from other hosts.
+DEFAULT_REQUEST_TIMEOUT = 300.0  # 504: longest wait in the queue for a model.
+DEFAULT_HOOK_TIMEOUT = 600.0  # large models take minutes to load from disk.
+DEFAULT_DRAIN_TIMEOUT = 300.0  # in-flight requests still running after this are cut.
+DEFAULT_UPSTREAM_TIMEOUT = 600.0  # 504: longest backend silence (long prompts prefill).
+DEFAULT_WAKE_BACKOFF = 1.0  # after a failed wake, the next attempt waits this long.
+DEFAULT_MAX_QUEUE = 4096  # 503 + Retry-After beyond this many waiting requests.
+SWITCH_COST_EMA_ALPHA = 0.3  # weight of the newest switch in the cost estimate.
+
+HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
+HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
+HOOK_LOG_LINES = 500  # lines of one hook run copied to the log; the rest are counted.
+HOOK_NAMES = ("wake", "sleep", "alive")
+
+
+# ──────────────────────────────────────── errors ────────────────────────────────────────
+# One tree.  Each error carries the HTTP status, the OpenAI error type and a code; it
+# becomes a response in exactly one place (Server._error_response).
+
+
+class LLMuxError(Exception):
+    """Base of every error llmux turns into an OpenAI-style JSON response."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: Optional[int] = None,
+        type: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Sequence[Tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.headers = list(headers)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+class HTTPError(LLMuxError, ValueError):
+    """A request that breaks HTTP/1.1; the connection is answered and closed."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class ConfigError(LLMuxError, ValueError):
+    """A config that cannot run; ``problems`` has one message per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class HookError(LLMuxError):
+    """A hook exited non-zero, was killed, timed out or could not start."""
+
+    status = 503
+    code = "hook_failed"
+
+    def __init__(self, message: str, result: "HookResult") -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class UpstreamError(LLMuxError):
+    """The model's backend refused, reset, stalled or answered with broken HTTP."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class ClientGone(Exception):
+    """The client went away; nothing can be answered."""
+
+
+# ──────────────────────────────────────── logging ───────────────────────────────────────
+# One line per event on stderr: `time level event key=value ...`, or one JSON object per
+# line with --log-format json.  Request bodies and Authorization headers are never logged.
+
+
+class Log:
+    """Event logger: ``log.info("switch.end", frm="a", to="b", secs=1.2)``."""
+
+    LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+    def __init__(self, stream: Any = None, verbose: bool = False, fmt: str = "text") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.threshold = 10 if verbose else 20
+        self.fmt = fmt
+
+    def enabled(self, level: str) -> bool:
+        return self.LEVELS[level] >= self.threshold
+
+    def emit(self, level: str, event: str, fields: Dict[str, Any]) -> None:
+        if self.LEVELS[level] < self.threshold:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (now % 1 * 1000)
+        if self.fmt == "json":
+            line = json.dumps({"ts": stamp, "level": level, "event": event, **fields},
+                              default=str, separators=(",", ":"))
+        else:
+            text = fields.pop("text", None)
+            parts = [stamp, level, event]
+            for key, value in fields.items():
+                if value is None:
+                    continue
+                value = value if isinstance(value, str) else json.dumps(value, default=str)
+                if not value or any(ch in value for ch in " \"=\n"):
+                    value = json.dumps(value)
+                parts.append(f"{key.rstrip('_')}={value}")
+            line = " ".join(parts) + (f" | {text}" if text is not None else "")
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the proxy down
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.emit("error", event, fields)
+
+
+# ──────────────────────────────────────── config ────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of ``models``: where the model listens and how to wake and sleep it."""
+
+    name: str
+    port: int
+    wake: Optional[str] = None
+    sleep: Optional[str] = None
+    alive: Optional[str] = None
+    aliases: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The ``policy`` section: how and when to switch models."""
+
+    name: str = "fifo"
+    request_timeout_secs: Optional[float] = DEFAULT_REQUEST_TIMEOUT
+    drain_before_switch: bool = True
+    min_active_secs: float = 0.0
+    hook_timeout_secs: Optional[float] = DEFAULT_HOOK_TIMEOUT
+    drain_timeout_secs: Optional[float] = DEFAULT_DRAIN_TIMEOUT
+    upstream_timeout_secs: Optional[float] = DEFAULT_UPSTREAM_TIMEOUT
+    wake_backoff_secs: float = DEFAULT_WAKE_BACKOFF
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The ``http`` section: limits on what clients may send."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    header_timeout_secs: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout_secs: float = DEFAULT_BODY_TIMEOUT
+    idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated config."""
+
+    models: Dict[str, ModelConfig]
+    policy: Policy = field(default_factory=Policy)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    port: int = DEFAULT_PORT
+    host: str = DEFAULT_HOST
+    path: Optional[str] = None  # the file it came from; hooks run in its folder
+
+    def resolve(self, name: str) -> Optional[ModelConfig]:
+        """The model called ``name`` or aliased so, or None."""
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        for candidate in self.models.values():
+            if name in candidate.aliases:
+                return candidate
+        return None
+
+
+def _describe(value: Any) -> str:
+    """How a config value looks in an error message: ``"5" (a string)``."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(type(value))
+    return f"{text} ({kind})" if kind else text
+
+
+class _Checker:
+    """Collects config problems as ``path: expected X; got Y``."""
+
+    def __init__(self) -> None:
+        self.problems: List[str] = []
+
+    def bad(self, path: str, expected: str, value: Any) -> None:
+        self.problems.append(f"{path}: expected {expected}; got {_describe(value)}")
+
+    def number(self, path: str, value: Any, *, minimum: float = 0.0, nullable: bool = False,
+               positive: bool = False, integer: bool = False) -> Any:
+        if value is None and nullable:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if integer:
+            ok = ok and float(value).is_integer()
+        if ok and value == value and value not in (float("inf"), float("-inf")):
+            if (value > minimum) if positive else (value >= minimum):
+                return int(value) if integer else float(value)
+        what = "a whole number" if integer else "a number"
+        what += f" > {minimum:g}" if positive else f" >= {minimum:g}"
+        if nullable:
+            what += " or null"
+        self.bad(path, what, value)
+        return None
+
+    def boolean(self, path: str, value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        self.bad(path, "true or false", value)
+        return None
+
+    def text(self, path: str, value: Any, *, nullable: bool = True) -> Any:
+        if value is None and nullable:
+            return None
+        if isinstance(value, str) and value.strip():
+            return value
+        self.bad(path, "a non-empty string" + (" or null" if nullable else ""), value)
+        return None
+
+    def port(self, path: str, value: Any, *, allow_zero: bool = False) -> Any:
+        low = 0 if allow_zero else 1
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= 65535:
+            return value
+        self.bad(path, f"a port number from {low} to 65535", value)
+        return None
+
+    def unknown(self, path: str, obj: Dict[str, Any], known: Iterable[str]) -> None:
+        known = list(known)
+        for key in obj:
+            if key not in known:
+                prefix = f"{path}." if path else ""
+                self.problems.append(
+                    f"{prefix}{key}: unknown key; expected one of {', '.join(known)}")
+
+
+_POLICY_NUMBERS = {
+    # key: (nullable, positive)
+    "request_timeout_secs": (True, True),
+    "min_active_secs": (False, False),
+    "hook_timeout_secs": (True, True),
+    "drain_timeout_secs": (True, False),
+    "upstream_timeout_secs": (True, True),
+    "wake_backoff_secs": (False, False),
+}
+_HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs")
+_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases")
+_TOP_KEYS = ("models", "policy", "http", "port", "host")
+
+
+def parse_config(raw: Any, path: Optional[str] = None) -> Config:
+    """Validate a decoded config document; raise ConfigError naming every problem."""
+    c = _Checker()
+    if not isinstance(raw, dict):
+        c.bad("(top level)", "an object with a 'models' key", raw)
+        raise ConfigError(c.problems)
+    c.unknown("", raw, _TOP_KEYS)
+
+    port = DEFAULT_PORT
+    if "port" in raw:
+        port = c.port("port", raw["port"], allow_zero=True)
+    host = DEFAULT_HOST
+    if "host" in raw:
+        host = c.text("host", raw["host"], nullable=False)
+
+    policy_raw = raw.get("policy", {})
+    policy_args: Dict[str, Any] = {}
+    if not isinstance(policy_raw, dict):
+        c.bad("policy", "an object", policy_raw)
+        policy_raw = {}
+    c.unknown("policy", policy_raw, ["name", "drain_before_switch", "max_queue", *_POLICY_NUMBERS])
+    for key, (nullable, positive) in _POLICY_NUMBERS.items():
+        if key in policy_raw:
+            policy_args[key] = c.number(f"policy.{key}", policy_raw[key], nullable=nullable,
+                                        positive=positive)
+    if "drain_before_switch" in policy_raw:
+        policy_args["drain_before_switch"] = c.boolean("policy.drain_before_switch",
+                                                       policy_raw["drain_before_switch"])
+    if "max_queue" in policy_raw:
+        policy_args["max_queue"] = c.number("policy.max_queue", policy_raw["max_queue"],
+                                            integer=True, positive=True)
+    if "name" in policy_raw:
+        name = policy_raw["name"]
+        if name not in POLICIES:
+            c.bad("policy.name", "one of " + ", ".join(sorted(POLICIES)), name)
+        policy_args["name"] = name
+
+    http_raw = raw.get("http", {})
+    http_args: Dict[str, Any] = {}
+    if not isinstance(http_raw, dict):
+        c.bad("http", "an object", http_raw)
+        http_raw = {}
+    c.unknown("http", http_raw, ["max_body_bytes", "max_connections", *_HTTP_NUMBERS])
+    for key in _HTTP_NUMBERS:
+        if key in http_raw:
+            http_args[key] = c.number(f"http.{key}", http_raw[key], positive=True)
+    for key in ("max_body_bytes", "max_connections"):
+        if key in http_raw:
+            http_args[key] = c.number(f"http.{key}", http_raw[key], integer=True, positive=True)
+
+    models: Dict[str, ModelConfig] = {}
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, dict) or not models_raw:
+        c.bad("models", "an object naming at least one model", models_raw)
+        models_raw = {}
+    ports: Dict[int, str] = {}
+    names: Dict[str, str] = {}
+    for name, m in models_raw.items():
+        where = f"models.{name}"
+        if not name.strip() or any(ch.isspace() or ord(ch) < 32 for ch in name):
+            c.bad(where, "a model name without spaces or control characters", name)
+        if not isinstance(m, dict):
+            c.bad(where, "an object with at least 'port'", m)
+            continue
+        c.unknown(where, m, _MODEL_KEYS)
+        if "port" not in m:
+            c.problems.append(f"{where}.port: missing; expected a port number from 1 to 65535")
+        mport = c.port(f"{where}.port", m.get("port")) if "port" in m else None
+        if mport is not None:
+            if mport in ports:
+                c.problems.append(f"{where}.port: {mport} is already used by model "
+                                  f"'{ports[mport]}'; expected a port of its own")
+            elif mport == port:
+                c.problems.append(f"{where}.port: {mport} is llmux's own port; "
+                                  "expected the port the model's server listens on")
+            ports[mport] = name
+        hooks = {h: c.text(f"{where}.{h}", m.get(h)) for h in HOOK_NAMES}
+        aliases_raw = m.get("aliases", [])
+        aliases: List[str] = []
+        if not isinstance(aliases_raw, list) or not all(isinstance(a, str) and a for a in aliases_raw):
+            c.bad(f"{where}.aliases", "a list of non-empty strings", aliases_raw)
+        else:
+            aliases = list(aliases_raw)
+        for label in [name, *aliases]:
+            if label in names and names[label] != name:
+                c.problems.append(f"{where}: name or alias '{label}' is already used by "
+                                  f"model '{names[label]}'; expected names unique across models")
+            names[label] = name
+        models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases), **hooks)
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
+                  port=port, host=host, path=path)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a JSON (or, with PyYAML, YAML) config file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    if path.endswith((".yaml", ".yml")):
+        if yaml is None:
+            raise ConfigError([f"{path}: a YAML config needs PyYAML, which is not installed; "
+                               "install it (pip install pyyaml) or write the config as JSON"])
+        try:
+            raw = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    else:
+        try:
+            raw = json.loads(data)
+        except ValueError as e:
+            raise ConfigError([f"{path}: not valid JSON: {e}"]) from None
+    return parse_config(raw, os.path.abspath(path))
+
+
+# ─────────────────────────────── HTTP wire (sans-I/O) ───────────────────────────────────
+# The parsers do no I/O: feed() them bytes, call next_event() until NEED_DATA.  A broken
+# message raises HTTPError carrying the status to answer with; the parser then stays
+# broken.  Only CRLF line endings are accepted: a bare CR or LF is how requests get
+# smuggled past a front end that reads lines differently.
+
+NEED_DATA = type("NeedData", (), {"__repr__": lambda self: "NEED_DATA"})()
+
+
+class RequestHead(NamedTuple):
+    method: str
+    target: str
+    version: str  # "HTTP/1.1" or "HTTP/1.0"
+    headers: List[Tuple[str, str]]  # (lower-case name, value), in order, duplicates kept
+    keep_alive: bool
+    expect_continue: bool
+
+    def get(self, name: str) -> Optional[str]:
+        """The value of the last header called ``name`` (lower case), or None."""
+        for key, value in reversed(self.headers):
+            if key == name:
+                return value
+        return None
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    reason: str
+    version: str
+    headers: List[Tuple[str, str]]
+    keep_alive: bool
+
+
+class Body(NamedTuple):
+    data: bytes
+
+
+class _EndOfMessage:
+    def __repr__(self) -> str:
+        return "EndOfMessage"
+
+
+EndOfMessage = _EndOfMessage()
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+\Z")
+_HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
+
+# RFC 9110 section 7.6.1: headers that describe one connection, never forwarded.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
+
+
+def _header_tokens(headers: List[Tuple[str, str]], name: str) -> List[str]:
+    """Comma-separated values of every ``name`` header, lower-cased and stripped."""
+    out: List[str] = []
+    for key, value in headers:
+        if key == name:
+            out.extend(t.strip().lower() for t in value.split(","))
+    return out
+
+
+def _parse_fields(lines: List[bytes], status: int = 400) -> List[Tuple[str, str]]:
+    """Header field lines (RFC 9112 section 5) to (lower-case name, value) pairs."""
+    headers: List[Tuple[str, str]] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError("obsolete line folding in header section", status=status)
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise HTTPError(f"invalid header line {line[:40]!r}", status=status)
+        value = value.strip(b" \t")
+        if _FIELD_VALUE_BAD.search(value):
+            raise HTTPError(f"invalid character in header {name.decode()!r}", status=status)
+        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    return headers
+
+
+def _content_length(headers: List[Tuple[str, str]], status: int = 400) -> Optional[int]:
+    """The one Content-Length, or None; differing, signed or oversized ones raise."""
+    values = _header_tokens(headers, "content-length")
+    if not values:
+        return None
+    first = values[0]
+    for v in values:
+        if not _DIGITS.match(v) or len(v) > MAX_CONTENT_LENGTH_DIGITS:
+            raise HTTPError(f"invalid content-length {v!r}", status=status)
+        if v != first:
+            raise HTTPError("conflicting content-length values", status=status)
+    return int(first)
+
+
+def request_framing(version: str, headers: List[Tuple[str, str]]) -> Union[str, int]:
+    """How a request body is delimited (RFC 9112 section 6.3), in its order:
+
+    1. Transfer-Encoding and Content-Length together: 400 (a smuggling shape).
+    2. Transfer-Encoding: only ``chunked``, once, on HTTP/1.1.  Another coding: 501.
+    3. Content-Length: digits only, repeated values identical.
+    4. Neither: no body.
+    Returns "chunked" or the body length.
+    """
+    codings = _header_tokens(headers, "transfer-encoding")
+    has_length = any(k == "content-length" for k, _ in headers)
+    if codings and has_length:
+        raise HTTPError("both transfer-encoding and content-length")
+    if codings:
+        if version == "HTTP/1.0":
+            raise HTTPError("transfer-encoding in an HTTP/1.0 request")
+        if any(c not in ("chunked",) for c in codings):
+            if "" in codings:
+                raise HTTPError("empty transfer coding")
+            raise HTTPError("transfer coding other than chunked is not supported",
+                            status=501, code="not_implemented")
+        if len(codings) != 1:
+            raise HTTPError("chunked applied more than once")
+        return "chunked"
+    return _content_length(headers) or 0
+
+
+def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -> Union[str, int]:
+    """How a response body is delimited (RFC 9112 section 6.3), in its order:
+
+    1. A response to HEAD, any 1xx, 204 or 304: no body.
+    2. Transfer-Encoding whose final coding is chunked: chunked; another final coding:
+       read until the connection closes.
+    3. Content-Length: that many bytes (invalid: 502).
+    4. Otherwise: read until the connection closes.
+    Returns "chunked", "close" or the body length.
+    """
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return 0
+    codings = _header_tokens(headers, "transfer-encoding")
+    if codings:
+        return "chunked" if codings[-1] == "chunked" else "close"
+    length = _content_length(headers, status=502)
+    return "close" if length is None else length
+
+
+class _Parser:
+    """Shared machinery: find the head, then deliver the body by its framing."""
+
+    _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _CLOSE, _BROKEN = range(8)
+    _error_status = 400
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._state = self._HEAD
+        self._scan = 0  # where to resume looking for the end of the head
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self._eof = False
+        self._error: Optional[HTTPError] = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as events."""
+        return len(self._buf)
+
+    @property
+    def expecting_body(self) -> bool:
+        """True between a head and its EndOfMessage when body bytes are still due."""
+        return self._state in (self._CHUNK_SIZE, self._CLOSE) or (
+            self._state == self._LENGTH and self._remaining > 0)
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the peer."""
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        """The peer closed its side."""
+        self._eof = True
+
+    def next_event(self) -> Any:
+        """The next head, Body, EndOfMessage, or NEED_DATA; HTTPError if broken."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._step()
+        except HTTPError as e:
+            self._error = e
+            self._state = self._BROKEN
+            raise
+
+    def _fail(self, message: str, status: Optional[int] = None, **kw: Any) -> HTTPError:
+        return HTTPError(message, status=status or self._error_status, **kw)
+
+    def _step(self) -> Any:
+        state = self._state
+        buf = self._buf
+        if state == self._HEAD:
+            return self._head()
+        if state == self._LENGTH:
+            if self._remaining == 0:
+                return self._end()
+            if not buf:
+                if self._eof:
+                    raise self._fail("connection closed before the body was complete")
+                return NEED_DATA
+            n = min(self._remaining, len(buf))
+            data = bytes(buf[:n])
+            del buf[:n]
+            self._remaining -= n
+            return Body(data)
+        if state == self._CHUNK_SIZE:
+            end = buf.find(b"\r\n", 0, MAX_CHUNK_LINE + 2)
+            if end < 0:
+                if len(buf) > MAX_CHUNK_LINE:
+                    raise self._fail("chunk size line too long")
+                if self._eof:
+                    raise self._fail("connection closed inside a chunked body")
+                return NEED_DATA
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            size_text, _, ext = line.partition(b";")
+            size_text = size_text.rstrip(b" \t")
+            if not _HEX.match(size_text) or len(size_text) > MAX_CHUNK_SIZE_DIGITS:
+                raise self._fail(f"invalid chunk size {size_text[:20]!r}")
+            if b"\r" in line or b"\n" in line or _FIELD_VALUE_BAD.search(ext):
+                raise self._fail("invalid character in chunk extension")
+            size = int(size_text, 16)
+            self._on_chunk(size)
+            if size == 0:
+                self._state = self._TRAILER
+            else:
+                self._remaining = size
+                self._state = self._CHUNK_DATA
+            return self._step()
+        if state == self._CHUNK_DATA:
+            if not buf:
+                if self._eof:
+                    raise self._fail("connection closed inside a chunk")
+                return NEED_DATA
+            n = min(self._remaining, len(buf))
+            data = bytes(buf[:n])
+            del buf[:n]
+            self._remaining -= n
+            if self._remaining == 0:
+                self._state = self._CHUNK_END
+            return Body(data)
+        if state == self._CHUNK_END:
+            if len(buf) < 2:
+                if self._eof:
+                    raise self._fail("connection closed inside a chunked body")
+                return NEED_DATA
+            if buf[:2] != b"\r\n":
+                raise self._fail("missing CRLF after chunk data")
+            del buf[:2]
+            self._state = self._CHUNK_SIZE
+            return self._step()
+        if state == self._TRAILER:
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > MAX_TRAILER_BYTES:
+                    raise self._fail("trailer section too large", 431)
+                if self._eof:
+                    raise self._fail("connection closed inside the trailer section")
+                return NEED_DATA
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            if not line:
+                return self._end()
+            self._trailer_bytes += len(line) + 2
+            if self._trailer_bytes > MAX_TRAILER_BYTES:
+                raise self._fail("trailer section too large", 431)
+            if b"\r" in line or b"\n" in line:
+                raise self._fail("bare CR or LF in trailer section")
+            _parse_fields([line], self._error_status)
+            return self._step()
+        if state == self._CLOSE:
+            if buf:
+                data = bytes(buf)
+                buf.clear()
+                return Body(data)
+            if self._eof:
+                return self._end()
+            return NEED_DATA
+        raise AssertionError(f"parser in state {state}")  # _BROKEN raises above
+
+    def _head(self) -> Any:
+        buf = self._buf
+        # RFC 9112 section 2.2: ignore empty lines before a message.
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+            self._scan = 0
+        end = buf.find(b"\r\n\r\n", self._scan)
+        if end < 0:
+            self._check_partial_head()
+            if self._eof:
+                if not buf:
+                    return self._eof_between_messages()
+                raise self._fail("connection closed inside the message head")
+            self._scan = max(0, len(buf) - 3)
+            return NEED_DATA
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        self._scan = 0
+        self._trailer_bytes = 0
+        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+            raise self._fail("bare CR or LF in message head")
+        if b"\x00" in head:
+            raise self._fail("NUL byte in message head")
+        lines = head.split(b"\r\n")
+        return self._parse_head(lines)
+
+    def _eof_between_messages(self) -> Any:
+        return None
+
+    def _check_partial_head(self) -> None:
+        raise NotImplementedError
+
+    def _parse_head(self, lines: List[bytes]) -> Any:
+        raise NotImplementedError
+
+    def _on_chunk(self, size: int) -> None:
+        pass
+
+    def _end(self) -> Any:
+        self._state = self._HEAD
+        return EndOfMessage
+
+    def _start_body(self, framing: Union[str, int]) -> None:
+        if framing == "chunked":
+            self._state = self._CHUNK_SIZE
+        elif framing == "close":
+            self._state = self._CLOSE
+        else:
+            self._state = self._LENGTH
+            self._remaining = int(framing)
+
+
+class RequestParser(_Parser):
+    """Sans-I/O HTTP/1.1 request parser.
+
+    Events: RequestHead, then Body pieces, then EndOfMessage; then the next request's
+    head (pipelining).  None means the client closed cleanly between requests.
+    """
+
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        super().__init__()
+        self.max_body = max_body
+        self._body_total = 0
+
+    def _check_partial_head(self) -> None:
+        buf = self._buf
+        line_end = buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+        if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
+            raise self._fail("request line too long", 414, code="uri_too_long")
+        if line_end >= 0 and len(buf) - line_end > MAX_HEADER_BYTES:
+            raise self._fail("request header section too large", 431,
+                             code="headers_too_large")
+        if line_end < 0 and buf[:1] not in (b"", b"\r") and not buf[:1].isalpha():
+            # Not HTTP at all (a TLS ClientHello, binary): say so now, not at the limit.
+            raise self._fail("not an HTTP request")
+
+    def _parse_head(self, lines: List[bytes]) -> RequestHead:
+        request_line = lines[0]
+        if len(request_line) > MAX_REQUEST_LINE:
+            raise self._fail("request line too long", 414, code="uri_too_long")
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            raise self._fail("too many header fields", 431, code="headers_too_large")
+        if sum(len(x) + 2 for x in lines[1:]) > MAX_HEADER_BYTES:
+            raise self._fail("request header section too large", 431, code="headers_too_large")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+            raise self._fail("malformed request line")
+        method, target, version = parts
+        if _TARGET_BAD.search(target):
+            raise self._fail("invalid character in request target")
+        match = _VERSION.match(version)
+        if not match:
+            raise self._fail("malformed HTTP version")
+        if match.group(1) != b"1":
+            raise self._fail("only HTTP/1.0 and HTTP/1.1 are supported", 505,
+                             code="http_version_not_supported")
+        ver = "HTTP/1.1" if match.group(2) != b"0" else "HTTP/1.0"
+        headers = _parse_fields(lines[1:])
+        if ver == "HTTP/1.1" and sum(1 for k, _ in headers if k == "host") != 1:
+            raise self._fail("an HTTP/1.1 request needs exactly one host header")
+        framing = request_framing(ver, headers)
+        if isinstance(framing, int) and framing > self.max_body:
+            raise self._fail(f"request body of {framing} bytes exceeds the limit of "
+                             f"{self.max_body} bytes", 413, code="request_too_large")
+        connection = _header_tokens(headers, "connection")
+        keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
+        expect = _header_tokens(headers, "expect")
+        if expect and (expect != ["100-continue"]):
+            raise self._fail("unsupported expectation", 417, code="expectation_failed")
+        self._body_total = 0
+        self._start_body(framing)
+        return RequestHead(method.decode("ascii"), target.decode("ascii"), ver, headers,
+                           keep_alive, bool(expect) and ver == "HTTP/1.1")
+
+    def _on_chunk(self, size: int) -> None:
+        self._body_total += size
+        if self._body_total > self.max_body:
+            raise self._fail(f"request body exceeds the limit of {self.max_body} bytes",
+                             413, code="request_too_large")
+
+
+class ResponseParser(_Parser):
+    """Sans-I/O HTTP/1.x response parser for a backend's answer to ``method``.
+
+    Events: ResponseHead (1xx heads too; skip them), Body pieces, EndOfMessage.  Call
+    feed_eof() when the backend closes: a close-delimited body then ends; anything
+    else incomplete raises HTTPError(502).
+    """
+
+    _error_status = 502
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+
+    def _check_partial_head(self) -> None:
+        if len(self._buf) > MAX_UPSTREAM_HEAD:
+            raise self._fail("response head too large")
+
+    def _parse_head(self, lines: List[bytes]) -> ResponseHead:
+        match = _STATUS_LINE.match(lines[0])
+        if not match:
+            raise self._fail(f"malformed status line {lines[0][:40]!r}")
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            raise self._fail("too many header fields")
+        ver = "HTTP/1.1" if match.group(1) == b"1" else "HTTP/1.0"
+        status = int(match.group(2))
+        headers = _parse_fields(lines[1:], 502)
+        connection = _header_tokens(headers, "connection")
+        keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
+        framing = response_framing(self.method, status, headers)
+        if status >= 200 or status == 101:
+            self._start_body(framing)
+            if framing == "close":
+                keep_alive = False
+        reason = (match.group(3) or b"").decode("latin-1")
+        return ResponseHead(status, reason, ver, headers, keep_alive)
+
+    def _eof_between_messages(self) -> Any:
+        raise self._fail("connection closed before a response head")
+
+
+# Writers: bytes for the wire, no I/O.
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; never call it with empty data (that ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def json_response(status: int, obj: Any, *, keep_alive: bool = True,
+                  headers: Sequence[Tuple[str, str]] = (), head_only: bool = False) -> bytes:
+    """A complete response with a JSON body."""
+    body = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+             "content-type: application/json", f"content-length: {len(body)}"]
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    if not keep_alive:
+        lines.append("connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
+    """Headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
+    named = set(_header_tokens(headers, "connection"))
+    skip = HOP_BY_HOP.union(named, drop)
+    return [(k, v) for k, v in headers if k not in skip]
+
+
+# ───────────────────────────────── relay and streaming ──────────────────────────────────
+# One request out, one response back.  Every piece read from the backend is written to
+# the client and drained before the next read, so SSE events are never held back and a
+# slow client slows the backend instead of filling memory.
+
+
+class _Cut(Exception):
+    """The response had started when the backend failed: the client's stream is cut."""
+
+
+class _Timeout(Exception):
+    """A read deadline passed (set on a StreamReader by a timer, cheaper than wait_for)."""
+
+
+async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
+                      exc: BaseException, n: int = READ_SIZE) -> bytes:
+    """``reader.read(n)``, raising ``exc`` if nothing arrives within ``timeout`` seconds.
+
+    On timeout the reader is poisoned with ``exc``: the caller is expected to give up
+    on the connection.  A timer handle costs a few microseconds; asyncio.wait_for would
+    create a task for every read.
+    """
+    if timeout is None or reader._buffer:  # type: ignore[attr-defined]
+        return await reader.read(n)
+    handle = asyncio.get_running_loop().call_later(timeout, reader.set_exception, exc)
+    try:
+        return await reader.read(n)
+    finally:
+        handle.cancel()
+
+
+class _Upstream:
+    __slots__ = ("reader", "writer", "reused")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to the backends, per port."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._idle: Dict[int, List[_Upstream]] = {}
+
+    async def get(self, port: int, model: str) -> _Upstream:
+        """An idle connection to ``port`` (``reused`` set), or a new one."""
+        idle = self._idle.get(port)
+        while idle:
+            conn = idle.pop()
+            if conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception():
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, port, limit=STREAM_LIMIT),
+                UPSTREAM_CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"model '{model}' backend at {self.host}:{port} did not accept "
+                                f"a connection within {UPSTREAM_CONNECT_TIMEOUT:g}s",
+                                status=504, code="upstream_timeout") from None
+        except OSError as e:
+            raise UpstreamError(f"model '{model}' backend at {self.host}:{port} is not "
+                                f"reachable: {e.strerror or e}", code="upstream_unavailable") from None
+        return _Upstream(reader, writer)
+
+    def put(self, port: int, conn: _Upstream) -> None:
+        """Return a connection whose last response was read completely."""
+        idle = self._idle.setdefault(port, [])
+        if len(idle) < MAX_IDLE_UPSTREAM:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close_port(self, port: int) -> None:
+        """Forget the idle connections to ``port`` (its model went to sleep)."""
+        for conn in self._idle.pop(port, []):
+            conn.close()
+
+    def close_all(self) -> None:
+        for port in list(self._idle):
+            self.close_port(port)
+
+
+_REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+
+
+def upstream_request(head: RequestHead, body: bytes, port: int) -> bytes:
+    """The request as sent to the backend: HTTP/1.1, keep-alive, re-framed by length."""
+    lines = [f"{head.method} {head.target} HTTP/1.1", f"host: 127.0.0.1:{port}"]
+    lines.extend(f"{k}: {v}" for k, v in forward_headers(head.headers, _REQUEST_DROP))
+    if body or head.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class RelayResult(NamedTuple):
+    status: int
+    keep_alive: bool  # whether the client connection may carry another request
+
+
+async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, body: bytes,
+                writer: asyncio.StreamWriter, timeout: Optional[float]) -> RelayResult:
+    """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
+
+    Raises UpstreamError if the backend failed before anything reached the client, _Cut
+    if it failed afterwards.  A reused keep-alive connection that the backend had
+    already closed is retried once on a new connection.
+    """
+    request = upstream_request(head, body, port)
+    client_10 = head.version == "HTTP/1.0"
+    for attempt in (0, 1):
+        conn = await pool.get(port, model)
+        received = started = False
+        try:
+            # No drain here: a backend that never reads the body must not block us from
+            # reading its answer.  The timeout below bounds the whole exchange.
+            conn.writer.write(request)
+            parser = ResponseParser(head.method)
+            out: List[bytes] = []
+            chunked = False
+            resp: Optional[ResponseHead] = None
+            keep_client = head.keep_alive
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    if out:
+                        writer.write(b"".join(out))
+                        out.clear()
+                        started = True
+                        await writer.drain()
+                    data = await read_within(conn.reader, timeout, _Timeout())
+                    if data:
+                        received = True
+                        parser.feed(data)
+                    else:
+                        parser.feed_eof()
+                elif type(event) is Body:
+                    if event.data:  # an empty chunk would end the client's body
+                        out.append(encode_chunk(event.data) if chunked else event.data)
+                elif type(event) is ResponseHead:
+                    if event.status < 200:
+                        continue  # 100 Continue, 103 Early Hints: ours to absorb
+                    resp = event
+                    framing = response_framing(head.method, resp.status, resp.headers)
+                    drop = ("content-length",) if framing in ("chunked", "close") else ()
+                    lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+                    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, drop))
+                    if framing in ("chunked", "close"):
+                        if client_10:
+                            keep_client = False  # an HTTP/1.0 client reads until close
+                        else:
+                            chunked = True
+                            lines.append("transfer-encoding: chunked")
+                    if not keep_client:
+                        lines.append("connection: close")
+                    elif client_10:
+                        lines.append("connection: keep-alive")
+                    out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                else:  # EndOfMessage
+                    assert resp is not None
+                    if chunked:
+                        out.append(b"0\r\n\r\n")
+                    if out:
+                        writer.write(b"".join(out))
+                        started = True
+                        await writer.drain()
+                    if resp.keep_alive and not parser.buffered:
+                        pool.put(port, conn)
+                    else:
+                        conn.close()
+                    return RelayResult(resp.status, keep_client)
+        except (OSError, HTTPError, _Timeout) as e:
+            conn.close()
+            if not received and conn.reused and attempt == 0 and not isinstance(e, _Timeout):
+                continue  # the backend closed an idle connection as we reused it
+            if started:
+                raise _Cut(f"model '{model}' backend failed mid-response: {_reason(e)}") from None
+            if isinstance(e, _Timeout):
+                raise UpstreamError(f"model '{model}' backend sent nothing for {timeout:g}s",
+                                    status=504, code="upstream_timeout") from None
+            if isinstance(e, HTTPError):
+                raise UpstreamError(f"model '{model}' backend sent an invalid response: "
+                                    f"{e.message}") from None
+            raise UpstreamError(f"model '{model}' backend failed before answering: "
+                                f"{_reason(e)}", code="upstream_unavailable") from None
+        except BaseException:
+            conn.close()  # client gone or shutdown: closing stops the engine generating
+            raise
+    raise AssertionError("unreachable")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, LLMuxError):
+        return e.message
+    if isinstance(e, _Timeout):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+# ───────────────────────────────────────── hooks ────────────────────────────────────────
+# A hook is shell text run as `sh -c TEXT` in its own session (so a timeout can kill its
+# whole process group), with LLMUX_MODEL, LLMUX_PORT and LLMUX_HOOK set.  Its stdout and
+# stderr are pipes that llmux reads without ever waiting for them to close: a wake hook
+# that starts `vllm serve ... &` leaves the server holding them, and llmux only waits for
+# the hook's own process to exit.
+
+
+@dataclass
+class HookResult:
+    """What one hook run did."""
+
+    model: str
+    hook: str
+    exit_code: Optional[int]  # None when killed by a signal or not started
+    signal: Optional[int] = None
+    timed_out: bool = False
+    duration: float = 0.0
+    stderr_tail: List[str] = field(default_factory=list)
+    error: Optional[str] = None  # could not start
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and self.error is None
+
+    def describe(self) -> str:
+        """``hook 'wake' for model 'llama' exited 1: <stderr tail>``."""
+        what = f"hook '{self.hook}' for model '{self.model}'"
+        if self.error:
+            what += f" could not start: {self.error}"
+        elif self.timed_out:
+            what += f" timed out after {self.duration:.1f}s (its process group was killed)"
+        elif self.signal is not None:
+            what += f" was killed by signal {self.signal} ({_signame(self.signal)})"
+        else:
+            what += f" exited {self.exit_code}"
+        tail = " | ".join(self.stderr_tail[-5:])
+        return f"{what}: {tail}" if tail else what
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown"
+
+
+class _PipeReader:
+    """Copies one output pipe of a hook to the log, line by line, never blocking.
+
+    It outlives the hook when a background child keeps the pipe open, and stops at EOF.
+    Memory is bounded: lines are cut at HOOK_LINE_MAX, and only a tail is kept.
+    """
+
+    def __init__(self, fd: int, log: "Log", model: str, hook: str, stream: str,
+                 on_close: Callable[["_PipeReader"], None]) -> None:
+        self.fd = fd
+        self.log = log
+        self.fields = {"model": model, "hook": hook, "stream": stream}
+        self.tail: Deque[str] = collections.deque(maxlen=HOOK_TAIL_LINES)
+        self.logged = 0
+        self.dropped = 0
+        self._partial = b""
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self.pump)
+
+    def pump(self, budget: int = 16) -> None:
+        """Read what the pipe holds now (at most ``budget`` reads, to stay fair)."""
+        for _ in range(budget):
+            if self.fd < 0:
+                return
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._line(self._partial, final=True)
+                self.close()
+                return
+            lines = (self._partial + data).split(b"\n")
+            self._partial = lines.pop()
+            if len(self._partial) > HOOK_LINE_MAX:
+                self._line(self._partial)
+                self._partial = b""
+            for line in lines:
+                self._line(line)
+
+    def _line(self, raw: bytes, final: bool = False) -> None:
+        if final and not raw:
+            return
+        text = raw[:HOOK_LINE_MAX].decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(text)
+        if self.logged < HOOK_LOG_LINES:
+            self.logged += 1
+            self.log.info("hook.output", text=text, **self.fields)
+        else:
+            self.dropped += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            if self.dropped:
+                self.log.info("hook.output", text=f"({self.dropped} more lines not logged)",
+                              **self.fields)
+            self._on_close(self)
+
+
+class HookRunner:
+    """Runs hooks with ``sh -c``; bounded in time, never blocked by their pipes."""
+
+    def __init__(self, log: "Log", timeout: Optional[float] = DEFAULT_HOOK_TIMEOUT,
+                 cwd: Optional[str] = None) -> None:
+        self.log = log
+        self.timeout = timeout
+        self.cwd = cwd
+        self.last: Dict[Tuple[str, str], HookResult] = {}
+        self._readers: Set[_PipeReader] = set()
+        self._running: Set[int] = set()  # process group ids of hooks still running
+
+    async def run(self, model: ModelConfig, hook: str) -> HookResult:
+        """Run ``hook`` of ``model``; return its result, or raise HookError if it failed.
+
+        A model without that hook succeeds at once.
+        """
+        script = getattr(model, hook)
+        if not script:
+            return HookResult(model.name, hook, 0)
+        result = await self._run(model, hook, script)
+        self.last[(model.name, hook)] = result
+        level = self.log.info if result.ok else self.log.error
+        level("hook.exit", model=model.name, hook=hook, code=result.exit_code,
+              secs=round(result.duration, 3),
+              **({} if result.ok else {"error": result.describe()}))
+        if not result.ok:
+            raise HookError(result.describe(), result)
+        return result
+
+    async def _run(self, model: ModelConfig, hook: str, script: str) -> HookResult:
+        loop = asyncio.get_running_loop()
+        env = dict(os.environ, LLMUX_MODEL=model.name, LLMUX_PORT=str(model.port), LLMUX_HOOK=hook)
+        self.log.info("hook.start", model=model.name, hook=hook)
+        started = loop.time()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                env=env, cwd=self.cwd, start_new_session=True)
+        except OSError as e:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            return HookResult(model.name, hook, None, error=e.strerror or str(e))
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        out = _PipeReader(out_r, self.log, model.name, hook, "stdout", self._readers.discard)
+        err = _PipeReader(err_r, self.log, model.name, hook, "stderr", self._readers.discard)
+        self._readers.update((out, err))
+        self._running.add(proc.pid)
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(proc.wait(), self.timeout)
+            except asyncio.TimeoutError:
+                timed_out = True
+                _killpg(proc.pid)
+                await proc.wait()
+        except BaseException:
+            _killpg(proc.pid)  # cancelled (shutdown): leave no half-run hook behind
+            raise
+        finally:
+            self._running.discard(proc.pid)
+        # What the hook wrote before it exited is in the pipes now; take it.
+        out.pump(budget=64)
+        err.pump(budget=64)
+        code = proc.returncode
+        return HookResult(model.name, hook, code if code is not None and code >= 0 else None,
+                          signal=-code if code is not None and code < 0 and not timed_out else None,
+                          timed_out=timed_out, duration=loop.time() - started,
+                          stderr_tail=list(err.tail))
+
+    def close(self) -> None:
+        """Kill hooks still running and stop copying background output."""
+        for pgid in list(self._running):
+            _killpg(pgid)
+        for reader in list(self._readers):
+            reader.close()
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ───────────────────────────────── policies and switcher ────────────────────────────────
+
+
+class ModelState(enum.Enum):
+    """Where one model is in its life; the transitions are _TRANSITIONS below."""
+
+    ASLEEP = "asleep"  # not loaded; a request for it asks the policy for a switch
+    WAKING = "waking"  # its wake hook runs
+    ACTIVE = "active"  # loaded: requests get slots at once
+    DRAINING = "draining"  # chosen to sleep: new requests queue, in-flight ones finish
+    SLEEPING = "sleeping"  # its sleep hook runs
+
+
+_S = ModelState
+_TRANSITIONS = {
+    _S.ASLEEP: {_S.WAKING},
+    _S.WAKING: {_S.ACTIVE, _S.SLEEPING},  # SLEEPING: a failed wake is cleaned up
+    _S.ACTIVE: {_S.DRAINING},
+    _S.DRAINING: {_S.SLEEPING, _S.ACTIVE},  # ACTIVE: nobody waits for the target any more
+    _S.SLEEPING: {_S.ASLEEP, _S.ACTIVE},  # ACTIVE: its sleep hook failed, it is still loaded
+}
+
+
+class _Waiter:
+    __slots__ = ("model", "future", "enqueued_at", "task")
+
+    def __init__(self, model: "_Model", future: "asyncio.Future[Slot]", now: float) -> None:
+        self.model = model
+        self.future = future
+        self.enqueued_at = now
+        self.task = asyncio.current_task()
+
+
+class _Model:
+    """The switcher's view of one model.  Policies read it; only the switcher writes."""
+
+    def __init__(self, cfg: ModelConfig, now: float) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.state = ModelState.ASLEEP
+        self.state_since = now
+        self.in_flight = 0
+        self.slots: Set["Slot"] = set()
+        self.queue: Deque[_Waiter] = collections.deque()
+        self.active_since: Optional[float] = None
+        self.last_used = 0.0
+        self.backoff_until = 0.0
+
+    def oldest_wait(self) -> Optional[float]:
+        """When the oldest waiting request for this model arrived, or None."""
+        return self.queue[0].enqueued_at if self.queue else None
+
+
+class Slot:
+    """One request's hold on an active model; release() exactly once (extra calls no-op)."""
+
+    __slots__ = ("model", "task", "_switcher", "_released")
+
+    def __init__(self, switcher: "Switcher", model: _Model, task: Optional["asyncio.Task[Any]"]) -> None:
+        self._switcher = switcher
+        self.model = model
+        self.task = task
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._switcher._release(self)
+
+
+class SchedulingPolicy:
+    """Decides which model the switcher moves to next, and when.
+
+    Subclass, set ``name``, and add the class to POLICIES.  The switcher asks again
+    whenever something changes (a request arrives or leaves, a slot is released, a
+    switch ends) and at the time a policy asked for.  Policies only read the switcher.
+    """
+
+    name = "base"
+
+    def choose(self, switcher: "Switcher", now: float) -> Tuple[Optional[str], Optional[float]]:
+        """Return ``(model, None)`` to switch to ``model`` now, ``(None, when)`` to be
+        asked again at clock time ``when``, or ``(None, None)`` to wait for a change.
+
+        Only models that are not ACTIVE and have waiting requests are candidates; the
+        switcher itself enforces min_active_secs and the backoff after a failed wake.
+        """
+        raise NotImplementedError
+
+
+class FifoPolicy(SchedulingPolicy):
+    """Switch to the model whose oldest waiting request arrived first."""
+
+    name = "fifo"
+
+    def choose(self, switcher: "Switcher", now: float) -> Tuple[Optional[str], Optional[float]]:
+        best: Optional[_Model] = None
+        for m in switcher.candidates():
+            if best is None or m.queue[0].enqueued_at < best.queue[0].enqueued_at:
+                best = m
+        return (best.name if best else None), None
+
+
+POLICIES: Dict[str, Callable[[], SchedulingPolicy]] = {"fifo": FifoPolicy}
+
+
+class Switcher:
+    """Hands out slots on active models and switches models, one switch at a time.
+
+    Invariants (../DESIGN.md), each with a test:
+    1. Exclusive residency: the old model's sleep hook exits before the new one's wake
+       hook starts; at most one model is awake.
+    2. A slot is handed out only on an ACTIVE model.
+    3. Strict drain: once a model is DRAINING, new requests for it queue.
+    4. When a model becomes ACTIVE, every request waiting for it gets its slot at once
+       (synchronously, in _schedule) before any later switch can drain it.
+    5. Every slot is released exactly once; a queued request that leaves is forgotten
+       and no longer counts as demand (a drain with no demand left is abandoned).
+    6. Every wait is bounded: request_timeout_secs in the queue, drain_timeout_secs for
+       a drain, hook_timeout_secs for a hook (null in the config means unbounded).
+    7. A failed wake fails its waiters with the hook's message, runs the model's sleep
+       hook, and the model is not tried again for wake_backoff_secs.
+    Decisions (_schedule) never await, so they cannot interleave; the only awaits are in
+    acquire() and in the one switch task.
+    """
+
+    def __init__(self, config: Config, hooks: HookRunner, policy: SchedulingPolicy, log: Log,
+                 clock: Optional[Callable[[], float]] = None,
+                 on_sleep: Callable[[ModelConfig], None] = lambda cfg: None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.clock = clock or self.loop.time
+        self.config = config
+        self.policy_cfg = config.policy
+        self.hooks = hooks
+        self.policy = policy
+        self.log = log
+        self.on_sleep = on_sleep
+        now = self.clock()
+        self.models: Dict[str, _Model] = {n: _Model(c, now) for n, c in config.models.items()}
+        self.queued = 0
+        self.switching: Optional[Tuple[List[str], str]] = None  # (victims, target)
+        self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
+        self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
+        self.closed = False
+        self._switch_task: Optional["asyncio.Task[None]"] = None
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._changed: Optional["asyncio.Future[None]"] = None
+
+    # -- what policies and status read --
+
+    def candidates(self) -> List[_Model]:
+        """Models a switch could go to now: waited for, not ACTIVE, not backing off."""
+        now = self.clock()
+        return [m for m in self.models.values()
+                if m.queue and m.state is not ModelState.ACTIVE and m.backoff_until <= now]
+
+    def active(self) -> List[str]:
+        return [m.name for m in self.models.values() if m.state is ModelState.ACTIVE]
+
+    def status(self) -> Dict[str, Any]:
+        return {
+            "state": "switching" if self.switching else "idle",
+            "active": self.active(),
+            "switching": ({"from": self.switching[0], "to": self.switching[1]}
+                          if self.switching else None),
+            "queued": self.queued,
+            "models": {m.name: {"state": m.state.value, "in_flight": m.in_flight,
+                                "queued": len(m.queue)} for m in self.models.values()},
+        }
+
+    # -- requests --
+
+    async def acquire(self, name: str) -> Slot:
+        """Wait for a slot on model ``name`` (switching to it if need be).
+
+        Raises LLMuxError 503 when the queue is full, 504 after request_timeout_secs,
+        HookError when the switch to ``name`` failed.
+        """
+        m = self.models[name]
+        if m.state is ModelState.ACTIVE:
+            return self._new_slot(m, asyncio.current_task())
+        if self.closed:
+            raise LLMuxError("llmux is shutting down", status=503, code="shutting_down")
+        if self.queued >= self.policy_cfg.max_queue:
+            raise LLMuxError(f"too many requests waiting ({self.queued}); retry later",
+                             status=503, code="queue_full", headers=[("retry-after", "1")])
+        waiter = _Waiter(m, self.loop.create_future(), self.clock())
+        m.queue.append(waiter)
+        self.queued += 1
+        self.log.info("request.queued", model=name, state=m.state.value, waiting=len(m.queue))
+        self._schedule()
+        timeout = self.policy_cfg.request_timeout_secs
+        handle = self.loop.call_later(timeout, self._expire, waiter) if timeout is not None else None
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            self._forget(waiter)
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    def _new_slot(self, m: _Model, task: Optional["asyncio.Task[Any]"]) -> Slot:
+        assert m.state is ModelState.ACTIVE  # invariant 2
+        m.in_flight += 1
+        slot = Slot(self, m, task)
+        m.slots.add(slot)
+        return slot
+
+    def _release(self, slot: Slot) -> None:
+        m = slot.model
+        m.in_flight -= 1
+        m.slots.discard(slot)
+        m.last_used = self.clock()
+        if self.queued or self.switching:
+            self._schedule()
+
+    def _forget(self, waiter: _Waiter) -> None:
+        """A queued request left (client gone): drop it, or release what it was given."""
+        fut = waiter.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            fut.result().release()  # granted, but the task was cancelled before it resumed
+            return
+        try:  # the task's cancellation has cancelled the future; it may still be queued
+            waiter.model.queue.remove(waiter)
+        except ValueError:
+            return
+        self.queued -= 1
+        self._schedule()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if waiter.future.done():
+            return
+        waiter.model.queue.remove(waiter)
+        self.queued -= 1
+        timeout = self.policy_cfg.request_timeout_secs
+        waiter.future.set_exception(LLMuxError(
+            f"model '{waiter.model.name}' did not become available within {timeout:g}s "
+            f"(request_timeout_secs)", status=504, code="request_timeout"))
+        self._schedule()
+
+    # -- decisions: synchronous, never await --
+
+    def _schedule(self) -> None:
+        for m in self.models.values():
+            if m.queue and m.state is ModelState.ACTIVE:
+                self._grant(m)  # invariant 4
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        if self._switch_task is not None or self.closed:
+            return
+        now = self.clock()
+        target_name, when = self.policy.choose(self, now)
+        backoff = [m.backoff_until for m in self.models.values() if m.queue and m.backoff_until > now]
+        if target_name is None:
+            self._set_timer(min([t for t in [when, *backoff] if t is not None], default=None))
+            return
+        target = self.models[target_name]
+        victims = [m for m in self.models.values()
+                   if m is not target and m.state is ModelState.ACTIVE]
+        min_active = self.policy_cfg.min_active_secs
+        held = [v.active_since + min_active for v in victims
+                if v.active_since is not None and now - v.active_since < min_active]
+        if held:
+            self._set_timer(max(held))
+            return
+        self._set_timer(None)
+        for v in victims:
+            self._set_state(v, ModelState.DRAINING, f"switching to '{target.name}'")
+        self.switching = ([v.name for v in victims], target.name)
+        self._switch_task = self.loop.create_task(self._run_switch(target, victims))
+
+    def _grant(self, m: _Model) -> None:
+        while m.queue:
+            waiter = m.queue.popleft()
+            self.queued -= 1
+            if not waiter.future.done():
+                waiter.future.set_result(self._new_slot(m, waiter.task))
+
+    def _set_timer(self, when: Optional[float]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self.loop.call_later(max(0.0, when - self.clock()), self._schedule)
+
+    def _set_state(self, m: _Model, state: ModelState, reason: str = "") -> None:
+        if state not in _TRANSITIONS[m.state]:
+            raise AssertionError(f"model '{m.name}': illegal transition {m.state.value} -> {state.value}")
+        now = self.clock()
+        self.log.info("model.state", model=m.name, from_=m.state.value, to=state.value,
+                      after_secs=round(now - m.state_since, 3), reason=reason or None)
+        m.state = state
+        m.state_since = now
+        if state is ModelState.ACTIVE:
+            if m.active_since is None:
+                m.active_since = now
+        elif state is ModelState.ASLEEP:
+            m.active_since = None
+
+    # -- the switch task --
+
+    async def _run_switch(self, target: _Model, victims: List[_Model]) -> None:
+        started = self.clock()
+        frm = ",".join(v.name for v in victims) or None
+        self.log.info("switch.start", from_=frm, to=target.name, waiting=len(target.queue))
+        result = "failed"
+        drain_secs = 0.0
+        try:
+            if victims:
+                if not await self._drain(target, victims):
+                    for v in victims:
+                        self._set_state(v, ModelState.ACTIVE, "no request waits for the target")
+                    result = "abandoned"
+                    return
+                drain_secs = self.clock() - started
+                for v in victims:
+                    self._set_state(v, ModelState.SLEEPING)
+                    try:
+                        await self.hooks.run(v.cfg, "sleep")
+                    except HookError as e:
+                        self._set_state(v, ModelState.ACTIVE, "its sleep hook failed; still loaded")
+                        self._fail_waiters(target, e)
+                        target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+                        return
+                    self._set_state(v, ModelState.ASLEEP)
+                    self.on_sleep(v.cfg)
+            self._set_state(target, ModelState.WAKING)
+            try:
+                await self.hooks.run(target.cfg, "wake")
+            except HookError as e:
+                self._fail_waiters(target, e)
+                self._set_state(target, ModelState.SLEEPING, "its wake hook failed; cleaning up")
+                try:
+                    await self.hooks.run(target.cfg, "sleep")
+                except HookError:
+                    pass  # logged by the runner; the model stays asleep as far as we know
+                self._set_state(target, ModelState.ASLEEP)
+                self.on_sleep(target.cfg)
+                target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+                return
+            self._set_state(target, ModelState.ACTIVE)
+            result = "ok"
+            key = (frm or "", target.name)
+            secs = self.clock() - started - drain_secs
+            old = self.costs.get(key)
+            self.costs[key] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
+        finally:
+            secs = self.clock() - started
+            self.log.info("switch.end", from_=frm, to=target.name, result=result,
+                          secs=round(secs, 3), drain_secs=round(drain_secs, 3))
+            self.history.append({"from": frm, "to": target.name, "result": result,
+                                 "secs": round(secs, 6), "drain_secs": round(drain_secs, 6),
+                                 "at": time.time()})
+            self._switch_task = None
+            self.switching = None
+            if not self.closed:
+                self._schedule()
+
+    async def _drain(self, target: _Model, victims: List[_Model]) -> bool:
+        """Wait until the victims have nothing in flight; False if nobody waits any more."""
+        if not self.policy_cfg.drain_before_switch:
+            self._cut(victims, "drain_before_switch is false")
+        timeout = self.policy_cfg.drain_timeout_secs
+        deadline = None if timeout is None else self.clock() + timeout
+        while any(v.in_flight for v in victims):
+            if not target.queue:
+                return False
+            remaining = None if deadline is None else deadline - self.clock()
+            if remaining is not None and remaining <= 0:
+                self._cut(victims, f"drain took longer than {timeout:g}s (drain_timeout_secs)")
+                deadline = remaining = None
+            self._changed = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._changed, remaining)
+            except asyncio.TimeoutError:
+                pass
+        return bool(target.queue)
+
+    def _cut(self, victims: List[_Model], reason: str) -> None:
+        for v in victims:
+            for slot in list(v.slots):
+                if slot.task is not None:
+                    self.log.warning("request.cut", model=v.name, reason=reason)
+                    slot.task.cancel()
+
+    def _fail_waiters(self, m: _Model, error: HookError) -> None:
+        while m.queue:
+            waiter = m.queue.popleft()
+            self.queued -= 1
+            if not waiter.future.done():
+                waiter.future.set_exception(HookError(error.message, error.result))
+
+    async def close(self) -> None:
+        """Stop switching: cancel the timer and a running switch."""
+        self.closed = True
+        self._set_timer(None)
+        task = self._switch_task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+
+
+# ───────────────────────────────────────── server ───────────────────────────────────────
+
+
+class _Idle(Exception):
+    """A keep-alive connection stayed quiet for idle_timeout_secs."""
+
+
+class _ClientProtocol(asyncio.StreamReaderProtocol):
+    """A client connection.  When the client goes away (EOF or reset) the task serving
+    it is cancelled at once, wherever it is: queued for a model, or relaying."""
+
+    def __init__(self, server: "Server") -> None:
+        self._llmux_server = server
+        self._llmux_task: Optional["asyncio.Task[None]"] = None
+        self.gone = False
+        super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
+
+    def _llmux_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._llmux_task = asyncio.get_running_loop().create_task(
+            self._llmux_server._serve_connection(reader, writer, self))
+
+    def _llmux_gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            task = self._llmux_task
+            if task is not None and not task.done() and self._llmux_server._busy.get(self):
+                task.cancel()
+
+    def eof_received(self) -> bool:
+        self._llmux_gone()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._llmux_gone()
+        super().connection_lost(exc)
+
+
+def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
+    """The ``model`` field of a multipart/form-data body (audio uploads), or None."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        raise HTTPError("multipart/form-data without a boundary")
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    for part in body.split(delimiter)[1:]:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if re.search(rb'(?i)content-disposition:[^\r\n]*;\s*name="?model"?(?:[;\s\r]|$)', head):
+            return value[:-2].decode("utf-8", "replace") if value.endswith(b"\r\n") else value.decode("utf-8", "replace")
+    return None
+
+
+class Server:
+    """llmux's HTTP front: routes, the switcher, the relay, and their lifecycle."""
+
+    def __init__(self, config: Config, log: Log, *, hooks: Optional[HookRunner] = None,
+                 policy: Optional[SchedulingPolicy] = None) -> None:
+        self.config = config
+        self.log = log
+        cwd = os.path.dirname(config.path) if config.path else None
+        self.hooks = hooks or HookRunner(log, config.policy.hook_timeout_secs, cwd)
+        self.pool = UpstreamPool()
+        self.switcher = Switcher(config, self.hooks, policy or POLICIES[config.policy.name](),
+                                 log, on_sleep=lambda cfg: self.pool.close_port(cfg.port))
+        self.started = int(time.time())
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
+        self.port: Optional[int] = None
+
+    async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
+        """Listen (on ``sock`` if given); return the bound port."""
+        loop = asyncio.get_running_loop()
+        factory = lambda: _ClientProtocol(self)  # noqa: E731
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(factory, host, port, backlog=1024,
+                                                    reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, cut what is left, stop switching, kill running hooks."""
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self._busy):
+            if proto._llmux_task is not None:
+                proto._llmux_task.cancel()
+        await self.switcher.close()
+        tasks = [p._llmux_task for p in self._busy if p._llmux_task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self.hooks.close()
+        self.pool.close_all()
+
+    # -- one connection --
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                proto: _ClientProtocol) -> None:
+        http = self.config.http
+        self._busy[proto] = False
+        if len(self._busy) > http.max_connections:
+            self.log.warning("connection.refused", reason="max_connections", limit=http.max_connections)
+            writer.write(json_response(503, LLMuxError(
+                "too many connections; retry later", status=503, code="too_many_connections").to_json(),
+                keep_alive=False, headers=[("retry-after", "1")]))
+            await self._close(writer, proto)
+            return
+        parser = RequestParser(http.max_body_bytes)
+        try:
+            while True:
+                request = await read_request(reader, writer, parser, http)
+                if request is None:
+                    return  # closed cleanly between requests
+                self._busy[proto] = True
+                keep = await self._respond(request[0], request[1], writer, proto)
+                self._busy[proto] = False
+                if not keep or proto.gone:
+                    return
+        except HTTPError as e:
+            self.log.info("request.rejected", status=e.status, reason=e.message,
+                          peer=_peer(writer))
+            writer.write(json_response(e.status, e.to_json(), keep_alive=False))
+        except (_Idle, _Cut, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            if not proto.gone:
+                raise  # shutdown, or cut by a drain: the caller knows
+        finally:
+            await self._close(writer, proto)
+
+    async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
+        self._busy.pop(proto, None)
+        writer.close()
+
+    # -- one request --
+
+    async def _respond(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter,
+                       proto: _ClientProtocol) -> bool:
+        """Answer one request; return whether the connection may carry another."""
+        path = head.target.split("?", 1)[0]
+        started = time.monotonic()
+        model: Optional[ModelConfig] = None
+        status = 500
+        try:
+            local = self._local_route(head.method, path)
+            if local is not None:
+                status, payload = local
+                writer.write(json_response(status, payload, keep_alive=head.keep_alive,
+                                           head_only=head.method == "HEAD"))
+                await writer.drain()
+                return head.keep_alive
+            model = self._model_for(head, body)
+            slot = await self.switcher.acquire(model.name)
+            try:
+                result = await relay(self.pool, model.name, model.port, head, body, writer,
+                                     self.config.policy.upstream_timeout_secs)
+            finally:
+                slot.release()
+            status = result.status
+            return result.keep_alive
+        except LLMuxError as e:
+            status = e.status
+            if e.status >= 500:
+                self.log.warning("request.failed", model=model.name if model else None,
+                                 status=e.status, reason=e.message)
+            writer.write(json_response(e.status, e.to_json(), keep_alive=head.keep_alive,
+                                       headers=e.headers))
+            await writer.drain()
+            return head.keep_alive
+        except _Cut as e:
+            status = 502
+            self.log.warning("request.cut", model=model.name if model else None, reason=str(e))
+            raise
+        except asyncio.CancelledError:
+            status = 499  # nginx's code for "client closed request"
+            raise
+        finally:
+            self.log.info("request", method=head.method, path=path,
+                          model=model.name if model else None, status=status,
+                          secs=round(time.monotonic() - started, 4))
+
+    def _local_route(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
+        """llmux's own routes; None for a request to proxy."""
+        if method not in ("GET", "HEAD"):
+            return None
+        if path == "/health":
+            return 200, {"status": "ok", **self.switcher.status()}
+        if path in ("/v1/models", "/models"):
+            return 200, {"object": "list", "data": [self._model_card(m) for m in self.config.models.values()]}
+        if path.startswith("/v1/models/"):
+            m = self.config.resolve(path[len("/v1/models/"):])
+            if m is None:
+                raise self._unknown_model(path[len("/v1/models/"):])
+            return 200, self._model_card(m)
+        return None
+
+    def _model_card(self, m: ModelConfig) -> Dict[str, Any]:
+        return {"id": m.name, "object": "model", "created": self.started, "owned_by": "llmux"}
+
+    def _unknown_model(self, name: str) -> LLMuxError:
+        names = ", ".join(self.config.models)
+        return LLMuxError(f"model '{name}' does not exist; available models: {names}",
+                          status=404, type="invalid_request_error", code="model_not_found")
+
+    def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
+        """The configured model a proxied request names (JSON or multipart body)."""
+        content_type = (head.get("content-type") or "").lower()
+        if content_type.startswith("multipart/form-data"):
+            name = _model_from_multipart(head.get("content-type") or "", body)
+        else:
+            if not body:
+                raise LLMuxError(f"{head.method} {head.target.split('?')[0]} has no body; expected "
+                                 "a JSON object with a 'model' field", status=400,
+                                 type="invalid_request_error", code="missing_model")
+            try:
+                doc = json.loads(body)
+            except ValueError as e:
+                raise LLMuxError(f"request body is not valid JSON: {e}", status=400,
+                                 type="invalid_request_error", code="invalid_json") from None
+            name = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(name, str) or not name:
+            raise LLMuxError("request has no 'model' field; expected the name of a model",
+                             status=400, type="invalid_request_error", code="missing_model")
+        model = self.config.resolve(name)
+        if model is None:
+            raise self._unknown_model(name)
+        return model
+
+
+async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       parser: RequestParser, http: HttpConfig) -> Optional[Tuple[RequestHead, bytes]]:
+    """Read one whole request; None if the client closed cleanly before it began.
+
+    Before the first byte the connection may idle for idle_timeout_secs (then _Idle);
+    the head must then arrive within header_timeout_secs and the body may pause for at
+    most body_timeout_secs at a time (else HTTPError 408).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None
+    event = parser.next_event()
+    while event is NEED_DATA:
+        if parser.buffered == 0 and deadline is None:
+            data = await read_within(reader, http.idle_timeout_secs, _Idle())
+        else:
+            if deadline is None:
+                deadline = loop.time() + http.header_timeout_secs
+            data = await read_within(reader, max(0.0, deadline - loop.time()),
+                                     _request_timeout("head"))
+        parser.feed(data) if data else parser.feed_eof()
+        event = parser.next_event()
+    if event is None:
+        return None
+    head: RequestHead = event
+    if head.expect_continue and parser.expecting_body and not parser.buffered:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    pieces = []
+    event = parser.next_event()
+    while event is not EndOfMessage:
+        if event is NEED_DATA:
+            data = await read_within(reader, http.body_timeout_secs, _request_timeout("body"))
+            parser.feed(data) if data else parser.feed_eof()
+        else:
+            pieces.append(event.data)
+        event = parser.next_event()
+    return head, b"".join(pieces)
+
+
+def _request_timeout(part: str) -> HTTPError:
+    return HTTPError(f"request {part} not received in time", status=408, code="request_timeout")
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+# ─────────────────────────────── demo backend and probe ─────────────────────────────────
+# `llmux.py demo-backend` is a small OpenAI-style server that needs no GPU: the example
+# config wakes and sleeps two of them.  It also speaks vLLM's sleep-mode routes (/sleep,
+# /wake_up, /is_sleeping) so vLLM recipes can be tried without vLLM.
+# `llmux.py probe URL` is an alive hook for machines without curl.
+
+
+class DemoBackend:
+    """A fake OpenAI server: chat and text completions, streamed or not."""
+
+    def __init__(self, model: str, token_delay: float = 0.02) -> None:
+        self.model = model
+        self.token_delay = token_delay
+        self.sleeping = False
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = RequestParser()
+        try:
+            while True:
+                request = await read_request(reader, writer, parser, HttpConfig())
+                if request is None:
+                    return
+                head, body = request
+                if not await self._answer(head, body, writer) or not head.keep_alive:
+                    return
+        except (HTTPError, _Idle, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        path = head.target.split("?", 1)[0]
+        route = (head.method, path)
+        status, payload = 200, None  # type: Tuple[int, Any]
+        if route == ("GET", "/health"):
+            payload = {"status": "ok"}
+        elif route == ("GET", "/v1/models"):
+            payload = {"object": "list", "data": [{"id": self.model, "object": "model",
+                                                   "owned_by": "demo"}]}
+        elif route == ("POST", "/sleep"):
+            self.sleeping = True
+            payload = {"is_sleeping": True}
+        elif route == ("POST", "/wake_up"):
+            self.sleeping = False
+            payload = {"is_sleeping": False}
+        elif route == ("GET", "/is_sleeping"):
+            payload = {"is_sleeping": self.sleeping}
+        elif route in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+            if self.sleeping:
+                status, payload = 503, {"error": {"message": "model is sleeping",
+                                                  "type": "server_error", "code": "sleeping"}}
+            else:
+                try:
+                    doc = json.loads(body or b"{}")
+                except ValueError:
+                    doc = None
+                if not isinstance(doc, dict):
+                    status, payload = 400, {"error": {"message": "body is not a JSON object",
+                                                      "type": "invalid_request_error",
+                                                      "code": "invalid_json"}}
+                else:
+                    return await self._complete(doc, path.endswith("chat/completions"), writer,
+                                                head.keep_alive)
+        else:
+            status, payload = 404, {"error": {"message": f"no route {head.method} {path}",
+                                              "type": "invalid_request_error", "code": "not_found"}}
+        writer.write(json_response(status, payload, keep_alive=head.keep_alive))
+        await writer.drain()
+        return True
+
+    def _words(self, doc: Dict[str, Any], chat: bool) -> List[str]:
+        prompt = doc.get("prompt", "")
+        if chat and isinstance(doc.get("messages"), list) and doc["messages"]:
+            last = doc["messages"][-1]
+            prompt = last.get("content", "") if isinstance(last, dict) else ""
+        if not isinstance(prompt, str):
+            prompt = json.dumps(prompt)[:200]
+        words = f"Hello from {self.model}! You said: {prompt[:200]}".split()
+        limit = doc.get("max_tokens")
+        if isinstance(limit, int) and limit > 0:
+            words = words[:limit]
+        return words
+
+    async def _complete(self, doc: Dict[str, Any], chat: bool, writer: asyncio.StreamWriter,
+                        keep_alive: bool) -> bool:
+        words = self._words(doc, chat)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(6).hex()}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        usage = {"prompt_tokens": 0, "completion_tokens": len(words), "total_tokens": len(words)}
+        if not doc.get("stream"):
+            text = " ".join(words)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": "stop"} if chat else
+                      {"index": 0, "text": text, "finish_reason": "stop"})
+            writer.write(json_response(200, {"id": ident, "object": kind, "created": created,
+                                             "model": self.model, "choices": [choice],
+                                             "usage": usage}, keep_alive=keep_alive))
+            await writer.drain()
+            return True
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i, word in enumerate(words + [None]):
+            piece = (word if i == 0 else " " + word) if word is not None else None
+            if chat:
+                choice = {"index": 0, "delta": {"content": piece} if piece else {},
+                          "finish_reason": None if piece else "stop"}
+            else:
+                choice = {"index": 0, "text": piece or "", "finish_reason": None if piece else "stop"}
+            event = {"id": ident, "object": kind + ".chunk" if chat else kind,
+                     "created": created, "model": self.model, "choices": [choice]}
+            writer.write(encode_chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
+            await writer.drain()
+            if piece and self.token_delay:
+                await asyncio.sleep(self.token_delay)
+        writer.write(encode_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+
+def demo_main(argv: Sequence[str]) -> int:
+    """``llmux.py demo-backend``: run a fake OpenAI server (see --help)."""
+    ap = argparse.ArgumentParser(prog="llmux.py demo-backend",
+                                 description="A fake OpenAI-compatible model server (no GPU).")
+    ap.add_argument("--model", default="demo", help="model name it answers as")
+    ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--fd", type=int, help="serve on this inherited listening socket")
+    ap.add_argument("--token-delay", type=float, default=0.02, help="seconds between streamed tokens")
+    ap.add_argument("--daemon", action="store_true",
+                    help="bind, start the server in the background, and exit once it listens")
+    ap.add_argument("--pidfile", help="with --daemon: write the server's pid here")
+    ap.add_argument("--stop", action="store_true",
+                    help="stop the server named by --pidfile and wait until it has exited")
+    args = ap.parse_args(argv)
+    if args.stop:
+        return _stop_pidfile(args.pidfile) if args.pidfile else ap.error("--stop needs --pidfile")
+    if args.daemon:
+        try:
+            sock = socket.create_server((args.host, args.port), backlog=1024)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE and probe_main([f"http://{args.host}:{args.port}/health"]) == 0:
+                print(f"demo-backend: {args.host}:{args.port} is already serving")
+                return 0  # wake hooks must be idempotent
+            print(f"demo-backend: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+            return 1
+        cmd = [sys.executable, os.path.abspath(__file__), "demo-backend", "--model", args.model,
+               "--fd", str(sock.fileno()), "--token-delay", str(args.token_delay)]
+        child = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        if args.pidfile:
+            with open(args.pidfile, "w") as f:
+                f.write(f"{child.pid}\n")
+        print(f"demo-backend '{args.model}' listening on {args.host}:{args.port} (pid {child.pid})")
+        return 0  # the socket listens already: clients queue in its backlog until it serves
+    backend = DemoBackend(args.model, args.token_delay)
+
+    async def run() -> None:
+        if args.fd is not None:
+            sock = socket.socket(fileno=args.fd)
+            server = await asyncio.start_server(backend.serve, sock=sock, limit=STREAM_LIMIT)
+        else:
+            server = await asyncio.start_server(backend.serve, args.host, args.port,
+                                                limit=STREAM_LIMIT, reuse_address=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _stop_pidfile(path: str, grace: float = 10.0) -> int:
+    """SIGTERM the pid in ``path``, SIGKILL after ``grace`` seconds; wait until it is gone."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # nothing to stop: sleep hooks must be idempotent
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while _pid_running(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            if time.monotonic() > deadline + 5:
+                print(f"demo-backend: pid {pid} did not exit", file=sys.stderr)
+                return 1
+        time.sleep(0.02)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return 0
+
+
+def probe_main(argv: Sequence[str]) -> int:
+    """``llmux.py probe URL``: exit 0 when GET URL answers 2xx (an alive hook)."""
+    ap = argparse.ArgumentParser(prog="llmux.py probe",
+                                 description="Exit 0 when GET URL answers 2xx; for alive hooks.")
+    ap.add_argument("url")
+    ap.add_argument("--wait", type=float, default=0.0,
+                    help="keep trying for this many seconds (for wake hooks)")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
+    args = ap.parse_args(argv)
+    match = re.match(r"http://([^/:]+|\[[^\]]+\])(?::(\d+))?(/.*)?$", args.url)
+    if not match:
+        print(f"probe: {args.url}: expected http://HOST[:PORT]/PATH", file=sys.stderr)
+        return 2
+    host, port, path = match.group(1).strip("[]"), int(match.group(2) or 80), match.group(3) or "/"
+    deadline = time.monotonic() + args.wait
+    delay = 0.05
+    while True:
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            if 200 <= status < 300:
+                return 0
+            reason = f"status {status}"
+        except OSError as e:
+            reason = e.strerror or str(e)
+        if time.monotonic() + delay > deadline:
+            print(f"probe: {args.url}: {reason}", file=sys.stderr)
+            return 1
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+# ────────────────────────────────────────── CLI ─────────────────────────────────────────
+
+SUBCOMMANDS = {"demo-backend": demo_main, "probe": probe_main}
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llmux.py",
+        description="OpenAI-compatible proxy that switches models on one GPU node with "
+                    "wake/sleep shell hooks.",
+        epilog="subcommands: 'llmux.py demo-backend -h' (a fake model server), "
+               "'llmux.py probe -h' (an alive check)")
+    ap.add_argument("-c", "--config", help="config file (.json, or .yaml with PyYAML)")
+    ap.add_argument("-p", "--port", type=int, help="listen port (overrides the config; 0 = any)")
+    ap.add_argument("--host", help=f"listen address (default: the config's, or {DEFAULT_HOST})")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text")
+    ap.add_argument("--check", action="store_true", help="validate the config and exit")
+    ap.add_argument("--version", action="version", version=f"llmux.py {__version__}")
+    return ap
+
+
+async def serve(config: Config, log: Log, host: str, port: int) -> int:
+    """Run the proxy until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    server = Server(config, log)
+    try:
+        bound = await server.start(host, port)
+    except OSError as e:
+        log.error("listen.failed", host=host, port=port, error=e.strerror or str(e))
+        return 1
+    log.info("listening", url=f"http://{host}:{bound}", models=",".join(config.models),
+             policy=config.policy.name, version=__version__, pid=os.getpid())
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutdown")
+    await server.stop()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status (2 for a bad config)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    args = _arg_parser().parse_args(argv)
+    if not args.config:
+        _arg_parser().error("the following arguments are required: -c/--config")
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"llmux: config error: {problem}", file=sys.stderr)
+        return 2
+    if args.port is not None and not 0 <= args.port <= 65535:
+        print(f"llmux: -p/--port: expected a port number from 0 to 65535; got {args.port}",
+              file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config ok: {len(config.models)} models ({', '.join(config.models)}), "
+              f"port {config.port}, policy {config.policy.name}")
+        return 0
+    log = Log(verbose=args.verbose, fmt=args.log_format)
+    host = args.host or config.host
+    port = config.port if args.port is None else args.port
+    return asyncio.run(serve(config, log, host, port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1043 @@
+"""Tests for llmux.py, in the order of its sections.
+
+Real sockets on 127.0.0.1, real `sh -c` hooks, real child processes as fake model
+servers (this file run as `python3 test_llmux.py backend --fd N ...`).  Nothing waits on
+wall-clock sleeps: tests synchronise on log lines, event files and sockets.  Every
+blocking step has a timeout scaled by LLMUX_TEST_TIMEOUT_FACTOR, and a watchdog kills a
+hung test (and its child processes) outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import http.client
+import http.server
+import json
+import os
+import random
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+
+HERE = Path(__file__).resolve().parent
+LLMUX = str(HERE / "llmux.py")
+FACTOR = float(os.environ.get("LLMUX_TEST_TIMEOUT_FACTOR", "1"))
+T = 15.0 * FACTOR  # one blocking step
+HARD = 60.0 * FACTOR  # one whole test
+
+_children: List[subprocess.Popen] = []
+
+
+# ─────────────────────────────── fake backend (child process) ───────────────────────────
+
+
+class _FakeHandler(http.server.BaseHTTPRequestHandler):
+    """Behaviour by JSON body: stream/n, hold (a file to wait for), die_after, reset, echo."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "fake"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _event(self, text: str) -> None:
+        if self.server.events:  # type: ignore[attr-defined]
+            with open(self.server.events, "a") as f:  # type: ignore[attr-defined]
+                f.write(text + "\n")
+
+    def do_GET(self) -> None:
+        self._reply(200, {"backend": self.server.name, "path": self.path})  # type: ignore[attr-defined]
+
+    def do_POST(self) -> None:
+        name = self.server.name  # type: ignore[attr-defined]
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
+        try:
+            doc = json.loads(body) if body.startswith(b"{") else {}
+        except ValueError:
+            doc = {}
+        self._event(f"req {name}")
+        if doc.get("reset"):
+            self._abort()
+            return
+        if doc.get("echo"):
+            self._reply(200, {"backend": name, "method": self.command, "path": self.path,
+                              "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                              "body": body.decode("latin-1"),
+                              "peer": self.client_address[1]})
+            return
+        if not doc.get("stream"):
+            self._reply(200, {"backend": name, "model": doc.get("model"),
+                              "peer": self.client_address[1]})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        n = int(doc.get("n", 3))
+        for i in range(n):
+            if doc.get("die_after") == i:
+                self._abort()
+                return
+            self._chunk(f"data: {json.dumps({'backend': name, 'i': i})}\n\n".encode())
+            if i == 0 and doc.get("hold"):
+                deadline = time.monotonic() + 60
+                while not os.path.exists(doc["hold"]) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+        self._event(f"stream-end {name}")  # before the last bytes: llmux cannot release first
+        self._chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _reply(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _abort(self) -> None:
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.connection.close()
+        self.close_connection = True
+
+
+def fake_backend_main(argv: List[str]) -> None:
+    fd = int(argv[argv.index("--fd") + 1])
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FakeHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = socket.socket(fileno=fd)
+    server.daemon_threads = True
+    server.name = argv[argv.index("--name") + 1]  # type: ignore[attr-defined]
+    server.events = argv[argv.index("--events") + 1] if "--events" in argv else None  # type: ignore[attr-defined]
+    server.serve_forever()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["backend"]:
+    fake_backend_main(sys.argv[2:])  # before importing pytest: backends start fast
+    sys.exit(0)
+
+import pytest  # noqa: E402
+
+import llmux  # noqa: E402
+
+
+# ───────────────────────────────────────── harness ──────────────────────────────────────
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Any:
+    """Kill a hung test outright, with every child process, and show where it hung."""
+
+    def hang() -> None:
+        sys.stderr.write(f"\n*** test exceeded {HARD:g}s; tracebacks follow ***\n")
+        faulthandler.dump_traceback(all_threads=True)
+        for p in _children:
+            _kill(p)
+        os._exit(1)
+
+    timer = threading.Timer(HARD, hang)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
+
+
+def _kill(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    try:
+        p.wait(T)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def spawn(args: List[str], **kw: Any) -> subprocess.Popen:
+    p = subprocess.Popen(args, **kw)
+    _children.append(p)
+    return p
+
+
+class Backend:
+    """A fake model server in a child process, on a socket bound here to port 0."""
+
+    def __init__(self, name: str, events: Optional[Path]) -> None:
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        args = [sys.executable, __file__, "backend", "--fd", str(sock.fileno()), "--name", name]
+        if events:
+            args += ["--events", str(events)]
+        self.proc = spawn(args, pass_fds=(sock.fileno(),))
+        sock.close()
+
+    def stop(self) -> None:
+        _kill(self.proc)
+
+
+class Llmux:
+    """`python3 llmux.py` as a child process; its log lines are collected as they come."""
+
+    def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = ()) -> None:
+        self.config_path = tmp / "config.json"
+        self.config_path.write_text(json.dumps(config))
+        self.proc = spawn([sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
+                           "--host", "127.0.0.1", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: List[str] = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.port = int(self.wait_log(r"listening url=http://127\.0\.0\.1:(\d+)").group(1))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("<exit>")
+            self.cond.notify_all()
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = T) -> "re.Match[str]":
+        """Wait until ``count`` log lines match ``pattern``; return the last match."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for m in map(rx.search, self.lines) if m]
+                if len(found) >= count:
+                    return found[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] == "<exit>"):
+                    raise AssertionError(f"no log line matching {pattern!r} (x{count});\n"
+                                         + "\n".join(self.lines[-40:]))
+                self.cond.wait(left)
+
+    def log_count(self, pattern: str) -> int:
+        with self.cond:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(T)
+            except subprocess.TimeoutExpired:
+                _kill(self.proc)
+        self.reader.join(T)
+
+    # -- client helpers --
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=T)
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], Any]:
+        conn = self.conn()
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers=headers or {})
+            resp = conn.getresponse()
+            raw = resp.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+        finally:
+            conn.close()
+
+    def chat(self, model: str, **extra: Any) -> Tuple[int, Any]:
+        status, _, payload = self.request("POST", "/v1/chat/completions",
+                                          {"model": model, "messages": [], **extra},
+                                          {"content-type": "application/json"})
+        return status, payload
+
+    def health(self) -> Dict[str, Any]:
+        return self.request("GET", "/health")[2]
+
+
+class Env:
+    """A test's world: an events file, fake backends, hook text that logs, llmux."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.events = tmp / "events.log"
+        self.events.touch()
+        self.backends: Dict[str, Backend] = {}
+        self.procs: List[Llmux] = []
+
+    def hook(self, kind: str, extra: str = "") -> str:
+        """Hook text that records its start and end in the events file."""
+        ev = self.events
+        return (f'echo "{kind}-start $LLMUX_MODEL" >> {ev}\n{extra}\n'
+                f'echo "{kind}-end $LLMUX_MODEL" >> {ev}')
+
+    def model(self, name: str, *, wake_extra: str = "", sleep_extra: str = "",
+              **more: Any) -> Dict[str, Any]:
+        if name not in self.backends:
+            self.backends[name] = Backend(name, self.events)
+        return {"port": self.backends[name].port, "wake": self.hook("wake", wake_extra),
+                "sleep": self.hook("sleep", sleep_extra), **more}
+
+    def start(self, models: Dict[str, Dict[str, Any]], policy: Optional[Dict[str, Any]] = None,
+              args: Tuple[str, ...] = (), **top: Any) -> Llmux:
+        cfg: Dict[str, Any] = {"models": models, "policy": {"wake_backoff_secs": 0, **(policy or {})}, **top}
+        proc = Llmux(cfg, self.tmp, args)
+        self.procs.append(proc)
+        return proc
+
+    def lines(self) -> List[str]:
+        return self.events.read_text().splitlines()
+
+    def gate(self, name: str) -> Path:
+        return self.tmp / f"gate-{name}"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+        for b in self.backends.values():
+            b.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Any:
+    e = Env(tmp_path)
+    yield e
+    e.stop()
+
+
+def check_residency(lines: List[str]) -> None:
+    """Invariants 1 and 2 from the event log: one model awake at a time, and requests
+    only reach a model between the end of its wake and the start of its sleep."""
+    awake: set = set()
+    ready: set = set()
+    for i, line in enumerate(lines):
+        kind, _, model = line.partition(" ")
+        if kind == "wake-start":
+            assert not awake - {model}, f"line {i}: wake of {model} while {awake} awake: {lines}"
+            awake.add(model)
+        elif kind == "wake-end":
+            ready.add(model)
+        elif kind == "sleep-start":
+            ready.discard(model)
+        elif kind == "sleep-end":
+            awake.discard(model)
+        elif kind == "req":
+            assert model in ready, f"line {i}: request reached {model} while not active: {lines}"
+
+
+def raw_exchange(port: int, data: bytes, *, until_close: bool = True) -> bytes:
+    """Send raw bytes, return everything received until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=T) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                return out
+            out += piece
+            if not until_close and b"\r\n\r\n" in out:
+                return out
+
+
+def sse_stream(port: int, body: Dict[str, Any]) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"content-type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def hang_up(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+    """Close a client connection for real (the response object holds the socket too)."""
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    resp.close()
+    conn.close()
+
+
+def run_bg(fn: Any, *args: Any) -> Tuple[threading.Thread, Dict[str, Any]]:
+    """Run ``fn(*args)`` in a thread; its result or exception lands in the dict."""
+    box: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # noqa: B902 - reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def join(t: threading.Thread, box: Dict[str, Any]) -> Any:
+    t.join(T)
+    assert not t.is_alive(), "background request did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def wait_for(pred: Any, what: str) -> None:
+    """Poll a cheap condition on state the test cannot subscribe to (a file, /health)."""
+    deadline = time.monotonic() + T
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+
+# ───────────────────────────────────────── config ───────────────────────────────────────
+
+GOOD = {"models": {"a": {"port": 8001, "wake": "true", "sleep": "true", "alive": "true"}}}
+
+
+def test_rust_llmux_schema_is_valid_as_is() -> None:
+    cfg = llmux.parse_config({
+        "models": {"llama": {"port": 8001, "wake": "w", "sleep": "s", "alive": "a"},
+                   "qwen": {"port": 8002, "wake": "w2", "sleep": "s2", "alive": "a2"}},
+        "policy": {"request_timeout_secs": 30, "drain_before_switch": False, "min_active_secs": 5},
+        "port": 4000})
+    assert cfg.port == 4000
+    assert cfg.models["qwen"] == llmux.ModelConfig("qwen", 8002, "w2", "s2", "a2")
+    assert cfg.policy.request_timeout_secs == 30
+    assert cfg.policy.drain_before_switch is False
+    assert cfg.policy.min_active_secs == 5
+
+
+def test_defaults() -> None:
+    cfg = llmux.parse_config(GOOD)
+    assert cfg.port == 3000
+    assert cfg.policy == llmux.Policy()
+    assert cfg.policy.drain_before_switch is True and cfg.policy.min_active_secs == 0
+    assert llmux.parse_config({**GOOD, "policy": {"request_timeout_secs": None}}).policy.request_timeout_secs is None
+
+
+@pytest.mark.parametrize("raw, problems", [
+    ({}, ["models: expected an object naming at least one model; got null"]),
+    ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
+    ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
+    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host"]),
+    ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
+     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases"]),
+    ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
+    ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
+    ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
+    ({"models": {"a": {"port": True}}}, ["models.a.port: expected a port number from 1 to 65535; got true (a boolean)"]),
+    ({"models": {"a": {"port": 8001}, "b": {"port": 8001}}},
+     ["models.b.port: 8001 is already used by model 'a'; expected a port of its own"]),
+    ({"models": {"a": {"port": 3000}}},
+     ["models.a.port: 3000 is llmux's own port; expected the port the model's server listens on"]),
+    ({"models": {"a": {"port": 8001, "wake": 5}}}, ["models.a.wake: expected a non-empty string or null; got 5 (a number)"]),
+    ({"models": {"a": {"port": 8001, "sleep": ""}}}, ['models.a.sleep: expected a non-empty string or null; got "" (a string)']),
+    ({**GOOD, "policy": {"min_active_secs": -1}}, ["policy.min_active_secs: expected a number >= 0; got -1 (a number)"]),
+    ({**GOOD, "policy": {"request_timeout_secs": "30"}},
+     ['policy.request_timeout_secs: expected a number > 0 or null; got "30" (a string)']),
+    ({**GOOD, "policy": {"drain_before_switch": "yes"}},
+     ['policy.drain_before_switch: expected true or false; got "yes" (a string)']),
+    ({**GOOD, "policy": {"name": "lifo"}}, ['policy.name: expected one of fifo; got "lifo" (a string)']),
+    ({**GOOD, "policy": {"max_queue": 1.5}}, ["policy.max_queue: expected a whole number > 0; got 1.5 (a number)"]),
+    ({**GOOD, "policy": {"speed": 1}}, ["policy.speed: unknown key; expected one of name, drain_before_switch, max_queue, "
+                                        "request_timeout_secs, min_active_secs, hook_timeout_secs, drain_timeout_secs, "
+                                        "upstream_timeout_secs, wake_backoff_secs"]),
+    ({**GOOD, "http": {"max_body_bytes": 0}}, ["http.max_body_bytes: expected a whole number > 0; got 0 (a number)"]),
+    ({**GOOD, "port": -1}, ["port: expected a port number from 0 to 65535; got -1 (a number)"]),
+    ({"models": {"a": {"port": 8001, "aliases": ["b"]}, "b": {"port": 8002}}},
+     ["models.b: name or alias 'b' is already used by model 'a'; expected names unique across models"]),
+    # Several problems: every one is reported, in document order.
+    ({"models": {"a": {"port": 0, "wake": 1}}, "policy": {"min_active_secs": "x"}},
+     ['policy.min_active_secs: expected a number >= 0; got "x" (a string)',
+      "models.a.port: expected a port number from 1 to 65535; got 0 (a number)",
+      "models.a.wake: expected a non-empty string or null; got 1 (a number)"]),
+])
+def test_config_errors_name_the_key_and_what_was_expected(raw: Any, problems: List[str]) -> None:
+    with pytest.raises(llmux.ConfigError) as info:
+        llmux.parse_config(raw)
+    assert info.value.problems == problems
+
+
+def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"models": {"a": {"port": 8001}, "b": {"port": 8001, "x": 1}}}))
+    p = subprocess.run([sys.executable, LLMUX, "-c", str(path)], capture_output=True, text=True, timeout=T)
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases"
+        .replace("models.b: x", "models.b.x"),
+        "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
+
+
+def test_unreadable_and_invalid_json_configs(tmp_path: Path) -> None:
+    with pytest.raises(llmux.ConfigError, match="cannot read"):
+        llmux.load_config(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(llmux.ConfigError, match=r"bad\.json: not valid JSON"):
+        llmux.load_config(str(bad))
+
+
+def test_check_flag_validates_and_exits_0() -> None:
+    p = subprocess.run([sys.executable, LLMUX, "-c", str(HERE / "example-config.json"), "--check"],
+                       capture_output=True, text=True, timeout=T)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("config ok: 2 models (llama, qwen)")
+
+
+def test_yaml_config_with_pyyaml(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  a:\n    port: 8001\n    wake: |\n      echo one\n      echo two\n")
+    cfg = llmux.load_config(str(path))
+    assert cfg.models["a"].wake == "echo one\necho two\n"
+
+
+def test_yaml_config_without_pyyaml_says_how_to_install(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("models: {a: {port: 8001}}\n")
+    code = ("import sys; sys.modules['yaml'] = None; sys.argv = ['llmux.py', '-c', %r, '--check'];"
+            "import runpy; runpy.run_path(%r, run_name='__main__')" % (str(path), LLMUX))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T)
+    assert p.returncode == 2
+    assert "a YAML config needs PyYAML, which is not installed; install it (pip install pyyaml)" in p.stderr
+
+
+def test_cli_port_override_and_version() -> None:
+    p = subprocess.run([sys.executable, LLMUX, "--version"], capture_output=True, text=True, timeout=T)
+    assert p.stdout.strip() == f"llmux.py {llmux.__version__}"
+    p = subprocess.run([sys.executable, LLMUX, "-c", str(HERE / "example-config.json"), "-p", "70000"],
+                       capture_output=True, text=True, timeout=T)
+    assert p.returncode == 2 and "-p/--port: expected a port number from 0 to 65535; got 70000" in p.stderr
+
+
+# ─────────────────────────────── HTTP wire (sans-I/O) ───────────────────────────────────
+
+
+def parse_all(parser: Any, pieces: List[bytes], eof: bool = True) -> List[Any]:
+    """Feed pieces one by one; return normalised events, ending with ("error", status)."""
+    events: List[Any] = []
+
+    def drain() -> bool:
+        while True:
+            try:
+                ev = parser.next_event()
+            except llmux.HTTPError as e:
+                events.append(("error", e.status))
+                return False
+            if ev is llmux.NEED_DATA:
+                return True
+            if ev is None:
+                events.append("closed")
+                return False
+            if isinstance(ev, llmux.Body):
+                if events and isinstance(events[-1], tuple) and events[-1][0] == "body":
+                    events[-1] = ("body", events[-1][1] + ev.data)
+                else:
+                    events.append(("body", ev.data))
+            elif ev is llmux.EndOfMessage:
+                events.append("end")
+                if isinstance(parser, llmux.ResponseParser):
+                    return False  # one response per parser
+            elif isinstance(ev, llmux.RequestHead):
+                events.append(("head", ev.method, ev.target, ev.version, ev.keep_alive))
+            else:
+                events.append(("response", ev.status, ev.keep_alive))
+
+    for piece in pieces:
+        parser.feed(piece)
+        if not drain():
+            return events
+    if eof and not (isinstance(parser, llmux.ResponseParser) and "end" in events):
+        parser.feed_eof()  # a response parser is used for one response only
+        drain()
+    return events
+
+
+H = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+HEAD_OK = ("head", "POST", "/v1/chat/completions", "HTTP/1.1", True)
+
+REQUEST_CASES = [
+    # (id, bytes, expected events)
+    ("get", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", [("head", "GET", "/health", "HTTP/1.1", True), "end", "closed"]),
+    ("content-length", H + b"Content-Length: 5\r\n\r\nhello", [HEAD_OK, ("body", b"hello"), "end", "closed"]),
+    ("chunked", H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\n\r\n",
+     [HEAD_OK, ("body", b"hello!"), "end", "closed"]),
+    ("chunked-trailers", H + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n",
+     [HEAD_OK, ("body", b"hi"), "end", "closed"]),
+    ("chunked-upper-hex", H + b"Transfer-Encoding: Chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n",
+     [HEAD_OK, ("body", b"0123456789"), "end", "closed"]),
+    ("pipelined", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+     [("head", "GET", "/a", "HTTP/1.1", True), "end", ("head", "GET", "/b", "HTTP/1.1", True), "end", "closed"]),
+    ("leading-crlf", b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", [("head", "GET", "/", "HTTP/1.1", True), "end", "closed"]),
+    ("http10", b"GET / HTTP/1.0\r\n\r\n", [("head", "GET", "/", "HTTP/1.0", False), "end", "closed"]),
+    ("http10-keepalive", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+     [("head", "GET", "/", "HTTP/1.0", True), "end", "closed"]),
+    ("connection-close", b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+     [("head", "GET", "/", "HTTP/1.1", False), "end", "closed"]),
+    ("repeated-equal-length", H + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+     [HEAD_OK, ("body", b"ok"), "end", "closed"]),
+    ("truncated-body", H + b"Content-Length: 5\r\n\r\nhel", [HEAD_OK, ("body", b"hel"), ("error", 400)]),
+    ("truncated-head", b"GET / HTTP/1.1\r\nHost: x\r\n", [("error", 400)]),
+    # Smuggling shapes and malformed input: 400.
+    ("te-and-cl", H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", [("error", 400)]),
+    ("differing-cl", H + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n", [("error", 400)]),
+    ("cl-list", H + b"Content-Length: 5, 6\r\n\r\n", [("error", 400)]),
+    ("cl-sign", H + b"Content-Length: +5\r\n\r\n", [("error", 400)]),
+    ("cl-negative", H + b"Content-Length: -1\r\n\r\n", [("error", 400)]),
+    ("cl-hex", H + b"Content-Length: 0x5\r\n\r\n", [("error", 400)]),
+    ("cl-space-inside", H + b"Content-Length: 1 2\r\n\r\n", [("error", 400)]),
+    ("cl-too-many-digits", H + b"Content-Length: 0000000000000000001\r\n\r\n", [("error", 400)]),
+    ("obs-fold", H + b"X-A: 1\r\n folded\r\n\r\n", [("error", 400)]),
+    ("space-in-name", H + b"X A: 1\r\n\r\n", [("error", 400)]),
+    ("space-before-colon", H + b"Content-Length : 5\r\n\r\n", [("error", 400)]),
+    ("control-in-name", H + b"X\x01A: 1\r\n\r\n", [("error", 400)]),
+    ("bare-cr", b"GET / HTTP/1.1\rHost: x\r\n\r\n", [("error", 400)]),
+    ("bare-lf", b"GET / HTTP/1.1\nHost: x\r\n\r\n", [("error", 400)]),
+    ("nul-in-value", H + b"X-A: a\x00b\r\n\r\n", [("error", 400)]),
+    ("no-host", b"GET / HTTP/1.1\r\n\r\n", [("error", 400)]),
+    ("two-hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", [("error", 400)]),
+    ("bad-request-line", b"GET /\r\nHost: x\r\n\r\n", [("error", 400)]),
+    ("lowercase-version", b"GET / http/1.1\r\nHost: x\r\n\r\n", [("error", 400)]),
+    ("bad-chunk-size", H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", [HEAD_OK, ("error", 400)]),
+    ("chunk-size-overflow", H + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 17 + b"\r\n", [HEAD_OK, ("error", 400)]),
+    ("chunk-size-sign", H + b"Transfer-Encoding: chunked\r\n\r\n-1\r\n", [HEAD_OK, ("error", 400)]),
+    ("missing-crlf-after-chunk", H + b"Transfer-Encoding: chunked\r\n\r\n2\r\nhiXX0\r\n\r\n",
+     [HEAD_OK, ("body", b"hi"), ("error", 400)]),
+    ("chunked-twice", H + b"Transfer-Encoding: chunked, chunked\r\n\r\n", [("error", 400)]),
+    ("te-in-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", [("error", 400)]),
+    ("tls-client-hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", [("error", 400)]),
+    # Other statuses.
+    ("gzip-coding", H + b"Transfer-Encoding: gzip\r\n\r\n", [("error", 501)]),
+    ("gzip-chunked", H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", [("error", 501)]),
+    ("http2", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", [("error", 505)]),
+    ("long-request-line", b"GET /" + b"a" * llmux.MAX_REQUEST_LINE + b" HTTP/1.1\r\nHost: x\r\n\r\n", [("error", 414)]),
+    ("too-many-headers", H + b"".join(b"X-%d: 1\r\n" % i for i in range(llmux.MAX_HEADER_COUNT + 1)) + b"\r\n",
+     [("error", 431)]),
+    ("huge-header", H + b"X-A: " + b"a" * llmux.MAX_HEADER_BYTES + b"\r\n\r\n", [("error", 431)]),
+    ("body-too-large", H + b"Content-Length: 1001\r\n\r\n", [("error", 413)]),
+    ("chunked-too-large", H + b"Transfer-Encoding: chunked\r\n\r\n3e9\r\n", [HEAD_OK, ("error", 413)]),
+    ("expect-other", H + b"Expect: magic\r\nContent-Length: 0\r\n\r\n", [("error", 417)]),
+]
+
+
+@pytest.mark.parametrize("data, expected", [c[1:] for c in REQUEST_CASES], ids=[c[0] for c in REQUEST_CASES])
+def test_request_parser_whole_and_byte_by_byte(data: bytes, expected: List[Any]) -> None:
+    assert parse_all(llmux.RequestParser(max_body=1000), [data]) == expected
+    assert parse_all(llmux.RequestParser(max_body=1000), [data[i:i + 1] for i in range(len(data))]) == expected
+
+
+@pytest.mark.parametrize("data, expected", [c[1:] for c in REQUEST_CASES if "closed" in c[2]],
+                         ids=[c[0] for c in REQUEST_CASES if "closed" in c[2]])
+def test_request_parser_trailing_garbage_fails_only_the_next_message(data: bytes, expected: List[Any]) -> None:
+    events = parse_all(llmux.RequestParser(max_body=1000), [data + b"\x00\xffgarbage\r\n\r\n"])
+    assert events == expected[:-1] + [("error", 400)]
+
+
+def test_request_parser_stays_broken_after_an_error() -> None:
+    p = llmux.RequestParser()
+    p.feed(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+    with pytest.raises(llmux.HTTPError) as first:
+        p.next_event()
+    p.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(llmux.HTTPError) as again:
+        p.next_event()
+    assert again.value is first.value
+
+
+def test_request_head_keeps_duplicate_headers_in_order() -> None:
+    p = llmux.RequestParser()
+    p.feed(b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nExpect: 100-continue\r\n\r\n")
+    head = p.next_event()
+    assert [v for k, v in head.headers if k == "x-a"] == ["1", "2"]
+    assert head.get("x-a") == "2" and head.expect_continue
+
+
+RESPONSE_CASES = [
+    ("length", "POST", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", [("response", 200, True), ("body", b"ok"), "end"]),
+    ("chunked", "POST", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     [("response", 200, True), ("body", b"ok"), "end"]),
+    ("until-close", "POST", b"HTTP/1.1 200 OK\r\n\r\nabc", [("response", 200, False), ("body", b"abc"), "end"]),
+    ("http10", "POST", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", [("response", 200, False), ("body", b"x"), "end"]),
+    ("head-has-no-body", "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", [("response", 200, True), "end"]),
+    ("204", "POST", b"HTTP/1.1 204 No Content\r\n\r\n", [("response", 204, True), "end"]),
+    ("304", "GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", [("response", 304, True), "end"]),
+    ("interim-100", "POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+     [("response", 100, True), ("response", 200, True), "end"]),
+    ("no-reason", "GET", b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", [("response", 200, True), "end"]),
+    ("truncated-length", "POST", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab",
+     [("response", 200, True), ("body", b"ab"), ("error", 502)]),
+    ("truncated-chunked", "POST", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+     [("response", 200, True), ("body", b"ok"), ("error", 502)]),
+    ("garbage-status", "GET", b"HTTP/1.1 OK fine\r\n\r\n", [("error", 502)]),
+    ("not-http", "GET", b"SSH-2.0-OpenSSH\r\n\r\n", [("error", 502)]),
+    ("bad-cl", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", [("error", 502)]),
+    ("garbage-header", "GET", b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", [("error", 502)]),
+    ("eof-before-head", "GET", b"", [("error", 502)]),
+]
+
+
+@pytest.mark.parametrize("method, data, expected", [c[1:] for c in RESPONSE_CASES], ids=[c[0] for c in RESPONSE_CASES])
+def test_response_parser_whole_and_byte_by_byte(method: str, data: bytes, expected: List[Any]) -> None:
+    assert parse_all(llmux.ResponseParser(method), [data]) == expected
+    assert parse_all(llmux.ResponseParser(method), [data[i:i + 1] for i in range(len(data))]) == expected
+
+
+def test_forward_headers_drops_hop_by_hop_and_connection_named() -> None:
+    headers = [("connection", "keep-alive, x-secret"), ("x-secret", "1"), ("keep-alive", "5"),
+               ("transfer-encoding", "chunked"), ("te", "trailers"), ("upgrade", "h2c"),
+               ("authorization", "Bearer k"), ("x-a", "1"), ("x-a", "2")]
+    assert llmux.forward_headers(headers) == [("authorization", "Bearer k"), ("x-a", "1"), ("x-a", "2")]
+
+
+def test_encode_chunk() -> None:
+    assert llmux.encode_chunk(b"hello") == b"5\r\nhello\r\n"
+    assert llmux.encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+
+
+# ───────────────────────────────────────── hooks ────────────────────────────────────────
+
+
+class ListStream:
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.extend(text.splitlines())
+
+    def flush(self) -> None:
+        pass
+
+
+def run_hook(script: str, *, timeout: float = T, cwd: Optional[str] = None,
+             hook: str = "wake") -> Tuple[Optional[llmux.HookResult], Optional[llmux.HookError], List[str]]:
+    stream = ListStream()
+
+    async def go() -> Tuple[Optional[llmux.HookResult], Optional[llmux.HookError]]:
+        runner = llmux.HookRunner(llmux.Log(stream), timeout=timeout, cwd=cwd)
+        model = llmux.ModelConfig("m1", 8123, **{hook: script})
+        try:
+            return await runner.run(model, hook), None
+        except llmux.HookError as e:
+            return None, e
+        finally:
+            runner.close()
+
+    result, error = asyncio.run(go())
+    return result, error, stream.lines
+
+
+def pid_gone(pid: int) -> bool:
+    return not llmux._pid_running(pid)
+
+
+def test_hook_env_and_output_go_to_the_log() -> None:
+    result, error, lines = run_hook('echo "model=$LLMUX_MODEL port=$LLMUX_PORT hook=$LLMUX_HOOK"; echo oops >&2')
+    assert error is None and result is not None and result.exit_code == 0
+    assert any(line.endswith("hook.output model=m1 hook=wake stream=stdout | model=m1 port=8123 hook=wake")
+               for line in lines), lines
+    assert any(line.endswith("stream=stderr | oops") for line in lines), lines
+
+
+def test_hook_failure_names_hook_model_exit_code_and_stderr_tail() -> None:
+    _, error, lines = run_hook("echo loading; echo 'CUDA out of memory' >&2; exit 3")
+    assert error is not None
+    assert error.message == "hook 'wake' for model 'm1' exited 3: CUDA out of memory"
+    assert error.status == 503 and error.to_json()["error"]["code"] == "hook_failed"
+    assert any("hook.exit" in line and "code=3" in line for line in lines)
+
+
+def test_hook_multiline_inline_script_and_script_path(tmp_path: Path) -> None:
+    result, error, lines = run_hook("x=1\nif [ $x = 1 ]; then\n  echo multi\nfi\n")
+    assert error is None and any(line.endswith("| multi") for line in lines)
+    script = tmp_path / "wake.sh"
+    script.write_text("#!/bin/sh\necho from-script $LLMUX_MODEL\n")
+    script.chmod(0o755)
+    result, error, lines = run_hook(str(script))
+    assert error is None and any(line.endswith("| from-script m1") for line in lines)
+    result, error, lines = run_hook("./wake.sh", cwd=str(tmp_path))  # relative to the config's folder
+    assert error is None and any(line.endswith("| from-script m1") for line in lines)
+
+
+def test_hook_script_path_that_does_not_exist() -> None:
+    _, error, _ = run_hook("/no/such/wake.sh")
+    assert error is not None
+    assert error.message.startswith("hook 'wake' for model 'm1' exited 127: ")
+    assert "/no/such/wake.sh" in error.message
+
+
+def test_background_child_holding_the_pipes_does_not_hang_the_hook(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    # The child inherits stdout and stderr and outlives the hook, like `vllm serve &`.
+    result, error, lines = run_hook(f"sleep 60 & echo $! > {pidfile}; echo started")
+    pid = int(pidfile.read_text())
+    try:
+        assert error is None and result is not None and result.exit_code == 0
+        assert not pid_gone(pid), "a background child of a successful hook must survive it"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_hook_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    _, error, _ = run_hook(f"sleep 60 & echo $! > {pidfile}; echo waiting >&2; wait", timeout=0.5)
+    assert error is not None and error.result.timed_out
+    assert error.message.startswith("hook 'wake' for model 'm1' timed out after ")
+    assert error.message.endswith("s (its process group was killed): waiting")
+    wait_for(lambda: pid_gone(int(pidfile.read_text())), "the hook's background child to die")
+
+
+def test_hook_killed_by_a_signal() -> None:
+    _, error, _ = run_hook("echo dying >&2; kill -9 $$")
+    assert error is not None
+    assert error.message == "hook 'wake' for model 'm1' was killed by signal 9 (SIGKILL): dying"
+
+
+def test_hook_megabytes_of_output_stay_bounded_in_memory() -> None:
+    result, error, lines = run_hook("head -c 3000000 /dev/zero | tr '\\0' 'x'; echo; "
+                                    "i=0; while [ $i -lt 2000 ]; do echo line $i >&2; i=$((i+1)); done; exit 1")
+    assert error is not None
+    assert len(error.result.stderr_tail) == llmux.HOOK_TAIL_LINES
+    assert error.result.stderr_tail[-1] == "line 1999"
+    outputs = [line for line in lines if "hook.output" in line]
+    assert all(len(line) < llmux.HOOK_LINE_MAX + 200 for line in outputs)
+    assert len(outputs) <= 2 * llmux.HOOK_LOG_LINES + 2
+    assert any("more lines not logged" in line for line in outputs)
+
+
+def test_missing_hook_is_a_success() -> None:
+    async def go() -> llmux.HookResult:
+        runner = llmux.HookRunner(llmux.Log(ListStream()))
+        return await runner.run(llmux.ModelConfig("m1", 8123), "sleep")
+
+    assert asyncio.run(go()).ok
+
+
+# ─────────────────────────────── switcher, end to end ───────────────────────────────────
+
+
+def test_switch_runs_old_sleep_before_new_wake_and_routes_to_the_right_backend(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    for model in ["a", "b", "b", "a"]:
+        status, payload = lx.chat(model)
+        assert status == 200 and payload["backend"] == model
+    assert env.lines() == [
+        "wake-start a", "wake-end a", "req a",
+        "sleep-start a", "sleep-end a", "wake-start b", "wake-end b", "req b", "req b",
+        "sleep-start b", "sleep-end b", "wake-start a", "wake-end a", "req a"]
+    lx.wait_log(r"switch\.end from=a to=b result=ok secs=\d")
+    assert lx.health()["active"] == ["a"]
+
+
+def test_many_concurrent_requests_alternating_models(env: Env) -> None:
+    lx = env.start({name: env.model(name) for name in "abc"})
+    results: List[Tuple[str, int, Any]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(6):
+            model = "abc"[(i + j) % 3]
+            status, payload = lx.chat(model, stream=bool(j % 2))
+            with lock:
+                results.append((model, status, payload))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T * 3)
+    assert len(results) == 72
+    for model, status, payload in results:
+        assert status == 200
+        if isinstance(payload, dict):
+            assert payload["backend"] == model
+        else:
+            assert f'"backend": "{model}"'.encode() in payload
+    check_residency(env.lines())
+    health = lx.health()
+    assert health["queued"] == 0 and all(m["in_flight"] == 0 for m in health["models"].values())
+
+
+def test_drain_waits_for_a_long_stream_then_switches(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    gate = env.gate("a")
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(gate)})
+    assert resp.status == 200
+    assert json.loads(resp.readline()[len(b"data: "):])["i"] == 0  # the stream is in flight
+    t, box = run_bg(lx.chat, "b")
+    lx.wait_log(r"model\.state model=a from=active to=draining")
+    # Strict drain: a new request for a queues instead of joining the draining model.
+    t2, box2 = run_bg(lx.chat, "a")
+    lx.wait_log(r"request\.queued model=a state=draining")
+    assert "sleep-start a" not in env.lines()
+    gate.touch()
+    rest = resp.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+    conn.close()
+    assert join(t, box)[1]["backend"] == "b"
+    assert join(t2, box2)[1]["backend"] == "a"
+    lines = env.lines()
+    assert lines.index("stream-end a") < lines.index("sleep-start a") < lines.index("wake-start b")
+    check_residency(lines)
+
+
+def test_waiting_requests_are_served_before_the_next_switch(env: Env) -> None:
+    """Invariant 4: b's waiters get slots when b wakes, even though c waits too."""
+    lx = env.start({n: env.model(n, wake_extra=f"while [ ! -e {env.gate(n)} ]; do sleep 0.01; done"
+                                  if n == "b" else "") for n in "abc"})
+    assert lx.chat("a")[0] == 200
+    bs = [run_bg(lx.chat, "b") for _ in range(3)]
+    lx.wait_log(r"hook\.start model=b hook=wake")
+    cs = [run_bg(lx.chat, "c") for _ in range(2)]
+    lx.wait_log(r"request\.queued model=c", count=2)
+    env.gate("b").touch()
+    assert [join(*x)[1]["backend"] for x in bs] == ["b"] * 3
+    assert [join(*x)[1]["backend"] for x in cs] == ["c"] * 2
+    lines = env.lines()
+    assert [line for line in lines if line.startswith("req")] == ["req a"] + ["req b"] * 3 + ["req c"] * 2
+    check_residency(lines)
+
+
+def test_client_disconnect_releases_the_slot(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    assert lx.health()["models"]["a"]["in_flight"] == 1
+    hang_up(conn, resp)  # the client goes away mid-stream
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=499")
+    assert lx.health()["models"]["a"]["in_flight"] == 0
+    # Nothing left to drain: a switch happens at once although a's backend still holds.
+    assert lx.chat("b")[1]["backend"] == "b"
+    env.gate("a").touch()
+
+
+def test_client_leaving_the_queue_no_longer_triggers_a_switch(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    waiting = socket.create_connection(("127.0.0.1", lx.port), timeout=T)
+    body = b'{"model": "b"}'
+    waiting.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    lx.wait_log(r"model\.state model=a from=active to=draining")
+    waiting.close()
+    lx.wait_log(r"switch\.end from=a to=b result=abandoned")
+    assert lx.health()["active"] == ["a"]
+    assert lx.chat("a")[1]["backend"] == "a"  # a serves again, no wake
+    env.gate("a").touch()
+    resp.read()
+    conn.close()
+    assert "sleep-start a" not in env.lines() and "wake-start b" not in env.lines()
+
+
+def test_request_timeout_gives_504(env: Env) -> None:
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {env.gate('a')} ]; do sleep 0.01; done")},
+                   policy={"request_timeout_secs": 0.3})
+    status, payload = lx.chat("a")
+    assert status == 504
+    assert payload == {"error": {"message": "model 'a' did not become available within 0.3s "
+                                            "(request_timeout_secs)",
+                                 "type": "server_error", "code": "request_timeout"}}
+    env.gate("a").touch()
+    lx.wait_log(r"switch\.end to=a result=ok")
+    assert lx.chat("a")[0] == 200
+
+
+def test_failed_wake_gives_503_runs_sleep_and_the_next_request_recovers(env: Env) -> None:
+    flag = env.tmp / "fail"
+    flag.touch()
+    lx = env.start({"a": env.model("a"),
+                    "b": env.model("b", wake_extra=f"if [ -e {flag} ]; then echo 'no GPU memory' >&2; exit 7; fi")})
+    assert lx.chat("a")[0] == 200
+    status, payload = lx.chat("b")
+    assert status == 503
+    assert payload["error"] == {"message": "hook 'wake' for model 'b' exited 7: no GPU memory",
+                                "type": "server_error", "code": "hook_failed"}
+    assert env.lines()[-3:] == ["wake-start b", "sleep-start b", "sleep-end b"]
+    flag.unlink()
+    assert lx.chat("b")[1]["backend"] == "b"
+    check_residency([x for x in env.lines()])
+
+
+def test_failed_wake_backoff_delays_the_retry(env: Env) -> None:
+    flag = env.tmp / "fail"
+    flag.touch()
+    lx = env.start({"a": env.model("a", wake_extra=f"if [ -e {flag} ]; then exit 1; fi")},
+                   policy={"wake_backoff_secs": 0.5})
+    assert lx.chat("a")[0] == 503
+    flag.unlink()
+    assert lx.chat("a")[0] == 200
+    lx.wait_log(r"model\.state model=a from=asleep to=waking after_secs=(0\.[5-9]|[1-9])")
+
+
+def test_min_active_secs_holds_the_model_before_switching(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"min_active_secs": 0.5})
+    assert lx.chat("a")[0] == 200
+    assert lx.chat("b")[0] == 200
+    match = lx.wait_log(r"model\.state model=a from=active to=draining after_secs=([0-9.]+)")
+    assert float(match.group(1)) >= 0.5
+
+
+def test_drain_before_switch_false_cuts_in_flight_requests(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_before_switch": False})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    assert lx.chat("b")[1]["backend"] == "b"
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    env.gate("a").touch()
+
+
+def test_drain_timeout_cuts_what_is_left(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_timeout_secs": 0.2})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    assert lx.chat("b")[1]["backend"] == "b"
+    lx.wait_log(r"request\.cut model=a reason=\"drain took longer than 0\.2s")
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    env.gate("a").touch()
+
+
+def test_failed_sleep_keeps_the_old_model_and_fails_the_waiters(env: Env) -> None:
+    flag = env.tmp / "fail"
+    flag.touch()
+    lx = env.start({"a": env.model("a", sleep_extra=f"if [ -e {flag} ]; then echo stuck >&2; exit 2; fi"),
+                    "b": env.model("b")})
+    assert lx.chat("a")[0] == 200
+    status, payload = lx.chat("b")
+    assert status == 503 and payload["error"]["message"] == "hook 'sleep' for model 'a' exited 2: stuck"
+    assert lx.health()["active"] == ["a"]
+    assert lx.chat("a")[1]["backend"] == "a"
+    flag.unlink()
+    assert lx.chat("b")[1]["backend"] == "b"
+    # The failed sleep never ended, so a stayed loaded and served; b woke only after a
+    # second, successful sleep.
+    assert env.lines() == ["wake-start a", "wake-end a", "req a", "sleep-start a", "req a",
+                           "sleep-start a", "sleep-end a", "wake-start b", "wake-end b", "req b"]
+
+
+def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {env.gate('a')} ]; do sleep 0.01; done")},
+                   policy={"max_queue": 2})
+    waiters = [run_bg(lx.chat, "a") for _ in range(2)]
+    lx.wait_log(r"request\.queued model=a", count=2)
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 503 and headers["retry-after"] == "1"
+    assert payload["error"]["code"] == "queue_full"
+    env.gate("a").touch()
+    assert [join(*w)[0] for w in waiters] == [200, 200]
