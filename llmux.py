@@ -207,6 +207,9 @@ class ClientGone(Exception):
 # line with --log-format json.  Request bodies and Authorization headers are never logged.
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]').search
+
+
 class Log:
     """Event logger: ``log.info("switch.end", frm="a", to="b", secs=1.2)``."""
 
@@ -216,6 +219,8 @@ class Log:
         self.stream = stream if stream is not None else sys.stderr
         self.threshold = 10 if verbose else 20
         self.fmt = fmt
+        self._second = -1
+        self._prefix = ""
 
     def enabled(self, level: str) -> bool:
         return self.LEVELS[level] >= self.threshold
@@ -224,7 +229,11 @@ class Log:
         if self.LEVELS[level] < self.threshold:
             return
         now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (now % 1 * 1000)
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = "%s.%03dZ" % (self._prefix, int(now % 1 * 1000))
         if self.fmt == "json":
             line = json.dumps({"ts": stamp, "level": level, "event": event, **fields},
                               default=str, separators=(",", ":"))
@@ -234,8 +243,9 @@ class Log:
             for key, value in fields.items():
                 if value is None:
                     continue
-                value = value if isinstance(value, str) else json.dumps(value, default=str)
-                if not value or any(ch in value for ch in " \"=\n"):
+                if type(value) is not str:
+                    value = str(value) if type(value) in (int, float) else json.dumps(value, default=str)
+                if not value or _NEEDS_QUOTES(value):
                     value = json.dumps(value)
                 parts.append(f"{key.rstrip('_')}={value}")
             line = " ".join(parts) + (f" | {text}" if text is not None else "")
@@ -553,6 +563,7 @@ class ResponseHead(NamedTuple):
     version: str
     headers: List[Tuple[str, str]]
     keep_alive: bool
+    framing: Union[str, int]  # response_framing() for the request's method
 
 
 class Body(NamedTuple):
@@ -567,6 +578,9 @@ class _EndOfMessage:
 EndOfMessage = _EndOfMessage()
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# RFC 9110 section 5: field-name ":" OWS field-value OWS, the value without CTLs but HTAB.
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
@@ -591,16 +605,17 @@ def _header_tokens(headers: List[Tuple[str, str]], name: str) -> List[str]:
 def _parse_fields(lines: List[bytes], status: int = 400) -> List[Tuple[str, str]]:
     """Header field lines (RFC 9112 section 5) to (lower-case name, value) pairs."""
     headers: List[Tuple[str, str]] = []
+    fullmatch = _FIELD.fullmatch
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise HTTPError("obsolete line folding in header section", status=status)
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
+        match = fullmatch(line)
+        if match is None:
+            if line[:1] in (b" ", b"\t"):
+                raise HTTPError("obsolete line folding in header section", status=status)
+            name, colon, _ = line.partition(b":")
+            if colon and _TOKEN.match(name):
+                raise HTTPError(f"invalid character in header {name.decode()!r}", status=status)
             raise HTTPError(f"invalid header line {line[:40]!r}", status=status)
-        value = value.strip(b" \t")
-        if _FIELD_VALUE_BAD.search(value):
-            raise HTTPError(f"invalid character in header {name.decode()!r}", status=status)
-        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+        headers.append((match.group(1).decode("ascii").lower(), match.group(2).decode("latin-1")))
     return headers
 
 
@@ -627,8 +642,9 @@ def request_framing(version: str, headers: List[Tuple[str, str]]) -> Union[str, 
     4. Neither: no body.
     Returns "chunked" or the body length.
     """
-    codings = _header_tokens(headers, "transfer-encoding")
-    has_length = any(k == "content-length" for k, _ in headers)
+    names = {k for k, _ in headers}
+    codings = _header_tokens(headers, "transfer-encoding") if "transfer-encoding" in names else []
+    has_length = "content-length" in names
     if codings and has_length:
         raise HTTPError("both transfer-encoding and content-length")
     if codings:
@@ -642,7 +658,7 @@ def request_framing(version: str, headers: List[Tuple[str, str]]) -> Union[str, 
         if len(codings) != 1:
             raise HTTPError("chunked applied more than once")
         return "chunked"
-    return _content_length(headers) or 0
+    return (_content_length(headers) or 0) if has_length else 0
 
 
 def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -> Union[str, int]:
@@ -657,10 +673,11 @@ def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -
     """
     if method == "HEAD" or status < 200 or status in (204, 304):
         return 0
-    codings = _header_tokens(headers, "transfer-encoding")
-    if codings:
+    names = {k for k, _ in headers}
+    if "transfer-encoding" in names:
+        codings = _header_tokens(headers, "transfer-encoding")
         return "chunked" if codings[-1] == "chunked" else "close"
-    length = _content_length(headers, status=502)
+    length = _content_length(headers, status=502) if "content-length" in names else None
     return "close" if length is None else length
 
 
@@ -806,6 +823,8 @@ class _Parser:
 
     def _head(self) -> Any:
         buf = self._buf
+        if not buf:
+            return self._eof_between_messages() if self._eof else NEED_DATA
         # RFC 9112 section 2.2: ignore empty lines before a message.
         while buf[:2] == b"\r\n":
             del buf[:2]
@@ -823,10 +842,10 @@ class _Parser:
         del buf[: end + 4]
         self._scan = 0
         self._trailer_bytes = 0
-        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
-            raise self._fail("bare CR or LF in message head")
-        if b"\x00" in head:
-            raise self._fail("NUL byte in message head")
+        bad = _BARE_CR_LF.search(head)
+        if bad:
+            raise self._fail("NUL byte in message head" if bad.group() == b"\x00"
+                             else "bare CR or LF in message head")
         lines = head.split(b"\r\n")
         return self._parse_head(lines)
 
@@ -902,15 +921,16 @@ class RequestParser(_Parser):
                              code="http_version_not_supported")
         ver = "HTTP/1.1" if match.group(2) != b"0" else "HTTP/1.0"
         headers = _parse_fields(lines[1:])
-        if ver == "HTTP/1.1" and sum(1 for k, _ in headers if k == "host") != 1:
+        names = [k for k, _ in headers]
+        if ver == "HTTP/1.1" and names.count("host") != 1:
             raise self._fail("an HTTP/1.1 request needs exactly one host header")
         framing = request_framing(ver, headers)
         if isinstance(framing, int) and framing > self.max_body:
             raise self._fail(f"request body of {framing} bytes exceeds the limit of "
                              f"{self.max_body} bytes", 413, code="request_too_large")
-        connection = _header_tokens(headers, "connection")
+        connection = _header_tokens(headers, "connection") if "connection" in names else []
         keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
-        expect = _header_tokens(headers, "expect")
+        expect = _header_tokens(headers, "expect") if "expect" in names else []
         if expect and (expect != ["100-continue"]):
             raise self._fail("unsupported expectation", 417, code="expectation_failed")
         self._body_total = 0
@@ -952,7 +972,8 @@ class ResponseParser(_Parser):
         ver = "HTTP/1.1" if match.group(1) == b"1" else "HTTP/1.0"
         status = int(match.group(2))
         headers = _parse_fields(lines[1:], 502)
-        connection = _header_tokens(headers, "connection")
+        connection = _header_tokens(headers, "connection") if any(
+            k == "connection" for k, _ in headers) else []
         keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
         framing = response_framing(self.method, status, headers)
         if status >= 200 or status == 101:
@@ -960,7 +981,7 @@ class ResponseParser(_Parser):
             if framing == "close":
                 keep_alive = False
         reason = (match.group(3) or b"").decode("latin-1")
-        return ResponseHead(status, reason, ver, headers, keep_alive)
+        return ResponseHead(status, reason, ver, headers, keep_alive, framing)
 
     def _eof_between_messages(self) -> Any:
         raise self._fail("connection closed before a response head")
@@ -996,8 +1017,9 @@ def json_response(status: int, obj: Any, *, keep_alive: bool = True,
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
     """Headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
-    named = set(_header_tokens(headers, "connection"))
-    skip = HOP_BY_HOP.union(named, drop)
+    skip = HOP_BY_HOP.union(drop) if drop else HOP_BY_HOP
+    if any(k == "connection" for k, _ in headers):
+        skip = skip.union(_header_tokens(headers, "connection"))
     return [(k, v) for k, v in headers if k not in skip]
 
 
@@ -1012,7 +1034,7 @@ class _Cut(Exception):
 
 
 class _Timeout(Exception):
-    """A read deadline passed (set on a StreamReader by a timer, cheaper than wait_for)."""
+    """A read deadline passed."""
 
 
 async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
@@ -1032,16 +1054,172 @@ async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
         handle.cancel()
 
 
-class _Upstream:
-    __slots__ = ("reader", "writer", "reused")
+class _Upstream(asyncio.Protocol):
+    """One keep-alive connection to a backend, serving one request at a time.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    The relay coroutine awaits the response head; after it has written the client's
+    head it calls pipe(), and from then on data_received parses each piece and writes
+    it straight to the client transport: no task switch per SSE event.  Back-pressure
+    is transport-level: a client that stops reading pauses reading from the backend.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: Optional[asyncio.Transport] = None
+        self.closed = False
         self.reused = False
+        self.received = False  # any byte of the current response arrived
+        self.parser: Optional[ResponseParser] = None
+        self.waiter: Optional["asyncio.Future[Any]"] = None
+        self.head: Optional[ResponseHead] = None
+        self.client: Optional[asyncio.BaseTransport] = None
+        self.chunked = False
+        self.timeout: Optional[float] = None
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._deadline = 0.0
+        self._paused = False
+
+    # -- driven by relay() --
+
+    def begin(self, method: str, request: bytes, timeout: Optional[float]) -> "asyncio.Future[Any]":
+        """Send a request; the returned future resolves to the final ResponseHead."""
+        assert self.transport is not None and self.parser is None
+        self.parser = ResponseParser(method)
+        self.waiter = self.loop.create_future()
+        self.head = self.client = None
+        self.received = False
+        self.timeout = timeout
+        self._touch()
+        # No drain: a backend that never reads the body must not stop us from reading
+        # its answer; the timeout bounds the whole exchange.
+        self.transport.write(request)
+        return self.waiter
+
+    def pipe(self, client: asyncio.BaseTransport, chunked: bool, head: bytes) -> "asyncio.Future[Any]":
+        """Write ``head`` and stream the body to ``client``; the future resolves at its end."""
+        self.client = client
+        self.chunked = chunked
+        self.waiter = self.loop.create_future()
+        self._pump(head)
+        return self.waiter
+
+    def pause(self) -> None:
+        """The client's buffer is full: stop reading the backend (and its timeout)."""
+        self._paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._touch()
 
     def close(self) -> None:
-        self.writer.close()
+        self.closed = True
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.abort()  # at once: the engine sees the disconnect and stops
+
+    # -- asyncio callbacks --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:  # bytes on an idle connection: the backend is confused
+            self.close()
+            return
+        self.received = True
+        self._deadline = self.loop.time() + self.timeout if self.timeout is not None else 0.0
+        self.parser.feed(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if self.parser is not None:
+            self.parser.feed_eof()
+            self._pump()
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self._stop_timer()
+        if self.parser is not None:
+            self.parser.feed_eof()
+            self._pump()
+
+    # -- internals --
+
+    def _pump(self, prefix: bytes = b"") -> None:
+        parser = self.parser
+        out: List[bytes] = [prefix] if prefix else []
+        if parser is None:
+            if out and self.client is not None:
+                self.client.write(prefix)
+            return
+        try:
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    return
+                kind = type(event)
+                if kind is Body:
+                    if event.data:  # an empty chunk would end the client's body
+                        out.append(encode_chunk(event.data) if self.chunked else event.data)
+                elif kind is ResponseHead:
+                    if event.status < 200:
+                        continue  # 100 Continue, 103 Early Hints: ours to absorb
+                    self.head = event
+                    self._settle(event)
+                    if self.client is None:
+                        return  # body events wait in the parser until pipe()
+                else:
+                    if self.chunked:
+                        out.append(b"0\r\n\r\n")
+                    self._end(None)
+                    return
+        except HTTPError as e:
+            self._end(e)
+        finally:
+            if out and self.client is not None:
+                self.client.write(b"".join(out))
+
+    def _settle(self, result: Any) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
+
+    def _end(self, error: Optional[BaseException]) -> None:
+        self.parser = None
+        self._stop_timer()
+        self._settle(error if error is not None else None)
+
+    def _touch(self) -> None:
+        """(Re)arm the silence timeout.  data_received only moves a float forward; the
+        timer is replaced only when it fires early, so a chunk costs no timer call."""
+        if self.timeout is None:
+            return
+        self._deadline = self.loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._check_timer)
+
+    def _check_timer(self) -> None:
+        self._timer = None
+        if self.parser is None or self._paused:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._check_timer)
+            return
+        self._end(_Timeout())
+        self.close()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class UpstreamPool:
@@ -1056,14 +1234,13 @@ class UpstreamPool:
         idle = self._idle.get(port)
         while idle:
             conn = idle.pop()
-            if conn.reader.at_eof() or conn.writer.is_closing() or conn.reader.exception():
-                conn.close()
-                continue
-            conn.reused = True
-            return conn
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, port, limit=STREAM_LIMIT),
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Upstream(loop), self.host, port),
                 UPSTREAM_CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             raise UpstreamError(f"model '{model}' backend at {self.host}:{port} did not accept "
@@ -1071,13 +1248,13 @@ class UpstreamPool:
                                 status=504, code="upstream_timeout") from None
         except OSError as e:
             raise UpstreamError(f"model '{model}' backend at {self.host}:{port} is not "
-                                f"reachable: {e.strerror or e}", code="upstream_unavailable") from None
-        return _Upstream(reader, writer)
+                                f"reachable: {_reason(e)}", code="upstream_unavailable") from None
+        return conn
 
     def put(self, port: int, conn: _Upstream) -> None:
         """Return a connection whose last response was read completely."""
         idle = self._idle.setdefault(port, [])
-        if len(idle) < MAX_IDLE_UPSTREAM:
+        if len(idle) < MAX_IDLE_UPSTREAM and not conn.closed:
             idle.append(conn)
         else:
             conn.close()
@@ -1092,7 +1269,7 @@ class UpstreamPool:
             self.close_port(port)
 
 
-_REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+_REQUEST_DROP = HOP_BY_HOP.union({"host", "content-length", "expect"})
 
 
 def upstream_request(head: RequestHead, body: bytes, port: int) -> bytes:
@@ -1104,13 +1281,34 @@ def upstream_request(head: RequestHead, body: bytes, port: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def client_response_head(resp: ResponseHead, client_10: bool,
+                         keep_alive: bool) -> Tuple[bytes, bool, bool]:
+    """The response head for the client, whether to re-chunk the body, and whether
+    the client connection may be kept (an HTTP/1.0 client reads until close)."""
+    open_ended = resp.framing in ("chunked", "close")
+    lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+    lines.extend(f"{k}: {v}" for k, v in
+                 forward_headers(resp.headers, ("content-length",) if open_ended else ()))
+    chunked = open_ended and not client_10
+    if chunked:
+        lines.append("transfer-encoding: chunked")
+    elif open_ended:
+        keep_alive = False
+    if not keep_alive:
+        lines.append("connection: close")
+    elif client_10:
+        lines.append("connection: keep-alive")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), chunked, keep_alive
+
+
 class RelayResult(NamedTuple):
     status: int
     keep_alive: bool  # whether the client connection may carry another request
 
 
 async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, body: bytes,
-                writer: asyncio.StreamWriter, timeout: Optional[float]) -> RelayResult:
+                writer: asyncio.StreamWriter, timeout: Optional[float],
+                flow: Optional["_ClientProtocol"] = None) -> RelayResult:
     """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
 
     Raises UpstreamError if the backend failed before anything reached the client, _Cut
@@ -1118,78 +1316,38 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
     already closed is retried once on a new connection.
     """
     request = upstream_request(head, body, port)
-    client_10 = head.version == "HTTP/1.0"
     for attempt in (0, 1):
         conn = await pool.get(port, model)
-        received = started = False
+        started = False
         try:
-            # No drain here: a backend that never reads the body must not block us from
-            # reading its answer.  The timeout below bounds the whole exchange.
-            conn.writer.write(request)
-            parser = ResponseParser(head.method)
-            out: List[bytes] = []
-            chunked = False
-            resp: Optional[ResponseHead] = None
-            keep_client = head.keep_alive
-            while True:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    if out:
-                        writer.write(b"".join(out))
-                        out.clear()
-                        started = True
-                        await writer.drain()
-                    data = await read_within(conn.reader, timeout, _Timeout())
-                    if data:
-                        received = True
-                        parser.feed(data)
-                    else:
-                        parser.feed_eof()
-                elif type(event) is Body:
-                    if event.data:  # an empty chunk would end the client's body
-                        out.append(encode_chunk(event.data) if chunked else event.data)
-                elif type(event) is ResponseHead:
-                    if event.status < 200:
-                        continue  # 100 Continue, 103 Early Hints: ours to absorb
-                    resp = event
-                    framing = response_framing(head.method, resp.status, resp.headers)
-                    drop = ("content-length",) if framing in ("chunked", "close") else ()
-                    lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
-                    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, drop))
-                    if framing in ("chunked", "close"):
-                        if client_10:
-                            keep_client = False  # an HTTP/1.0 client reads until close
-                        else:
-                            chunked = True
-                            lines.append("transfer-encoding: chunked")
-                    if not keep_client:
-                        lines.append("connection: close")
-                    elif client_10:
-                        lines.append("connection: keep-alive")
-                    out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-                else:  # EndOfMessage
-                    assert resp is not None
-                    if chunked:
-                        out.append(b"0\r\n\r\n")
-                    if out:
-                        writer.write(b"".join(out))
-                        started = True
-                        await writer.drain()
-                    if resp.keep_alive and not parser.buffered:
-                        pool.put(port, conn)
-                    else:
-                        conn.close()
-                    return RelayResult(resp.status, keep_client)
+            resp = await conn.begin(head.method, request, timeout)
+            data, chunked, keep_client = client_response_head(
+                resp, head.version == "HTTP/1.0", head.keep_alive)
+            started = True
+            if flow is not None:
+                flow.upstream = conn
+                if flow.write_paused:
+                    conn.pause()
+            await conn.pipe(writer.transport, chunked, data)
+            if flow is not None:
+                flow.upstream = None
+                if flow.write_paused:
+                    await writer.drain()
+            if resp.keep_alive and not conn.closed:
+                pool.put(port, conn)
+            else:
+                conn.close()
+            return RelayResult(resp.status, keep_client)
         except (OSError, HTTPError, _Timeout) as e:
             conn.close()
-            if not received and conn.reused and attempt == 0 and not isinstance(e, _Timeout):
+            if not conn.received and conn.reused and attempt == 0 and not isinstance(e, _Timeout):
                 continue  # the backend closed an idle connection as we reused it
             if started:
                 raise _Cut(f"model '{model}' backend failed mid-response: {_reason(e)}") from None
             if isinstance(e, _Timeout):
                 raise UpstreamError(f"model '{model}' backend sent nothing for {timeout:g}s",
                                     status=504, code="upstream_timeout") from None
-            if isinstance(e, HTTPError):
+            if isinstance(e, HTTPError) and conn.received:
                 raise UpstreamError(f"model '{model}' backend sent an invalid response: "
                                     f"{e.message}") from None
             raise UpstreamError(f"model '{model}' backend failed before answering: "
@@ -1197,6 +1355,9 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
         except BaseException:
             conn.close()  # client gone or shutdown: closing stops the engine generating
             raise
+        finally:
+            if flow is not None:
+                flow.upstream = None
     raise AssertionError("unreachable")
 
 
@@ -1833,7 +1994,21 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self._llmux_server = server
         self._llmux_task: Optional["asyncio.Task[None]"] = None
         self.gone = False
+        self.write_paused = False
+        self.upstream: Optional[_Upstream] = None  # the backend piping into us now
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume()
 
     def _llmux_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._llmux_task = asyncio.get_running_loop().create_task(
@@ -1974,7 +2149,7 @@ class Server:
             slot = await self.switcher.acquire(model.name)
             try:
                 result = await relay(self.pool, model.name, model.port, head, body, writer,
-                                     self.config.policy.upstream_timeout_secs)
+                                     self.config.policy.upstream_timeout_secs, proto)
             finally:
                 slot.release()
             status = result.status

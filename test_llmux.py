@@ -1041,3 +1041,218 @@ def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
     assert payload["error"]["code"] == "queue_full"
     env.gate("a").touch()
     assert [join(*w)[0] for w in waiters] == [200, 200]
+
+
+# ─────────────────────────────── proxy and relay, end to end ────────────────────────────
+
+
+def test_sse_events_reach_the_client_before_the_stream_ends(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 3, "hold": str(env.gate("a"))})
+    assert resp.status == 200
+    assert resp.getheader("content-type") == "text/event-stream"
+    assert resp.getheader("transfer-encoding") == "chunked"
+    # The backend is blocked on the gate after its first event: that event is here anyway.
+    assert json.loads(resp.readline()[6:]) == {"backend": "a", "i": 0}
+    assert "stream-end a" not in env.lines()
+    env.gate("a").touch()
+    assert resp.read() == (b'\ndata: {"backend": "a", "i": 1}\n\n'
+                           b'data: {"backend": "a", "i": 2}\n\ndata: [DONE]\n\n')
+    conn.close()
+
+
+def test_keep_alive_client_and_pooled_backend_connections(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    conn = lx.conn()
+    peers = []
+    for _ in range(3):
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "a"}))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        peers.append(json.loads(resp.read())["peer"])
+    assert len(set(peers)) == 1, "llmux should reuse its backend connection"
+    conn.close()
+
+
+def test_headers_are_forwarded_minus_hop_by_hop(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    status, _, payload = lx.request(
+        "POST", "/v1/chat/completions?x=1", {"model": "a", "echo": True},
+        {"Authorization": "Bearer sk-1", "X-Custom": "v", "Connection": "keep-alive, X-Drop",
+         "X-Drop": "secret", "Keep-Alive": "timeout=5", "Content-Type": "application/json"})
+    assert status == 200
+    headers = dict(payload["headers"])
+    assert payload["path"] == "/v1/chat/completions?x=1"
+    assert headers["authorization"] == "Bearer sk-1" and headers["x-custom"] == "v"
+    assert "x-drop" not in headers and "keep-alive" not in headers
+    assert headers["host"] == f"127.0.0.1:{env.backends['a'].port}"
+    assert json.loads(payload["body"]) == {"model": "a", "echo": True}
+
+
+def test_chunked_request_body(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    body = b'{"model": "a", "echo": true, "pad": "' + b"x" * 5000 + b'"}'
+    chunks = b"".join(llmux.encode_chunk(body[i:i + 1000]) for i in range(0, len(body), 1000))
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(rest)["body"].encode() == body
+
+
+def test_expect_100_continue(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    body = b'{"model": "a"}'
+    with socket.create_connection(("127.0.0.1", lx.port), timeout=T) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        assert s.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        reply = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            reply += piece
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"backend": "a"' in reply
+
+
+def test_http10_client_streaming_reads_until_close(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    body = b'{"model": "a", "stream": true, "n": 2}'
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert rest == b'data: {"backend": "a", "i": 0}\n\ndata: {"backend": "a", "i": 1}\n\ndata: [DONE]\n\n'
+
+
+def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    one = b'{"model": "a", "echo": true, "n": 1}'
+    two = b'{"model": "a", "echo": true, "n": 2}'
+    req = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s"
+    reply = raw_exchange(lx.port, req % (len(one), b"", one) + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                         + req % (len(two), b"Connection: close\r\n", two))
+    bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+              for part in reply.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+    assert json.loads(bodies[0]["body"])["n"] == 1
+    assert bodies[1]["status"] == "ok"
+    assert json.loads(bodies[2]["body"])["n"] == 2
+
+
+def test_model_from_multipart_form_data(env: Env) -> None:
+    lx = env.start({"whisper": env.model("whisper")})
+    boundary = "XyZ123"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\nRIFF....\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--{boundary}--\r\n").encode()
+    status, _, payload = lx.request("POST", "/v1/audio/transcriptions", body,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and payload["backend"] == "whisper"
+
+
+@pytest.mark.parametrize("body, status, code, message", [
+    (b"{nope", 400, "invalid_json", "request body is not valid JSON: "),
+    (b'{"messages": []}', 400, "missing_model", "request has no 'model' field; expected the name of a model"),
+    (b'["a"]', 400, "missing_model", "request has no 'model' field; expected the name of a model"),
+    (b"", 400, "missing_model", "POST /v1/chat/completions has no body; expected a JSON object with a 'model' field"),
+    (b'{"model": "gpt-9"}', 404, "model_not_found", "model 'gpt-9' does not exist; available models: a, b"),
+])
+def test_bad_requests_get_openai_style_errors(env: Env, body: bytes, status: int, code: str, message: str) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    got, headers, payload = lx.request("POST", "/v1/chat/completions", body)
+    assert got == status and headers["content-type"] == "application/json"
+    assert payload["error"]["code"] == code and payload["error"]["message"].startswith(message)
+    assert payload["error"]["type"] == "invalid_request_error"
+    assert env.lines() == []  # nothing woke
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n", 413),
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400),
+])
+def test_bad_http_gets_a_json_error_and_close(env: Env, raw: bytes, status: int) -> None:
+    lx = env.start({"a": env.model("a")}, http={"max_body_bytes": 1000})
+    reply = raw_exchange(lx.port, raw)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert b"connection: close" in head
+    assert set(json.loads(body)["error"]) == {"message", "type", "code"}
+    assert lx.chat("a")[0] == 200  # the server is fine
+
+
+def test_models_and_health_routes(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    status, _, payload = lx.request("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in payload["data"]] == ["a", "b"]
+    assert payload["object"] == "list" and payload["data"][0]["object"] == "model"
+    assert lx.request("GET", "/v1/models/b")[2]["id"] == "b"
+    assert lx.request("GET", "/v1/models/zz")[0] == 404
+    health = lx.health()
+    assert health["status"] == "ok" and health["state"] == "idle" and health["active"] == []
+
+
+def test_backend_refusing_gives_502(env: Env) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        lx = env.start({"a": {"port": closed.getsockname()[1]}})
+        status, payload = lx.chat("a")
+        assert status == 502
+        assert payload["error"]["code"] == "upstream_unavailable"
+        assert payload["error"]["message"].startswith(
+            f"model 'a' backend at 127.0.0.1:{closed.getsockname()[1]} is not reachable: ")
+    finally:
+        closed.close()
+
+
+def test_backend_reset_before_answering_gives_502(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    status, payload = lx.chat("a", reset=True)
+    assert status == 502 and payload["error"]["message"].startswith("model 'a' backend failed before answering")
+    assert lx.chat("a")[0] == 200
+
+
+def test_backend_dying_mid_stream_cuts_the_client_stream(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 5, "die_after": 2})
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    lx.wait_log(r"request\.cut model=a")
+    assert lx.health()["models"]["a"]["in_flight"] == 0
+    assert lx.chat("a")[0] == 200
+
+
+def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path) -> None:
+    for port in (8001, 8002):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is in use here")
+    config = json.loads((HERE / "example-config.json").read_text())
+    for m in config["models"].values():  # same hooks, with this test's pid files and llmux.py
+        for hook in ("wake", "sleep", "alive"):
+            m[hook] = m[hook].replace("/tmp/", f"{tmp_path}/").replace(
+                "python3 llmux.py", f"{sys.executable} {LLMUX}")
+    lx = Llmux(config, tmp_path)
+    try:
+        status, payload = lx.chat("llama", messages=[{"role": "user", "content": "hi"}])
+        assert status == 200
+        assert payload["choices"][0]["message"]["content"] == "Hello from llama! You said: hi"
+        conn, resp = sse_stream(lx.port, {"model": "qwen", "stream": True,
+                                          "messages": [{"role": "user", "content": "yo"}]})
+        events = [line for line in resp.read().split(b"\n\n") if line]
+        conn.close()
+        assert events[-1] == b"data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert text == "Hello from qwen! You said: yo"
+        lx.wait_log(r"hook\.exit model=llama hook=sleep code=0")
+    finally:
+        lx.stop()
+        for name in ("llama", "qwen"):
+            subprocess.run([sys.executable, LLMUX, "demo-backend", "--stop", "--pidfile",
+                            str(tmp_path / f"llmux-demo-{name}.pid")], timeout=T)
