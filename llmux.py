@@ -1225,7 +1225,8 @@ class _Upstream(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to the backends, per port."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, log: Log, host: str = "127.0.0.1") -> None:
+        self.log = log
         self.host = host
         self._idle: Dict[int, List[_Upstream]] = {}
 
@@ -1238,6 +1239,7 @@ class UpstreamPool:
                 conn.reused = True
                 return conn
         loop = asyncio.get_running_loop()
+        self.log.debug("upstream.connect", model=model, port=port)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Upstream(loop), self.host, port),
@@ -1518,6 +1520,7 @@ class HookRunner:
         loop = asyncio.get_running_loop()
         env = dict(os.environ, LLMUX_MODEL=model.name, LLMUX_PORT=str(model.port), LLMUX_HOOK=hook)
         self.log.info("hook.start", model=model.name, hook=hook)
+        self.log.debug("hook.script", model=model.name, hook=hook, script=script, cwd=self.cwd)
         started = loop.time()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -1741,6 +1744,8 @@ class Switcher:
             "queued": self.queued,
             "models": {m.name: {"state": m.state.value, "in_flight": m.in_flight,
                                 "queued": len(m.queue)} for m in self.models.values()},
+            "switch_cost_secs": {f"{frm or '-'}->{to}": round(secs, 6)
+                                 for (frm, to), secs in self.costs.items()},
         }
 
     # -- requests --
@@ -2054,7 +2059,7 @@ class Server:
         self.log = log
         cwd = os.path.dirname(config.path) if config.path else None
         self.hooks = hooks or HookRunner(log, config.policy.hook_timeout_secs, cwd)
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(log)
         self.switcher = Switcher(config, self.hooks, policy or POLICIES[config.policy.name](),
                                  log, on_sleep=lambda cfg: self.pool.close_port(cfg.port))
         self.started = int(time.time())
@@ -2146,6 +2151,10 @@ class Server:
                 await writer.drain()
                 return head.keep_alive
             model = self._model_for(head, body)
+            if self.log.enabled("debug"):
+                self.log.debug("request.head", method=head.method, target=head.target,
+                               version=head.version, model=model.name, body_bytes=len(body),
+                               headers=[k for k, _ in head.headers])  # names only: no secrets
             slot = await self.switcher.acquire(model.name)
             try:
                 result = await relay(self.pool, model.name, model.port, head, body, writer,

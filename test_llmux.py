@@ -1256,3 +1256,24 @@ def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path)
         for name in ("llama", "qwen"):
             subprocess.run([sys.executable, LLMUX, "demo-backend", "--stop", "--pidfile",
                             str(tmp_path / f"llmux-demo-{name}.pid")], timeout=T)
+
+
+def test_switch_cost_is_measured_per_pair(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    for model in "abab":
+        assert lx.chat(model)[0] == 200
+    costs = lx.health()["switch_cost_secs"]
+    assert set(costs) == {"-->a", "a->b", "b->a"}
+    assert all(isinstance(v, float) and v > 0 for v in costs.values())
+
+
+def test_verbose_adds_detail_but_never_secrets(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, args=("-v",))
+    status, _, _ = lx.request("POST", "/v1/chat/completions",
+                              {"model": "a", "messages": [{"role": "user", "content": "SECRET-PROMPT"}]},
+                              {"Authorization": "Bearer SECRET-KEY"})
+    assert status == 200
+    lx.wait_log(r"debug request\.head method=POST target=/v1/chat/completions .*authorization")
+    lx.wait_log(r"debug hook\.script model=a hook=wake")
+    lx.stop()
+    assert not [line for line in lx.lines if "SECRET" in line]
