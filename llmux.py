@@ -57,7 +57,7 @@ import asyncio
 import collections
 import enum
 import errno
-import fcntl
+import hmac
 import http.client
 import json
 import os
@@ -108,6 +108,8 @@ DEFAULT_BODY_TIMEOUT = 60.0  # 408: longest silence while a request body arrives
 DEFAULT_IDLE_TIMEOUT = 120.0  # keep-alive connection with no request: closed quietly.
 DEFAULT_MAX_CONNECTIONS = 1024  # 503: beyond this a new connection is answered and closed.
 READ_SIZE = 64 * 1024  # one socket read.
+LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
+LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
 STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
 MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
@@ -318,6 +320,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
+    api_keys: Tuple[str, ...] = ()  # with LLMUX_API_KEYS added by load_config
     path: Optional[str] = None  # the file it came from; hooks run in its folder
 
     def resolve(self, name: str) -> Optional[ModelConfig]:
@@ -410,7 +413,7 @@ _POLICY_NUMBERS = {
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases")
-_TOP_KEYS = ("models", "policy", "http", "port", "host")
+_TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys")
 
 
 def parse_config(raw: Any, path: Optional[str] = None) -> Config:
@@ -427,6 +430,11 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     host = DEFAULT_HOST
     if "host" in raw:
         host = c.text("host", raw["host"], nullable=False)
+    keys = raw.get("api_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() == k and k for k in keys):
+        c.bad("api_keys", "a list of non-empty strings without surrounding spaces", keys)
+        keys = []
+    keys = keys + [k.strip() for k in os.environ.get("LLMUX_API_KEYS", "").split(",") if k.strip()]
 
     policy_raw = raw.get("policy", {})
     policy_args: Dict[str, Any] = {}
@@ -506,7 +514,7 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     if c.problems:
         raise ConfigError(c.problems)
     return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
-                  port=port, host=host, path=path)
+                  port=port, host=host, api_keys=tuple(keys), path=path)
 
 
 def load_config(path: str) -> Config:
@@ -2063,6 +2071,7 @@ class Server:
         self.switcher = Switcher(config, self.hooks, policy or POLICIES[config.policy.name](),
                                  log, on_sleep=lambda cfg: self.pool.close_port(cfg.port))
         self.started = int(time.time())
+        self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._server: Optional[asyncio.AbstractServer] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
         self.port: Optional[int] = None
@@ -2104,6 +2113,7 @@ class Server:
             writer.write(json_response(503, LLMuxError(
                 "too many connections; retry later", status=503, code="too_many_connections").to_json(),
                 keep_alive=False, headers=[("retry-after", "1")]))
+            await _linger(reader, writer)
             await self._close(writer, proto)
             return
         parser = RequestParser(http.max_body_bytes)
@@ -2121,6 +2131,7 @@ class Server:
             self.log.info("request.rejected", status=e.status, reason=e.message,
                           peer=_peer(writer))
             writer.write(json_response(e.status, e.to_json(), keep_alive=False))
+            await _linger(reader, writer)
         except (_Idle, _Cut, ConnectionError):
             pass
         except asyncio.CancelledError:
@@ -2143,6 +2154,8 @@ class Server:
         model: Optional[ModelConfig] = None
         status = 500
         try:
+            if self._keys and path != "/health":
+                self._authorize(head)
             local = self._local_route(head.method, path)
             if local is not None:
                 status, payload = local
@@ -2183,6 +2196,20 @@ class Server:
             self.log.info("request", method=head.method, path=path,
                           model=model.name if model else None, status=status,
                           secs=round(time.monotonic() - started, 4))
+
+    def _authorize(self, head: RequestHead) -> None:
+        """Require one of the API keys: ``Authorization: Bearer KEY`` or ``x-api-key``."""
+        given = head.get("x-api-key") or ""
+        auth = head.get("authorization") or ""
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        ok = False
+        for key in self._keys:  # every key compared, in constant time
+            ok |= hmac.compare_digest(given.encode("utf-8", "replace"), key)
+        if not ok:
+            raise LLMuxError("missing or invalid API key; send 'Authorization: Bearer <key>'",
+                             status=401, type="authentication_error", code="invalid_api_key",
+                             headers=[("www-authenticate", "Bearer")])
 
     def _local_route(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
         """llmux's own routes; None for a request to proxy."""
@@ -2268,6 +2295,25 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             pieces.append(event.data)
         event = parser.next_event()
     return head, b"".join(pieces)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then discard what the client still sends for a moment: closing a
+    socket with unread bytes makes the kernel send a reset, which can destroy the error
+    answer we just wrote before the client reads it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECS
+    total = 0
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        while total < LINGER_BYTES:
+            data = await read_within(reader, max(0.0, deadline - loop.time()), _Idle())
+            if not data:
+                return
+            total += len(data)
+    except (_Idle, HTTPError, OSError):
+        pass
 
 
 def _request_timeout(part: str) -> HTTPError:

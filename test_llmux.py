@@ -59,6 +59,9 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         name = self.server.name  # type: ignore[attr-defined]
+        if self.path.startswith("/fault/"):
+            self._fault(self.path[len("/fault/"):])
+            return
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length)
         try:
@@ -97,6 +100,23 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
         self._chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _fault(self, kind: str) -> None:
+        """Misbehave without reading the request body."""
+        self._event(f"req {self.server.name}")  # type: ignore[attr-defined]
+        raw = {"bad-status": b"HTTP/1.1 OK fine\r\n\r\n",
+               "bad-header": b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
+               "not-http": b"SSH-2.0-OpenSSH_9.0\r\n",
+               "no-read": b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nno-read!"}.get(kind)
+        if raw is not None:
+            self.wfile.write(raw)
+            self.wfile.flush()
+            self.close_connection = True
+        elif kind.startswith("stall:"):  # say nothing until a file exists
+            deadline = time.monotonic() + 60
+            while not os.path.exists(kind[6:]) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.close_connection = True
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -432,7 +452,7 @@ def test_defaults() -> None:
     ({}, ["models: expected an object naming at least one model; got null"]),
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
-    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host"]),
+    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
      ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
@@ -1172,6 +1192,9 @@ def test_bad_requests_get_openai_style_errors(env: Env, body: bytes, status: int
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n", 413),
+    # The body keeps coming after the 413: without a lingering close the kernel resets the
+    # connection over the unread bytes and the client never sees its answer.
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000, 413),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400),
 ])
 def test_bad_http_gets_a_json_error_and_close(env: Env, raw: bytes, status: int) -> None:
@@ -1277,3 +1300,127 @@ def test_verbose_adds_detail_but_never_secrets(env: Env) -> None:
     lx.wait_log(r"debug hook\.script model=a hook=wake")
     lx.stop()
     assert not [line for line in lx.lines if "SECRET" in line]
+
+
+# ─────────────────────────────── hostile input, faults, load ─────────────────────────────
+
+
+def test_api_keys_are_required_except_on_health(env: Env, monkeypatch: Any) -> None:
+    monkeypatch.setenv("LLMUX_API_KEYS", "sk-env-1, sk-env-2")
+    lx = env.start({"a": env.model("a")}, api_keys=["sk-config"])
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert payload == {"error": {"message": "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                                 "type": "authentication_error", "code": "invalid_api_key"}}
+    assert lx.request("GET", "/v1/models", headers={"Authorization": "Bearer sk-wrong"})[0] == 401
+    assert lx.request("GET", "/health")[0] == 200
+    for headers in ({"Authorization": "Bearer sk-config"}, {"authorization": "bearer sk-env-2"},
+                    {"x-api-key": "sk-env-1"}):
+        assert lx.request("POST", "/v1/chat/completions", {"model": "a"}, headers)[0] == 200
+    assert env.lines().count("req a") == 3  # nothing unauthenticated reached the backend
+
+
+def test_api_keys_config_must_be_strings() -> None:
+    with pytest.raises(llmux.ConfigError) as info:
+        llmux.parse_config({**GOOD, "api_keys": "sk-1"})
+    assert info.value.problems == [
+        'api_keys: expected a list of non-empty strings without surrounding spaces; got "sk-1" (a string)']
+
+
+def test_slow_client_head_timeout_gives_408(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, http={"header_timeout_secs": 0.3})
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+
+
+def test_slow_client_body_timeout_gives_408(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, http={"body_timeout_secs": 0.3})
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"mo")
+    assert reply.startswith(b"HTTP/1.1 408 ")
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, http={"idle_timeout_secs": 0.3})
+    with socket.create_connection(("127.0.0.1", lx.port), timeout=T) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert s.recv(65536) == b""  # closed by llmux, with nothing more said
+
+
+def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, http={"max_connections": 2})
+    held = [socket.create_connection(("127.0.0.1", lx.port), timeout=T) for _ in range(2)]
+    for s in held:  # make sure both are being served before the third arrives
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    reply = raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in reply
+    for s in held:
+        s.close()
+    wait_for(lambda: raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+             .startswith(b"HTTP/1.1 200 "), "llmux to accept connections again")
+
+
+@pytest.mark.parametrize("data", [
+    bytes(range(256)),
+    b"\x00" * 100,
+    random.Random(7).randbytes(4000) if hasattr(random.Random, "randbytes") else os.urandom(4000),
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+])
+def test_non_http_bytes_get_400_and_close(env: Env, data: bytes) -> None:
+    lx = env.start({"a": env.model("a")})
+    reply = raw_exchange(lx.port, data)
+    assert reply.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 505 ")), reply[:60]
+    assert lx.chat("a")[0] == 200
+
+
+@pytest.mark.parametrize("fault, status, message", [
+    ("bad-status", 502, "model 'a' backend sent an invalid response: malformed status line"),
+    ("bad-header", 502, "model 'a' backend sent an invalid response: invalid header line"),
+    ("not-http", 502, "model 'a' backend sent an invalid response: "),
+])
+def test_backend_sending_broken_http_gives_502(env: Env, fault: str, status: int, message: str) -> None:
+    lx = env.start({"a": env.model("a")})
+    got, _, payload = lx.request("POST", f"/fault/{fault}", {"model": "a"})
+    assert got == status and payload["error"]["message"].startswith(message)
+    assert lx.chat("a")[0] == 200
+    assert lx.health()["models"]["a"]["in_flight"] == 0
+
+
+def test_backend_that_never_reads_the_body_still_answers(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    body = json.dumps({"model": "a", "pad": "x" * 8_000_000}).encode()  # more than socket buffers hold
+    status, _, payload = lx.request("POST", "/fault/no-read", body)
+    assert status == 200 and payload == b"no-read!"
+
+
+def test_backend_stalling_before_headers_gives_504(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, policy={"upstream_timeout_secs": 0.3})
+    status, _, payload = lx.request("POST", f"/fault/stall:{env.gate('a')}", {"model": "a"})
+    assert status == 504
+    assert payload["error"] == {"message": "model 'a' backend sent nothing for 0.3s",
+                                "type": "server_error", "code": "upstream_timeout"}
+    env.gate("a").touch()
+    assert lx.chat("a")[0] == 200
+
+
+@pytest.mark.parametrize("wake, message", [
+    ("echo 'no weights' >&2; exit 4", "hook 'wake' for model 'b' exited 4: no weights"),
+    ("echo dying >&2; kill -9 $$", "hook 'wake' for model 'b' was killed by signal 9 (SIGKILL): dying"),
+    ("echo stuck >&2; sleep 60", "hook 'wake' for model 'b' timed out after "),
+    ("/no/such/script.sh", "hook 'wake' for model 'b' exited 127: "),
+    ("head -c 2000000 /dev/zero | tr '\\0' 'y'; echo; echo last words >&2; exit 1",
+     "hook 'wake' for model 'b' exited 1: last words"),
+])
+def test_hook_faults_give_503_one_log_line_and_recovery(env: Env, wake: str, message: str) -> None:
+    ok = env.tmp / "ok"
+    lx = env.start({"a": env.model("a"), "b": env.model("b", wake_extra=f"[ -e {ok} ] || {{ {wake}; }} || exit $?")},
+                   policy={"hook_timeout_secs": 1})
+    assert lx.chat("a")[0] == 200
+    status, payload = lx.chat("b")
+    assert status == 503 and payload["error"]["message"].startswith(message)
+    assert lx.log_count(r"error hook\.exit model=b hook=wake") == 1
+    ok.touch()
+    assert lx.chat("b")[1]["backend"] == "b"
