@@ -1196,7 +1196,7 @@ def test_bad_requests_get_openai_style_errors(env: Env, body: bytes, status: int
     # connection over the unread bytes and the client never sees its answer.
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000, 413),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400),
-])
+], ids=["te-and-cl", "gzip", "too-large", "too-large-body-sent", "tls"])
 def test_bad_http_gets_a_json_error_and_close(env: Env, raw: bytes, status: int) -> None:
     lx = env.start({"a": env.model("a")}, http={"max_body_bytes": 1000})
     reply = raw_exchange(lx.port, raw)
