@@ -897,15 +897,17 @@ class RequestParser(_Parser):
 
     def _check_partial_head(self) -> None:
         buf = self._buf
+        # Not HTTP at all (a TLS ClientHello, binary): say so now, not at a size limit.
+        # A request starts with a method, a token; "\r" may begin an empty line.
+        first = buf[:1]
+        if first != b"\r" and not _TOKEN.match(first):
+            raise self._fail("not an HTTP request")
         line_end = buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
         if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
             raise self._fail("request line too long", 414, code="uri_too_long")
         if line_end >= 0 and len(buf) - line_end > MAX_HEADER_BYTES:
             raise self._fail("request header section too large", 431,
                              code="headers_too_large")
-        if line_end < 0 and buf[:1] not in (b"", b"\r") and not buf[:1].isalpha():
-            # Not HTTP at all (a TLS ClientHello, binary): say so now, not at the limit.
-            raise self._fail("not an HTTP request")
 
     def _parse_head(self, lines: List[bytes]) -> RequestHead:
         request_line = lines[0]

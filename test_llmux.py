@@ -1424,3 +1424,114 @@ def test_hook_faults_give_503_one_log_line_and_recovery(env: Env, wake: str, mes
     assert lx.log_count(r"error hook\.exit model=b hook=wake") == 1
     ok.touch()
     assert lx.chat("b")[1]["backend"] == "b"
+
+
+FUZZ_SEEDS = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 14\r\n\r\n{\"model\": \"a\"}",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"7\r\n{\"model\r\n7;x=y\r\n\": \"a\"}\r\n0\r\nTrailer: 1\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: 14\r\nConnection: keep-alive\r\n\r\n{\"model\": \"a\"}",
+    b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    b"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 58\r\n\r\n"
+    b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--B--",
+]
+FUZZ_BYTES = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\t", b":", b";", b",", b"0", b"f", b"-", b"+",
+              b"\xff", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\n", b"Content-Length: 99999999\r\n",
+              b"\r\n\r\n", b"HTTP/1.1", b"ffffffffffffffffff\r\n", b" chunked"]
+
+
+def fuzz_input(rng: random.Random) -> bytes:
+    """A seed request mutated a few times, or random bytes."""
+    if rng.random() < 0.1:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+    data = bytearray(rng.choice(FUZZ_SEEDS))
+    for _ in range(rng.randint(0, 4)):
+        at = rng.randrange(len(data) + 1)
+        op = rng.random()
+        if op < 0.3 and data:
+            data[min(at, len(data) - 1)] = rng.getrandbits(8)
+        elif op < 0.6:
+            data[at:at] = rng.choice(FUZZ_BYTES)
+        elif op < 0.8:
+            del data[at:at + rng.randint(1, 8)]
+        else:
+            end = min(len(data), at + rng.randint(1, 40))
+            data[at:at] = data[at:end]
+    return bytes(data)
+
+
+def random_split(rng: random.Random, data: bytes) -> List[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 10)))) if len(data) > 1 else []
+    return [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
+
+
+def test_fuzz_parser_gives_the_same_events_however_the_bytes_are_split(capsys: Any) -> None:
+    rng = random.Random(20261122)
+    count, started = 0, time.monotonic()
+    while count < 4000:
+        data = fuzz_input(rng)
+        whole = parse_all(llmux.RequestParser(max_body=10_000), [data])
+        assert parse_all(llmux.RequestParser(max_body=10_000), random_split(rng, data)) == whole, data
+        count += 1
+    rate = count / (time.monotonic() - started)
+    with capsys.disabled():
+        print(f"\n[fuzz] parser: {count} inputs, {rate:.0f} inputs/s (each parsed whole and split)")
+
+
+def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any) -> None:
+    backend = Backend("a", None)
+    try:
+        cfg = llmux.parse_config({"models": {"a": {"port": backend.port}},
+                                  "http": {"max_body_bytes": 10_000, "header_timeout_secs": 5,
+                                           "body_timeout_secs": 5}})
+        stats = asyncio.run(_fuzz_live(cfg, random.Random(4242), 400))
+    finally:
+        backend.stop()
+    with capsys.disabled():
+        print(f"\n[fuzz] live server: {stats['count']} inputs, {stats['rate']:.0f} inputs/s, "
+              f"statuses {stats['statuses']}")
+
+
+async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    problems: List[Dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    server = llmux.Server(cfg, llmux.Log(ListStream()))
+    port = await server.start("127.0.0.1", 0)
+    statuses: Dict[str, int] = {}
+
+    async def one(data: bytes, close_early: bool) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for piece in random_split(rng, data):
+            writer.write(piece)
+        if close_early:
+            writer.transport.abort()  # gone without a word
+            return
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), T)
+        status = reply[9:12].decode("latin-1") if reply.startswith(b"HTTP/1.1 ") else "none"
+        statuses[status] = statuses.get(status, 0) + 1
+        writer.close()
+
+    started = time.monotonic()
+    for batch in range(0, total, 20):
+        await asyncio.gather(*(one(fuzz_input(rng), rng.random() < 0.1) for _ in range(20)))
+    rate = total / (time.monotonic() - started)
+    # Still serving, nothing held, nothing leaked.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}')
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)).startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    deadline = loop.time() + T
+    while server._busy and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert not server._busy, "connections left open"
+    assert server.switcher.queued == 0
+    assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
+    await server.stop()
+    assert problems == [], problems
+    leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert leftover == [], leftover
+    return {"count": total, "rate": rate, "statuses": dict(sorted(statuses.items()))}
