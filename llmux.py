@@ -589,6 +589,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110 section 5: field-name ":" OWS field-value OWS, the value without CTLs but HTAB.
 _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_REQUEST_LINE_BAD = re.compile(rb"[^\x21-\x7e ]")  # a request line is visible ASCII and SP
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
@@ -897,12 +898,12 @@ class RequestParser(_Parser):
 
     def _check_partial_head(self) -> None:
         buf = self._buf
-        # Not HTTP at all (a TLS ClientHello, binary): say so now, not at a size limit.
-        # A request starts with a method, a token; "\r" may begin an empty line.
-        first = buf[:1]
-        if first != b"\r" and not _TOKEN.match(first):
-            raise self._fail("not an HTTP request")
         line_end = buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+        # Not HTTP at all (a TLS ClientHello, binary): say so at once, not at a limit.
+        # Only the request line is checked here, as _parse_head checks it first too.
+        line = buf[:line_end] if line_end >= 0 else buf[:-1] if buf.endswith(b"\r") else buf
+        if line and (_REQUEST_LINE_BAD.search(line) or not _TOKEN.match(line[:1])):
+            raise self._fail("not an HTTP request")
         if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
             raise self._fail("request line too long", 414, code="uri_too_long")
         if line_end >= 0 and len(buf) - line_end > MAX_HEADER_BYTES:
@@ -911,6 +912,8 @@ class RequestParser(_Parser):
 
     def _parse_head(self, lines: List[bytes]) -> RequestHead:
         request_line = lines[0]
+        if _REQUEST_LINE_BAD.search(request_line) or not _TOKEN.match(request_line[:1]):
+            raise self._fail("not an HTTP request")
         if len(request_line) > MAX_REQUEST_LINE:
             raise self._fail("request line too long", 414, code="uri_too_long")
         if len(lines) - 1 > MAX_HEADER_COUNT:

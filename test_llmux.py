@@ -1368,7 +1368,8 @@ def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
     b"\x00" * 100,
     random.Random(7).randbytes(4000) if hasattr(random.Random, "randbytes") else os.urandom(4000),
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-])
+    b"A" + bytes(range(128, 256)),  # starts like a method, then binary
+], ids=["all-bytes", "nuls", "random", "http2-preface", "method-then-binary"])
 def test_non_http_bytes_get_400_and_close(env: Env, data: bytes) -> None:
     lx = env.start({"a": env.model("a")})
     reply = raw_exchange(lx.port, data)
