@@ -1536,3 +1536,13 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert leftover == [], leftover
     return {"count": total, "rate": rate, "statuses": dict(sorted(statuses.items()))}
+
+
+def test_soak_20_seconds() -> None:
+    """bench/soak.py, short: mixed traffic, disconnects and failing wakes; it checks that
+    every request was answered or failed with a status, slots are zero, and RSS and fds
+    are back near their baseline, and exits non-zero otherwise."""
+    p = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "20", "--clients", "8"],
+                       capture_output=True, text=True, timeout=HARD - 5)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 4

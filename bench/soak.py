@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Soak llmux: mixed traffic over three models, random disconnects, random hook failures.
+
+    python3 bench/soak.py [--seconds 300] [--clients 16] [--seed 1]
+
+Starts three demo backends and llmux (child processes; traffic on 127.0.0.1 only), then
+runs client tasks until the time is up: each picks a model (skewed, so switches happen
+in bursts and in interleavings), streams or not, and now and then hangs up mid-answer.
+Wake hooks fail at random (about 1 in 10).  At the end it checks and prints:
+
+  * every request got a complete answer or an error status (none hung, none was cut
+    without cause);
+  * every slot count and queue is back to zero;
+  * llmux's RSS and open file descriptors are back near their baseline.
+
+Exit status 0 when every check passes.  test_llmux.py runs a 20-second version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import llmux  # noqa: E402
+
+LLMUX = str(ROOT / "llmux.py")
+MODELS = ("llama", "qwen", "mistral")
+REQUEST_DEADLINE = 60.0  # a request taking longer than this counts as hung
+
+
+def proc_stats(pid: int) -> Tuple[int, int]:
+    """(RSS in KiB, open file descriptors) of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def one_request(port: int, rng: random.Random, conn: Dict[str, Any]) -> str:
+    """One request on the client's connection; returns its outcome."""
+    model = rng.choices(MODELS, weights=(6, 3, 1))[0]
+    stream = rng.random() < 0.5
+    hang_up = rng.random() < 0.1
+    body = json.dumps({"model": model, "stream": stream, "max_tokens": rng.randint(1, 12),
+                       "messages": [{"role": "user", "content": "soak"}]}).encode()
+    if conn.get("writer") is None:
+        conn["reader"], conn["writer"] = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = conn["reader"], conn["writer"]
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: soak\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    parser = llmux.ResponseParser("POST")
+    status, pieces = 0, []
+    while True:
+        event = parser.next_event()
+        if event is llmux.NEED_DATA:
+            data = await reader.read(65536)
+            if not data:
+                parser.feed_eof()
+            else:
+                parser.feed(data)
+            if hang_up and status:
+                writer.transport.abort()
+                conn["writer"] = None
+                return "client hung up"
+            continue
+        if isinstance(event, llmux.ResponseHead):
+            status = event.status
+            keep = event.keep_alive
+        elif isinstance(event, llmux.Body):
+            pieces.append(event.data)
+        else:
+            break
+    text = b"".join(pieces)
+    if not keep:
+        writer.close()
+        conn["writer"] = None
+    if status == 200:
+        complete = text.endswith(b"data: [DONE]\n\n") if stream else b'"choices"' in text
+        return "ok" if complete else "BROKEN: incomplete 200"
+    error = json.loads(text).get("error", {})
+    return f"error {status} {error.get('code')}" if error.get("message") else f"BROKEN: {status}"
+
+
+async def client(port: int, rng: random.Random, until: float, outcomes: Dict[str, int]) -> None:
+    conn: Dict[str, Any] = {}
+    while time.monotonic() < until:
+        try:
+            outcome = await asyncio.wait_for(one_request(port, rng, conn), REQUEST_DEADLINE)
+        except asyncio.TimeoutError:
+            outcome = "BROKEN: hung"
+            conn["writer"] = None
+        except (llmux.HTTPError, ConnectionError, ValueError) as e:
+            outcome = f"BROKEN: {type(e).__name__}: {e}"
+            conn["writer"] = None
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if conn.get("writer") is not None:
+        conn["writer"].close()
+
+
+def get_json(port: int, path: str) -> Any:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            data += piece
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+async def soak(seconds: float, clients: int, seed: int) -> int:
+    tmp = tempfile.mkdtemp(prefix="llmux-soak-")
+    procs: List[subprocess.Popen] = []
+    models: Dict[str, Any] = {}
+    fail = ("n=$(od -An -N1 -tu1 /dev/urandom); "
+            "if [ $n -lt 26 ]; then echo 'random wake failure' >&2; exit 1; fi")
+    for name in MODELS:
+        sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        procs.append(subprocess.Popen(
+            [sys.executable, LLMUX, "demo-backend", "--model", name, "--fd", str(sock.fileno()),
+             "--token-delay", "0.002"], pass_fds=(sock.fileno(),)))
+        models[name] = {"port": sock.getsockname()[1], "wake": fail, "sleep": "true"}
+        sock.close()
+    config = os.path.join(tmp, "soak.json")
+    with open(config, "w") as f:
+        json.dump({"models": models, "policy": {"request_timeout_secs": 30, "wake_backoff_secs": 0.1}}, f)
+    log_path = os.path.join(tmp, "llmux.log")
+    log = open(log_path, "w")
+    lx = subprocess.Popen([sys.executable, LLMUX, "-c", config, "-p", "0", "--host", "127.0.0.1"],
+                          stdout=log, stderr=log)
+    procs.append(lx)
+    try:
+        port = 0
+        deadline = time.monotonic() + 10
+        while not port and time.monotonic() < deadline:
+            match = re.search(r"listening url=http://127\.0\.0\.1:(\d+)", open(log_path).read())
+            port = int(match.group(1)) if match else 0
+            time.sleep(0.02)
+        rng = random.Random(seed)
+        warm: Dict[str, int] = {}
+        await client(port, random.Random(seed - 1), time.monotonic() + 1.0, warm)  # warm up
+        baseline = proc_stats(lx.pid)
+        outcomes: Dict[str, int] = {}
+        started = time.monotonic()
+        until = started + seconds
+        await asyncio.gather(*(client(port, random.Random(rng.random()), until, outcomes)
+                               for _ in range(clients)))
+        elapsed = time.monotonic() - started
+        settle = time.monotonic() + 10
+        health = get_json(port, "/health")
+        while (health["queued"] or any(m["in_flight"] for m in health["models"].values())) \
+                and time.monotonic() < settle:
+            await asyncio.sleep(0.05)
+            health = get_json(port, "/health")
+        end = proc_stats(lx.pid)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    log_text = open(log_path).read()
+    switches = len(re.findall(r"switch\.end .*result=ok", log_text))
+    failed_wakes = len(re.findall(r"error hook\.exit model=\S+ hook=wake", log_text))
+
+    total = sum(outcomes.values())
+    broken = {k: v for k, v in outcomes.items() if k.startswith("BROKEN")}
+    slots_zero = health["queued"] == 0 and all(m["in_flight"] == 0 for m in health["models"].values())
+    rss_growth = end[0] - baseline[0]
+    fd_growth = end[1] - baseline[1]
+    checks = {
+        "every request answered or failed with a status": not broken,
+        "all slot counts and queues back to zero": slots_zero,
+        "open fds back to baseline (±4)": abs(fd_growth) <= 4,
+        "RSS growth under 16 MiB": rss_growth < 16 * 1024,
+    }
+    print(f"soak: {elapsed:.0f}s, {clients} clients, seed {seed}, Python {sys.version.split()[0]}")
+    print(f"| outcome | requests |\n|---|---:|")
+    for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1]):
+        print(f"| {outcome} | {count} |")
+    print(f"| **total** | **{total}** ({total / elapsed:.0f}/s) |")
+    print(f"\nswitches: {switches}, failed wakes: {failed_wakes}")
+    print(f"llmux RSS: {baseline[0] / 1024:.1f} MiB -> {end[0] / 1024:.1f} MiB; "
+          f"open fds: {baseline[1]} -> {end[1]}")
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}: {name}")
+    return 0 if all(checks.values()) else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    return asyncio.run(soak(args.seconds, args.clients, args.seed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
