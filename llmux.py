@@ -124,6 +124,8 @@ DEFAULT_UPSTREAM_TIMEOUT = 600.0  # 504: longest backend silence (long prompts p
 DEFAULT_WAKE_BACKOFF = 1.0  # after a failed wake, the next attempt waits this long.
 DEFAULT_MAX_QUEUE = 4096  # 503 + Retry-After beyond this many waiting requests.
 SWITCH_COST_EMA_ALPHA = 0.3  # weight of the newest switch in the cost estimate.
+DEFAULT_ALIVE_INTERVAL = 30.0  # an active model's alive hook runs this often (0 = never).
+DEFAULT_SHUTDOWN_GRACE = 30.0  # on SIGTERM, in-flight requests get this long to finish.
 
 HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
 HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
@@ -270,6 +272,108 @@ class Log:
         self.emit("error", event, fields)
 
 
+# ──────────────────────────────────────── metrics ───────────────────────────────────────
+# Prometheus text exposition format 0.0.4, written by hand.  Names follow the Rust
+# llmux's, so its dashboards carry over.  Gauges that describe the switcher's state are
+# read from it at scrape time; counters and histograms are recorded as things happen.
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 120.0, 300.0, 600.0)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: Tuple[str, ...], values: Tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class Metrics:
+    """Counters, gauges and histograms with fixed label names."""
+
+    def __init__(self) -> None:
+        self._meta: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {}  # name -> (type, help, labels)
+        self._values: Dict[str, Dict[Tuple[str, ...], Any]] = {}
+
+    def define(self, kind: str, name: str, help_text: str, labels: Tuple[str, ...] = ()) -> None:
+        self._meta[name] = (kind, help_text, labels)
+        self._values.setdefault(name, {})
+
+    def inc(self, name: str, *labels: str, value: float = 1.0) -> None:
+        series = self._values[name]
+        series[labels] = series.get(labels, 0.0) + value
+
+    def set(self, name: str, *labels: str, value: float) -> None:
+        self._values[name][labels] = value
+
+    def observe(self, name: str, *labels: str, value: float) -> None:
+        series = self._values[name]
+        hist = series.get(labels)
+        if hist is None:
+            hist = series[labels] = [[0] * len(_DURATION_BUCKETS), 0.0, 0]
+        for i, bound in enumerate(_DURATION_BUCKETS):
+            if value <= bound:
+                hist[0][i] += 1
+        hist[1] += value
+        hist[2] += 1
+
+    def render(self) -> str:
+        out: List[str] = []
+        for name, (kind, help_text, label_names) in self._meta.items():
+            escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {name} {escaped}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in sorted(self._values[name].items()):
+                if kind != "histogram":
+                    out.append(f"{name}{_labels(label_names, labels)} {_num(value)}")
+                    continue
+                counts, total, count = value
+                for bound, n in zip(_DURATION_BUCKETS, counts):
+                    le = 'le="%s"' % _num(bound)
+                    out.append(f"{name}_bucket{_labels(label_names, labels, le)} {n}")
+                le = 'le="+Inf"'
+                out.append(f"{name}_bucket{_labels(label_names, labels, le)} {count}")
+                out.append(f"{name}_sum{_labels(label_names, labels)} {_num(total)}")
+                out.append(f"{name}_count{_labels(label_names, labels)} {count}")
+        return "\n".join(out) + "\n"
+
+
+def llmux_metrics() -> Metrics:
+    """The registry with every llmux metric defined."""
+    m = Metrics()
+    m.define("counter", "llmux_requests_total", "Proxied requests by model and HTTP status.",
+             ("model", "status"))
+    m.define("histogram", "llmux_request_duration_seconds",
+             "Proxied request duration, queueing included.", ("model",))
+    m.define("gauge", "llmux_request_queue_depth", "Requests waiting for a model.", ("model",))
+    m.define("histogram", "llmux_request_queue_wait_seconds",
+             "Time a request waited for its model to be active.", ("model",))
+    m.define("gauge", "llmux_model_in_flight", "Requests holding a slot on a model.", ("model",))
+    m.define("gauge", "llmux_model_active", "1 while the model is active (serving).", ("model",))
+    m.define("counter", "llmux_switch_total", "Model switches by outcome.", ("from", "to", "result"))
+    m.define("histogram", "llmux_switch_duration_seconds", "Whole switch: drain, sleep and wake.",
+             ("from", "to"))
+    m.define("histogram", "llmux_switch_drain_duration_seconds",
+             "Time spent draining the old model during a switch.", ("from", "to"))
+    m.define("histogram", "llmux_model_active_duration_seconds",
+             "How long a model stayed active, observed when it leaves.", ("model",))
+    m.define("gauge", "llmux_switch_cost_ema_seconds",
+             "Moving average of the sleep+wake cost of switching between two models.", ("from", "to"))
+    m.define("histogram", "llmux_hook_duration_seconds", "Hook run time.", ("model", "hook"))
+    m.define("counter", "llmux_hook_failures_total", "Hooks that failed.", ("model", "hook"))
+    return m
+
+
 # ──────────────────────────────────────── config ────────────────────────────────────────
 
 
@@ -283,6 +387,7 @@ class ModelConfig:
     sleep: Optional[str] = None
     alive: Optional[str] = None
     aliases: Tuple[str, ...] = ()
+    idle_sleep_secs: Optional[float] = None  # overrides policy.idle_sleep_secs
 
 
 @dataclass(frozen=True)
@@ -298,6 +403,10 @@ class Policy:
     upstream_timeout_secs: Optional[float] = DEFAULT_UPSTREAM_TIMEOUT
     wake_backoff_secs: float = DEFAULT_WAKE_BACKOFF
     max_queue: int = DEFAULT_MAX_QUEUE
+    alive_interval_secs: float = DEFAULT_ALIVE_INTERVAL
+    idle_sleep_secs: float = 0.0
+    shutdown_grace_secs: float = DEFAULT_SHUTDOWN_GRACE
+    sleep_on_exit: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,7 +429,8 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
-    api_keys: Tuple[str, ...] = ()  # with LLMUX_API_KEYS added by load_config
+    api_keys: Tuple[str, ...] = ()  # with LLMUX_API_KEYS added by parse_config
+    preload: Optional[str] = None  # model to wake at start when none is adopted
     path: Optional[str] = None  # the file it came from; hooks run in its folder
 
     def resolve(self, name: str) -> Optional[ModelConfig]:
@@ -410,10 +520,13 @@ _POLICY_NUMBERS = {
     "drain_timeout_secs": (True, False),
     "upstream_timeout_secs": (True, True),
     "wake_backoff_secs": (False, False),
+    "alive_interval_secs": (False, False),
+    "idle_sleep_secs": (False, False),
+    "shutdown_grace_secs": (False, False),
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs")
-_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases")
-_TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys")
+_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs")
+_TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "preload")
 
 
 def parse_config(raw: Any, path: Optional[str] = None) -> Config:
@@ -441,14 +554,15 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     if not isinstance(policy_raw, dict):
         c.bad("policy", "an object", policy_raw)
         policy_raw = {}
-    c.unknown("policy", policy_raw, ["name", "drain_before_switch", "max_queue", *_POLICY_NUMBERS])
+    c.unknown("policy", policy_raw, ["name", "drain_before_switch", "max_queue", "sleep_on_exit",
+                                     *_POLICY_NUMBERS])
     for key, (nullable, positive) in _POLICY_NUMBERS.items():
         if key in policy_raw:
             policy_args[key] = c.number(f"policy.{key}", policy_raw[key], nullable=nullable,
                                         positive=positive)
-    if "drain_before_switch" in policy_raw:
-        policy_args["drain_before_switch"] = c.boolean("policy.drain_before_switch",
-                                                       policy_raw["drain_before_switch"])
+    for key in ("drain_before_switch", "sleep_on_exit"):
+        if key in policy_raw:
+            policy_args[key] = c.boolean(f"policy.{key}", policy_raw[key])
     if "max_queue" in policy_raw:
         policy_args["max_queue"] = c.number("policy.max_queue", policy_raw["max_queue"],
                                             integer=True, positive=True)
@@ -509,12 +623,18 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
                 c.problems.append(f"{where}: name or alias '{label}' is already used by "
                                   f"model '{names[label]}'; expected names unique across models")
             names[label] = name
-        models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases), **hooks)
+        idle = c.number(f"{where}.idle_sleep_secs", m["idle_sleep_secs"], nullable=True) \
+            if "idle_sleep_secs" in m else None
+        models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases),
+                                   idle_sleep_secs=idle, **hooks)
 
+    preload = raw.get("preload")
+    if preload is not None and preload not in models:
+        c.bad("preload", "null or the name of a model in 'models'", preload)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
-                  port=port, host=host, api_keys=tuple(keys), path=path)
+                  port=port, host=host, api_keys=tuple(keys), preload=preload, path=path)
 
 
 def load_config(path: str) -> Config:
@@ -1503,8 +1623,9 @@ class HookRunner:
     """Runs hooks with ``sh -c``; bounded in time, never blocked by their pipes."""
 
     def __init__(self, log: "Log", timeout: Optional[float] = DEFAULT_HOOK_TIMEOUT,
-                 cwd: Optional[str] = None) -> None:
+                 cwd: Optional[str] = None, metrics: Optional[Metrics] = None) -> None:
         self.log = log
+        self.metrics = metrics
         self.timeout = timeout
         self.cwd = cwd
         self.last: Dict[Tuple[str, str], HookResult] = {}
@@ -1521,6 +1642,10 @@ class HookRunner:
             return HookResult(model.name, hook, 0)
         result = await self._run(model, hook, script)
         self.last[(model.name, hook)] = result
+        if self.metrics is not None:
+            self.metrics.observe("llmux_hook_duration_seconds", model.name, hook, value=result.duration)
+            if not result.ok:
+                self.metrics.inc("llmux_hook_failures_total", model.name, hook)
         level = self.log.info if result.ok else self.log.error
         level("hook.exit", model=model.name, hook=hook, code=result.exit_code,
               secs=round(result.duration, 3),
@@ -1604,7 +1729,7 @@ class ModelState(enum.Enum):
 
 _S = ModelState
 _TRANSITIONS = {
-    _S.ASLEEP: {_S.WAKING},
+    _S.ASLEEP: {_S.WAKING, _S.ACTIVE},  # ACTIVE: found already up at start (adopted)
     _S.WAKING: {_S.ACTIVE, _S.SLEEPING},  # SLEEPING: a failed wake is cleaned up
     _S.ACTIVE: {_S.DRAINING},
     _S.DRAINING: {_S.SLEEPING, _S.ACTIVE},  # ACTIVE: nobody waits for the target any more
@@ -1717,8 +1842,10 @@ class Switcher:
 
     def __init__(self, config: Config, hooks: HookRunner, policy: SchedulingPolicy, log: Log,
                  clock: Optional[Callable[[], float]] = None,
-                 on_sleep: Callable[[ModelConfig], None] = lambda cfg: None) -> None:
+                 on_sleep: Callable[[ModelConfig], None] = lambda cfg: None,
+                 metrics: Optional[Metrics] = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.metrics = metrics or llmux_metrics()
         self.clock = clock or self.loop.time
         self.config = config
         self.policy_cfg = config.policy
@@ -1733,8 +1860,9 @@ class Switcher:
         self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
         self.closed = False
-        self._switch_task: Optional["asyncio.Task[None]"] = None
+        self._switch_task: Optional["asyncio.Task[str]"] = None
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._idle_timers: Dict[str, asyncio.TimerHandle] = {}
         self._changed: Optional["asyncio.Future[None]"] = None
 
     # -- what policies and status read --
@@ -1771,6 +1899,7 @@ class Switcher:
         """
         m = self.models[name]
         if m.state is ModelState.ACTIVE:
+            self.metrics.observe("llmux_request_queue_wait_seconds", name, value=0.0)
             return self._new_slot(m, asyncio.current_task())
         if self.closed:
             raise LLMuxError("llmux is shutting down", status=503, code="shutting_down")
@@ -1785,13 +1914,16 @@ class Switcher:
         timeout = self.policy_cfg.request_timeout_secs
         handle = self.loop.call_later(timeout, self._expire, waiter) if timeout is not None else None
         try:
-            return await waiter.future
+            slot = await waiter.future
         except asyncio.CancelledError:
             self._forget(waiter)
             raise
         finally:
             if handle is not None:
                 handle.cancel()
+        self.metrics.observe("llmux_request_queue_wait_seconds", name,
+                             value=self.clock() - waiter.enqueued_at)
+        return slot
 
     def _new_slot(self, m: _Model, task: Optional["asyncio.Task[Any]"]) -> Slot:
         assert m.state is ModelState.ACTIVE  # invariant 2
@@ -1807,6 +1939,8 @@ class Switcher:
         m.last_used = self.clock()
         if self.queued or self.switching:
             self._schedule()
+        elif m.in_flight == 0:
+            self._arm_idle(m)
 
     def _forget(self, waiter: _Waiter) -> None:
         """A queued request left (client gone): drop it, or release what it was given."""
@@ -1888,36 +2022,53 @@ class Switcher:
         if state is ModelState.ACTIVE:
             if m.active_since is None:
                 m.active_since = now
+                m.last_used = now
+            self._arm_idle(m)
         elif state is ModelState.ASLEEP:
+            if m.active_since is not None:
+                self.metrics.observe("llmux_model_active_duration_seconds", m.name,
+                                     value=now - m.active_since)
             m.active_since = None
 
     # -- the switch task --
 
-    async def _run_switch(self, target: _Model, victims: List[_Model]) -> None:
+    async def _run_switch(self, target: Optional[_Model], victims: List[_Model],
+                          forced: bool = False, reason: str = "") -> str:
+        """Drain and sleep ``victims``, then wake ``target`` (None: only sleep them).
+
+        ``forced`` (the control API, preload) switches even with no request waiting.
+        Returns "ok", "failed" or "abandoned".
+        """
         started = self.clock()
-        frm = ",".join(v.name for v in victims) or None
-        self.log.info("switch.start", from_=frm, to=target.name, waiting=len(target.queue))
+        frm = ",".join(v.name for v in victims)
+        to = target.name if target is not None else ""
+        self.log.info("switch.start", from_=frm or None, to=to or None,
+                      waiting=len(target.queue) if target else None, reason=reason or None)
         result = "failed"
         drain_secs = 0.0
         try:
             if victims:
-                if not await self._drain(target, victims):
+                if not await self._drain(target, victims, forced):
                     for v in victims:
                         self._set_state(v, ModelState.ACTIVE, "no request waits for the target")
                     result = "abandoned"
-                    return
+                    return result
                 drain_secs = self.clock() - started
                 for v in victims:
-                    self._set_state(v, ModelState.SLEEPING)
+                    self._set_state(v, ModelState.SLEEPING, reason)
                     try:
                         await self.hooks.run(v.cfg, "sleep")
                     except HookError as e:
                         self._set_state(v, ModelState.ACTIVE, "its sleep hook failed; still loaded")
-                        self._fail_waiters(target, e)
-                        target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-                        return
+                        if target is not None:
+                            self._fail_waiters(target, e)
+                            target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+                        return result
                     self._set_state(v, ModelState.ASLEEP)
                     self.on_sleep(v.cfg)
+            if target is None:
+                result = "ok"
+                return result
             self._set_state(target, ModelState.WAKING)
             try:
                 await self.hooks.run(target.cfg, "wake")
@@ -1931,33 +2082,125 @@ class Switcher:
                 self._set_state(target, ModelState.ASLEEP)
                 self.on_sleep(target.cfg)
                 target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-                return
+                return result
             self._set_state(target, ModelState.ACTIVE)
             result = "ok"
-            key = (frm or "", target.name)
             secs = self.clock() - started - drain_secs
-            old = self.costs.get(key)
-            self.costs[key] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
+            old = self.costs.get((frm, to))
+            self.costs[(frm, to)] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
+            return result
         finally:
             secs = self.clock() - started
-            self.log.info("switch.end", from_=frm, to=target.name, result=result,
+            self.log.info("switch.end", from_=frm or None, to=to or None, result=result,
                           secs=round(secs, 3), drain_secs=round(drain_secs, 3))
-            self.history.append({"from": frm, "to": target.name, "result": result,
-                                 "secs": round(secs, 6), "drain_secs": round(drain_secs, 6),
-                                 "at": time.time()})
+            self.history.append({"from": frm or None, "to": to or None, "result": result,
+                                 "reason": reason or None, "secs": round(secs, 6),
+                                 "drain_secs": round(drain_secs, 6), "at": time.time()})
+            self.metrics.inc("llmux_switch_total", frm, to, result)
+            self.metrics.observe("llmux_switch_duration_seconds", frm, to, value=secs)
+            self.metrics.observe("llmux_switch_drain_duration_seconds", frm, to, value=drain_secs)
             self._switch_task = None
             self.switching = None
             if not self.closed:
                 self._schedule()
 
-    async def _drain(self, target: _Model, victims: List[_Model]) -> bool:
+    # -- explicit operations: control API, idle sleep, liveness, start-up --
+
+    def busy(self) -> bool:
+        """True while a switch (or a sleep) runs."""
+        return self._switch_task is not None
+
+    def start_wake(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
+        """Switch to ``name`` now even if no request waits; None if a switch runs."""
+        m = self.models[name]
+        if self.busy() or self.closed:
+            return None
+        victims = [v for v in self.models.values() if v is not m and v.state is ModelState.ACTIVE]
+        for v in victims:
+            self._set_state(v, ModelState.DRAINING, f"switching to '{name}' ({reason})")
+        self.switching = ([v.name for v in victims], name)
+        self._switch_task = self.loop.create_task(self._run_switch(m, victims, True, reason))
+        return self._switch_task
+
+    def start_sleep(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
+        """Drain and sleep the ACTIVE model ``name``; None if it is not ACTIVE or a switch runs."""
+        m = self.models[name]
+        if self.busy() or self.closed or m.state is not ModelState.ACTIVE:
+            return None
+        self._set_state(m, ModelState.DRAINING, reason)
+        self.switching = ([name], "")
+        self._switch_task = self.loop.create_task(self._run_switch(None, [m], True, reason))
+        return self._switch_task
+
+    async def wait_idle(self) -> None:
+        """Wait until no switch runs."""
+        while self._switch_task is not None:
+            try:
+                await asyncio.shield(self._switch_task)
+            except Exception:
+                pass
+
+    def adopt(self, name: str) -> None:
+        """Mark ``name`` ACTIVE without waking it: it was found up at start."""
+        self._set_state(self.models[name], ModelState.ACTIVE, "found alive at start (adopted)")
+
+    def _arm_idle(self, m: _Model) -> None:
+        """Schedule the idle check of an ACTIVE model with nothing in flight."""
+        secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
+        if not secs or m.state is not ModelState.ACTIVE or m.in_flight or self.closed:
+            return
+        when = m.last_used + secs
+        timer = self._idle_timers.get(m.name)
+        if timer is not None and timer.when() <= when:
+            return  # it fires first and re-arms itself for the later time
+        if timer is not None:
+            timer.cancel()
+        self._idle_timers[m.name] = self.loop.call_at(when, self._idle_check, m)
+
+    def _idle_check(self, m: _Model) -> None:
+        self._idle_timers.pop(m.name, None)
+        secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
+        if not secs or m.state is not ModelState.ACTIVE or m.in_flight or m.queue:
+            return
+        if self.clock() < m.last_used + secs - 1e-3:
+            self._arm_idle(m)
+        elif self.start_sleep(m.name, f"idle for {secs:g}s (idle_sleep_secs)") is None:
+            m.last_used = self.clock()  # a switch runs: look again one period later
+            self._arm_idle(m)
+
+    def replace_config(self, config: Config) -> None:
+        """Take a reloaded config.  Models it changes or removes must be asleep already;
+        requests queued for a removed model are failed."""
+        now = self.clock()
+        for name in list(self.models):
+            if name not in config.models:
+                m = self.models.pop(name)
+                while m.queue:
+                    waiter = m.queue.popleft()
+                    self.queued -= 1
+                    if not waiter.future.done():
+                        waiter.future.set_exception(LLMuxError(
+                            f"model '{name}' was removed by a config reload", status=503,
+                            code="model_removed"))
+        for name, cfg in config.models.items():
+            if name in self.models:
+                self.models[name].cfg = cfg
+            else:
+                self.models[name] = _Model(cfg, now)
+        self.config = config
+        self.policy_cfg = config.policy
+        if self.policy.name != config.policy.name:
+            self.policy = POLICIES[config.policy.name]()
+        self._schedule()
+
+    async def _drain(self, target: Optional[_Model], victims: List[_Model], forced: bool) -> bool:
         """Wait until the victims have nothing in flight; False if nobody waits any more."""
         if not self.policy_cfg.drain_before_switch:
             self._cut(victims, "drain_before_switch is false")
         timeout = self.policy_cfg.drain_timeout_secs
         deadline = None if timeout is None else self.clock() + timeout
         while any(v.in_flight for v in victims):
-            if not target.queue:
+            if target is not None and not forced and not target.queue:
                 return False
             remaining = None if deadline is None else deadline - self.clock()
             if remaining is not None and remaining <= 0:
@@ -1968,7 +2211,7 @@ class Switcher:
                 await asyncio.wait_for(self._changed, remaining)
             except asyncio.TimeoutError:
                 pass
-        return bool(target.queue)
+        return forced or target is None or bool(target.queue)
 
     def _cut(self, victims: List[_Model], reason: str) -> None:
         for v in victims:
@@ -1988,6 +2231,8 @@ class Switcher:
         """Stop switching: cancel the timer and a running switch."""
         self.closed = True
         self._set_timer(None)
+        for timer in self._idle_timers.values():
+            timer.cancel()
         task = self._switch_task
         if task is not None:
             task.cancel()
@@ -2071,10 +2316,12 @@ class Server:
         self.config = config
         self.log = log
         cwd = os.path.dirname(config.path) if config.path else None
-        self.hooks = hooks or HookRunner(log, config.policy.hook_timeout_secs, cwd)
+        self.metrics = llmux_metrics()
+        self.hooks = hooks or HookRunner(log, config.policy.hook_timeout_secs, cwd, self.metrics)
         self.pool = UpstreamPool(log)
         self.switcher = Switcher(config, self.hooks, policy or POLICIES[config.policy.name](),
-                                 log, on_sleep=lambda cfg: self.pool.close_port(cfg.port))
+                                 log, on_sleep=lambda cfg: self.pool.close_port(cfg.port),
+                                 metrics=self.metrics)
         self.started = int(time.time())
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._server: Optional[asyncio.AbstractServer] = None
@@ -2161,7 +2408,18 @@ class Server:
         try:
             if self._keys and path != "/health":
                 self._authorize(head)
+            if path == "/metrics" and head.method in ("GET", "HEAD"):
+                status = 200
+                body = self._scrape().encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; "
+                             b"charset=utf-8\r\ncontent-length: %d\r\n%s\r\n%s" % (
+                                 len(body), b"" if head.keep_alive else b"connection: close\r\n",
+                                 b"" if head.method == "HEAD" else body))
+                await writer.drain()
+                return head.keep_alive
             local = self._local_route(head.method, path)
+            if local is None and path.startswith("/llmux/"):
+                local = await self._control(head.method, path)
             if local is not None:
                 status, payload = local
                 writer.write(json_response(status, payload, keep_alive=head.keep_alive,
@@ -2198,9 +2456,12 @@ class Server:
             status = 499  # nginx's code for "client closed request"
             raise
         finally:
+            secs = time.monotonic() - started
             self.log.info("request", method=head.method, path=path,
-                          model=model.name if model else None, status=status,
-                          secs=round(time.monotonic() - started, 4))
+                          model=model.name if model else None, status=status, secs=round(secs, 4))
+            if model is not None:
+                self.metrics.inc("llmux_requests_total", model.name, str(status))
+                self.metrics.observe("llmux_request_duration_seconds", model.name, value=secs)
 
     def _authorize(self, head: RequestHead) -> None:
         """Require one of the API keys: ``Authorization: Bearer KEY`` or ``x-api-key``."""
@@ -2232,7 +2493,68 @@ class Server:
         return None
 
     def _model_card(self, m: ModelConfig) -> Dict[str, Any]:
-        return {"id": m.name, "object": "model", "created": self.started, "owned_by": "llmux"}
+        state = self.switcher.models[m.name].state
+        return {"id": m.name, "object": "model", "created": self.started, "owned_by": "llmux",
+                "aliases": list(m.aliases), "loaded": state is ModelState.ACTIVE,
+                "state": state.value}
+
+    def _scrape(self) -> str:
+        """Refresh the gauges read from the switcher, then render every metric."""
+        mt = self.metrics
+        for m in self.switcher.models.values():
+            mt.set("llmux_request_queue_depth", m.name, value=len(m.queue))
+            mt.set("llmux_model_in_flight", m.name, value=m.in_flight)
+            mt.set("llmux_model_active", m.name, value=1 if m.state is ModelState.ACTIVE else 0)
+        for (frm, to), secs in self.switcher.costs.items():
+            mt.set("llmux_switch_cost_ema_seconds", frm, to, value=secs)
+        return mt.render()
+
+    def status(self) -> Dict[str, Any]:
+        """GET /llmux/status: the switcher, recent switches, costs, last hook results."""
+        hooks = {}
+        for (model, hook), r in sorted(self.hooks.last.items()):
+            hooks.setdefault(model, {})[hook] = {
+                "ok": r.ok, "exit_code": r.exit_code, "secs": round(r.duration, 6),
+                "error": None if r.ok else r.describe()}
+        return {**self.switcher.status(), "version": __version__,
+                "policy": self.config.policy.name,
+                "switches": list(self.switcher.history), "hooks": hooks}
+
+    async def _control(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
+        """/llmux/status, POST /llmux/models/NAME/wake and /sleep."""
+        if path == "/llmux/status" and method in ("GET", "HEAD"):
+            return 200, self.status()
+        match = re.fullmatch(r"/llmux/models/([^/]+)/(wake|sleep)", path)
+        if not match:
+            return None
+        if method != "POST":
+            raise LLMuxError(f"{path} takes POST", status=405, type="invalid_request_error",
+                             code="method_not_allowed")
+        cfg = self.config.resolve(match.group(1))
+        if cfg is None:
+            raise self._unknown_model(match.group(1))
+        sw = self.switcher
+        m = sw.models[cfg.name]
+        action = match.group(2)
+        if action == "wake" and m.state is ModelState.ACTIVE:
+            return 200, {"model": cfg.name, "state": m.state.value, "changed": False}
+        if action == "sleep" and m.state is ModelState.ASLEEP:
+            return 200, {"model": cfg.name, "state": m.state.value, "changed": False}
+        task = sw.start_wake(cfg.name, "control API") if action == "wake" else \
+            sw.start_sleep(cfg.name, "control API")
+        if task is None:
+            why = (f"a switch is in progress ({', '.join(sw.switching[0]) or '-'} -> "
+                   f"{sw.switching[1] or '-'})") if sw.switching else f"model '{cfg.name}' is {m.state.value}"
+            raise LLMuxError(f"cannot {action} model '{cfg.name}' now: {why}", status=409,
+                             type="invalid_request_error", code="conflict")
+        result = await asyncio.shield(task)
+        if result != "ok":
+            last = self.hooks.last.get((cfg.name, action)) or next(
+                (r for (mn, h), r in self.hooks.last.items() if not r.ok), None)
+            raise LLMuxError(f"{action} of model '{cfg.name}' failed"
+                             + (f": {last.describe()}" if last is not None and not last.ok else ""),
+                             status=503, code="hook_failed")
+        return 200, {"model": cfg.name, "state": m.state.value, "changed": True}
 
     def _unknown_model(self, name: str) -> LLMuxError:
         names = ", ".join(self.config.models)

@@ -452,9 +452,9 @@ def test_defaults() -> None:
     ({}, ["models: expected an object naming at least one model; got null"]),
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
-    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys"]),
+    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, preload"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
-     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases"]),
+     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
     ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
     ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
@@ -473,8 +473,10 @@ def test_defaults() -> None:
     ({**GOOD, "policy": {"name": "lifo"}}, ['policy.name: expected one of fifo; got "lifo" (a string)']),
     ({**GOOD, "policy": {"max_queue": 1.5}}, ["policy.max_queue: expected a whole number > 0; got 1.5 (a number)"]),
     ({**GOOD, "policy": {"speed": 1}}, ["policy.speed: unknown key; expected one of name, drain_before_switch, max_queue, "
-                                        "request_timeout_secs, min_active_secs, hook_timeout_secs, drain_timeout_secs, "
-                                        "upstream_timeout_secs, wake_backoff_secs"]),
+                                        "sleep_on_exit, request_timeout_secs, min_active_secs, hook_timeout_secs, "
+                                        "drain_timeout_secs, upstream_timeout_secs, wake_backoff_secs, "
+                                        "alive_interval_secs, idle_sleep_secs, shutdown_grace_secs"]),
+    ({**GOOD, "preload": "zz"}, ['preload: expected null or the name of a model in \'models\'; got "zz" (a string)']),
     ({**GOOD, "http": {"max_body_bytes": 0}}, ["http.max_body_bytes: expected a whole number > 0; got 0 (a number)"]),
     ({**GOOD, "port": -1}, ["port: expected a port number from 0 to 65535; got -1 (a number)"]),
     ({"models": {"a": {"port": 8001, "aliases": ["b"]}, "b": {"port": 8002}}},
@@ -497,7 +499,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, LLMUX, "-c", str(path)], capture_output=True, text=True, timeout=T)
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
-        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases"
+        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs"
         .replace("models.b: x", "models.b.x"),
         "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
 
@@ -1546,3 +1548,138 @@ def test_soak_20_seconds() -> None:
                        capture_output=True, text=True, timeout=HARD - 5)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 4
+
+
+# ─────────────────────────────── operations: metrics, control ───────────────────────────
+
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*",?)*\})? (\S+)')
+
+
+def parse_prometheus(text: str) -> Dict[str, Dict[str, Any]]:
+    """A strict reader of the text format: HELP then TYPE before samples, every sample a
+    declared family, label values properly escaped, histograms cumulative with +Inf,
+    _sum and _count."""
+    families: Dict[str, Dict[str, Any]] = {}
+    current = None
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, f"family {name} twice"
+            families[name] = {"help": line.split(" ", 3)[3], "samples": []}
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == current and kind in ("counter", "gauge", "histogram")
+            families[name]["type"] = kind
+        else:
+            match = _SAMPLE.fullmatch(line)
+            assert match, f"bad sample line {line!r}"
+            sample, labels, value = match.groups()
+            base = re.sub(r"_(bucket|sum|count)$", "", sample) if families[current]["type"] == "histogram" else sample
+            assert base == current, f"{sample} outside its family {current}"
+            float(value.replace("+Inf", "inf"))
+            pairs = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or "")
+            labels_dict = {k: re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), v)
+                           for k, v in pairs}
+            families[current]["samples"].append((sample, labels_dict, float(value.replace("+Inf", "inf"))))
+    for name, fam in families.items():
+        if fam["type"] != "histogram":
+            continue
+        series: Dict[Tuple, List[Tuple[float, float]]] = {}
+        for sample, labels, value in fam["samples"]:
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            if sample.endswith("_bucket"):
+                series.setdefault(key, []).append((float(labels["le"].replace("+Inf", "inf")), value))
+        for key, buckets in series.items():
+            bounds = [b for b, _ in buckets]
+            assert bounds == sorted(bounds) and bounds[-1] == float("inf"), (name, key)
+            counts = [c for _, c in buckets]
+            assert counts == sorted(counts), f"{name}{key} buckets not cumulative"
+            count = [v for s, l, v in fam["samples"] if s == name + "_count"
+                     and tuple(sorted(l.items())) == key]
+            assert count == [counts[-1]], (name, key)
+            assert [v for s, l, v in fam["samples"] if s == name + "_sum" and tuple(sorted(l.items())) == key]
+    return families
+
+
+def test_metrics_exposition_is_strictly_valid_and_counts_what_happened(env: Env) -> None:
+    flag = env.tmp / "fail"
+    lx = env.start({"a": env.model("a"), 'b"\\x': env.model('b"\\x', wake_extra=f"[ ! -e {flag} ] || exit 3")})
+    assert lx.chat("a")[0] == 200
+    assert lx.chat('b"\\x')[0] == 200
+    flag.touch()
+    assert lx.chat("a")[0] == 200
+    assert lx.chat('b"\\x')[0] == 503
+    assert lx.chat("a")[0] == 200
+    status, headers, body = lx.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    fams = parse_prometheus(body.decode())
+    expected = {"llmux_requests_total", "llmux_request_duration_seconds", "llmux_request_queue_depth",
+                "llmux_request_queue_wait_seconds", "llmux_model_in_flight", "llmux_switch_total",
+                "llmux_switch_duration_seconds", "llmux_switch_drain_duration_seconds",
+                "llmux_model_active_duration_seconds", "llmux_switch_cost_ema_seconds",
+                "llmux_hook_duration_seconds", "llmux_hook_failures_total", "llmux_model_active"}
+    assert expected <= set(fams)
+
+    def value(name: str, **labels: str) -> float:
+        found = [v for s, l, v in fams[name]["samples"] if s == name and l == labels]
+        assert len(found) == 1, (name, labels, fams[name]["samples"])
+        return found[0]
+
+    assert value("llmux_requests_total", model="a", status="200") == 3
+    assert value("llmux_requests_total", model='b"\\x', status="503") == 1
+    assert value("llmux_switch_total", **{"from": "a", "to": 'b"\\x', "result": "ok"}) == 1
+    assert value("llmux_switch_total", **{"from": "a", "to": 'b"\\x', "result": "failed"}) == 1
+    assert value("llmux_hook_failures_total", model='b"\\x', hook="wake") == 1
+    assert value("llmux_model_active", model="a") == 1 and value("llmux_model_active", model='b"\\x') == 0
+    assert value("llmux_model_in_flight", model="a") == 0
+    assert value("llmux_switch_cost_ema_seconds", **{"from": "a", "to": 'b"\\x'}) > 0
+    assert 'model="b\\"\\\\x"' in body.decode()  # the raw escaping
+
+
+def test_status_and_models_show_what_is_loaded(env: Env) -> None:
+    lx = env.start({"a": env.model("a", aliases=["alpha"]), "b": env.model("b")})
+    assert lx.chat("alpha")[1]["backend"] == "a"  # an alias routes to its model
+    models = {m["id"]: m for m in lx.request("GET", "/v1/models")[2]["data"]}
+    assert models["a"]["loaded"] is True and models["a"]["aliases"] == ["alpha"]
+    assert models["b"]["loaded"] is False
+    status = lx.request("GET", "/llmux/status")[2]
+    assert status["active"] == ["a"] and status["models"]["a"]["in_flight"] == 0
+    assert status["switches"][-1]["to"] == "a" and status["switches"][-1]["result"] == "ok"
+    assert status["hooks"]["a"]["wake"]["ok"] is True
+    assert "-->a" in status["switch_cost_secs"]
+
+
+def test_control_api_wakes_and_sleeps(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, api_keys=["k"])
+    auth = {"Authorization": "Bearer k"}
+    assert lx.request("POST", "/llmux/models/a/wake")[0] == 401
+    status, _, payload = lx.request("POST", "/llmux/models/a/wake", headers=auth)
+    assert status == 200 and payload == {"model": "a", "state": "active", "changed": True}
+    assert lx.request("POST", "/llmux/models/b/wake", headers=auth)[2]["state"] == "active"
+    assert env.lines() == ["wake-start a", "wake-end a", "sleep-start a", "sleep-end a",
+                           "wake-start b", "wake-end b"]
+    assert lx.request("POST", "/llmux/models/b/sleep", headers=auth)[2] == {
+        "model": "b", "state": "asleep", "changed": True}
+    assert lx.request("POST", "/llmux/models/b/sleep", headers=auth)[2]["changed"] is False
+    assert lx.request("GET", "/llmux/models/b/sleep", headers=auth)[0] == 405
+    assert lx.request("POST", "/llmux/models/zz/wake", headers=auth)[0] == 404
+
+
+def test_control_sleep_drains_first_and_409_while_switching(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    t, box = run_bg(lx.request, "POST", "/llmux/models/a/sleep")
+    lx.wait_log(r"model\.state model=a from=active to=draining .*control API")
+    status, _, payload = lx.request("POST", "/llmux/models/b/wake")
+    assert status == 409 and payload["error"]["message"].startswith(
+        "cannot wake model 'b' now: a switch is in progress (a -> -)")
+    assert "sleep-start a" not in env.lines()
+    env.gate("a").touch()
+    resp.read()
+    conn.close()
+    assert join(t, box)[0] == 200
+    lines = env.lines()
+    assert lines.index("stream-end a") < lines.index("sleep-start a")
