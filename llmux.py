@@ -1646,13 +1646,21 @@ class HookRunner:
             self.metrics.observe("llmux_hook_duration_seconds", model.name, hook, value=result.duration)
             if not result.ok:
                 self.metrics.inc("llmux_hook_failures_total", model.name, hook)
-        level = self.log.info if result.ok else self.log.error
+        level = self.log.info if result.ok else self.log.warning if hook == "alive" else self.log.error
         level("hook.exit", model=model.name, hook=hook, code=result.exit_code,
               secs=round(result.duration, 3),
               **({} if result.ok else {"error": result.describe()}))
         if not result.ok:
             raise HookError(result.describe(), result)
         return result
+
+    async def alive(self, model: ModelConfig) -> bool:
+        """Run the alive hook: True when it exits 0 (or there is none)."""
+        try:
+            await self.run(model, "alive")
+        except HookError:
+            return False
+        return True
 
     async def _run(self, model: ModelConfig, hook: str, script: str) -> HookResult:
         loop = asyncio.get_running_loop()
@@ -1834,8 +1842,8 @@ class Switcher:
        and no longer counts as demand (a drain with no demand left is abandoned).
     6. Every wait is bounded: request_timeout_secs in the queue, drain_timeout_secs for
        a drain, hook_timeout_secs for a hook (null in the config means unbounded).
-    7. A failed wake fails its waiters with the hook's message, runs the model's sleep
-       hook, and the model is not tried again for wake_backoff_secs.
+    7. A failed wake runs the model's sleep hook, then fails its waiters with the wake
+       hook's message; the model is not tried again for wake_backoff_secs.
     Decisions (_schedule) never await, so they cannot interleave; the only awaits are in
     acquire() and in the one switch task.
     """
@@ -1860,6 +1868,7 @@ class Switcher:
         self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
         self.closed = False
+        self.held = False  # a config reload is being applied: start no new switch
         self._switch_task: Optional["asyncio.Task[str]"] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._idle_timers: Dict[str, asyncio.TimerHandle] = {}
@@ -1974,7 +1983,7 @@ class Switcher:
                 self._grant(m)  # invariant 4
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
-        if self._switch_task is not None or self.closed:
+        if self._switch_task is not None or self.closed or self.held:
             return
         now = self.clock()
         target_name, when = self.policy.choose(self, now)
@@ -2073,7 +2082,8 @@ class Switcher:
             try:
                 await self.hooks.run(target.cfg, "wake")
             except HookError as e:
-                self._fail_waiters(target, e)
+                # Clean up first, then answer: a client that sees the failure sees a
+                # clean state (invariant 7).
                 self._set_state(target, ModelState.SLEEPING, "its wake hook failed; cleaning up")
                 try:
                     await self.hooks.run(target.cfg, "sleep")
@@ -2082,6 +2092,7 @@ class Switcher:
                 self._set_state(target, ModelState.ASLEEP)
                 self.on_sleep(target.cfg)
                 target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+                self._fail_waiters(target, e)
                 return result
             self._set_state(target, ModelState.ACTIVE)
             result = "ok"
@@ -2233,6 +2244,13 @@ class Switcher:
         self._set_timer(None)
         for timer in self._idle_timers.values():
             timer.cancel()
+        for m in self.models.values():
+            while m.queue:
+                waiter = m.queue.popleft()
+                self.queued -= 1
+                if not waiter.future.done():
+                    waiter.future.set_exception(LLMuxError(
+                        "llmux is shutting down", status=503, code="shutting_down"))
         task = self._switch_task
         if task is not None:
             task.cancel()
@@ -2326,6 +2344,9 @@ class Server:
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._server: Optional[asyncio.AbstractServer] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
+        self._background: List["asyncio.Task[None]"] = []
+        self._reload_lock = asyncio.Lock()
+        self.closing = False
         self.port: Optional[int] = None
 
     async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
@@ -2340,17 +2361,125 @@ class Server:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    async def stop(self) -> None:
-        """Stop accepting, cut what is left, stop switching, kill running hooks."""
+    async def adopt(self) -> None:
+        """At start, before listening: run every alive hook.  A model that is up already
+        (llmux restarted while it stayed loaded) becomes ACTIVE without a wake; if several
+        are up, the preload one (else the first in the config) is kept and the others are
+        put to sleep.  With none up, ``preload`` is woken in the background."""
+        cfgs = [m for m in self.config.models.values() if m.alive]
+        found = await asyncio.gather(*(self.hooks.alive(m) for m in cfgs))
+        up = [m.name for m, ok in zip(cfgs, found) if ok]
+        preload = self.config.preload
+        if up:
+            keep = preload if preload in up else up[0]
+            for name in up:
+                if name != keep:
+                    self.log.info("startup.extra_model_up", model=name, keeping=keep)
+                    try:
+                        await self.hooks.run(self.config.models[name], "sleep")
+                    except HookError:
+                        pass  # logged; it will be slept again before any other wake
+            self.switcher.adopt(keep)
+        elif preload is not None:
+            self.switcher.start_wake(preload, "preload")
+
+    def start_background(self) -> None:
+        """Liveness checks of the active model."""
+        self._background.append(asyncio.get_running_loop().create_task(self._liveness()))
+
+    async def _liveness(self) -> None:
+        while True:
+            interval = self.config.policy.alive_interval_secs
+            await asyncio.sleep(interval or 1.0)
+            if not interval:
+                continue
+            sw = self.switcher
+            for m in list(sw.models.values()):
+                if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
+                    continue
+                if not await self.hooks.alive(m.cfg) and m.state is ModelState.ACTIVE:
+                    self.log.warning("model.alive_failed", model=m.name)
+                    sw.start_sleep(m.name, "its alive hook failed")
+
+    async def reload(self) -> bool:
+        """Re-read the config file (SIGHUP).  An invalid one is logged and ignored.
+        Models whose config is unchanged are not touched; a changed or removed model that
+        is awake is drained and put to sleep (with its old hooks) first."""
+        async with self._reload_lock:
+            try:
+                new = load_config(self.config.path or "")
+            except ConfigError as e:
+                self.log.error("reload.failed", reason="; ".join(e.problems),
+                               keeping="the running config")
+                return False
+            old = self.config
+            if (new.port, new.host) != (old.port, old.host):
+                self.log.warning("reload.restart_needed", reason="port and host apply at start only")
+            changed = [n for n in old.models if n in new.models and old.models[n] != new.models[n]]
+            removed = [n for n in old.models if n not in new.models]
+            added = [n for n in new.models if n not in old.models]
+            sw = self.switcher
+            sw.held = True
+            try:
+                for name in changed + removed:
+                    while sw.models[name].state is not ModelState.ASLEEP:
+                        await sw.wait_idle()
+                        task = sw.start_sleep(name, "config reload")
+                        if task is not None and await asyncio.shield(task) != "ok":
+                            self.log.error("reload.sleep_failed", model=name)
+                            break
+                sw.replace_config(new)
+            finally:
+                sw.held = False
+            self.config = new
+            self.hooks.timeout = new.policy.hook_timeout_secs
+            self.hooks.cwd = os.path.dirname(new.path) if new.path else None
+            self._keys = [k.encode("utf-8") for k in new.api_keys]
+            sw._schedule()
+            self.log.info("reload.done", added=",".join(added) or None,
+                          changed=",".join(changed) or None, removed=",".join(removed) or None)
+            return True
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop accepting, let requests in flight finish within
+        shutdown_grace_secs, then stop; with sleep_on_exit, sleep the active model."""
+        self.closing = True
         if self._server is not None:
             self._server.close()
+        for proto, busy in list(self._busy.items()):
+            if not busy and proto._llmux_task is not None:
+                proto._llmux_task.cancel()  # idle keep-alive connections go now
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.policy.shutdown_grace_secs
+        while any(self._busy.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left = sum(1 for busy in self._busy.values() if busy)
+        self.log.info("shutdown.drained", requests_cut=left)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, fail the queue, cut what is left, kill running hooks."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for task in self._background:
+            task.cancel()
+        await self.switcher.close()  # queued requests get 503 shutting_down
+        await asyncio.sleep(0)  # let them write it
         for proto in list(self._busy):
             if proto._llmux_task is not None:
                 proto._llmux_task.cancel()
-        await self.switcher.close()
         tasks = [p._llmux_task for p in self._busy if p._llmux_task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        if self.config.policy.sleep_on_exit:
+            for m in self.switcher.models.values():
+                if m.state is not ModelState.ASLEEP:
+                    self.log.info("shutdown.sleep", model=m.name, state=m.state.value)
+                    try:
+                        await self.hooks.run(m.cfg, "sleep")
+                    except HookError:
+                        pass  # logged
         self.hooks.close()
         self.pool.close_all()
 
@@ -2377,7 +2506,7 @@ class Server:
                 self._busy[proto] = True
                 keep = await self._respond(request[0], request[1], writer, proto)
                 self._busy[proto] = False
-                if not keep or proto.gone:
+                if not keep or proto.gone or self.closing:
                     return
         except HTTPError as e:
             self.log.info("request.rejected", status=e.status, reason=e.message,
@@ -2929,6 +3058,7 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     """Run the proxy until SIGINT or SIGTERM."""
     loop = asyncio.get_running_loop()
     server = Server(config, log)
+    await server.adopt()
     try:
         bound = await server.start(host, port)
     except OSError as e:
@@ -2936,12 +3066,17 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
         return 1
     log.info("listening", url=f"http://{host}:{bound}", models=",".join(config.models),
              policy=config.policy.name, version=__version__, pid=os.getpid())
+    server.start_background()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: List["asyncio.Task[bool]"] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(server.reload())))
     await stop.wait()
-    log.info("shutdown")
-    await server.stop()
+    log.info("shutdown", grace_secs=config.policy.shutdown_grace_secs)
+    await server.shutdown()
+    for task in reloads:
+        task.cancel()
     return 0
 
 

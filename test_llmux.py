@@ -1683,3 +1683,119 @@ def test_control_sleep_drains_first_and_409_while_switching(env: Env) -> None:
     assert join(t, box)[0] == 200
     lines = env.lines()
     assert lines.index("stream-end a") < lines.index("sleep-start a")
+
+
+# ─────────────────────────────── lifecycle ──────────────────────────────────────────────
+
+
+def alive_hook(env: Env, name: str) -> str:
+    """Alive while the file up-NAME exists (as a server would be)."""
+    return f"[ -e {env.tmp / ('up-' + name)} ]"
+
+
+def test_startup_adopts_a_model_that_is_already_up(env: Env) -> None:
+    (env.tmp / "up-b").touch()
+    lx = env.start({n: env.model(n, alive=alive_hook(env, n)) for n in "ab"})
+    assert lx.health()["active"] == ["b"]
+    assert lx.chat("b")[1]["backend"] == "b"
+    assert env.lines() == ["req b"]  # no wake: adopted
+
+
+def test_startup_with_several_up_keeps_preload_and_sleeps_the_rest(env: Env) -> None:
+    for n in "abc":
+        (env.tmp / f"up-{n}").touch()
+    lx = env.start({n: env.model(n, alive=alive_hook(env, n)) for n in "abc"}, preload="b")
+    assert lx.health()["active"] == ["b"]
+    assert sorted(env.lines()) == ["sleep-end a", "sleep-end c", "sleep-start a", "sleep-start c"]
+
+
+def test_preload_wakes_a_model_at_start(env: Env) -> None:
+    lx = env.start({n: env.model(n) for n in "ab"}, preload="b")
+    lx.wait_log(r"switch\.end to=b result=ok")
+    assert env.lines() == ["wake-start b", "wake-end b"]
+
+
+def test_liveness_failure_sleeps_the_model_and_the_next_request_wakes_it(env: Env) -> None:
+    up = env.tmp / "up-a"
+    lx = env.start({"a": env.model("a", alive=alive_hook(env, "a"), wake_extra=f"touch {up}")},
+                   policy={"alive_interval_secs": 0.1})
+    assert lx.chat("a")[0] == 200
+    lx.wait_log(r"hook\.exit model=a hook=alive code=0")
+    up.unlink()  # the server died
+    lx.wait_log(r"warning model\.alive_failed model=a")
+    lx.wait_log(r"switch\.end from=a result=ok")
+    assert lx.health()["active"] == []
+    assert lx.chat("a")[0] == 200
+    assert env.lines().count("wake-start a") == 2
+
+
+def test_idle_sleep_frees_the_model(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b", idle_sleep_secs=0.2)},
+                   policy={"idle_sleep_secs": 0})
+    assert lx.chat("b")[0] == 200
+    match = lx.wait_log(r"model\.state model=b from=active to=draining after_secs=([0-9.]+) "
+                        r"reason=\"idle for 0\.2s")
+    assert float(match.group(1)) >= 0.2
+    lx.wait_log(r"model\.state model=b from=sleeping to=asleep")
+    assert lx.chat("a")[0] == 200
+    assert "sleep-start a" not in env.lines()  # model a has no idle_sleep_secs
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_sleeps_on_exit(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, policy={"sleep_on_exit": True, "shutdown_grace_secs": 30})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    lx.proc.send_signal(signal.SIGTERM)
+    lx.wait_log(r"info shutdown grace_secs=30")
+    with pytest.raises(OSError):  # no longer accepting
+        socket.create_connection(("127.0.0.1", lx.port), timeout=T).close()
+    env.gate("a").touch()
+    assert resp.read().endswith(b"data: [DONE]\n\n")
+    conn.close()
+    assert lx.proc.wait(T) == 0
+    lx.wait_log(r"shutdown\.drained requests_cut=0")
+    assert env.lines()[-2:] == ["sleep-start a", "sleep-end a"]
+
+
+def test_sigterm_answers_queued_requests_after_the_grace_period(env: Env) -> None:
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {env.gate('a')} ]; do sleep 0.01; done")},
+                   policy={"shutdown_grace_secs": 0.2})
+    t, box = run_bg(lx.chat, "a")
+    lx.wait_log(r"hook\.start model=a hook=wake")
+    lx.proc.send_signal(signal.SIGTERM)
+    status, payload = join(t, box)
+    assert status == 503 and payload["error"]["code"] == "shutting_down"
+    assert lx.proc.wait(T) == 0
+    assert "wake-end a" not in env.lines()  # the hung wake was killed, not left behind
+
+
+def test_sighup_reload_keeps_unchanged_models_and_applies_changes(env: Env) -> None:
+    models = {"a": env.model("a"), "b": env.model("b")}
+    lx = env.start(models)
+    assert lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    # 1. An invalid config is refused; llmux keeps serving on the old one.
+    lx.config_path.write_text('{"models": {"a": {"port": "x"}}}')
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r'error reload\.failed reason="models\.a\.port: expected a port number')
+    assert lx.chat("a")[0] == 200
+    # 2. Adding a model and changing a sleeping one does not touch the active one.
+    config["models"]["c"] = env.model("c")
+    config["models"]["b"]["wake"] = env.hook("wake2")
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done added=c changed=b")
+    assert lx.health()["active"] == ["a"] and env.lines() == ["wake-start a", "wake-end a", "req a", "req a"]
+    assert lx.chat("c")[1]["backend"] == "c"
+    assert lx.chat("b")[1]["backend"] == "b"
+    assert env.lines()[-3:] == ["wake2-start b", "wake2-end b", "req b"]
+    # 3. Changing the active model drains and sleeps it first; removing one fails its queue.
+    config["models"]["b"]["sleep"] = env.hook("sleep2")
+    del config["models"]["c"]
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done changed=b removed=c")
+    assert env.lines()[-2:] == ["sleep-start b", "sleep-end b"]  # with its old hook
+    assert lx.health()["active"] == []
+    assert lx.chat("c")[0] == 404
+    assert lx.chat("b")[0] == 200
