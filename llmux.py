@@ -239,8 +239,9 @@ class Log:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         stamp = "%s.%03dZ" % (self._prefix, int(now % 1 * 1000))
         if self.fmt == "json":
-            line = json.dumps({"ts": stamp, "level": level, "event": event, **fields},
-                              default=str, separators=(",", ":"))
+            record = {"ts": stamp, "level": level, "event": event}
+            record.update((k.rstrip("_"), v) for k, v in fields.items() if v is not None)
+            line = json.dumps(record, default=str, separators=(",", ":"))
         else:
             text = fields.pop("text", None)
             parts = [stamp, level, event]

@@ -221,7 +221,7 @@ class Llmux:
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.port = int(self.wait_log(r"listening url=http://127\.0\.0\.1:(\d+)").group(1))
+        self.port = int(self.wait_log(r"listening.*url\W+http://127\.0\.0\.1:(\d+)").group(1))
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -1799,3 +1799,17 @@ def test_sighup_reload_keeps_unchanged_models_and_applies_changes(env: Env) -> N
     assert lx.health()["active"] == []
     assert lx.chat("c")[0] == 404
     assert lx.chat("b")[0] == 200
+
+
+def test_json_log_format_is_one_object_per_line(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, args=("--log-format", "json"))
+    assert lx.chat("a")[0] == 200
+    lx.wait_log(r'"event":"request"')
+    lx.stop()
+    events = [json.loads(line) for line in lx.lines if line != "<exit>"]
+    assert all({"ts", "level", "event"} <= set(e) for e in events)
+    switch = next(e for e in events if e["event"] == "switch.end")
+    assert "from_" not in json.dumps(events)
+    assert switch["to"] == "a" and switch["result"] == "ok" and isinstance(switch["secs"], float)
+    hook = next(e for e in events if e["event"] == "hook.exit")
+    assert hook == {**hook, "model": "a", "hook": "wake", "code": 0}
