@@ -126,6 +126,8 @@ DEFAULT_MAX_QUEUE = 4096  # 503 + Retry-After beyond this many waiting requests.
 SWITCH_COST_EMA_ALPHA = 0.3  # weight of the newest switch in the cost estimate.
 DEFAULT_ALIVE_INTERVAL = 30.0  # an active model's alive hook runs this often (0 = never).
 DEFAULT_SHUTDOWN_GRACE = 30.0  # on SIGTERM, in-flight requests get this long to finish.
+DEFAULT_MAX_WAIT = 60.0  # policy "cost": no request waits longer for its switch to start.
+DEMAND_HALF_LIFE = 60.0  # policy "cost": how fast a model's recent demand is forgotten.
 
 HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
 HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
@@ -389,6 +391,7 @@ class ModelConfig:
     alive: Optional[str] = None
     aliases: Tuple[str, ...] = ()
     idle_sleep_secs: Optional[float] = None  # overrides policy.idle_sleep_secs
+    size: float = 1.0  # share of policy.capacity it takes while awake
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,9 @@ class Policy:
     idle_sleep_secs: float = 0.0
     shutdown_grace_secs: float = DEFAULT_SHUTDOWN_GRACE
     sleep_on_exit: bool = False
+    capacity: Optional[float] = None  # None: one model awake at a time
+    max_wait_secs: float = DEFAULT_MAX_WAIT  # policy "cost": the starvation bound
+    cost_factor: float = 1.0  # policy "cost": wait this many switch costs before switching
 
 
 @dataclass(frozen=True)
@@ -524,9 +530,12 @@ _POLICY_NUMBERS = {
     "alive_interval_secs": (False, False),
     "idle_sleep_secs": (False, False),
     "shutdown_grace_secs": (False, False),
+    "capacity": (True, True),
+    "max_wait_secs": (False, True),
+    "cost_factor": (False, False),
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs")
-_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs")
+_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "preload")
 
 
@@ -626,8 +635,13 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
             names[label] = name
         idle = c.number(f"{where}.idle_sleep_secs", m["idle_sleep_secs"], nullable=True) \
             if "idle_sleep_secs" in m else None
+        size = c.number(f"{where}.size", m["size"], positive=True) if "size" in m else 1.0
+        capacity = policy_args.get("capacity")
+        if size is not None and capacity is not None and size > capacity:
+            c.problems.append(f"{where}.size: {size:g} is more than policy.capacity {capacity:g}; "
+                              "expected a size that fits")
         models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases),
-                                   idle_sleep_secs=idle, **hooks)
+                                   idle_sleep_secs=idle, size=size or 1.0, **hooks)
 
     preload = raw.get("preload")
     if preload is not None and preload not in models:
@@ -1770,6 +1784,12 @@ class _Model:
         self.active_since: Optional[float] = None
         self.last_used = 0.0
         self.backoff_until = 0.0
+        self.demand = 0.0  # requests, decayed with DEMAND_HALF_LIFE
+        self.demand_at = now
+
+    def recent_demand(self, now: float) -> float:
+        """Requests lately, each counting less as it ages (half-life DEMAND_HALF_LIFE)."""
+        return self.demand * 0.5 ** ((now - self.demand_at) / DEMAND_HALF_LIFE)
 
     def oldest_wait(self) -> Optional[float]:
         """When the oldest waiting request for this model arrived, or None."""
@@ -1812,6 +1832,11 @@ class SchedulingPolicy:
         """
         raise NotImplementedError
 
+    def eviction_order(self, switcher: "Switcher", awake: List["_Model"], now: float) -> List["_Model"]:
+        """Awake models in the order to put them to sleep when room is needed (first
+        evicted first).  Default: those with nothing in flight, least recently used first."""
+        return sorted(awake, key=lambda m: (m.in_flight > 0, m.last_used))
+
 
 class FifoPolicy(SchedulingPolicy):
     """Switch to the model whose oldest waiting request arrived first."""
@@ -1826,7 +1851,56 @@ class FifoPolicy(SchedulingPolicy):
         return (best.name if best else None), None
 
 
-POLICIES: Dict[str, Callable[[], SchedulingPolicy]] = {"fifo": FifoPolicy}
+class CostAwarePolicy(SchedulingPolicy):
+    """Batch switches by their measured cost, within a starvation bound.
+
+    For a waiting model M whose switch would put models V to sleep, with c the measured
+    cost of that switch (the moving average of sleep+wake for the pair V -> M):
+    - if V have no demand (nothing in flight and no request for cost_factor * c), switch
+      to M now: nothing is gained by waiting;
+    - otherwise keep serving V and switch once M's oldest request has waited
+      cost_factor * c, or, at the latest, when it has waited max_wait_secs - c - d (d:
+      the moving average of drain times), so that it is served within max_wait_secs;
+    - of several models due, the one whose oldest request came first goes first.
+    Under interleaved traffic this turns one switch per request into one switch per
+    batch.  With co-residency it evicts the models whose recent demand times wake cost
+    is lowest.
+    """
+
+    name = "cost"
+
+    def choose(self, switcher: "Switcher", now: float) -> Tuple[Optional[str], Optional[float]]:
+        policy = switcher.policy_cfg
+        due: List[_Model] = []
+        again: Optional[float] = None
+        for m in switcher.candidates():
+            victims = switcher.victims_for(m, now)
+            if victims is None:  # held by min_active_secs: the switcher will wait anyway
+                due.append(m)
+                continue
+            cost = switcher.cost_estimate([v.name for v in victims], m.name)
+            patience = policy.cost_factor * cost
+            oldest = m.queue[0].enqueued_at
+            deadline = oldest + min(patience, max(0.0, policy.max_wait_secs - cost - switcher.drain_ema))
+            quiet_at = max([v.last_used + patience for v in victims], default=now)
+            busy = any(v.in_flight for v in victims) or quiet_at > now
+            if not victims or not busy or deadline <= now:
+                due.append(m)
+            else:
+                later = deadline if any(v.in_flight for v in victims) else min(deadline, quiet_at)
+                again = later if again is None else min(again, later)
+        if due:
+            return min(due, key=lambda m: m.queue[0].enqueued_at).name, None
+        return None, again
+
+    def eviction_order(self, switcher: "Switcher", awake: List["_Model"], now: float) -> List["_Model"]:
+        def worth(m: _Model) -> Tuple[bool, float, float]:
+            return (m.in_flight > 0, m.recent_demand(now) * switcher.cost_estimate([], m.name),
+                    m.last_used)
+        return sorted(awake, key=worth)
+
+
+POLICIES: Dict[str, Callable[[], SchedulingPolicy]] = {"fifo": FifoPolicy, "cost": CostAwarePolicy}
 
 
 class Switcher:
@@ -1867,6 +1941,7 @@ class Switcher:
         self.queued = 0
         self.switching: Optional[Tuple[List[str], str]] = None  # (victims, target)
         self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
+        self.drain_ema = 0.0
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
         self.closed = False
         self.held = False  # a config reload is being applied: start no new switch
@@ -1876,6 +1951,43 @@ class Switcher:
         self._changed: Optional["asyncio.Future[None]"] = None
 
     # -- what policies and status read --
+
+    def victims_for(self, target: _Model, now: float) -> Optional[List[_Model]]:
+        """The awake models to put to sleep so that ``target`` fits, in eviction order;
+        None if room can only be made by evicting models held by min_active_secs."""
+        awake = [m for m in self.models.values() if m is not target and m.state is ModelState.ACTIVE]
+        capacity = self.policy_cfg.capacity
+        if capacity is None:
+            need, victims = (1.0 if awake else 0.0), awake  # one model at a time
+        else:
+            need = sum(m.cfg.size for m in awake) + target.cfg.size - capacity
+            victims = []
+        if need <= 1e-9:
+            return []
+        min_active = self.policy_cfg.min_active_secs
+        free = [m for m in self.policy.eviction_order(self, awake, now)
+                if m.active_since is None or now - m.active_since >= min_active]
+        if capacity is None:
+            return victims if len(free) == len(awake) else None
+        for m in free:
+            victims.append(m)
+            need -= m.cfg.size
+            if need <= 1e-9:
+                return victims
+        return None
+
+    def cost_estimate(self, victims: List[str], target: str) -> float:
+        """Measured cost of sleeping ``victims`` and waking ``target``: the moving average
+        for that pair, else for any switch to ``target``, else for any switch, else 0."""
+        exact = self.costs.get((",".join(victims), target))
+        if exact is not None:
+            return exact
+        to_target = [v for (f, t), v in self.costs.items() if t == target]
+        pool = to_target or list(self.costs.values())
+        return sum(pool) / len(pool) if pool else 0.0
+
+    def capacity_used(self) -> float:
+        return sum(m.cfg.size for m in self.models.values() if m.state is not ModelState.ASLEEP)
 
     def candidates(self) -> List[_Model]:
         """Models a switch could go to now: waited for, not ACTIVE, not backing off."""
@@ -1893,6 +2005,8 @@ class Switcher:
             "switching": ({"from": self.switching[0], "to": self.switching[1]}
                           if self.switching else None),
             "queued": self.queued,
+            "capacity": self.policy_cfg.capacity,
+            "capacity_used": self.capacity_used(),
             "models": {m.name: {"state": m.state.value, "in_flight": m.in_flight,
                                 "queued": len(m.queue)} for m in self.models.values()},
             "switch_cost_secs": {f"{frm or '-'}->{to}": round(secs, 6)
@@ -1908,6 +2022,9 @@ class Switcher:
         HookError when the switch to ``name`` failed.
         """
         m = self.models[name]
+        now = self.clock()
+        m.demand = m.recent_demand(now) + 1.0
+        m.demand_at = now
         if m.state is ModelState.ACTIVE:
             self.metrics.observe("llmux_request_queue_wait_seconds", name, value=0.0)
             return self._new_slot(m, asyncio.current_task())
@@ -1993,13 +2110,12 @@ class Switcher:
             self._set_timer(min([t for t in [when, *backoff] if t is not None], default=None))
             return
         target = self.models[target_name]
-        victims = [m for m in self.models.values()
-                   if m is not target and m.state is ModelState.ACTIVE]
-        min_active = self.policy_cfg.min_active_secs
-        held = [v.active_since + min_active for v in victims
-                if v.active_since is not None and now - v.active_since < min_active]
-        if held:
-            self._set_timer(max(held))
+        victims = self.victims_for(target, now)
+        if victims is None:  # room only by evicting models held by min_active_secs
+            min_active = self.policy_cfg.min_active_secs
+            self._set_timer(min(m.active_since + min_active for m in self.models.values()
+                                if m.state is ModelState.ACTIVE and m.active_since is not None
+                                and now - m.active_since < min_active))
             return
         self._set_timer(None)
         for v in victims:
@@ -2064,6 +2180,7 @@ class Switcher:
                     result = "abandoned"
                     return result
                 drain_secs = self.clock() - started
+                self.drain_ema += SWITCH_COST_EMA_ALPHA * (drain_secs - self.drain_ema)
                 for v in victims:
                     self._set_state(v, ModelState.SLEEPING, reason)
                     try:
@@ -2127,7 +2244,11 @@ class Switcher:
         m = self.models[name]
         if self.busy() or self.closed:
             return None
-        victims = [v for v in self.models.values() if v is not m and v.state is ModelState.ACTIVE]
+        now = self.clock()
+        victims = self.victims_for(m, now)
+        if victims is None:  # an explicit request overrides min_active_secs
+            victims = [v for v in self.policy.eviction_order(self, [
+                x for x in self.models.values() if x is not m and x.state is ModelState.ACTIVE], now)]
         for v in victims:
             self._set_state(v, ModelState.DRAINING, f"switching to '{name}' ({reason})")
         self.switching = ([v.name for v in victims], name)
@@ -2446,7 +2567,8 @@ class Server:
         shutdown_grace_secs, then stop; with sleep_on_exit, sleep the active model."""
         self.closing = True
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # the listening sockets are closed when this returns
+        self.log.info("shutdown", grace_secs=self.config.policy.shutdown_grace_secs)
         for proto, busy in list(self._busy.items()):
             if not busy and proto._llmux_task is not None:
                 proto._llmux_task.cancel()  # idle keep-alive connections go now
@@ -3074,7 +3196,6 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     reloads: List["asyncio.Task[bool]"] = []
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(server.reload())))
     await stop.wait()
-    log.info("shutdown", grace_secs=config.policy.shutdown_grace_secs)
     await server.shutdown()
     for task in reloads:
         task.cancel()

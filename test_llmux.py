@@ -454,7 +454,7 @@ def test_defaults() -> None:
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
     ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, preload"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
-     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs"]),
+     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
     ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
     ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
@@ -470,12 +470,15 @@ def test_defaults() -> None:
      ['policy.request_timeout_secs: expected a number > 0 or null; got "30" (a string)']),
     ({**GOOD, "policy": {"drain_before_switch": "yes"}},
      ['policy.drain_before_switch: expected true or false; got "yes" (a string)']),
-    ({**GOOD, "policy": {"name": "lifo"}}, ['policy.name: expected one of fifo; got "lifo" (a string)']),
+    ({**GOOD, "policy": {"name": "lifo"}}, ['policy.name: expected one of cost, fifo; got "lifo" (a string)']),
     ({**GOOD, "policy": {"max_queue": 1.5}}, ["policy.max_queue: expected a whole number > 0; got 1.5 (a number)"]),
     ({**GOOD, "policy": {"speed": 1}}, ["policy.speed: unknown key; expected one of name, drain_before_switch, max_queue, "
                                         "sleep_on_exit, request_timeout_secs, min_active_secs, hook_timeout_secs, "
                                         "drain_timeout_secs, upstream_timeout_secs, wake_backoff_secs, "
-                                        "alive_interval_secs, idle_sleep_secs, shutdown_grace_secs"]),
+                                        "alive_interval_secs, idle_sleep_secs, shutdown_grace_secs, capacity, "
+                                        "max_wait_secs, cost_factor"]),
+    ({"models": {"a": {"port": 8001, "size": 3}}, "policy": {"capacity": 2}},
+     ["models.a.size: 3 is more than policy.capacity 2; expected a size that fits"]),
     ({**GOOD, "preload": "zz"}, ['preload: expected null or the name of a model in \'models\'; got "zz" (a string)']),
     ({**GOOD, "http": {"max_body_bytes": 0}}, ["http.max_body_bytes: expected a whole number > 0; got 0 (a number)"]),
     ({**GOOD, "port": -1}, ["port: expected a port number from 0 to 65535; got -1 (a number)"]),
@@ -499,7 +502,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, LLMUX, "-c", str(path)], capture_output=True, text=True, timeout=T)
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
-        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs"
+        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size"
         .replace("models.b: x", "models.b.x"),
         "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
 

