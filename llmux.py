@@ -62,6 +62,7 @@ import http.client
 import json
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -413,7 +414,7 @@ class Policy:
     sleep_on_exit: bool = False
     capacity: Optional[float] = None  # None: one model awake at a time
     max_wait_secs: float = DEFAULT_MAX_WAIT  # policy "cost": the starvation bound
-    cost_factor: float = 1.0  # policy "cost": wait this many switch costs before switching
+    cost_factor: float = 3.0  # policy "cost": serve this many switch costs before switching
 
 
 @dataclass(frozen=True)
@@ -1852,19 +1853,20 @@ class FifoPolicy(SchedulingPolicy):
 
 
 class CostAwarePolicy(SchedulingPolicy):
-    """Batch switches by their measured cost, within a starvation bound.
+    """Amortize switches over their measured cost, within a starvation bound.
 
-    For a waiting model M whose switch would put models V to sleep, with c the measured
-    cost of that switch (the moving average of sleep+wake for the pair V -> M):
-    - if V have no demand (nothing in flight and no request for cost_factor * c), switch
-      to M now: nothing is gained by waiting;
-    - otherwise keep serving V and switch once M's oldest request has waited
-      cost_factor * c, or, at the latest, when it has waited max_wait_secs - c - d (d:
-      the moving average of drain times), so that it is served within max_wait_secs;
+    For a waiting model M whose switch would put models V to sleep, let c be the
+    measured cost of that switch (moving average of sleep + wake for V -> M) and
+    q = cost_factor * c, the quantum:
+    - if V have no demand (nothing in flight and no request for c seconds), switch to M
+      now: nothing is gained by waiting;
+    - otherwise V keep the GPU until they have been active for q, and then until M's
+      oldest request has waited q: switching costs c, so each model is served for a
+      few times c before paying it again (time lost to switching <= 1 / (1 + factor));
+    - but never later than when M's oldest request has waited max_wait_secs - c - d
+      (d: the longest of the last 8 drains): the starvation bound;
     - of several models due, the one whose oldest request came first goes first.
-    Under interleaved traffic this turns one switch per request into one switch per
-    batch.  With co-residency it evicts the models whose recent demand times wake cost
-    is lowest.
+    With co-residency it evicts the models whose recent demand times wake cost is lowest.
     """
 
     name = "cost"
@@ -1878,17 +1880,27 @@ class CostAwarePolicy(SchedulingPolicy):
             if victims is None:  # held by min_active_secs: the switcher will wait anyway
                 due.append(m)
                 continue
-            cost = switcher.cost_estimate([v.name for v in victims], m.name)
-            patience = policy.cost_factor * cost
-            oldest = m.queue[0].enqueued_at
-            deadline = oldest + min(patience, max(0.0, policy.max_wait_secs - cost - switcher.drain_ema))
-            quiet_at = max([v.last_used + patience for v in victims], default=now)
-            busy = any(v.in_flight for v in victims) or quiet_at > now
-            if not victims or not busy or deadline <= now:
+            if not victims:  # it fits: waking it costs nobody anything
                 due.append(m)
-            else:
-                later = deadline if any(v.in_flight for v in victims) else min(deadline, quiet_at)
-                again = later if again is None else min(again, later)
+                continue
+            cost = switcher.cost_estimate([v.name for v in victims], m.name)
+            quantum = policy.cost_factor * cost
+            oldest = m.queue[0].enqueued_at
+            bound = oldest + max(0.0, policy.max_wait_secs - cost - max(switcher.drains, default=0.0))
+            in_flight = any(v.in_flight for v in victims)
+            quiet_at = max(v.last_used + cost for v in victims)
+            if not in_flight and quiet_at <= now:
+                due.append(m)  # the victims have no demand left
+                continue
+            served_until = max((v.active_since or now) + quantum for v in victims)
+            ready = max(served_until, oldest + quantum)
+            when = min(ready, bound)
+            if when <= now:
+                due.append(m)
+                continue
+            if not in_flight:
+                when = min(when, quiet_at)
+            again = when if again is None else min(again, when)
         if due:
             return min(due, key=lambda m: m.queue[0].enqueued_at).name, None
         return None, again
@@ -1941,8 +1953,9 @@ class Switcher:
         self.queued = 0
         self.switching: Optional[Tuple[List[str], str]] = None  # (victims, target)
         self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
-        self.drain_ema = 0.0
+        self.drains: Deque[float] = collections.deque(maxlen=8)  # recent drain times
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
+        self.switch_log: Optional[List[Dict[str, Any]]] = None  # every switch, when a list
         self.closed = False
         self.held = False  # a config reload is being applied: start no new switch
         self._switch_task: Optional["asyncio.Task[str]"] = None
@@ -2180,7 +2193,7 @@ class Switcher:
                     result = "abandoned"
                     return result
                 drain_secs = self.clock() - started
-                self.drain_ema += SWITCH_COST_EMA_ALPHA * (drain_secs - self.drain_ema)
+                self.drains.append(drain_secs)
                 for v in victims:
                     self._set_state(v, ModelState.SLEEPING, reason)
                     try:
@@ -2222,9 +2235,12 @@ class Switcher:
             secs = self.clock() - started
             self.log.info("switch.end", from_=frm or None, to=to or None, result=result,
                           secs=round(secs, 3), drain_secs=round(drain_secs, 3))
-            self.history.append({"from": frm or None, "to": to or None, "result": result,
-                                 "reason": reason or None, "secs": round(secs, 6),
-                                 "drain_secs": round(drain_secs, 6), "at": time.time()})
+            record = {"from": frm or None, "to": to or None, "result": result,
+                      "reason": reason or None, "secs": round(secs, 6),
+                      "drain_secs": round(drain_secs, 6), "at": time.time()}
+            self.history.append(record)
+            if self.switch_log is not None:
+                self.switch_log.append(record)
             self.metrics.inc("llmux_switch_total", frm, to, result)
             self.metrics.observe("llmux_switch_duration_seconds", frm, to, value=secs)
             self.metrics.observe("llmux_switch_drain_duration_seconds", frm, to, value=drain_secs)
@@ -2904,6 +2920,207 @@ def _peer(writer: asyncio.StreamWriter) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
+# ─────────────────────────────────────── simulator ──────────────────────────────────────
+# `llmux.py simulate` runs the real Switcher and policy against a trace on a virtual
+# clock: an event loop whose selector, when nothing is ready, moves time forward to the
+# next timer instead of sleeping.  Hooks become durations.  An hour replays in seconds.
+
+
+class _VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Never blocks: with nothing ready it advances the clock by the timeout."""
+
+    def __init__(self, clock: _VirtualClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout: Optional[float] = None) -> Any:
+        ready = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise RuntimeError("simulation stalled: nothing scheduled and nothing ready")
+        self.clock.now += max(0.0, timeout)
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+    """An asyncio loop on virtual time, for code that only waits on timers."""
+
+    def __init__(self) -> None:
+        self._vclock = _VirtualClock()
+        super().__init__(_VirtualSelector(self._vclock))
+
+    def time(self) -> float:
+        return self._vclock.now
+
+
+class SimHooks:
+    """Hooks as durations: ``wake[model]`` and ``sleep[model]`` seconds (defaults ``"*"``)."""
+
+    def __init__(self, wake: Dict[str, float], sleep: Dict[str, float]) -> None:
+        self.wake = wake
+        self.sleep = sleep
+        self.last: Dict[Tuple[str, str], HookResult] = {}
+        self.timeout: Optional[float] = None
+
+    async def run(self, model: ModelConfig, hook: str) -> HookResult:
+        table = self.wake if hook == "wake" else self.sleep
+        secs = table.get(model.name, table.get("*", 0.0))
+        await asyncio.sleep(secs)
+        result = HookResult(model.name, hook, 0, duration=secs)
+        self.last[(model.name, hook)] = result
+        return result
+
+    async def alive(self, model: ModelConfig) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class TraceEntry(NamedTuple):
+    t: float  # arrival, seconds from the start
+    model: str
+    service: float  # how long the request holds its slot once served
+
+
+def load_trace(path: str, models: Iterable[str]) -> List[TraceEntry]:
+    """A JSONL trace: one {"t": s, "model": name, "service": s} per line."""
+    known = set(models)
+    entries = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                entry = TraceEntry(float(doc["t"]), str(doc["model"]), float(doc["service"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError([f"{path}:{n}: expected {{\"t\": seconds, \"model\": name, "
+                                   f"\"service\": seconds}}; got {line.strip()[:60]} ({e})"]) from None
+            if entry.model not in known:
+                raise ConfigError([f"{path}:{n}: model '{entry.model}' is not in the config"])
+            entries.append(entry)
+    return sorted(entries, key=lambda e: e.t)
+
+
+def simulate(config: Config, trace: Sequence[TraceEntry], hooks: SimHooks,
+             log: Optional[Log] = None, concurrency: Optional[int] = None) -> Dict[str, Any]:
+    """Replay ``trace`` through the real Switcher on virtual time; return the figures.
+
+    ``concurrency``: how many requests one backend serves at once (a GPU's batch); the
+    others wait inside the backend, holding their slot, as they would for real."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(_simulate(config, trace, hooks, log or Log(open(os.devnull, "w")),
+                                                 concurrency))
+    finally:
+        loop.close()
+
+
+async def _simulate(config: Config, trace: Sequence[TraceEntry], hooks: SimHooks,
+                    log: Log, concurrency: Optional[int]) -> Dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    switcher = Switcher(config, hooks, POLICIES[config.policy.name](), log)  # type: ignore[arg-type]
+    switcher.switch_log = history = []
+    waits: List[float] = []
+    errors: Dict[str, int] = {}
+    tasks: List["asyncio.Task[None]"] = []
+    seats = {name: asyncio.Semaphore(concurrency) for name in config.models} if concurrency else {}
+
+    async def one(entry: TraceEntry) -> None:
+        arrived = loop.time()
+        try:
+            slot = await switcher.acquire(entry.model)
+        except LLMuxError as e:
+            errors[str(e.status)] = errors.get(str(e.status), 0) + 1
+            return
+        waits.append(loop.time() - arrived)
+        try:
+            if seats:
+                async with seats[entry.model]:
+                    await asyncio.sleep(entry.service)
+            else:
+                await asyncio.sleep(entry.service)
+        finally:
+            slot.release()
+
+    for entry in trace:
+        delay = entry.t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(entry)))
+    await asyncio.gather(*tasks)
+    end = loop.time()
+    await switcher.close()
+    switching = sum(h["secs"] - h["drain_secs"] for h in history)  # sleep + wake: GPU unusable
+    waits.sort()
+
+    def pct(p: float) -> float:
+        return waits[min(len(waits) - 1, int(p * len(waits)))] if waits else 0.0
+
+    return {"requests": len(trace), "served": len(waits), "errors": errors,
+            "wait_p50": pct(0.5), "wait_p99": pct(0.99), "wait_max": waits[-1] if waits else 0.0,
+            "switches": sum(1 for h in history if h["result"] == "ok" and h["to"]),
+            "switch_order": [[h["from"] or "", h["to"] or ""] for h in history if h["result"] == "ok"],
+            "switching_share": switching / end if end else 0.0, "makespan": end,
+            "served_per_hour": len(waits) / end * 3600 if end else 0.0}
+
+
+def simulate_main(argv: Sequence[str]) -> int:
+    """``llmux.py simulate``: try a policy on a trace of your own traffic."""
+    ap = argparse.ArgumentParser(
+        prog="llmux.py simulate",
+        description="Replay a trace through llmux's real switcher and policy on a virtual clock.")
+    ap.add_argument("--config", "-c", required=True, help="llmux config (its models and policy)")
+    ap.add_argument("--trace", "-t", required=True,
+                    help='JSONL, one {"t": seconds, "model": name, "service": seconds} per line')
+    ap.add_argument("--policy", choices=sorted(POLICIES), help="override policy.name")
+    ap.add_argument("--wake-secs", type=float, default=1.0, help="wake hook duration (default 1)")
+    ap.add_argument("--sleep-secs", type=float, default=0.5, help="sleep hook duration (default 0.5)")
+    ap.add_argument("--costs", help='JSON {"wake": {"model": secs, ...}, "sleep": {...}}, e.g. '
+                                    "from llmux_hook_duration_seconds")
+    ap.add_argument("--concurrency", type=int, help="requests one backend serves at once "
+                                                    "(default: unlimited)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every event (virtual time)")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.policy:
+            config = Config(**{**config.__dict__,
+                               "policy": Policy(**{**config.policy.__dict__, "name": args.policy})})
+        trace = load_trace(args.trace, config.models)
+        wake: Dict[str, float] = {"*": args.wake_secs}
+        sleep: Dict[str, float] = {"*": args.sleep_secs}
+        if args.costs:
+            with open(args.costs) as f:
+                costs = json.load(f)
+            wake.update(costs.get("wake", {}))
+            sleep.update(costs.get("sleep", {}))
+    except (ConfigError, OSError, ValueError) as e:
+        for problem in getattr(e, "problems", [str(e)]):
+            print(f"llmux simulate: {problem}", file=sys.stderr)
+        return 2
+    result = simulate(config, trace, SimHooks(wake, sleep),
+                      Log(verbose=True) if args.verbose else None, args.concurrency)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"policy {config.policy.name}: {result['served']}/{result['requests']} served, "
+          f"errors {result['errors'] or 'none'}")
+    print(f"wait p50 {result['wait_p50']:.2f}s  p99 {result['wait_p99']:.2f}s  "
+          f"max {result['wait_max']:.2f}s")
+    print(f"switches {result['switches']}, {result['switching_share']:.1%} of the time switching, "
+          f"{result['served_per_hour']:.0f} served per hour over {result['makespan']:.0f}s")
+    return 0
+
+
 # ─────────────────────────────── demo backend and probe ─────────────────────────────────
 # `llmux.py demo-backend` is a small OpenAI-style server that needs no GPU: the example
 # config wakes and sleeps two of them.  It also speaks vLLM's sleep-mode routes (/sleep,
@@ -3157,7 +3374,7 @@ def probe_main(argv: Sequence[str]) -> int:
 
 # ────────────────────────────────────────── CLI ─────────────────────────────────────────
 
-SUBCOMMANDS = {"demo-backend": demo_main, "probe": probe_main}
+SUBCOMMANDS = {"demo-backend": demo_main, "probe": probe_main, "simulate": simulate_main}
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -3166,7 +3383,8 @@ def _arg_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible proxy that switches models on one GPU node with "
                     "wake/sleep shell hooks.",
         epilog="subcommands: 'llmux.py demo-backend -h' (a fake model server), "
-               "'llmux.py probe -h' (an alive check)")
+               "'llmux.py probe -h' (an alive check), 'llmux.py simulate -h' (try a policy "
+               "on a trace)")
     ap.add_argument("-c", "--config", help="config file (.json, or .yaml with PyYAML)")
     ap.add_argument("-p", "--port", type=int, help="listen port (overrides the config; 0 = any)")
     ap.add_argument("--host", help=f"listen address (default: the config's, or {DEFAULT_HOST})")

@@ -1816,3 +1816,130 @@ def test_json_log_format_is_one_object_per_line(env: Env) -> None:
     assert switch["to"] == "a" and switch["result"] == "ok" and isinstance(switch["secs"], float)
     hook = next(e for e in events if e["event"] == "hook.exit")
     assert hook == {**hook, "model": "a", "hook": "wake", "code": 0}
+
+
+# ─────────────────────────────── co-residency, policies, simulator ──────────────────────
+
+
+def check_capacity(lines: List[str], sizes: Dict[str, float], capacity: float) -> int:
+    """At no point of the hook timeline do the awake models' sizes exceed the capacity
+    (a model counts from the start of its wake to the end of its sleep).  Returns the
+    most that was ever awake at once."""
+    awake: Dict[str, float] = {}
+    most = 0
+    for line in lines:
+        kind, _, model = line.partition(" ")
+        if kind == "wake-start":
+            awake[model] = sizes[model]
+        elif kind == "sleep-end":
+            awake.pop(model, None)
+        assert sum(awake.values()) <= capacity, f"{awake} exceed {capacity}: {lines}"
+        most = max(most, len(awake))
+    return most
+
+
+def test_co_resident_models_share_the_capacity(env: Env) -> None:
+    sizes = {"a": 1.0, "b": 1.0, "c": 2.0}
+    lx = env.start({n: env.model(n, size=sizes[n]) for n in "abc"}, policy={"capacity": 2})
+    assert lx.chat("a")[1]["backend"] == "a"
+    assert lx.chat("b")[1]["backend"] == "b"
+    assert sorted(lx.health()["active"]) == ["a", "b"]  # both fit: no sleep
+    assert "sleep-start a" not in env.lines()
+    assert lx.chat("a")[0] == 200  # a is now the most recently used
+    assert lx.chat("c")[1]["backend"] == "c"  # needs 2: both go
+    assert lx.health()["active"] == ["c"] and lx.health()["capacity_used"] == 2
+    assert lx.chat("a")[0] == 200
+    assert lx.chat("b")[0] == 200
+    assert check_capacity(env.lines(), sizes, 2) == 2
+
+
+def test_co_residency_evicts_the_least_recently_used_idle_model(env: Env) -> None:
+    lx = env.start({n: env.model(n) for n in "abc"}, policy={"capacity": 2})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()  # a is busy (and least recently used)
+    assert lx.chat("b")[0] == 200
+    assert lx.chat("c")[1]["backend"] == "c"  # b is idle: it goes, a keeps streaming
+    assert "sleep-start a" not in env.lines() and "sleep-end b" in env.lines()
+    env.gate("a").touch()
+    assert resp.read().endswith(b"data: [DONE]\n\n")
+    conn.close()
+    check_capacity(env.lines(), {"a": 1, "b": 1, "c": 1}, 2)
+
+
+def test_cost_policy_keeps_serving_a_busy_model_within_the_wait_bound(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")},
+                   policy={"name": "cost", "cost_factor": 1000, "max_wait_secs": 0.5})
+    assert lx.chat("a")[0] == 200
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    resp.readline()
+    t, box = run_bg(lx.chat, "b")
+    lx.wait_log(r"request\.queued model=b")
+    # fifo would have started draining a in the same step; cost waits while a is busy ...
+    assert lx.health()["models"]["a"]["state"] == "active"
+    assert lx.chat("a")[0] == 200  # ... and a keeps serving new requests meanwhile
+    # ... until b's request nears max_wait_secs: then a drains and b is served.
+    lx.wait_log(r"model\.state model=a from=active to=draining")
+    env.gate("a").touch()
+    resp.read()
+    conn.close()
+    assert join(t, box)[1]["backend"] == "b"
+
+
+def test_cost_policy_switches_at_once_when_the_active_model_is_idle(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"name": "cost"})
+    assert lx.chat("a")[0] == 200
+    # Unknown switch cost (only the first wake is measured, as "" -> a) and nothing in
+    # flight: nothing is gained by waiting.
+    assert lx.chat("b")[1]["backend"] == "b"
+
+
+FIFO_TRACE = [("a", 0.2), ("b", 0.2), ("a", 0.2), ("c", 0.2), ("b", 0.2), ("c", 0.2), ("a", 0.2)]
+
+
+@pytest.mark.parametrize("policy", [{}, {"capacity": 2}], ids=["exclusive", "capacity-2"])
+def test_simulator_reproduces_the_server_switch_order(env: Env, tmp_path: Path, policy: Dict[str, Any]) -> None:
+    gate = env.gate("first-wake")
+    models = {n: env.model(n) for n in "abc"}
+    models["a"]["wake"] = env.hook("wake", f"while [ ! -e {gate} ]; do sleep 0.01; done")
+    lx = env.start(models, policy=policy)
+    # Every request is queued, in trace order, while the first wake holds.
+    threads = []
+    for i, (model, _) in enumerate(FIFO_TRACE):
+        threads.append(run_bg(lx.chat, model))
+        lx.wait_log(r"request\.queued", count=i + 1)
+    gate.touch()
+    assert all(join(*t)[0] == 200 for t in threads)
+    server = [[s["from"] or "", s["to"]] for s in lx.request("GET", "/llmux/status")[2]["switches"]]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"t": i * 0.001, "model": m, "service": s}) + "\n"
+                             for i, (m, s) in enumerate(FIFO_TRACE)))
+    p = subprocess.run([sys.executable, LLMUX, "simulate", "-c", str(lx.config_path), "-t", str(trace),
+                        "--wake-secs", "0.05", "--sleep-secs", "0.05", "--json"],
+                       capture_output=True, text=True, timeout=T)
+    assert p.returncode == 0, p.stderr
+    simulated = json.loads(p.stdout)
+    assert simulated["switch_order"] == server
+    assert simulated["served"] == len(FIFO_TRACE)
+
+
+def test_simulator_runs_an_hour_in_seconds_and_reports(tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"models": {"a": {"port": 9001}, "b": {"port": 9002}},
+                                  "policy": {"name": "cost", "max_wait_secs": 60}}))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"t": i * 2.0, "model": "ab"[i % 2], "service": 1.0}) + "\n"
+                             for i in range(1800)))
+    p = subprocess.run([sys.executable, LLMUX, "simulate", "-c", str(config), "-t", str(trace)],
+                       capture_output=True, text=True, timeout=T)  # an hour of traffic, replayed
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("policy cost: 1800/1800 served, errors none\nwait p50 ")
+    assert re.search(r"switches \d+, \d+\.\d% of the time switching, \d+ served per hour over 36\d\ds", p.stdout)
+
+
+def test_simulator_rejects_a_bad_trace_clearly(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"t": 0, "model": "zz", "service": 1}\n')
+    p = subprocess.run([sys.executable, LLMUX, "simulate", "-c", str(HERE / "example-config.json"),
+                        "-t", str(trace)], capture_output=True, text=True, timeout=T)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"llmux simulate: {trace}:1: model 'zz' is not in the config"
