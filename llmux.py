@@ -882,15 +882,7 @@ class _Parser:
         if state == self._LENGTH:
             if self._remaining == 0:
                 return self._end()
-            if not buf:
-                if self._eof:
-                    raise self._fail("connection closed before the body was complete")
-                return NEED_DATA
-            n = min(self._remaining, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
-            self._remaining -= n
-            return Body(data)
+            return self._take("connection closed before the body was complete")
         if state == self._CHUNK_SIZE:
             end = buf.find(b"\r\n", 0, MAX_CHUNK_LINE + 2)
             if end < 0:
@@ -916,17 +908,10 @@ class _Parser:
                 self._state = self._CHUNK_DATA
             return self._step()
         if state == self._CHUNK_DATA:
-            if not buf:
-                if self._eof:
-                    raise self._fail("connection closed inside a chunk")
-                return NEED_DATA
-            n = min(self._remaining, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
-            self._remaining -= n
+            event = self._take("connection closed inside a chunk")
             if self._remaining == 0:
                 self._state = self._CHUNK_END
-            return Body(data)
+            return event
         if state == self._CHUNK_END:
             if len(buf) < 2:
                 if self._eof:
@@ -965,6 +950,19 @@ class _Parser:
                 return self._end()
             return NEED_DATA
         raise AssertionError(f"parser in state {state}")  # _BROKEN raises above
+
+    def _take(self, eof_message: str) -> Any:
+        """Up to ``_remaining`` buffered body bytes as a Body; NEED_DATA; an error at EOF."""
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                raise self._fail(eof_message)
+            return NEED_DATA
+        n = min(self._remaining, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        self._remaining -= n
+        return Body(data)
 
     def _head(self) -> Any:
         buf = self._buf

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import llmux  # noqa: E402
+from overhead import stop  # noqa: E402  (bench/ is on the path when run as a script)
 
 LLMUX = str(ROOT / "llmux.py")
 MODELS = ("llama", "qwen", "mistral")
@@ -167,13 +168,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
             health = get_json(port, "/health")
         end = proc_stats(lx.pid)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(*procs)
     log_text = open(log_path).read()
     switches = len(re.findall(r"switch\.end .*result=ok", log_text))
     failed_wakes = len(re.findall(r"error hook\.exit model=\S+ hook=wake", log_text))
