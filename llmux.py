@@ -3394,21 +3394,33 @@ def _arg_parser() -> argparse.ArgumentParser:
 
 
 async def serve(config: Config, log: Log, host: str, port: int) -> int:
-    """Run the proxy until SIGINT or SIGTERM."""
+    """Run the proxy until SIGINT or SIGTERM (SIGHUP reloads the config)."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     server = Server(config, log)
-    await server.adopt()
+    # Start-up adoption runs hooks: a stop meanwhile cancels it, which kills them.
+    adopting = loop.create_task(server.adopt())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([adopting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        adopting.cancel()
+        await asyncio.gather(adopting, return_exceptions=True)
+        server.hooks.close()
+        log.info("shutdown", during="start-up")
+        return 0
+    stopping.cancel()
+    adopting.result()
     try:
         bound = await server.start(host, port)
     except OSError as e:
         log.error("listen.failed", host=host, port=port, error=e.strerror or str(e))
+        await server.stop()
         return 1
     log.info("listening", url=f"http://{host}:{bound}", models=",".join(config.models),
              policy=config.policy.name, version=__version__, pid=os.getpid())
     server.start_background()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     reloads: List["asyncio.Task[bool]"] = []
     loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(server.reload())))
     await stop.wait()

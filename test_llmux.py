@@ -159,6 +159,14 @@ import llmux  # noqa: E402
 # ───────────────────────────────────────── harness ──────────────────────────────────────
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_stray_processes() -> Any:
+    """Whatever a test started and did not stop is killed when the session ends."""
+    yield
+    for p in _children:
+        _kill(p)
+
+
 @pytest.fixture(autouse=True)
 def watchdog() -> Any:
     """Kill a hung test outright, with every child process, and show where it hung."""
@@ -211,7 +219,8 @@ class Backend:
 class Llmux:
     """`python3 llmux.py` as a child process; its log lines are collected as they come."""
 
-    def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = (),
+                 start_timeout: float = T) -> None:
         self.config_path = tmp / "config.json"
         self.config_path.write_text(json.dumps(config))
         self.proc = spawn([sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
@@ -221,7 +230,12 @@ class Llmux:
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.port = int(self.wait_log(r"listening.*url\W+http://127\.0\.0\.1:(\d+)").group(1))
+        try:
+            self.port = int(self.wait_log(r"listening.*url\W+http://127\.0\.0\.1:(\d+)",
+                                          timeout=start_timeout).group(1))
+        except BaseException:
+            self.stop()  # a start that failed must not leave llmux running
+            raise
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -1943,3 +1957,17 @@ def test_simulator_rejects_a_bad_trace_clearly(tmp_path: Path) -> None:
                         "-t", str(trace)], capture_output=True, text=True, timeout=T)
     assert p.returncode == 2
     assert p.stderr.strip() == f"llmux simulate: {trace}:1: model 'zz' is not in the config"
+
+
+def test_a_failed_start_leaves_no_process(tmp_path: Path) -> None:
+    """Regression: when llmux did not log its listening line in time, the harness raised
+    without stopping it, and the process outlived the test run; and a SIGTERM during
+    start-up adoption left the running alive hook behind."""
+    pidfile = tmp_path / "hook.pid"
+    hang = f"echo $$ > {pidfile}; while [ ! -e {tmp_path / 'never'} ]; do sleep 0.01; done"
+    with pytest.raises(AssertionError):
+        Llmux({"models": {"a": {"port": 9, "alive": hang}}}, tmp_path, start_timeout=0.5)
+    mine = [p for p in _children if str(tmp_path) in " ".join(map(str, p.args))]
+    assert mine and all(p.poll() is not None for p in mine)
+    wait_for(lambda: not pidfile.exists() or pid_gone(int(pidfile.read_text())),
+             "the start-up hook to be killed")
