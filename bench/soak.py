@@ -11,7 +11,8 @@ Wake hooks fail at random (about 1 in 10).  At the end it checks and prints:
   * every request got a complete answer or an error status (none hung, none was cut
     without cause);
   * every slot count and queue is back to zero;
-  * llmux's RSS and open file descriptors are back near their baseline.
+  * llmux's RSS and open file descriptors are back near their baseline (both read with
+    every model put to sleep, so that keep-alive connections to backends are closed).
 
 Exit status 0 when every check passes.  test_llmux.py runs a 20-second version.
 """
@@ -40,6 +41,20 @@ from overhead import stop  # noqa: E402  (bench/ is on the path when run as a sc
 LLMUX = str(ROOT / "llmux.py")
 MODELS = ("llama", "qwen", "mistral")
 REQUEST_DEADLINE = 60.0  # a request taking longer than this counts as hung
+
+
+async def quiesce(port: int, pid: int, baseline_fds: int = 0) -> Tuple[int, int]:
+    """Put every model to sleep (which also closes llmux's keep-alive connections to its
+    backend), give closed client connections a moment, then read RSS and fds."""
+    for name, model in get_json(port, "/health")["models"].items():
+        if model["state"] == "active":
+            get_json(port, f"/llmux/models/{name}/sleep", "POST")
+    deadline = time.monotonic() + 10
+    stats = proc_stats(pid)
+    while baseline_fds and stats[1] > baseline_fds and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        stats = proc_stats(pid)
+    return stats
 
 
 def proc_stats(pid: int) -> Tuple[int, int]:
@@ -110,9 +125,10 @@ async def client(port: int, rng: random.Random, until: float, outcomes: Dict[str
         conn["writer"].close()
 
 
-def get_json(port: int, path: str) -> Any:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n\r\n".encode())
+def get_json(port: int, path: str, method: str = "GET") -> Any:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n"
+                  f"content-length: 0\r\n\r\n".encode())
         data = b""
         while True:
             piece = s.recv(65536)
@@ -153,7 +169,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         rng = random.Random(seed)
         warm: Dict[str, int] = {}
         await client(port, random.Random(seed - 1), time.monotonic() + 1.0, warm)  # warm up
-        baseline = proc_stats(lx.pid)
+        baseline = await quiesce(port, lx.pid)
         outcomes: Dict[str, int] = {}
         started = time.monotonic()
         until = started + seconds
@@ -166,7 +182,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
                 and time.monotonic() < settle:
             await asyncio.sleep(0.05)
             health = get_json(port, "/health")
-        end = proc_stats(lx.pid)
+        end = await quiesce(port, lx.pid, baseline[1])
     finally:
         stop(*procs)
     log_text = open(log_path).read()
