@@ -10,12 +10,14 @@ the request to ``127.0.0.1:<model port>`` and streams the answer back::
                            │                      │ (queue, drain, hooks)    (stream back,
                            │                      ▼                           release slot)
                            │                 hooks: sh -c wake / sleep / alive
-                           └── /v1/models, /health
+                           └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*
 
 One file, standard library only, CPython 3.8 to 3.13.  Run ``python3 llmux.py -h``.
+Every limit is a named constant below, with the status it maps to.
 
-Reading order (leaves first): limits → errors → config → HTTP wire (sans-I/O) →
-relay → hooks → policies and switcher → server → demo backend and probe → CLI.
+Reading order (leaves first): limits → errors → logging → metrics → config → HTTP wire
+(sans-I/O) → relay → hooks → policies and switcher → server → simulator → demo backend
+and probe → CLI.
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ __all__ = [
     "ModelState",
     "SchedulingPolicy",
     "FifoPolicy",
+    "CostAwarePolicy",
     "POLICIES",
+    "Metrics",
+    "TraceEntry",
+    "SimHooks",
+    "VirtualTimeLoop",
+    "load_trace",
+    "simulate",
     "Server",
     "Log",
     "main",
@@ -1916,10 +1925,10 @@ POLICIES: Dict[str, Callable[[], SchedulingPolicy]] = {"fifo": FifoPolicy, "cost
 class Switcher:
     """Hands out slots on active models and switches models, one switch at a time.
 
-    Invariants (../DESIGN.md), each with a test:
-    1. Exclusive residency: the old model's sleep hook exits before the new one's wake
-       hook starts; at most one model is awake.
-    2. A slot is handed out only on an ACTIVE model.
+    Invariants, each with a test in test_llmux.py:
+    1. Exclusive residency: a sleep hook exits before the next wake hook starts; at most
+       one model is awake (with policy.capacity: the awake sizes never exceed it).
+    2. A slot is handed out only on an ACTIVE model (asserted in _new_slot).
     3. Strict drain: once a model is DRAINING, new requests for it queue.
     4. When a model becomes ACTIVE, every request waiting for it gets its slot at once
        (synchronously, in _schedule) before any later switch can drain it.
@@ -1927,7 +1936,9 @@ class Switcher:
        and no longer counts as demand (a drain with no demand left is abandoned).
     6. Every wait is bounded: request_timeout_secs in the queue, drain_timeout_secs for
        a drain, hook_timeout_secs for a hook (null in the config means unbounded).
-    7. A failed wake runs the model's sleep hook, then fails its waiters with the wake
+    7. Hooks cannot hang the switcher: HookRunner kills a hook's process group on
+       timeout and never waits for pipes that background children hold open.
+    8. A failed wake runs the model's sleep hook, then fails its waiters with the wake
        hook's message; the model is not tried again for wake_backoff_secs.
     Decisions (_schedule) never await, so they cannot interleave; the only awaits are in
     acquire() and in the one switch task.
@@ -2212,7 +2223,7 @@ class Switcher:
                 await self.hooks.run(target.cfg, "wake")
             except HookError as e:
                 # Clean up first, then answer: a client that sees the failure sees a
-                # clean state (invariant 7).
+                # clean state (invariant 8).
                 self._set_state(target, ModelState.SLEEPING, "its wake hook failed; cleaning up")
                 try:
                     await self.hooks.run(target.cfg, "sleep")

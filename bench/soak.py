@@ -201,7 +201,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         "RSS growth under 16 MiB": rss_growth < 16 * 1024,
     }
     print(f"soak: {elapsed:.0f}s, {clients} clients, seed {seed}, Python {sys.version.split()[0]}")
-    print(f"| outcome | requests |\n|---|---:|")
+    print("| outcome | requests |\n|---|---:|")
     for outcome, count in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         print(f"| {outcome} | {count} |")
     print(f"| **total** | **{total}** ({total / elapsed:.0f}/s) |")
