@@ -116,6 +116,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # 413: a chat request with several im
 DEFAULT_HEADER_TIMEOUT = 30.0  # 408: from a request's first byte to the end of its head.
 DEFAULT_BODY_TIMEOUT = 60.0  # 408: longest silence while a request body arrives.
 DEFAULT_IDLE_TIMEOUT = 120.0  # keep-alive connection with no request: closed quietly.
+DEFAULT_SEND_TIMEOUT = 120.0  # a client whose socket stays full this long is cut.
 DEFAULT_MAX_CONNECTIONS = 1024  # 503: beyond this a new connection is answered and closed.
 READ_SIZE = 64 * 1024  # one socket read.
 LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
@@ -434,6 +435,7 @@ class HttpConfig:
     header_timeout_secs: float = DEFAULT_HEADER_TIMEOUT
     body_timeout_secs: float = DEFAULT_BODY_TIMEOUT
     idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT
+    send_timeout_secs: float = DEFAULT_SEND_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
@@ -544,7 +546,7 @@ _POLICY_NUMBERS = {
     "max_wait_secs": (False, True),
     "cost_factor": (False, False),
 }
-_HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs")
+_HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "preload")
 
@@ -2424,6 +2426,9 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.gone = False
         self.write_paused = False
         self.upstream: Optional[_Upstream] = None  # the backend piping into us now
+        self.model: Optional[str] = None  # of the request being served, for the log
+        self._stall: Optional[asyncio.TimerHandle] = None
+        self._llmux_writer: Optional[asyncio.StreamWriter] = None
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
 
     def pause_writing(self) -> None:
@@ -2431,14 +2436,27 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.write_paused = True
         if self.upstream is not None:
             self.upstream.pause()
+        timeout = self._llmux_server.config.http.send_timeout_secs
+        self._stall = asyncio.get_running_loop().call_later(timeout, self._llmux_stalled, timeout)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self.write_paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self.upstream is not None:
             self.upstream.resume()
 
+    def _llmux_stalled(self, timeout: float) -> None:
+        """The client has read nothing for send_timeout_secs: it will not hold a slot."""
+        self._llmux_server.log.warning("request.cut", model=self.model,
+                                       reason=f"client read nothing for {timeout:g}s")
+        if self._llmux_writer is not None:
+            self._llmux_writer.transport.abort()  # connection_lost cancels the task serving it
+
     def _llmux_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._llmux_writer = writer
         self._llmux_task = asyncio.get_running_loop().create_task(
             self._llmux_server._serve_connection(reader, writer, self))
 
@@ -2454,6 +2472,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         return bool(super().eof_received())
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
         self._llmux_gone()
         super().connection_lost(exc)
 
@@ -2704,6 +2724,7 @@ class Server:
                 await writer.drain()
                 return head.keep_alive
             model = self._model_for(head, body)
+            proto.model = model.name
             if self.log.enabled("debug"):
                 self.log.debug("request.head", method=head.method, target=head.target,
                                version=head.version, model=model.name, body_bytes=len(body),

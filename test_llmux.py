@@ -1971,3 +1971,20 @@ def test_a_failed_start_leaves_no_process(tmp_path: Path) -> None:
     assert mine and all(p.poll() is not None for p in mine)
     wait_for(lambda: not pidfile.exists() or pid_gone(int(pidfile.read_text())),
              "the start-up hook to be killed")
+
+
+def test_client_that_stops_reading_is_cut_and_its_slot_released(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, http={"send_timeout_secs": 0.3})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", lx.port))
+    try:
+        body = json.dumps({"model": "a", "stream": True, "n": 200000}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        # ... and never read: llmux's buffer for this client fills, then it gives up.
+        lx.wait_log(r"request\.cut model=a reason=\"client read nothing for 0\.3s")
+        wait_for(lambda: lx.health()["models"]["a"]["in_flight"] == 0, "the slot to be released")
+        assert lx.chat("b")[1]["backend"] == "b"  # and nothing blocks a switch
+    finally:
+        s.close()
