@@ -63,6 +63,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import bisect
 import collections
 import enum
 import errno
@@ -333,11 +334,9 @@ class Metrics:
     def observe(self, name: str, *labels: str, value: float) -> None:
         series = self._values[name]
         hist = series.get(labels)
-        if hist is None:
-            hist = series[labels] = [[0] * len(_DURATION_BUCKETS), 0.0, 0]
-        for i, bound in enumerate(_DURATION_BUCKETS):
-            if value <= bound:
-                hist[0][i] += 1
+        if hist is None:  # per-bucket counts (the last is +Inf); cumulated when rendered
+            hist = series[labels] = [[0] * (len(_DURATION_BUCKETS) + 1), 0.0, 0]
+        hist[0][bisect.bisect_left(_DURATION_BUCKETS, value)] += 1
         hist[1] += value
         hist[2] += 1
 
@@ -352,9 +351,11 @@ class Metrics:
                     out.append(f"{name}{_labels(label_names, labels)} {_num(value)}")
                     continue
                 counts, total, count = value
+                cumulative = 0
                 for bound, n in zip(_DURATION_BUCKETS, counts):
+                    cumulative += n
                     le = 'le="%s"' % _num(bound)
-                    out.append(f"{name}_bucket{_labels(label_names, labels, le)} {n}")
+                    out.append(f"{name}_bucket{_labels(label_names, labels, le)} {cumulative}")
                 le = 'le="+Inf"'
                 out.append(f"{name}_bucket{_labels(label_names, labels, le)} {count}")
                 out.append(f"{name}_sum{_labels(label_names, labels)} {_num(total)}")

@@ -1422,6 +1422,7 @@ def test_backend_stalling_before_headers_gives_504(env: Env) -> None:
     assert status == 504
     assert payload["error"] == {"message": "model 'a' backend sent nothing for 0.3s",
                                 "type": "server_error", "code": "upstream_timeout"}
+    assert lx.health()["models"]["a"]["in_flight"] == 0  # the timeout released the slot
     env.gate("a").touch()
     assert lx.chat("a")[0] == 200
 
@@ -1653,6 +1654,21 @@ def test_metrics_exposition_is_strictly_valid_and_counts_what_happened(env: Env)
     assert value("llmux_model_in_flight", model="a") == 0
     assert value("llmux_switch_cost_ema_seconds", **{"from": "a", "to": 'b"\\x'}) > 0
     assert 'model="b\\"\\\\x"' in body.decode()  # the raw escaping
+
+
+def test_histogram_buckets_include_their_upper_bound() -> None:
+    m = llmux.Metrics()
+    m.define("histogram", "h", "help", ("k",))
+    for value in (0.005, 0.004, 0.0051, 1.0, 700.0):
+        m.observe("h", "v", value=value)
+    samples = {line.split(" ")[0]: float(line.split(" ")[1])
+               for line in m.render().splitlines() if not line.startswith("#")}
+    assert samples['h_bucket{k="v",le="0.005"}'] == 2  # 0.004 and 0.005 itself
+    assert samples['h_bucket{k="v",le="0.01"}'] == 3
+    assert samples['h_bucket{k="v",le="1"}'] == 4
+    assert samples['h_bucket{k="v",le="600"}'] == 4
+    assert samples['h_bucket{k="v",le="+Inf"}'] == samples['h_count{k="v"}'] == 5
+    assert samples['h_sum{k="v"}'] == pytest.approx(701.0141)
 
 
 def test_status_and_models_show_what_is_loaded(env: Env) -> None:
