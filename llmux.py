@@ -1977,7 +1977,8 @@ class Switcher:
 
     # -- what policies and status read --
 
-    def victims_for(self, target: _Model, now: float) -> Optional[List[_Model]]:
+    def victims_for(self, target: _Model, now: float,
+                    honour_min_active: bool = True) -> Optional[List[_Model]]:
         """The awake models to put to sleep so that ``target`` fits, in eviction order;
         None if room can only be made by evicting models held by min_active_secs."""
         awake = [m for m in self.models.values() if m is not target and m.state is ModelState.ACTIVE]
@@ -1989,7 +1990,7 @@ class Switcher:
             victims = []
         if need <= 1e-9:
             return []
-        min_active = self.policy_cfg.min_active_secs
+        min_active = self.policy_cfg.min_active_secs if honour_min_active else 0.0
         free = [m for m in self.policy.eviction_order(self, awake, now)
                 if m.active_since is None or now - m.active_since >= min_active]
         if capacity is None:
@@ -2272,11 +2273,8 @@ class Switcher:
         m = self.models[name]
         if self.busy() or self.closed:
             return None
-        now = self.clock()
-        victims = self.victims_for(m, now)
-        if victims is None:  # an explicit request overrides min_active_secs
-            victims = [v for v in self.policy.eviction_order(self, [
-                x for x in self.models.values() if x is not m and x.state is ModelState.ACTIVE], now)]
+        # An explicit request overrides min_active_secs.
+        victims = self.victims_for(m, self.clock(), honour_min_active=False) or []
         for v in victims:
             self._set_state(v, ModelState.DRAINING, f"switching to '{name}' ({reason})")
         self.switching = ([v.name for v in victims], name)

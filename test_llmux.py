@@ -2004,3 +2004,14 @@ def test_client_that_stops_reading_is_cut_and_its_slot_released(env: Env) -> Non
         assert lx.chat("b")[1]["backend"] == "b"  # and nothing blocks a switch
     finally:
         s.close()
+
+
+def test_control_wake_overriding_min_active_evicts_only_what_is_needed(env: Env) -> None:
+    """Regression: a control-API wake that had to override min_active_secs evicted every
+    awake model, even when the capacity needed only one of them to go."""
+    lx = env.start({n: env.model(n) for n in "abc"}, policy={"capacity": 2, "min_active_secs": 600})
+    assert lx.chat("a")[0] == 200
+    assert lx.chat("b")[0] == 200  # both awake, both held by min_active_secs
+    assert lx.request("POST", "/llmux/models/c/wake")[0] == 200
+    assert sorted(lx.health()["active"]) == ["b", "c"]  # a, least recently used, went alone
+    assert "sleep-start b" not in env.lines()
