@@ -2273,8 +2273,10 @@ class Switcher:
         m = self.models[name]
         if self.busy() or self.closed:
             return None
-        # An explicit request overrides min_active_secs.
-        victims = self.victims_for(m, self.clock(), honour_min_active=False) or []
+        # An explicit request overrides min_active_secs; then every awake model may go,
+        # and every size fits the capacity (parse_config checks), so room can be made.
+        victims = self.victims_for(m, self.clock(), honour_min_active=False)
+        assert victims is not None
         for v in victims:
             self._set_state(v, ModelState.DRAINING, f"switching to '{name}' ({reason})")
         self.switching = ([v.name for v in victims], name)
