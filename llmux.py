@@ -65,6 +65,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import dataclasses
 import enum
 import errno
 import hmac
@@ -2214,7 +2215,7 @@ class Switcher:
                     except HookError as e:
                         self._set_state(v, ModelState.ACTIVE, "its sleep hook failed; still loaded")
                         if target is not None:
-                            self._fail_waiters(target, e)
+                            self._fail_waiters(target, lambda e=e: HookError(e.message, e.result))
                             target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
                         return result
                     self._set_state(v, ModelState.ASLEEP)
@@ -2236,7 +2237,7 @@ class Switcher:
                 self._set_state(target, ModelState.ASLEEP)
                 self.on_sleep(target.cfg)
                 target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-                self._fail_waiters(target, e)
+                self._fail_waiters(target, lambda e=e: HookError(e.message, e.result))
                 return result
             self._set_state(target, ModelState.ACTIVE)
             result = "ok"
@@ -2335,14 +2336,9 @@ class Switcher:
         now = self.clock()
         for name in list(self.models):
             if name not in config.models:
-                m = self.models.pop(name)
-                while m.queue:
-                    waiter = m.queue.popleft()
-                    self.queued -= 1
-                    if not waiter.future.done():
-                        waiter.future.set_exception(LLMuxError(
-                            f"model '{name}' was removed by a config reload", status=503,
-                            code="model_removed"))
+                self._fail_waiters(self.models.pop(name), lambda: LLMuxError(
+                    f"model '{name}' was removed by a config reload", status=503,
+                    code="model_removed"))
         for name, cfg in config.models.items():
             if name in self.models:
                 self.models[name].cfg = cfg
@@ -2381,12 +2377,13 @@ class Switcher:
                     self.log.warning("request.cut", model=v.name, reason=reason)
                     slot.task.cancel()
 
-    def _fail_waiters(self, m: _Model, error: HookError) -> None:
+    def _fail_waiters(self, m: _Model, make_error: Callable[[], BaseException]) -> None:
+        """Empty ``m``'s queue, failing each request still waiting with a new error."""
         while m.queue:
             waiter = m.queue.popleft()
             self.queued -= 1
             if not waiter.future.done():
-                waiter.future.set_exception(HookError(error.message, error.result))
+                waiter.future.set_exception(make_error())
 
     async def close(self) -> None:
         """Stop switching: cancel the timer and a running switch."""
@@ -2395,12 +2392,8 @@ class Switcher:
         for timer in self._idle_timers.values():
             timer.cancel()
         for m in self.models.values():
-            while m.queue:
-                waiter = m.queue.popleft()
-                self.queued -= 1
-                if not waiter.future.done():
-                    waiter.future.set_exception(LLMuxError(
-                        "llmux is shutting down", status=503, code="shutting_down"))
+            self._fail_waiters(m, lambda: LLMuxError(
+                "llmux is shutting down", status=503, code="shutting_down"))
         task = self._switch_task
         if task is not None:
             task.cancel()
@@ -3124,8 +3117,8 @@ def simulate_main(argv: Sequence[str]) -> int:
     try:
         config = load_config(args.config)
         if args.policy:
-            config = Config(**{**config.__dict__,
-                               "policy": Policy(**{**config.policy.__dict__, "name": args.policy})})
+            config = dataclasses.replace(config, policy=dataclasses.replace(config.policy,
+                                                                            name=args.policy))
         trace = load_trace(args.trace, config.models)
         wake: Dict[str, float] = {"*": args.wake_secs}
         sleep: Dict[str, float] = {"*": args.sleep_secs}
