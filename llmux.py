@@ -1205,7 +1205,9 @@ async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
     on the connection.  A timer handle costs a few microseconds; asyncio.wait_for would
     create a task for every read.
     """
-    if timeout is None or reader._buffer:  # type: ignore[attr-defined]
+    # Bytes already buffered need no timer.  (A private attribute, so only a shortcut:
+    # without it every read just arms the timer.)
+    if timeout is None or getattr(reader, "_buffer", None):
         return await reader.read(n)
     handle = asyncio.get_running_loop().call_later(timeout, reader.set_exception, exc)
     try:
