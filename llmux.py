@@ -79,6 +79,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -146,6 +147,12 @@ HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
 HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
 HOOK_LOG_LINES = 500  # lines of one hook run copied to the log; the rest are counted.
 HOOK_NAMES = ("wake", "sleep", "alive")
+RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
+
+LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
+LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket.
+ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
 
 
 # ──────────────────────────────────────── errors ────────────────────────────────────────
@@ -240,6 +247,10 @@ class Log:
         self.fmt = fmt
         self._second = -1
         self._prefix = ""
+        # Warnings and errors a peer can cause at will are bounded to LOG_BURST lines of
+        # each event per second; the rest are counted and reported once a second.
+        self._burst: Dict[str, int] = {}
+        self._suppressed: Dict[str, int] = {}
 
     def enabled(self, level: str) -> bool:
         return self.LEVELS[level] >= self.threshold
@@ -252,6 +263,17 @@ class Log:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._burst.clear()
+            if self._suppressed:
+                suppressed, self._suppressed = self._suppressed, {}
+                for name, count in suppressed.items():
+                    self.emit("warning", "log.suppressed", {"event": name, "lines": count,
+                                                            "limit_per_sec": LOG_BURST})
+        if level in ("warning", "error"):
+            seen = self._burst[event] = self._burst.get(event, 0) + 1
+            if seen > LOG_BURST and event != "log.suppressed":
+                self._suppressed[event] = self._suppressed.get(event, 0) + 1
+                return
         stamp = "%s.%03dZ" % (self._prefix, int(now % 1 * 1000))
         if self.fmt == "json":
             record = {"ts": stamp, "level": level, "event": event}
@@ -286,6 +308,15 @@ class Log:
 
     def error(self, event: str, **fields: Any) -> None:
         self.emit("error", event, fields)
+
+
+def log_internal_error(log: Log, metrics: Optional["Metrics"], where: str, e: BaseException) -> None:
+    """An exception nobody expected: one error line with its traceback (on that line,
+    JSON-escaped), counted in llmux_internal_errors_total by where it happened."""
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    log.error("internal.error", where=where, error=f"{type(e).__name__}: {e}", traceback=tb)
+    if metrics is not None:
+        metrics.inc("llmux_internal_errors_total", where)
 
 
 # ──────────────────────────────────────── metrics ───────────────────────────────────────
@@ -387,6 +418,10 @@ def llmux_metrics() -> Metrics:
              "Moving average of the sleep+wake cost of switching between two models.", ("from", "to"))
     m.define("histogram", "llmux_hook_duration_seconds", "Hook run time.", ("model", "hook"))
     m.define("counter", "llmux_hook_failures_total", "Hooks that failed.", ("model", "hook"))
+    m.define("counter", "llmux_internal_errors_total",
+             "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
+    m.define("counter", "llmux_accept_paused_total",
+             "Times accepting paused because llmux was out of file descriptors.")
     return m
 
 
@@ -1489,6 +1524,7 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
                 resp, head.version == "HTTP/1.0", head.keep_alive)
             started = True
             if flow is not None:
+                flow.responding = True
                 flow.upstream = conn
                 if flow.write_paused:
                     conn.pause()
@@ -1697,19 +1733,21 @@ class HookRunner:
         self.log.info("hook.start", model=model.name, hook=hook)
         self.log.debug("hook.script", model=model.name, hook=hook, script=script, cwd=self.cwd)
         started = loop.time()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
+        fds: List[int] = []
+        try:  # out of fds (EMFILE), no sh, a bad cwd: the hook could not start, a failure
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+            out_r, out_w, err_r, err_w = fds
             proc = await asyncio.create_subprocess_exec(
                 "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
                 env=env, cwd=self.cwd, start_new_session=True)
         except OSError as e:
-            for fd in (out_r, err_r):
+            for fd in fds:
                 os.close(fd)
-            return HookResult(model.name, hook, None, error=e.strerror or str(e))
-        finally:
-            os.close(out_w)
-            os.close(err_w)
+            return HookResult(model.name, hook, None, error=_reason(e),
+                              duration=loop.time() - started)
+        os.close(out_w)
+        os.close(err_w)
         out = _PipeReader(out_r, self.log, model.name, hook, "stdout", self._readers.discard)
         err = _PipeReader(err_r, self.log, model.name, hook, "stderr", self._readers.discard)
         self._readers.update((out, err))
@@ -1755,23 +1793,49 @@ def _killpg(pgid: int) -> None:
 
 
 class ModelState(enum.Enum):
-    """Where one model is in its life; the transitions are _TRANSITIONS below."""
+    """Where one model is in its life; what moves it is in _TRANSITIONS below."""
 
     ASLEEP = "asleep"  # not loaded; a request for it asks the policy for a switch
     WAKING = "waking"  # its wake hook runs
     ACTIVE = "active"  # loaded: requests get slots at once
     DRAINING = "draining"  # chosen to sleep: new requests queue, in-flight ones finish
-    SLEEPING = "sleeping"  # its sleep hook runs
+    SLEEPING = "sleeping"  # its sleep hook runs (or ran and was interrupted: see close())
+
+
+class ModelEvent(enum.Enum):
+    """What happens to a model.  Each (state, event) pair has one next state, or none:
+    then the event is illegal in that state, raises, and leaves the state as it was."""
+
+    WAKE = "wake"  # its wake hook starts
+    WOKE = "woke"  # its wake hook exited 0
+    WAKE_FAILED = "wake_failed"  # its wake hook failed (or the wake was interrupted)
+    ADOPT = "adopt"  # found alive at start, without a wake
+    DRAIN = "drain"  # chosen to make room; in-flight requests finish first
+    UNDRAIN = "undrain"  # the switch it was drained for was abandoned or failed first
+    SLEEP = "sleep"  # its sleep hook starts
+    SLEPT = "slept"  # its sleep hook exited 0 (or a failed wake was cleaned up)
+    SLEEP_FAILED = "sleep_failed"  # its sleep hook failed: it is still loaded
 
 
 _S = ModelState
-_TRANSITIONS = {
-    _S.ASLEEP: {_S.WAKING, _S.ACTIVE},  # ACTIVE: found already up at start (adopted)
-    _S.WAKING: {_S.ACTIVE, _S.SLEEPING},  # SLEEPING: a failed wake is cleaned up
-    _S.ACTIVE: {_S.DRAINING},
-    _S.DRAINING: {_S.SLEEPING, _S.ACTIVE},  # ACTIVE: nobody waits for the target any more
-    _S.SLEEPING: {_S.ASLEEP, _S.ACTIVE},  # ACTIVE: its sleep hook failed, it is still loaded
+_TRANSITIONS: Dict[Tuple[ModelState, ModelEvent], ModelState] = {
+    (_S.ASLEEP, ModelEvent.WAKE): _S.WAKING,
+    (_S.ASLEEP, ModelEvent.ADOPT): _S.ACTIVE,
+    (_S.WAKING, ModelEvent.WOKE): _S.ACTIVE,
+    (_S.WAKING, ModelEvent.WAKE_FAILED): _S.SLEEPING,  # its sleep hook cleans up
+    (_S.ACTIVE, ModelEvent.DRAIN): _S.DRAINING,
+    (_S.DRAINING, ModelEvent.UNDRAIN): _S.ACTIVE,
+    (_S.DRAINING, ModelEvent.SLEEP): _S.SLEEPING,
+    (_S.SLEEPING, ModelEvent.SLEPT): _S.ASLEEP,
+    # A victim whose sleep failed is still loaded: it serves again and still counts
+    # against the capacity (invariant 9).  A failed wake whose cleanup sleep failed too
+    # never served and is taken as asleep (SLEPT, with the reason logged).
+    (_S.SLEEPING, ModelEvent.SLEEP_FAILED): _S.ACTIVE,
 }
+
+
+class IllegalTransition(AssertionError):
+    """An event that the model's state does not allow: a switcher bug, never a peer's."""
 
 
 class _Waiter:
@@ -1800,6 +1864,11 @@ class _Model:
         self.backoff_until = 0.0
         self.demand = 0.0  # requests, decayed with DEMAND_HALF_LIFE
         self.demand_at = now
+        # A reload removed (retired) or changed (pending_cfg) this model while it was
+        # loaded and its sleep failed: it keeps running, and counting against the
+        # capacity, with its old config until a later sleep succeeds.
+        self.retired = False
+        self.pending_cfg: Optional[ModelConfig] = None
 
     def recent_demand(self, now: float) -> float:
         """Requests lately, each counting less as it ages (half-life DEMAND_HALF_LIFE)."""
@@ -1841,15 +1910,16 @@ class SchedulingPolicy:
         """Return ``(model, None)`` to switch to ``model`` now, ``(None, when)`` to be
         asked again at clock time ``when``, or ``(None, None)`` to wait for a change.
 
-        Only models that are not ACTIVE and have waiting requests are candidates; the
-        switcher itself enforces min_active_secs and the backoff after a failed wake.
+        Only ASLEEP models with waiting requests are candidates; the switcher itself
+        enforces min_active_secs and the backoff after a failed wake.
         """
         raise NotImplementedError
 
     def eviction_order(self, switcher: "Switcher", awake: List["_Model"], now: float) -> List["_Model"]:
         """Awake models in the order to put them to sleep when room is needed (first
-        evicted first).  Default: those with nothing in flight, least recently used first."""
-        return sorted(awake, key=lambda m: (m.in_flight > 0, m.last_used))
+        evicted first).  Default: retired ones, then those with nothing in flight, least
+        recently used first."""
+        return sorted(awake, key=lambda m: (not m.retired, m.in_flight > 0, m.last_used))
 
 
 class FifoPolicy(SchedulingPolicy):
@@ -1919,9 +1989,9 @@ class CostAwarePolicy(SchedulingPolicy):
         return None, again
 
     def eviction_order(self, switcher: "Switcher", awake: List["_Model"], now: float) -> List["_Model"]:
-        def worth(m: _Model) -> Tuple[bool, float, float]:
-            return (m.in_flight > 0, m.recent_demand(now) * switcher.cost_estimate([], m.name),
-                    m.last_used)
+        def worth(m: _Model) -> Tuple[bool, bool, float, float]:
+            return (not m.retired, m.in_flight > 0,
+                    m.recent_demand(now) * switcher.cost_estimate([], m.name), m.last_used)
         return sorted(awake, key=worth)
 
 
@@ -1931,7 +2001,8 @@ POLICIES: Dict[str, Callable[[], SchedulingPolicy]] = {"fifo": FifoPolicy, "cost
 class Switcher:
     """Hands out slots on active models and switches models, one switch at a time.
 
-    Invariants, each with a test in test_llmux.py:
+    Invariants (numbered as in DESIGN.md), each with a test in test_llmux.py, and all of
+    them checked after every step of the seeded explorer (test_switcher_explorer):
     1. Exclusive residency: a sleep hook exits before the next wake hook starts; at most
        one model is awake (with policy.capacity: the awake sizes never exceed it).
     2. A slot is handed out only on an ACTIVE model (asserted in _new_slot).
@@ -1946,8 +2017,18 @@ class Switcher:
        timeout and never waits for pipes that background children hold open.
     8. A failed wake runs the model's sleep hook, then fails its waiters with the wake
        hook's message; the model is not tried again for wake_backoff_secs.
-    Decisions (_schedule) never await, so they cannot interleave; the only awaits are in
-    acquire() and in the one switch task.
+    9. The state never lies: a model whose sleep failed is still loaded, stays ACTIVE
+       and counts against the capacity, whoever asked for the sleep (a switch, a reload,
+       a liveness failure, the control API).  Any exception in any phase of a switch
+       (drain, each sleep, the wake), of any type, puts every model that phase moved back
+       in the state that tells the truth (_restore).
+    Between switches every model is ASLEEP or ACTIVE.
+
+    How state changes: only through _fire(model, event), which looks the pair up in
+    _TRANSITIONS.  Every public method that changes anything ends in one _schedule()
+    pass, the only place that decides; _schedule never awaits, so decisions cannot
+    interleave.  The only awaits are in acquire(), in the one switch task, and in
+    reconfigure(), which holds scheduling while it sleeps what a reload changed.
     """
 
     def __init__(self, config: Config, hooks: HookRunner, policy: SchedulingPolicy, log: Log,
@@ -1977,6 +2058,7 @@ class Switcher:
         self._timer: Optional[asyncio.TimerHandle] = None
         self._idle_timers: Dict[str, asyncio.TimerHandle] = {}
         self._changed: Optional["asyncio.Future[None]"] = None
+        self._reconfiguring = asyncio.Lock()
 
     # -- what policies and status read --
 
@@ -1995,7 +2077,7 @@ class Switcher:
             return []
         min_active = self.policy_cfg.min_active_secs if honour_min_active else 0.0
         free = [m for m in self.policy.eviction_order(self, awake, now)
-                if m.active_since is None or now - m.active_since >= min_active]
+                if m.active_since is None or now - m.active_since >= min_active or m.retired]
         if capacity is None:
             return victims if len(free) == len(awake) else None
         for m in free:
@@ -2019,15 +2101,21 @@ class Switcher:
         return sum(m.cfg.size for m in self.models.values() if m.state is not ModelState.ASLEEP)
 
     def candidates(self) -> List[_Model]:
-        """Models a switch could go to now: waited for, not ACTIVE, not backing off."""
+        """Models a switch could go to now: waited for, ASLEEP, not backing off."""
         now = self.clock()
         return [m for m in self.models.values()
-                if m.queue and m.state is not ModelState.ACTIVE and m.backoff_until <= now]
+                if m.queue and m.state is ModelState.ASLEEP and m.backoff_until <= now]
 
     def active(self) -> List[str]:
         return [m.name for m in self.models.values() if m.state is ModelState.ACTIVE]
 
     def status(self) -> Dict[str, Any]:
+        models: Dict[str, Any] = {}
+        for m in self.models.values():
+            models[m.name] = {"state": m.state.value, "in_flight": m.in_flight,
+                              "queued": len(m.queue)}
+            if m.retired or m.pending_cfg is not None:
+                models[m.name]["reload_pending"] = "removed" if m.retired else "changed"
         return {
             "state": "switching" if self.switching else "idle",
             "active": self.active(),
@@ -2036,8 +2124,7 @@ class Switcher:
             "queued": self.queued,
             "capacity": self.policy_cfg.capacity,
             "capacity_used": self.capacity_used(),
-            "models": {m.name: {"state": m.state.value, "in_flight": m.in_flight,
-                                "queued": len(m.queue)} for m in self.models.values()},
+            "models": models,
             "switch_cost_secs": {f"{frm or '-'}->{to}": round(secs, 6)
                                  for (frm, to), secs in self.costs.items()},
         }
@@ -2050,7 +2137,10 @@ class Switcher:
         Raises LLMuxError 503 when the queue is full, 504 after request_timeout_secs,
         HookError when the switch to ``name`` failed.
         """
-        m = self.models[name]
+        m = self.models.get(name)
+        if m is None or m.retired:
+            raise LLMuxError(f"model '{name}' was removed by a config reload", status=503,
+                             code="model_removed")
         now = self.clock()
         m.demand = m.recent_demand(now) + 1.0
         m.demand_at = now
@@ -2066,13 +2156,13 @@ class Switcher:
         m.queue.append(waiter)
         self.queued += 1
         self.log.info("request.queued", model=name, state=m.state.value, waiting=len(m.queue))
-        self._schedule()
         timeout = self.policy_cfg.request_timeout_secs
         handle = self.loop.call_later(timeout, self._expire, waiter) if timeout is not None else None
         try:
+            self._schedule()
             slot = await waiter.future
-        except asyncio.CancelledError:
-            self._forget(waiter)
+        except BaseException:
+            self._forget(waiter)  # cancelled (client gone), or it failed: off the queue
             raise
         finally:
             if handle is not None:
@@ -2114,8 +2204,12 @@ class Switcher:
     def _expire(self, waiter: _Waiter) -> None:
         if waiter.future.done():
             return
-        waiter.model.queue.remove(waiter)
-        self.queued -= 1
+        try:
+            waiter.model.queue.remove(waiter)
+        except ValueError:
+            pass  # already taken off by a reload or a failure
+        else:
+            self.queued -= 1
         timeout = self.policy_cfg.request_timeout_secs
         waiter.future.set_exception(LLMuxError(
             f"model '{waiter.model.name}' did not become available within {timeout:g}s "
@@ -2125,6 +2219,7 @@ class Switcher:
     # -- decisions: synchronous, never await --
 
     def _schedule(self) -> None:
+        """The one decision pass: grant what can be granted, then maybe start a switch."""
         for m in self.models.values():
             if m.queue and m.state is ModelState.ACTIVE:
                 self._grant(m)  # invariant 4
@@ -2134,7 +2229,8 @@ class Switcher:
             return
         now = self.clock()
         target_name, when = self.policy.choose(self, now)
-        backoff = [m.backoff_until for m in self.models.values() if m.queue and m.backoff_until > now]
+        backoff = [m.backoff_until for m in self.models.values()
+                   if m.queue and m.backoff_until > now and m.state is ModelState.ASLEEP]
         if target_name is None:
             self._set_timer(min([t for t in [when, *backoff] if t is not None], default=None))
             return
@@ -2147,10 +2243,20 @@ class Switcher:
                                 and now - m.active_since < min_active))
             return
         self._set_timer(None)
+        self._start_switch(target, victims, False, "")
+
+    def _start_switch(self, target: Optional[_Model], victims: List[_Model], forced: bool,
+                      reason: str) -> "asyncio.Task[str]":
+        if target is None:
+            why = reason
+        else:
+            why = f"switching to '{target.name}'" + (f" ({reason})" if reason else "")
         for v in victims:
-            self._set_state(v, ModelState.DRAINING, f"switching to '{target.name}'")
-        self.switching = ([v.name for v in victims], target.name)
-        self._switch_task = self.loop.create_task(self._run_switch(target, victims))
+            self._fire(v, ModelEvent.DRAIN, why)
+        self.switching = ([v.name for v in victims], target.name if target is not None else "")
+        task = self.loop.create_task(self._run_switch(target, victims, forced, reason))
+        self._switch_task = task
+        return task
 
     def _grant(self, m: _Model) -> None:
         while m.queue:
@@ -2166,12 +2272,16 @@ class Switcher:
         if when is not None:
             self._timer = self.loop.call_later(max(0.0, when - self.clock()), self._schedule)
 
-    def _set_state(self, m: _Model, state: ModelState, reason: str = "") -> None:
-        if state not in _TRANSITIONS[m.state]:
-            raise AssertionError(f"model '{m.name}': illegal transition {m.state.value} -> {state.value}")
+    def _fire(self, m: _Model, event: ModelEvent, reason: str = "") -> None:
+        """The one place a model's state changes: (state, event) -> next state."""
+        state = _TRANSITIONS.get((m.state, event))
+        if state is None:
+            raise IllegalTransition(f"model '{m.name}': event {event.value} is illegal in "
+                                    f"state {m.state.value}")
         now = self.clock()
         self.log.info("model.state", model=m.name, from_=m.state.value, to=state.value,
-                      after_secs=round(now - m.state_since, 3), reason=reason or None)
+                      after_secs=round(now - m.state_since, 3), reason=reason or None,
+                      on=event.value)
         m.state = state
         m.state_since = now
         if state is ModelState.ACTIVE:
@@ -2184,6 +2294,28 @@ class Switcher:
                 self.metrics.observe("llmux_model_active_duration_seconds", m.name,
                                      value=now - m.active_since)
             m.active_since = None
+            self._asleep(m)
+
+    def _asleep(self, m: _Model) -> None:
+        """A model is asleep for sure: apply what a reload left pending for it."""
+        try:
+            self.on_sleep(m.cfg)
+        except Exception as e:  # a callback's bug must not leave the switch half-done
+            self._internal_error("on_sleep", e)
+        if m.retired:
+            self._fail_waiters(m, lambda: LLMuxError(
+                f"model '{m.name}' was removed by a config reload", status=503,
+                code="model_removed"))
+            if self.models.get(m.name) is m:
+                del self.models[m.name]
+            self.log.info("reload.applied", model=m.name, change="removed")
+        elif m.pending_cfg is not None:
+            m.cfg, m.pending_cfg = m.pending_cfg, None
+            self.log.info("reload.applied", model=m.name, change="changed")
+
+    def _internal_error(self, where: str, e: BaseException) -> None:
+        """An exception nobody expected: logged once with its traceback, and counted."""
+        log_internal_error(self.log, self.metrics, where, e)
 
     # -- the switch task --
 
@@ -2191,8 +2323,9 @@ class Switcher:
                           forced: bool = False, reason: str = "") -> str:
         """Drain and sleep ``victims``, then wake ``target`` (None: only sleep them).
 
-        ``forced`` (the control API, preload) switches even with no request waiting.
-        Returns "ok", "failed" or "abandoned".
+        ``forced`` (the control API, preload, reload, liveness) switches even with no
+        request waiting.  Returns "ok", "failed" or "abandoned"; never raises but for
+        cancellation (close()), after which the states tell the truth too.
         """
         started = self.clock()
         frm = ",".join(v.name for v in victims)
@@ -2202,50 +2335,37 @@ class Switcher:
         result = "failed"
         drain_secs = 0.0
         try:
+            # Phase 1: drain.
             if victims:
                 if not await self._drain(target, victims, forced):
                     for v in victims:
-                        self._set_state(v, ModelState.ACTIVE, "no request waits for the target")
+                        self._fire(v, ModelEvent.UNDRAIN, "no request waits for the target")
                     result = "abandoned"
                     return result
                 drain_secs = self.clock() - started
                 self.drains.append(drain_secs)
-                for v in victims:
-                    self._set_state(v, ModelState.SLEEPING, reason)
-                    try:
-                        await self.hooks.run(v.cfg, "sleep")
-                    except HookError as e:
-                        self._set_state(v, ModelState.ACTIVE, "its sleep hook failed; still loaded")
-                        if target is not None:
-                            self._fail_waiters(target, lambda e=e: HookError(e.message, e.result))
-                            target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-                        return result
-                    self._set_state(v, ModelState.ASLEEP)
-                    self.on_sleep(v.cfg)
-            if target is None:
-                result = "ok"
-                return result
-            self._set_state(target, ModelState.WAKING)
-            try:
+            # Phase 2: sleep each victim.  A failure stops here (_restore undrains the rest).
+            for v in victims:
+                self._fire(v, ModelEvent.SLEEP, reason)
+                await self.hooks.run(v.cfg, "sleep")
+                self._fire(v, ModelEvent.SLEPT)
+            # Phase 3: wake.
+            if target is not None:
+                self._fire(target, ModelEvent.WAKE)
                 await self.hooks.run(target.cfg, "wake")
-            except HookError as e:
-                # Clean up first, then answer: a client that sees the failure sees a
-                # clean state (invariant 8).
-                self._set_state(target, ModelState.SLEEPING, "its wake hook failed; cleaning up")
-                try:
-                    await self.hooks.run(target.cfg, "sleep")
-                except HookError:
-                    pass  # logged by the runner; the model stays asleep as far as we know
-                self._set_state(target, ModelState.ASLEEP)
-                self.on_sleep(target.cfg)
-                target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-                self._fail_waiters(target, lambda e=e: HookError(e.message, e.result))
-                return result
-            self._set_state(target, ModelState.ACTIVE)
+                self._fire(target, ModelEvent.WOKE)
+                secs = self.clock() - started - drain_secs
+                old = self.costs.get((frm, to))
+                self.costs[(frm, to)] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
             result = "ok"
-            secs = self.clock() - started - drain_secs
-            old = self.costs.get((frm, to))
-            self.costs[(frm, to)] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
+            return result
+        except asyncio.CancelledError:
+            self._restore(target, victims, None)
+            raise
+        except Exception as e:
+            if not isinstance(e, HookError):
+                self._internal_error("switch", e)
+            await self._restore_and_clean(target, victims, e)
             return result
         finally:
             secs = self.clock() - started
@@ -2263,54 +2383,105 @@ class Switcher:
             self._switch_task = None
             self.switching = None
             if not self.closed:
-                self._schedule()
+                try:
+                    self._schedule()
+                except Exception as e:
+                    self._internal_error("schedule", e)
 
-    # -- explicit operations: control API, idle sleep, liveness, start-up --
+    def _restore(self, target: Optional[_Model], victims: List[_Model],
+                 error: Optional[BaseException]) -> List[_Model]:
+        """After a switch failed (``error``) or was cancelled (None) at any point: put
+        every model it moved in the state that tells the truth.  Returns the models
+        whose sleep hook must still run to clean up (a target whose wake failed)."""
+        why = "the switch was interrupted" if error is None else f"the switch failed: {_reason(error)}"
+        for v in victims:
+            if v.state is ModelState.DRAINING:  # not slept yet: still loaded and serving
+                self._fire(v, ModelEvent.UNDRAIN, why)
+            elif v.state is ModelState.SLEEPING:  # its sleep failed or was cut: still loaded
+                self._fire(v, ModelEvent.SLEEP_FAILED, f"its sleep did not complete; still loaded ({why})")
+        cleanup = []
+        if target is not None and target.state is ModelState.WAKING:
+            self._fire(target, ModelEvent.WAKE_FAILED, why)
+            cleanup.append(target)  # SLEEPING until its sleep hook has run
+        return cleanup
+
+    async def _restore_and_clean(self, target: Optional[_Model], victims: List[_Model],
+                                 error: BaseException) -> None:
+        """_restore, then clean up a failed wake, then answer the target's waiters:
+        clean up first, so a client that sees the failure sees a clean state (inv. 8)."""
+        for m in self._restore(target, victims, error):
+            try:
+                await self.hooks.run(m.cfg, "sleep")
+                self._fire(m, ModelEvent.SLEPT, "its wake failed; cleaned up")
+            except asyncio.CancelledError:
+                raise  # close(): it stays SLEEPING, so sleep_on_exit runs its sleep hook
+            except Exception as e:
+                if not isinstance(e, HookError):
+                    self._internal_error("switch.cleanup", e)
+                self._fire(m, ModelEvent.SLEPT, "its wake and its cleanup sleep failed; it never "
+                                        "served, taken as asleep")
+        if target is not None:
+            target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+            if isinstance(error, HookError):
+                self._fail_waiters(target, lambda: HookError(error.message, error.result))
+            else:
+                self._fail_waiters(target, lambda: LLMuxError(
+                    f"the switch to model '{target.name}' failed: {_reason(error)}",
+                    status=503, code="switch_failed"))
+
+    # -- explicit operations: control API, idle sleep, liveness, start-up, reload --
 
     def busy(self) -> bool:
         """True while a switch (or a sleep) runs."""
         return self._switch_task is not None
 
     def start_wake(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
-        """Switch to ``name`` now even if no request waits; None if a switch runs."""
+        """Switch to ``name`` now even if no request waits; None if a switch runs or
+        ``name`` is not ASLEEP."""
         m = self.models[name]
-        if self.busy() or self.closed:
+        if self.busy() or self.closed or m.state is not ModelState.ASLEEP or m.retired:
             return None
         # An explicit request overrides min_active_secs; then every awake model may go,
         # and every size fits the capacity (parse_config checks), so room can be made.
         victims = self.victims_for(m, self.clock(), honour_min_active=False)
         assert victims is not None
-        for v in victims:
-            self._set_state(v, ModelState.DRAINING, f"switching to '{name}' ({reason})")
-        self.switching = ([v.name for v in victims], name)
-        self._switch_task = self.loop.create_task(self._run_switch(m, victims, True, reason))
-        return self._switch_task
+        return self._start_switch(m, victims, True, reason)
 
     def start_sleep(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
         """Drain and sleep the ACTIVE model ``name``; None if it is not ACTIVE or a switch runs."""
-        m = self.models[name]
-        if self.busy() or self.closed or m.state is not ModelState.ACTIVE:
+        m = self.models.get(name)
+        if m is None or self.busy() or self.closed or m.state is not ModelState.ACTIVE:
             return None
-        self._set_state(m, ModelState.DRAINING, reason)
-        self.switching = ([name], "")
-        self._switch_task = self.loop.create_task(self._run_switch(None, [m], True, reason))
-        return self._switch_task
+        return self._start_switch(None, [m], True, reason)
 
     async def wait_idle(self) -> None:
         """Wait until no switch runs."""
         while self._switch_task is not None:
+            task = self._switch_task
             try:
-                await asyncio.shield(self._switch_task)
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # we were cancelled, not the switch
             except Exception:
-                pass
+                pass  # _run_switch logs its own failures
 
     def adopt(self, name: str) -> None:
         """Mark ``name`` ACTIVE without waking it: it was found up at start."""
-        self._set_state(self.models[name], ModelState.ACTIVE, "found alive at start (adopted)")
+        self._fire(self.models[name], ModelEvent.ADOPT, "found alive at start (adopted)")
+        self._schedule()
+
+    def alive_failed(self, name: str) -> "Optional[asyncio.Task[str]]":
+        """The alive hook of ACTIVE ``name`` failed: drain it and run its sleep hook
+        (its sleep failing leaves it ACTIVE: the next check tries again)."""
+        self.log.warning("model.alive_failed", model=name)
+        return self.start_sleep(name, "its alive hook failed")
 
     def _arm_idle(self, m: _Model) -> None:
         """Schedule the idle check of an ACTIVE model with nothing in flight."""
         secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
+        if m.retired:
+            secs = secs or RETIRED_SLEEP_RETRY  # a removed model's sleep is retried
         if not secs or m.state is not ModelState.ACTIVE or m.in_flight or self.closed:
             return
         when = m.last_used + secs
@@ -2324,33 +2495,75 @@ class Switcher:
     def _idle_check(self, m: _Model) -> None:
         self._idle_timers.pop(m.name, None)
         secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
+        if m.retired:
+            secs = secs or RETIRED_SLEEP_RETRY
         if not secs or m.state is not ModelState.ACTIVE or m.in_flight or m.queue:
             return
         if self.clock() < m.last_used + secs - 1e-3:
             self._arm_idle(m)
-        elif self.start_sleep(m.name, f"idle for {secs:g}s (idle_sleep_secs)") is None:
+        elif self.start_sleep(m.name, "removed by a config reload" if m.retired else
+                              f"idle for {secs:g}s (idle_sleep_secs)") is None:
             m.last_used = self.clock()  # a switch runs: look again one period later
             self._arm_idle(m)
 
-    def replace_config(self, config: Config) -> None:
-        """Take a reloaded config.  Models it changes or removes must be asleep already;
-        requests queued for a removed model are failed."""
-        now = self.clock()
-        for name in list(self.models):
-            if name not in config.models:
-                self._fail_waiters(self.models.pop(name), lambda: LLMuxError(
-                    f"model '{name}' was removed by a config reload", status=503,
-                    code="model_removed"))
-        for name, cfg in config.models.items():
-            if name in self.models:
-                self.models[name].cfg = cfg
-            else:
-                self.models[name] = _Model(cfg, now)
-        self.config = config
-        self.policy_cfg = config.policy
-        if self.policy.name != config.policy.name:
-            self.policy = POLICIES[config.policy.name]()
-        self._schedule()
+    async def reconfigure(self, config: Config) -> Dict[str, List[str]]:
+        """Apply a reloaded config.  Unchanged models are not touched.  A changed or
+        removed model that is loaded is drained and put to sleep (with its old hooks)
+        first; if its sleep fails it keeps running with its old config, still counted
+        against the capacity, and the change applies when a later sleep succeeds.
+        Requests queued for a removed model are failed.  Returns what changed."""
+        async with self._reconfiguring:
+            old = {n: m.cfg for n, m in self.models.items() if not m.retired}
+            changed = [n for n in old if n in config.models and old[n] != config.models[n]]
+            removed = [n for n in old if n not in config.models]
+            added = [n for n in config.models if n not in old]
+            now = self.clock()
+            for name in added:  # asleep: harmless, and requests for them can queue now
+                self.models[name] = _Model(config.models[name], now)
+            self.held = True
+            try:
+                for name in changed + removed:
+                    m = self.models[name]
+                    while m.state is not ModelState.ASLEEP and not self.closed:
+                        await self.wait_idle()
+                        task = self.start_sleep(name, "config reload")
+                        if task is None:
+                            if self.busy():
+                                continue  # a control wake started meanwhile: wait again
+                            break  # ASLEEP now (between switches: ASLEEP or ACTIVE)
+                        if await asyncio.shield(task) != "ok" or m.state is not ModelState.ASLEEP:
+                            self.log.error("reload.sleep_failed", model=name,
+                                           keeping="its old config until a sleep succeeds")
+                            break
+            finally:
+                self.held = False
+            for name in removed:
+                m = self.models[name]
+                if m.state is ModelState.ASLEEP:
+                    del self.models[name]
+                    self._fail_waiters(m, lambda: LLMuxError(
+                        f"model '{name}' was removed by a config reload", status=503,
+                        code="model_removed"))
+                else:
+                    m.retired = True
+                    self._fail_waiters(m, lambda: LLMuxError(
+                        f"model '{name}' was removed by a config reload", status=503,
+                        code="model_removed"))
+                    self._arm_idle(m)
+            for name, cfg in config.models.items():
+                m = self.models.get(name)
+                if m is None:  # added while a retired model of that name was dropped
+                    self.models[name] = _Model(cfg, now)
+                elif m.state is ModelState.ASLEEP:
+                    m.cfg, m.pending_cfg, m.retired = cfg, None, False
+                elif m.cfg != cfg or m.retired:
+                    m.pending_cfg, m.retired = cfg, False  # still loaded with its old config
+            self.config = config
+            self.policy_cfg = config.policy
+            if self.policy.name != config.policy.name:
+                self.policy = POLICIES[config.policy.name]()
+            self._schedule()
+            return {"added": added, "changed": changed, "removed": removed}
 
     async def _drain(self, target: Optional[_Model], victims: List[_Model], forced: bool) -> bool:
         """Wait until the victims have nothing in flight; False if nobody waits any more."""
@@ -2423,6 +2636,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.write_paused = False
         self.upstream: Optional[_Upstream] = None  # the backend piping into us now
         self.model: Optional[str] = None  # of the request being served, for the log
+        self.responding = False  # a byte of the current request's answer was written
         self._stall: Optional[asyncio.TimerHandle] = None
         self._llmux_writer: Optional[asyncio.StreamWriter] = None
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
@@ -2505,7 +2719,9 @@ class Server:
                                  metrics=self.metrics)
         self.started = int(time.time())
         self._keys = [k.encode("utf-8") for k in config.api_keys]
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._listening: List[socket.socket] = []
+        self._accepting: Set["asyncio.Task[Any]"] = set()  # connections being set up
+        self._accept_paused: Optional[asyncio.TimerHandle] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
         self._background: List["asyncio.Task[None]"] = []
         self._reload_lock = asyncio.Lock()
@@ -2513,16 +2729,109 @@ class Server:
         self.port: Optional[int] = None
 
     async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
-        """Listen (on ``sock`` if given); return the bound port."""
+        """Listen (on ``sock`` if given); return the bound port.  Also makes this
+        server the loop's last-resort error boundary (see _loop_error)."""
         loop = asyncio.get_running_loop()
-        factory = lambda: _ClientProtocol(self)  # noqa: E731
-        if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+        loop.set_exception_handler(self._loop_error)
+        if sock is None:
+            socks = []
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                               flags=socket.AI_PASSIVE)
+                for family, kind, proto, _, addr in dict.fromkeys(infos):
+                    s = socket.socket(family, kind, proto)
+                    socks.append(s)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    s.bind(addr)
+                    if port == 0:  # every address on the port the first one got
+                        port = s.getsockname()[1]
+                    s.listen(LISTEN_BACKLOG)
+            except OSError:
+                for s in socks:
+                    s.close()
+                raise
         else:
-            self._server = await loop.create_server(factory, host, port, backlog=1024,
-                                                    reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+            socks = [sock]
+            sock.listen(LISTEN_BACKLOG)
+        for s in socks:
+            s.setblocking(False)
+            loop.add_reader(s.fileno(), self._accept, s)
+        self._listening = socks
+        self.port = socks[0].getsockname()[1]
         return self.port
+
+    # Our own accept loop, not asyncio's: out of fds, asyncio's retries accept() once per
+    # backlog slot and logs a traceback for each, tens of thousands a second.
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(e)
+                else:
+                    log_internal_error(self.log, self.metrics, "accept", e)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._connect(conn))
+            self._accepting.add(task)
+            task.add_done_callback(self._accepting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _ClientProtocol(self), conn)
+        except OSError:
+            conn.close()  # gone before we got to it, or out of fds for the transport
+        except Exception as e:
+            conn.close()
+            log_internal_error(self.log, self.metrics, "accept", e)
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of fds: stop accepting for ACCEPT_PAUSE_SECS (new clients wait in the
+        kernel's backlog), say so once, and count it."""
+        loop = asyncio.get_running_loop()
+        self.metrics.inc("llmux_accept_paused_total")
+        self.log.warning("accept.paused", reason=_reason(e), secs=ACCEPT_PAUSE_SECS,
+                         connections=len(self._busy))
+        for s in self._listening:
+            loop.remove_reader(s.fileno())
+        if self._accept_paused is None:
+            self._accept_paused = loop.call_later(ACCEPT_PAUSE_SECS, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if not self.closing:
+            loop = asyncio.get_running_loop()
+            for s in self._listening:
+                loop.add_reader(s.fileno(), self._accept, s)
+
+    def _stop_listening(self) -> None:
+        """Close the listening sockets (new connections are refused from now on)."""
+        loop = asyncio.get_running_loop()
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+        for s in self._listening:
+            loop.remove_reader(s.fileno())
+            s.close()
+        self._listening = []
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        """The loop's exception handler: whatever reaches it (a callback that raised, a
+        task exception nobody retrieved) is a bug: logged once with its traceback and
+        counted, never printed raw."""
+        e = context.get("exception")
+        if not isinstance(e, BaseException):
+            e = RuntimeError(str(context.get("message")))
+        log_internal_error(self.log, self.metrics, "loop", e)
 
     async def adopt(self) -> None:
         """At start, before listening: run every alive hook.  A model that is up already
@@ -2551,23 +2860,29 @@ class Server:
         self._background.append(asyncio.get_running_loop().create_task(self._liveness()))
 
     async def _liveness(self) -> None:
+        """Run the alive hook of each ACTIVE model every alive_interval_secs.  It survives
+        any exception (logged and counted), so liveness never stops silently."""
         while True:
             interval = self.config.policy.alive_interval_secs
             await asyncio.sleep(interval or 1.0)
             if not interval:
                 continue
-            sw = self.switcher
-            for m in list(sw.models.values()):
-                if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
-                    continue
-                if not await self.hooks.alive(m.cfg) and m.state is ModelState.ACTIVE:
-                    self.log.warning("model.alive_failed", model=m.name)
-                    sw.start_sleep(m.name, "its alive hook failed")
+            try:
+                await self._check_alive()
+            except Exception as e:
+                log_internal_error(self.log, self.metrics, "liveness", e)
+
+    async def _check_alive(self) -> None:
+        sw = self.switcher
+        for m in list(sw.models.values()):
+            if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
+                continue
+            if not await self.hooks.alive(m.cfg) and m.state is ModelState.ACTIVE:
+                sw.alive_failed(m.name)
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP).  An invalid one is logged and ignored.
-        Models whose config is unchanged are not touched; a changed or removed model that
-        is awake is drained and put to sleep (with its old hooks) first."""
+        Models whose config is unchanged are not touched (Switcher.reconfigure)."""
         async with self._reload_lock:
             try:
                 new = load_config(self.config.path or "")
@@ -2578,37 +2893,21 @@ class Server:
             old = self.config
             if (new.port, new.host) != (old.port, old.host):
                 self.log.warning("reload.restart_needed", reason="port and host apply at start only")
-            changed = [n for n in old.models if n in new.models and old.models[n] != new.models[n]]
-            removed = [n for n in old.models if n not in new.models]
-            added = [n for n in new.models if n not in old.models]
-            sw = self.switcher
-            sw.held = True
-            try:
-                for name in changed + removed:
-                    while sw.models[name].state is not ModelState.ASLEEP:
-                        await sw.wait_idle()
-                        task = sw.start_sleep(name, "config reload")
-                        if task is not None and await asyncio.shield(task) != "ok":
-                            self.log.error("reload.sleep_failed", model=name)
-                            break
-                sw.replace_config(new)
-            finally:
-                sw.held = False
+            # Routing and keys change first: a removed model takes no new requests while
+            # it drains; its queued requests are failed by the switcher.
             self.config = new
             self.hooks.timeout = new.policy.hook_timeout_secs
             self.hooks.cwd = os.path.dirname(new.path) if new.path else None
             self._keys = [k.encode("utf-8") for k in new.api_keys]
-            sw._schedule()
-            self.log.info("reload.done", added=",".join(added) or None,
-                          changed=",".join(changed) or None, removed=",".join(removed) or None)
+            done = await self.switcher.reconfigure(new)
+            self.log.info("reload.done", **{k: ",".join(v) or None for k, v in done.items()})
             return True
 
     async def shutdown(self) -> None:
         """SIGTERM: stop accepting, let requests in flight finish within
         shutdown_grace_secs, then stop; with sleep_on_exit, sleep the active model."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()  # the listening sockets are closed when this returns
+        self._stop_listening()
         self.log.info("shutdown", grace_secs=self.config.policy.shutdown_grace_secs)
         for proto, busy in list(self._busy.items()):
             if not busy and proto._llmux_task is not None:
@@ -2624,8 +2923,9 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting, fail the queue, cut what is left, kill running hooks."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
+        for task in self._accepting:
+            task.cancel()
         for task in self._background:
             task.cancel()
         await self.switcher.close()  # queued requests get 503 shutting_down
@@ -2682,6 +2982,10 @@ class Server:
         except asyncio.CancelledError:
             if not proto.gone:
                 raise  # shutdown, or cut by a drain: the caller knows
+        except Exception as e:  # a bug outside a request's own boundary (_respond)
+            log_internal_error(self.log, self.metrics, "connection", e)
+            if not proto.responding:
+                writer.write(_internal_error_response())
         finally:
             await self._close(writer, proto)
 
@@ -2698,12 +3002,14 @@ class Server:
         started = time.monotonic()
         model: Optional[ModelConfig] = None
         status = 500
+        proto.responding = False  # set once a byte of this request's answer is written
         try:
             if self._keys and path != "/health":
                 self._authorize(head)
             if path == "/metrics" and head.method in ("GET", "HEAD"):
                 status = 200
                 body = self._scrape().encode()
+                proto.responding = True
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; "
                              b"charset=utf-8\r\ncontent-length: %d\r\n%s\r\n%s" % (
                                  len(body), b"" if head.keep_alive else b"connection: close\r\n",
@@ -2715,6 +3021,7 @@ class Server:
                 local = await self._control(head.method, path)
             if local is not None:
                 status, payload = local
+                proto.responding = True
                 writer.write(json_response(status, payload, keep_alive=head.keep_alive,
                                            head_only=head.method == "HEAD"))
                 await writer.drain()
@@ -2726,9 +3033,9 @@ class Server:
                                version=head.version, model=model.name, body_bytes=len(body),
                                headers=[k for k, _ in head.headers])  # names only: no secrets
             slot = await self.switcher.acquire(model.name)
-            try:
-                result = await relay(self.pool, model.name, model.port, head, body, writer,
-                                     self.config.policy.upstream_timeout_secs, proto)
+            try:  # the switcher's config: a reload may have left the old one running
+                result = await relay(self.pool, model.name, slot.model.cfg.port, head, body,
+                                     writer, self.config.policy.upstream_timeout_secs, proto)
             finally:
                 slot.release()
             status = result.status
@@ -2738,6 +3045,7 @@ class Server:
             if e.status >= 500:
                 self.log.warning("request.failed", model=model.name if model else None,
                                  status=e.status, reason=e.message)
+            proto.responding = True
             writer.write(json_response(e.status, e.to_json(), keep_alive=head.keep_alive,
                                        headers=e.headers))
             await writer.drain()
@@ -2749,6 +3057,15 @@ class Server:
         except asyncio.CancelledError:
             status = 499  # nginx's code for "client closed request"
             raise
+        except ConnectionError:
+            raise  # the client went away while we wrote: _serve_connection closes
+        except Exception as e:  # a bug: the last-resort boundary of one request
+            status = 500
+            log_internal_error(self.log, self.metrics, "request", e)
+            if not proto.responding:
+                proto.responding = True
+                writer.write(_internal_error_response())
+            return False  # the connection may be out of step: close it
         finally:
             secs = time.monotonic() - started
             self.log.info("request", method=head.method, path=path,
@@ -2878,6 +3195,11 @@ class Server:
         if model is None:
             raise self._unknown_model(name)
         return model
+
+
+def _internal_error_response() -> bytes:
+    return json_response(500, LLMuxError("internal error in llmux; it was logged with its "
+                                         "traceback").to_json(), keep_alive=False)
 
 
 async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -3427,6 +3749,11 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP is ours from the first moment: its default action would kill llmux and
+    # orphan a running hook.  One that comes before llmux listens runs after it does.
+    reloads: List["asyncio.Task[bool]"] = []
+    early_reload = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     server = Server(config, log)
     # Start-up adoption runs hooks: a stop meanwhile cancels it, which kills them.
     adopting = loop.create_task(server.adopt())
@@ -3435,7 +3762,7 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     if stop.is_set():
         adopting.cancel()
         await asyncio.gather(adopting, return_exceptions=True)
-        server.hooks.close()
+        await server.stop()
         log.info("shutdown", during="start-up")
         return 0
     stopping.cancel()
@@ -3449,12 +3776,20 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     log.info("listening", url=f"http://{host}:{bound}", models=",".join(config.models),
              policy=config.policy.name, version=__version__, pid=os.getpid())
     server.start_background()
-    reloads: List["asyncio.Task[bool]"] = []
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloads.append(loop.create_task(server.reload())))
+
+    def reload() -> None:
+        reloads[:] = [t for t in reloads if not t.done()]
+        reloads.append(loop.create_task(server.reload()))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if early_reload.is_set():
+        log.info("reload.deferred", reason="SIGHUP arrived during start-up")
+        reload()
     await stop.wait()
     await server.shutdown()
     for task in reloads:
         task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
     return 0
 
 

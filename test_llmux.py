@@ -35,6 +35,10 @@ T = 15.0 * FACTOR  # one blocking step
 HARD = 60.0 * FACTOR  # one whole test
 
 _children: List[subprocess.Popen] = []
+# What llmux must never print.  Its own logged internal errors carry their traceback on
+# one JSON-escaped line (event=internal.error), which this does not match.
+UNCLEAN = re.compile(r"^Traceback \(most recent call last\)|never retrieved|Task was destroyed"
+                     r"|^\w+Error: |Exception in callback")
 
 
 # ─────────────────────────────── fake backend (child process) ───────────────────────────
@@ -275,6 +279,15 @@ class Llmux:
                 _kill(self.proc)
         self.reader.join(T)
 
+    def assert_clean(self) -> None:
+        """Fail when llmux printed what it must never print: a traceback that was not its
+        own logged internal error, an unretrieved task exception, a destroyed task."""
+        with self.cond:
+            lines = list(self.lines)
+        bad = [i for i, line in enumerate(lines) if UNCLEAN.search(line)]
+        assert not bad, "llmux printed a traceback or a lost task:\n" + "\n".join(
+            lines[max(0, bad[0] - 5):bad[0] + 30])
+
     # -- client helpers --
 
     def conn(self) -> http.client.HTTPConnection:
@@ -347,6 +360,8 @@ class Env:
             p.stop()
         for b in self.backends.values():
             b.stop()
+        for p in self.procs:
+            p.assert_clean()
 
 
 @pytest.fixture
@@ -425,6 +440,30 @@ def join(t: threading.Thread, box: Dict[str, Any]) -> Any:
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def run_checked(coro: Any, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+    """asyncio.run, failing the test if the loop's exception handler fired (an exception
+    nobody retrieved, a callback that raised) or a task was left running."""
+    loop = loop or asyncio.new_event_loop()
+    problems: List[Dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    async def leftovers() -> List[Any]:
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in left:
+            t.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        return left
+
+    try:
+        result = loop.run_until_complete(coro)
+        left = loop.run_until_complete(leftovers())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    assert problems == [], problems
+    assert left == [], f"tasks left running: {left}"
+    return result
 
 
 def wait_for(pred: Any, what: str) -> None:
@@ -775,7 +814,7 @@ def run_hook(script: str, *, timeout: float = T, cwd: Optional[str] = None,
         finally:
             runner.close()
 
-    result, error = asyncio.run(go())
+    result, error = run_checked(go())
     return result, error, stream.lines
 
 
@@ -862,7 +901,7 @@ def test_missing_hook_is_a_success() -> None:
         runner = llmux.HookRunner(llmux.Log(ListStream()))
         return await runner.run(llmux.ModelConfig("m1", 8123), "sleep")
 
-    assert asyncio.run(go()).ok
+    assert run_checked(go()).ok
 
 
 # ─────────────────────────────── switcher, end to end ───────────────────────────────────
@@ -1295,6 +1334,7 @@ def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path)
         lx.wait_log(r"hook\.exit model=llama hook=sleep code=0")
     finally:
         lx.stop()
+        lx.assert_clean()
         for name in ("llama", "qwen"):
             subprocess.run([sys.executable, LLMUX, "demo-backend", "--stop", "--pidfile",
                             str(tmp_path / f"llmux-demo-{name}.pid")], timeout=T)
@@ -1318,6 +1358,7 @@ def test_verbose_adds_detail_but_never_secrets(env: Env) -> None:
     lx.wait_log(r"debug request\.head method=POST target=/v1/chat/completions .*authorization")
     lx.wait_log(r"debug hook\.script model=a hook=wake")
     lx.stop()
+    lx.assert_clean()
     assert not [line for line in lx.lines if "SECRET" in line]
 
 
@@ -1507,7 +1548,7 @@ def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any) -> None:
         cfg = llmux.parse_config({"models": {"a": {"port": backend.port}},
                                   "http": {"max_body_bytes": 10_000, "header_timeout_secs": 5,
                                            "body_timeout_secs": 5}})
-        stats = asyncio.run(_fuzz_live(cfg, random.Random(4242), 400))
+        stats = run_checked(_fuzz_live(cfg, random.Random(4242), 400))
     finally:
         backend.stop()
     with capsys.disabled():
