@@ -142,6 +142,9 @@ DEFAULT_ALIVE_INTERVAL = 30.0  # an active model's alive hook runs this often (0
 DEFAULT_SHUTDOWN_GRACE = 30.0  # on SIGTERM, in-flight requests get this long to finish.
 DEFAULT_MAX_WAIT = 60.0  # policy "cost": no request waits longer for its switch to start.
 DEMAND_HALF_LIFE = 60.0  # policy "cost": how fast a model's recent demand is forgotten.
+TIMER_SLACK = 1e-3  # a decision timer fires this late, so the deadline it waits for has
+# passed when it runs: asyncio runs timers up to its clock resolution early, and a pass
+# that found the deadline not quite reached would re-arm a zero-delay timer (a busy loop).
 
 HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
 HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
@@ -1719,12 +1722,14 @@ class HookRunner:
             raise HookError(result.describe(), result)
         return result
 
-    async def alive(self, model: ModelConfig) -> bool:
-        """Run the alive hook: True when it exits 0 (or there is none)."""
+    async def alive(self, model: ModelConfig) -> Optional[bool]:
+        """Run the alive hook: True when it exits 0 (or there is none), False when it
+        fails, None when it could not even start (out of fds, say): that says nothing
+        about the model, which must not be put to sleep for it."""
         try:
             await self.run(model, "alive")
-        except HookError:
-            return False
+        except HookError as e:
+            return None if e.result.error is not None else False
         return True
 
     async def _run(self, model: ModelConfig, hook: str, script: str) -> HookResult:
@@ -1856,6 +1861,7 @@ class _Model:
         self.name = cfg.name
         self.state = ModelState.ASLEEP
         self.state_since = now
+        self.transitions = 0  # how many times its state changed
         self.in_flight = 0
         self.slots: Set["Slot"] = set()
         self.queue: Deque[_Waiter] = collections.deque()
@@ -2270,7 +2276,8 @@ class Switcher:
             self._timer.cancel()
             self._timer = None
         if when is not None:
-            self._timer = self.loop.call_later(max(0.0, when - self.clock()), self._schedule)
+            self._timer = self.loop.call_later(max(0.0, when - self.clock()) + TIMER_SLACK,
+                                               self._schedule)
 
     def _fire(self, m: _Model, event: ModelEvent, reason: str = "") -> None:
         """The one place a model's state changes: (state, event) -> next state."""
@@ -2284,6 +2291,7 @@ class Switcher:
                       on=event.value)
         m.state = state
         m.state_since = now
+        m.transitions += 1
         if state is ModelState.ACTIVE:
             if m.active_since is None:
                 m.active_since = now
@@ -2435,11 +2443,21 @@ class Switcher:
         """True while a switch (or a sleep) runs."""
         return self._switch_task is not None
 
+    def busy_reason(self) -> Optional[str]:
+        """Why no explicit wake or sleep can start now, or None."""
+        if self.switching:
+            return (f"a switch is in progress ({', '.join(self.switching[0]) or '-'} -> "
+                    f"{self.switching[1] or '-'})")
+        if self.held:
+            return "a config reload is being applied"
+        return None
+
     def start_wake(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
-        """Switch to ``name`` now even if no request waits; None if a switch runs or
-        ``name`` is not ASLEEP."""
-        m = self.models[name]
-        if self.busy() or self.closed or m.state is not ModelState.ASLEEP or m.retired:
+        """Switch to ``name`` now even if no request waits; None if a switch runs, a
+        reload is being applied, or ``name`` is not ASLEEP."""
+        m = self.models.get(name)
+        if m is None or self.busy() or self.held or self.closed or m.retired \
+                or m.state is not ModelState.ASLEEP:
             return None
         # An explicit request overrides min_active_secs; then every awake model may go,
         # and every size fits the capacity (parse_config checks), so room can be made.
@@ -2448,9 +2466,10 @@ class Switcher:
         return self._start_switch(m, victims, True, reason)
 
     def start_sleep(self, name: str, reason: str) -> "Optional[asyncio.Task[str]]":
-        """Drain and sleep the ACTIVE model ``name``; None if it is not ACTIVE or a switch runs."""
+        """Drain and sleep the ACTIVE model ``name``; None if it is not ACTIVE, a switch
+        runs, or a reload is being applied."""
         m = self.models.get(name)
-        if m is None or self.busy() or self.closed or m.state is not ModelState.ACTIVE:
+        if m is None or self.busy() or self.held or self.closed or m.state is not ModelState.ACTIVE:
             return None
         return self._start_switch(None, [m], True, reason)
 
@@ -2513,46 +2532,44 @@ class Switcher:
         against the capacity, and the change applies when a later sleep succeeds.
         Requests queued for a removed model are failed.  Returns what changed."""
         async with self._reconfiguring:
-            old = {n: m.cfg for n, m in self.models.items() if not m.retired}
-            changed = [n for n in old if n in config.models and old[n] != config.models[n]]
-            removed = [n for n in old if n not in config.models]
-            added = [n for n in config.models if n not in old]
             now = self.clock()
+            added = [n for n in config.models if n not in self.models or self.models[n].retired]
             for name in added:  # asleep: harmless, and requests for them can queue now
-                self.models[name] = _Model(config.models[name], now)
+                if name not in self.models:  # (a retired one still loaded is kept: below)
+                    self.models[name] = _Model(config.models[name], now)
+            # While held, nothing but this reload starts a switch (not even the control
+            # API: it gets 409), so what is compared below cannot move under it.  A switch
+            # already running may be waking or sleeping a model that changes: let it end.
             self.held = True
             try:
+                await self.wait_idle()
+                old = {n: m.cfg for n, m in self.models.items()
+                       if not m.retired and n not in added}
+                changed = [n for n in old if n in config.models and old[n] != config.models[n]]
+                removed = [n for n in old if n not in config.models]
                 for name in changed + removed:
                     m = self.models[name]
-                    while m.state is not ModelState.ASLEEP and not self.closed:
-                        await self.wait_idle()
-                        task = self.start_sleep(name, "config reload")
-                        if task is None:
-                            if self.busy():
-                                continue  # a control wake started meanwhile: wait again
-                            break  # ASLEEP now (between switches: ASLEEP or ACTIVE)
-                        if await asyncio.shield(task) != "ok" or m.state is not ModelState.ASLEEP:
-                            self.log.error("reload.sleep_failed", model=name,
-                                           keeping="its old config until a sleep succeeds")
-                            break
+                    if m.state is ModelState.ASLEEP:  # between switches: ASLEEP or ACTIVE
+                        continue
+                    task = self._start_switch(None, [m], True, "config reload")
+                    if await asyncio.shield(task) != "ok" or m.state is not ModelState.ASLEEP:
+                        self.log.error("reload.sleep_failed", model=name,
+                                       keeping="its old config until a sleep succeeds")
             finally:
                 self.held = False
             for name in removed:
                 m = self.models[name]
+                self._fail_waiters(m, lambda: LLMuxError(
+                    f"model '{name}' was removed by a config reload", status=503,
+                    code="model_removed"))
                 if m.state is ModelState.ASLEEP:
                     del self.models[name]
-                    self._fail_waiters(m, lambda: LLMuxError(
-                        f"model '{name}' was removed by a config reload", status=503,
-                        code="model_removed"))
                 else:
-                    m.retired = True
-                    self._fail_waiters(m, lambda: LLMuxError(
-                        f"model '{name}' was removed by a config reload", status=503,
-                        code="model_removed"))
+                    m.retired = True  # still loaded: slept when idle (_arm_idle retries)
                     self._arm_idle(m)
             for name, cfg in config.models.items():
                 m = self.models.get(name)
-                if m is None:  # added while a retired model of that name was dropped
+                if m is None:  # a retired model of that name was slept and dropped meanwhile
                     self.models[name] = _Model(cfg, now)
                 elif m.state is ModelState.ASLEEP:
                     m.cfg, m.pending_cfg, m.retired = cfg, None, False
@@ -2877,7 +2894,7 @@ class Server:
         for m in list(sw.models.values()):
             if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
                 continue
-            if not await self.hooks.alive(m.cfg) and m.state is ModelState.ACTIVE:
+            if await self.hooks.alive(m.cfg) is False and m.state is ModelState.ACTIVE:
                 sw.alive_failed(m.name)
 
     async def reload(self) -> bool:
@@ -3154,8 +3171,7 @@ class Server:
         task = sw.start_wake(cfg.name, "control API") if action == "wake" else \
             sw.start_sleep(cfg.name, "control API")
         if task is None:
-            why = (f"a switch is in progress ({', '.join(sw.switching[0]) or '-'} -> "
-                   f"{sw.switching[1] or '-'})") if sw.switching else f"model '{cfg.name}' is {m.state.value}"
+            why = sw.busy_reason() or f"model '{cfg.name}' is {m.state.value}"
             raise LLMuxError(f"cannot {action} model '{cfg.name}' now: {why}", status=409,
                              type="invalid_request_error", code="conflict")
         result = await asyncio.shield(task)
@@ -3324,7 +3340,7 @@ class SimHooks:
         self.last[(model.name, hook)] = result
         return result
 
-    async def alive(self, model: ModelConfig) -> bool:
+    async def alive(self, model: ModelConfig) -> Optional[bool]:
         return True
 
     def close(self) -> None:

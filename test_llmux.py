@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 
 HERE = Path(__file__).resolve().parent
@@ -904,6 +904,414 @@ def test_missing_hook_is_a_success() -> None:
     assert run_checked(go()).ok
 
 
+class ExhaustedFds:
+    """Fill this process's fd table until os.pipe() fails with EMFILE, as ~1,100 idle
+    client connections do under the common 1024 limit; give them back on exit."""
+
+    def __enter__(self) -> "ExhaustedFds":
+        import resource
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 16, self.limits[1]))
+        self.fds: List[int] = []
+        try:
+            while True:
+                self.fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError as e:
+            assert e.errno == 24, e
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import resource
+        for fd in self.fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+
+
+def test_hook_that_cannot_start_for_lack_of_fds_fails_the_switch_cleanly() -> None:
+    """Regression (issue 8, defect 2): os.pipe() raising EMFILE escaped the hook runner;
+    one model was left SLEEPING, the other WAKING, and the switcher spun for good."""
+    stream = ListStream()
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {n: {"port": 1 + i, "wake": "true", "sleep": "true"}
+                                             for i, n in enumerate("ab")},
+                                  "policy": {"request_timeout_secs": T, "wake_backoff_secs": 0}})
+        log = llmux.Log(stream)
+        sw = llmux.Switcher(cfg, llmux.HookRunner(log, timeout=T), llmux.FifoPolicy(), log)
+        (await sw.acquire("a")).release()
+        with ExhaustedFds():
+            with pytest.raises(llmux.LLMuxError) as info:
+                await sw.acquire("b")  # a's sleep hook cannot start
+        assert info.value.status == 503
+        assert info.value.message == ("hook 'sleep' for model 'a' could not start: "
+                                      "too many open files")
+        assert sw.active() == ["a"] and sw.models["b"].state is llmux.ModelState.ASLEEP
+        slot = await sw.acquire("b")  # fds are back: the next request switches
+        assert sw.active() == ["b"]
+        slot.release()
+        await sw.close()
+
+    run_checked(go())
+    assert not [line for line in stream.lines if "internal.error" in line], stream.lines
+
+
+# ──────────────────── switcher, in process: deterministic simulation ────────────────────
+# The real Switcher and policies on a virtual clock (llmux.VirtualTimeLoop), driven by
+# seeded random scenarios: arrivals, clients leaving at every phase, hook failures of
+# every kind (exit codes, timeouts, could-not-start, raw exceptions), slow drains, control
+# wake/sleep, liveness failures, reloads that add, change and remove models, capacity
+# configs and both policies.  FaultHooks plays the GPU: it knows which models are really
+# loaded, so "the state never lies" can be checked.  Every invariant of DESIGN.md that
+# the switcher owns is checked after every step of the event loop, and the loop must make
+# progress (virtual time advances; no busy loop).  A failure names its seed; replay it
+# with LLMUX_EXPLORE_SEED=N (add LLMUX_EXPLORE_VERBOSE=1 for the trace).
+
+EXPLORE_SCENARIOS = int(os.environ.get("LLMUX_EXPLORE_SCENARIOS", "2000"))
+BUSY_STEPS = 5000  # loop steps at one virtual instant beyond which the loop is spinning
+
+
+class FaultHooks:
+    """Wake and sleep hooks that take virtual time and fail as the dice say; the ground
+    truth of what is loaded.  Checks residency when a wake starts, as the GPU would."""
+
+    def __init__(self, rng: random.Random, capacity: Optional[float], timeout: float,
+                 fail: float) -> None:
+        self.rng = rng
+        self.capacity = capacity
+        self.timeout = timeout
+        self.fail = fail
+        self.loaded: Dict[str, float] = {}  # model -> size, really in (fake) GPU memory
+        self.running: Optional[str] = None
+        self.violations: List[str] = []
+        self.injected = 0  # raw exceptions raised: each must be logged as an internal error
+        self.last: Dict[Tuple[str, str], llmux.HookResult] = {}
+        self.timeline: List[str] = []
+
+    async def run(self, model: llmux.ModelConfig, hook: str) -> llmux.HookResult:
+        now = asyncio.get_running_loop().time()
+        if self.running is not None:
+            self.violations.append(f"t={now:.3f}: {hook} of {model.name} started while "
+                                   f"{self.running} runs")
+        others = {n: s for n, s in self.loaded.items() if n != model.name}
+        if hook == "wake":
+            fits = (not others) if self.capacity is None else \
+                sum(others.values()) + model.size <= self.capacity + 1e-9
+            if not fits:
+                self.violations.append(f"t={now:.3f}: wake of {model.name} (size "
+                                       f"{model.size}) while {others} loaded, capacity "
+                                       f"{self.capacity}")
+        rng = self.rng
+        kind = "ok"
+        if rng.random() < self.fail:
+            kind = rng.choice(["exit", "exit", "timeout", "cannot-start", "raise"])
+        self.timeline.append(f"t={now:.3f} {hook} {model.name} -> {kind}")
+        self.running = f"{hook} of {model.name}"
+        try:
+            if kind == "raise":
+                self.injected += 1
+                raise rng.choice([RuntimeError("injected bug"),
+                                  OSError(24, "Too many open files"), KeyError("injected")])
+            if kind == "cannot-start":
+                result = llmux.HookResult(model.name, hook, None, error="too many open files")
+            else:
+                secs = self.timeout if kind == "timeout" else rng.choice(
+                    [0.0, 0.01, rng.uniform(0.1, 3.0), rng.uniform(3.0, 20.0)])
+                await asyncio.sleep(secs)
+                result = llmux.HookResult(model.name, hook, 0 if kind == "ok" else None if
+                                          kind == "timeout" else rng.choice([1, 2, 137]),
+                                          timed_out=kind == "timeout", duration=secs,
+                                          stderr_tail=[] if kind == "ok" else ["injected"])
+            self.last[(model.name, hook)] = result
+            if not result.ok:
+                raise llmux.HookError(result.describe(), result)
+            if hook == "wake":
+                self.loaded[model.name] = model.size
+            elif hook == "sleep":
+                self.loaded.pop(model.name, None)
+            return result
+        finally:
+            self.running = None
+
+    async def alive(self, model: llmux.ModelConfig) -> bool:
+        return model.name in self.loaded
+
+    def close(self) -> None:
+        pass
+
+
+class CheckedLoop(llmux.VirtualTimeLoop):
+    """The virtual-time loop, calling ``check`` after every step and failing a loop that
+    spins at one instant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.check: Any = None
+        self.steps = 0
+        self._instant = -1.0
+        self._same = 0
+
+    def _run_once(self) -> None:
+        super()._run_once()  # type: ignore[misc]
+        self.steps += 1
+        now = self.time()
+        if now == self._instant:
+            self._same += 1
+            if self._same > BUSY_STEPS:
+                raise AssertionError(f"busy loop: {BUSY_STEPS} steps at t={now:.3f} "
+                                     "without time moving")
+        else:
+            self._instant, self._same = now, 0
+        if self.check is not None:
+            self.check()
+
+
+def random_config(rng: random.Random, names: List[str], capacity: Optional[float],
+                  policy: Dict[str, Any]) -> llmux.Config:
+    models: Dict[str, Any] = {}
+    for i, name in enumerate(names):
+        m: Dict[str, Any] = {"port": 9000 + int(name[1:]), "wake": f"wake {rng.random():.3f}",
+                             "sleep": "sleep"}
+        if capacity is not None:
+            m["size"] = rng.choice([0.5, 1.0, 1.0, 1.5, capacity])
+        if rng.random() < 0.15:
+            m["idle_sleep_secs"] = rng.choice([0, 2.0, 8.0])
+        models[name] = m
+    return llmux.parse_config({"models": models, "policy": policy})
+
+
+def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
+    """One seeded scenario through the real Switcher; raises AssertionError on a broken
+    invariant.  Returns counts of what happened."""
+    rng = random.Random(seed)
+    capacity = rng.choice([None, None, 2.0, 3.0])
+    policy: Dict[str, Any] = {
+        "name": rng.choice(["fifo", "cost"]),
+        "request_timeout_secs": rng.choice([None, 5.0, 20.0, 60.0, 60.0]),
+        "drain_timeout_secs": rng.choice([None, 1.0, 10.0, 300.0]),
+        "drain_before_switch": rng.random() < 0.85,
+        "min_active_secs": rng.choice([0.0, 0.0, 2.0, 10.0]),
+        "wake_backoff_secs": rng.choice([0.0, 1.0, 5.0]),
+        "max_queue": rng.choice([4096, 4096, 3]),
+        "hook_timeout_secs": rng.choice([5.0, 30.0]),
+        "idle_sleep_secs": rng.choice([0.0, 0.0, 5.0]),
+        "max_wait_secs": rng.choice([10.0, 60.0]),
+    }
+    if capacity is not None:
+        policy["capacity"] = capacity
+    names = [f"m{i}" for i in range(rng.randint(2, 4))]
+    config = random_config(rng, names, capacity, policy)
+    fail = rng.choice([0.0, 0.1, 0.3, 0.6])
+    loop = CheckedLoop()
+    problems: List[Dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    stream = ListStream()
+    hooks = FaultHooks(rng, capacity, policy["hook_timeout_secs"], fail)
+    counts = {"requests": 0, "served": 0, "errors": 0, "left": 0, "cut": 0, "reloads": 0,
+              "controls": 0}
+    trace: List[str] = []
+    timeout = policy["request_timeout_secs"]
+
+    async def scenario() -> None:
+        sw = llmux.Switcher(config, hooks, llmux.POLICIES[policy["name"]](),  # type: ignore[arg-type]
+                            llmux.Log(stream))
+        holders: Dict[int, llmux.Slot] = {}
+        clients: Dict[int, "asyncio.Task[None]"] = {}
+        others: List["asyncio.Task[Any]"] = []
+        current = [config]
+
+        draining: Dict[Tuple[int, int], int] = {}  # (model, transitions) -> in flight
+
+        def check() -> None:
+            S = llmux.ModelState
+            assert not hooks.violations, hooks.violations
+            models = sw.models
+            assert sw.queued == sum(len(m.queue) for m in models.values()), "queued count"
+            if sw.queued and not (sw.busy() or sw.held or sw.closed):
+                # Demand waits and nothing runs: a decision timer must be armed, or the
+                # requests would wait for their timeout although a switch could start.
+                timer = sw._timer
+                assert timer is not None and not timer.cancelled(), \
+                    f"progress: {sw.queued} waiting, no switch running and no timer armed"
+            seen = {(id(m), m.transitions): m.in_flight for m in models.values()
+                    if m.state is S.DRAINING}
+            for key, in_flight in seen.items():
+                assert in_flight <= draining.get(key, in_flight), \
+                    f"inv 3: a draining model took a new slot ({draining[key]} -> {in_flight})"
+            draining.clear()
+            draining.update(seen)
+            awake = [m for m in models.values() if m.state is not S.ASLEEP]
+            if capacity is None:
+                assert len(awake) <= 1, f"inv 1: awake {[m.name for m in awake]}"
+            else:
+                assert sum(m.cfg.size for m in awake) <= capacity + 1e-9, \
+                    f"inv 1: awake {[(m.name, m.cfg.size) for m in awake]}"
+            for m in models.values():
+                assert m.in_flight == len(m.slots) >= 0, f"{m.name}: in_flight {m.in_flight}"
+                if m.state is S.ACTIVE:
+                    assert not m.queue, f"inv 4: {m.name} ACTIVE with {len(m.queue)} waiting"
+                if m.state in (S.ACTIVE, S.DRAINING):
+                    assert m.name in hooks.loaded, f"inv 9: {m.name} {m.state.value}, not loaded"
+                if m.state is not S.ACTIVE and m.state is not S.DRAINING:
+                    assert not m.slots, f"inv 2: slots on {m.name} {m.state.value}"
+            for name in hooks.loaded:
+                assert name in models and models[name].state is not S.ASLEEP, \
+                    f"inv 9: {name} is loaded but the switcher says " \
+                    f"{models[name].state.value if name in models else 'gone'}"
+            for slot in holders.values():
+                assert slot.model.name in hooks.loaded, f"inv 2: slot on unloaded {slot.model.name}"
+
+        loop.check = check
+
+        async def client(i: int, name: str, service: float) -> None:
+            asked = loop.time()
+            try:
+                slot = await sw.acquire(name)
+            except llmux.LLMuxError as e:
+                waited = loop.time() - asked
+                assert timeout is None or waited <= timeout + 1e-6, \
+                    f"inv 6: request {i} answered {e.status} after {waited:.3f}s > {timeout}s"
+                counts["errors"] += 1
+                return
+            except asyncio.CancelledError:
+                counts["left"] += 1
+                raise
+            waited = loop.time() - asked
+            assert timeout is None or waited <= timeout + 1e-6, \
+                f"inv 6: request {i} served after {waited:.3f}s > {timeout}s"
+            assert slot.model.name in hooks.loaded, f"inv 2: {name} granted while not loaded"
+            holders[i] = slot
+            try:
+                await asyncio.sleep(service)
+                counts["served"] += 1
+            except asyncio.CancelledError:
+                counts["cut"] += 1
+                raise
+            finally:
+                del holders[i]
+                slot.release()
+
+        if rng.random() < 0.2:  # llmux restarted while a model stayed loaded
+            first = names[0]
+            hooks.loaded[first] = config.models[first].size
+            sw.adopt(first)
+        horizon = rng.choice([20.0, 60.0])
+        for _ in range(rng.randint(5, 40)):
+            await asyncio.sleep(rng.choice([0.0, 0.0, rng.uniform(0, horizon / 10)]))
+            live = list(current[-1].models)
+            roll = rng.random()
+            if roll < 0.70:
+                i = counts["requests"]
+                counts["requests"] += 1
+                name = rng.choice(live if rng.random() < 0.95 else names + ["m9"])
+                service = rng.choice([0.0, 0.05, rng.uniform(0.1, 4.0), rng.uniform(4, 30)])
+                trace.append(f"t={loop.time():.3f} request {i} {name} {service:.3f}s")
+                clients[i] = loop.create_task(client(i, name, service))
+            elif roll < 0.82:
+                pending = [i for i, t in clients.items() if not t.done()]
+                if pending:
+                    i = rng.choice(pending)
+                    trace.append(f"t={loop.time():.3f} client {i} leaves")
+                    clients[i].cancel()
+            elif roll < 0.90:
+                name = rng.choice(live)
+                if name in sw.models:
+                    counts["controls"] += 1
+                    what = rng.choice(["wake", "sleep", "alive_failed"])
+                    trace.append(f"t={loop.time():.3f} control {what} {name}")
+                    if what == "wake":
+                        task = sw.start_wake(name, "control API")
+                    elif what == "sleep":
+                        task = sw.start_sleep(name, "control API")
+                    elif sw.models[name].state is llmux.ModelState.ACTIVE:
+                        task = sw.alive_failed(name)
+                    else:
+                        task = None
+                    if task is not None:
+                        others.append(task)
+            elif roll < 0.95:
+                counts["reloads"] += 1
+                nxt = sorted(current[-1].models)
+                if len(nxt) > 1 and rng.random() < 0.5:
+                    nxt.remove(rng.choice(nxt))
+                if rng.random() < 0.5:
+                    nxt.append(f"m{rng.randint(0, 5)}")
+                new = random_config(rng, sorted(set(nxt)), capacity, policy)
+                # keep some models unchanged, so a reload also leaves models alone
+                keep = {n: m for n, m in current[-1].models.items()
+                        if n in new.models and rng.random() < 0.5}
+                new = llmux.Config(models={**new.models, **keep}, policy=new.policy)
+                current.append(new)
+                trace.append(f"t={loop.time():.3f} reload {sorted(new.models)}")
+                others.append(loop.create_task(sw.reconfigure(new)))
+            else:
+                trace.append(f"t={loop.time():.3f} quiet")
+                await asyncio.sleep(rng.uniform(0, horizon))
+        tasks = list(clients.values()) + others
+        if tasks:
+            # Every request is bounded by request_timeout_secs (or, if null, by the hooks
+            # and services, which all end): a generous virtual bound catches a wedge.
+            done, pending = await asyncio.wait(tasks, timeout=100_000)
+            assert not pending, f"inv 6: {len(pending)} tasks never finished: wedged"
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        for m in sw.models.values():
+            assert m.in_flight == 0 and not m.slots and not m.queue, f"inv 5: {m.name} leaked"
+        assert sw.queued == 0
+        await sw.close()
+        loop.check = None
+        internal = [line for line in stream.lines if "internal.error" in line]
+        assert len(internal) == hooks.injected, \
+            f"inv 11: {len(internal)} internal errors logged for {hooks.injected} injected: " \
+            + "\n".join(internal[:3])
+
+    try:
+        run_checked(scenario(), loop)
+    except BaseException:
+        if verbose:
+            print("\n".join(["trace:", *trace, "hooks:", *hooks.timeline, "log:", *stream.lines]))
+        raise
+    if verbose:
+        print("\n".join(["trace:", *trace, "hooks:", *hooks.timeline]))
+    counts["steps"] = loop.steps
+    return counts
+
+
+def explore_many(seeds: Iterable[int]) -> Dict[str, int]:
+    """Run ``explore`` over ``seeds``; the first failure names its seed and how to replay."""
+    total: Dict[str, int] = {}
+    for seed in seeds:
+        try:
+            counts = explore(seed)
+        except BaseException as e:
+            raise AssertionError(
+                f"switcher explorer: seed {seed} failed: {type(e).__name__}: {e}\n"
+                f"replay: LLMUX_EXPLORE_SEED={seed} LLMUX_EXPLORE_VERBOSE=1 python3 -m pytest "
+                f"-q test_llmux.py -k explorer") from e
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def test_switcher_explorer(capsys: Any) -> None:
+    if "LLMUX_EXPLORE_SEED" in os.environ:
+        seed = int(os.environ["LLMUX_EXPLORE_SEED"])
+        with capsys.disabled():
+            explore(seed, verbose=bool(os.environ.get("LLMUX_EXPLORE_VERBOSE")))
+        return
+    started = time.monotonic()
+    total = explore_many(range(EXPLORE_SCENARIOS))
+    secs = time.monotonic() - started
+    with capsys.disabled():
+        print(f"\n[explore] switcher: {EXPLORE_SCENARIOS} scenarios, {total['requests']} requests "
+              f"({total['served']} served, {total['errors']} errors, {total['left']} left, "
+              f"{total['cut']} cut), {total['reloads']} reloads, {total['controls']} controls, "
+              f"{EXPLORE_SCENARIOS / secs:.0f} scenarios/s")
+    assert total["served"] and total["errors"] and total["left"] and total["reloads"]
+
+
+
 # ─────────────────────────────── switcher, end to end ───────────────────────────────────
 
 
@@ -1107,6 +1515,57 @@ def test_failed_sleep_keeps_the_old_model_and_fails_the_waiters(env: Env) -> Non
     # second, successful sleep.
     assert env.lines() == ["wake-start a", "wake-end a", "req a", "sleep-start a", "req a",
                            "sleep-start a", "sleep-end a", "wake-start b", "wake-end b", "req b"]
+
+
+def test_failed_sleep_of_one_of_two_victims_restores_both(env: Env) -> None:
+    """Regression (issue 8, defect 1): a switch that evicts two models, whose first sleep
+    fails, left the second DRAINING; the next switch to it was illegal, rescheduled in a
+    busy loop, and its requests got 504 for good."""
+    flag = env.tmp / "fail"
+    flag.touch()
+    sizes = {"a": 1.0, "b": 1.0, "c": 2.0}
+    fail = f"if [ -e {flag} ]; then echo stuck >&2; exit 2; fi"
+    lx = env.start({"a": env.model("a", size=1, sleep_extra=fail), "b": env.model("b", size=1),
+                    "c": env.model("c", size=2)},
+                   policy={"capacity": 2, "request_timeout_secs": T / 2})
+    assert lx.chat("a")[0] == 200 and lx.chat("b")[0] == 200  # a is least recently used
+    status, payload = lx.chat("c")
+    assert status == 503 and payload["error"]["message"] == "hook 'sleep' for model 'a' exited 2: stuck"
+    health = lx.health()
+    assert sorted(health["active"]) == ["a", "b"] and health["state"] == "idle", health
+    assert lx.chat("b")[1]["backend"] == "b"  # served at once: b is loaded and active
+    flag.unlink()
+    assert lx.chat("c")[1]["backend"] == "c"
+    assert check_capacity(env.lines(), sizes, 2) == 2
+    assert lx.log_count("internal.error") == 0
+
+
+def test_sighup_removing_the_awake_model_whose_sleep_fails_keeps_it_counted(env: Env) -> None:
+    """Regression (issue 8, defect 11): the removed model was dropped from the switcher
+    although its sleep failed, and the next request woke another model beside it."""
+    flag = env.tmp / "fail"
+    flag.touch()
+    models = {"a": env.model("a", sleep_extra=f"if [ -e {flag} ]; then echo stuck >&2; exit 2; fi"),
+              "b": env.model("b")}
+    lx = env.start(models)
+    assert lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    del config["models"]["a"]
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"error reload\.sleep_failed model=a")
+    lx.wait_log(r"reload\.done .*removed=a")
+    health = lx.health()
+    assert health["active"] == ["a"] and health["models"]["a"]["reload_pending"] == "removed"
+    assert lx.chat("a")[0] == 404  # no longer routed
+    status, payload = lx.chat("b")  # a is still loaded: it must sleep first, and fails again
+    assert status == 503 and "hook 'sleep' for model 'a' exited 2" in payload["error"]["message"]
+    assert lx.health()["active"] == ["a"]
+    flag.unlink()
+    assert lx.chat("b")[1]["backend"] == "b"
+    lx.wait_log(r"reload\.applied model=a change=removed")
+    assert lx.health()["active"] == ["b"] and "a" not in lx.health()["models"]
+    check_residency(env.lines())
 
 
 def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
@@ -1801,6 +2260,69 @@ def test_liveness_failure_sleeps_the_model_and_the_next_request_wakes_it(env: En
     assert lx.health()["active"] == []
     assert lx.chat("a")[0] == 200
     assert env.lines().count("wake-start a") == 2
+
+
+async def log_shows(stream: "ListStream", pattern: str, after: int = 0) -> int:
+    """Wait (on the running loop) until a log line from index ``after`` on matches;
+    return the index just past it."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + T
+    while True:
+        for i in range(after, len(stream.lines)):
+            if rx.search(stream.lines[i]):
+                return i + 1
+        assert time.monotonic() < deadline, f"no log line matching {pattern!r}:\n" + \
+            "\n".join(stream.lines[-20:])
+        await asyncio.sleep(0.005)
+
+
+def test_out_of_fds_pauses_accepting_and_liveness_survives() -> None:
+    """Regression (issue 8, defect 3): out of fds, asyncio's accept loop logged tracebacks
+    by the tens of thousands a second, and the liveness task died silently for good."""
+    stream = ListStream()
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {"a": {"port": 1, "alive": "true"}},
+                                  "policy": {"alive_interval_secs": 0.02}})
+        server = llmux.Server(cfg, llmux.Log(stream))
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = await server.start("127.0.0.1", 0, sock=listener)
+        server.switcher.adopt("a")
+        server.start_background()
+        loop = asyncio.get_running_loop()
+        try:
+            await log_shows(stream, r"hook\.exit model=a hook=alive code=0")
+            client = socket.create_connection(("127.0.0.1", port), timeout=T)
+            client.setblocking(False)
+            with ExhaustedFds():  # the connection waits in the backlog; accept() fails
+                seen = await log_shows(stream, r"warning accept\.paused reason=\"too many open files\"")
+                seen = await log_shows(stream, r"hook\.exit model=a hook=alive.*could not start", seen)
+                assert server.switcher.active() == ["a"]  # no verdict: not put to sleep
+            await log_shows(stream, r"hook\.exit model=a hook=alive code=0", seen)
+            await loop.sock_sendall(client, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = await asyncio.wait_for(loop.sock_recv(client, 65536), T)
+            assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+            client.close()
+        finally:
+            await server.stop()
+        assert server.switcher.active() == ["a"]
+
+    run_checked(go())
+    assert not [line for line in stream.lines if "internal.error" in line or "Traceback" in line]
+    # Paused and resumed every ACCEPT_PAUSE_SECS, said once per pause, not per attempt.
+    assert 1 <= sum("accept.paused" in line for line in stream.lines) <= 60
+
+
+def test_sighup_during_startup_adoption_is_applied_after_listening(env: Env) -> None:
+    """Regression (issue 8, defect 15): a SIGHUP before the reload handler was installed
+    (systemctl reload during start-up) killed llmux and orphaned the running hook."""
+    once = env.tmp / "hup-sent"
+    alive = f'[ -e {once} ] || {{ touch {once}; kill -HUP "$PPID"; echo "still here"; }}'
+    lx = env.start({"a": env.model("a", alive=alive)})
+    lx.wait_log(r"reload\.deferred")
+    lx.wait_log(r"reload\.done")
+    lx.wait_log(r"hook\.output model=a hook=alive stream=stdout \| still here")
+    assert lx.health()["active"] == ["a"] and lx.proc.poll() is None
 
 
 def test_idle_sleep_frees_the_model(env: Env) -> None:
