@@ -1312,6 +1312,60 @@ def test_switcher_explorer(capsys: Any) -> None:
 
 
 
+def test_switcher_explorer_regression_seeds() -> None:
+    """Scenarios the explorer found, kept as they were found (the seeds replay the same
+    scenario while the generator above is unchanged; the tests below pin them down):
+    28: a decision timer for min_active_secs fired a hair before its deadline, found it
+    not reached, and re-armed itself at zero delay: a busy loop;
+    158: a reload removed the target of a running switch, which then woke it anyway:
+    loaded, and unknown to the switcher."""
+    explore_many([28, 158])
+
+
+def test_min_active_deadline_does_not_spin() -> None:
+    """Regression (explorer seed 28): asyncio runs a timer up to its clock resolution
+    early; a pass that found min_active_secs not quite over re-armed a zero-delay timer."""
+    loop = CheckedLoop()
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}},
+                              "policy": {"min_active_secs": 10, "request_timeout_secs": 60}})
+
+    async def go() -> float:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 0.01}, {"*": 0.2}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        await asyncio.sleep(30.016)  # an active_since whose sum with 10 is inexact
+        (await sw.acquire("a")).release()
+        (await sw.acquire("b")).release()
+        await sw.close()
+        return loop.time()
+
+    assert run_checked(go(), loop) > 40.0
+
+
+def test_reload_removing_the_target_of_a_running_switch_leaves_nothing_unknown() -> None:
+    """Regression (explorer seed 158): the reload deleted a model that a running switch
+    was about to wake; the switch woke it anyway, and the switcher no longer knew it."""
+    loop = CheckedLoop()
+    base = {"a": {"port": 1}, "b": {"port": 2}}
+    cfg = llmux.parse_config({"models": base})
+    hooks = llmux.SimHooks({"*": 1.0}, {"*": 5.0})
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, hooks, llmux.FifoPolicy(), llmux.Log(ListStream()))  # type: ignore[arg-type]
+        (await sw.acquire("a")).release()
+        waiting = loop.create_task(sw.acquire("b"))  # a sleeps for 5 s, then b wakes
+        await asyncio.sleep(1.0)
+        assert sw.switching == (["a"], "b")
+        reload = loop.create_task(sw.reconfigure(llmux.parse_config({"models": {"a": base["a"]}})))
+        (await waiting).release()  # b woke: it served the request that waited for it ...
+        assert (await reload)["removed"] == ["b"]
+        assert list(sw.models) == ["a"] and sw.active() == []  # ... and was then put to sleep
+        order = [(m, h) for (m, h) in hooks.last]
+        assert order == [("a", "wake"), ("a", "sleep"), ("b", "wake"), ("b", "sleep")], order
+        await sw.close()
+
+    run_checked(go(), loop)
+
+
 # ─────────────────────────────── switcher, end to end ───────────────────────────────────
 
 
