@@ -3144,10 +3144,11 @@ class Server:
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
         bad_path: Optional[HTTPError] = None
+        raw_path = head.target.split("?", 1)[0]  # logged: visible ASCII, unlike the decoded one
         try:
             path = route_path(head.target)
         except HTTPError as e:
-            path, bad_path = head.target.split("?", 1)[0], e
+            path, bad_path = raw_path, e
         try:
             # Authentication is decided on the very path routing uses, before anything
             # else: only GET and HEAD of /health, answered here, go without a key.
@@ -3221,7 +3222,7 @@ class Server:
             return False  # the connection may be out of step: close it
         finally:
             secs = time.monotonic() - started
-            self.log.info("request", method=head.method, path=path,
+            self.log.info("request", method=head.method, path=raw_path,
                           model=model.name if model else None, status=status, secs=round(secs, 4))
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
