@@ -70,6 +70,7 @@ import enum
 import errno
 import hmac
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -80,6 +81,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -128,6 +130,14 @@ STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 
 MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
+# An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
+# serve through uvicorn, which closes a keep-alive connection after 5 s of silence; a POST
+# written just as it does so may or may not have been acted on, and RFC 9110 9.2.2 forbids
+# re-sending it, so the client would get a 502.  Staying under 5 s makes that race rare.
+UPSTREAM_IDLE_REUSE_SECS = 4.0
+# RFC 9110 9.2.2: only these may be re-sent after a connection failed once the request may
+# have reached the backend.  POST and PATCH are never re-sent (a 502 instead).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "0.0.0.0"  # as the Rust llmux: clients come from other hosts.
@@ -489,6 +499,7 @@ class Config:
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
     api_keys: Tuple[str, ...] = ()  # with LLMUX_API_KEYS added by parse_config
+    allow_remote_control: bool = False  # without api_keys, /llmux/* answers loopback only
     preload: Optional[str] = None  # model to wake at start when none is adopted
     path: Optional[str] = None  # the file it came from; hooks run in its folder
 
@@ -588,7 +599,13 @@ _POLICY_NUMBERS = {
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size")
-_TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "preload")
+_TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remote_control",
+             "preload")
+# An API key is compared byte for byte with what the client sent.  Clients send header
+# values as ASCII (httpx, the openai client, curl from a UTF-8 shell would send UTF-8 that
+# llmux sees as latin-1): a key with other characters could never match, so it is refused.
+_API_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?\Z")
+_API_KEY_EXPECTED = "a non-empty string of printable ASCII without surrounding spaces"
 
 
 def parse_config(raw: Any, path: Optional[str] = None) -> Config:
@@ -606,10 +623,20 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     if "host" in raw:
         host = c.text("host", raw["host"], nullable=False)
     keys = raw.get("api_keys", [])
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() == k and k for k in keys):
+    if not isinstance(keys, list):
         c.bad("api_keys", "a list of non-empty strings without surrounding spaces", keys)
         keys = []
-    keys = keys + [k.strip() for k in os.environ.get("LLMUX_API_KEYS", "").split(",") if k.strip()]
+    for i, k in enumerate(keys):
+        if not isinstance(k, str) or not _API_KEY.match(k):
+            c.bad(f"api_keys[{i}]", _API_KEY_EXPECTED, k)
+    env_keys = [k.strip() for k in os.environ.get("LLMUX_API_KEYS", "").split(",") if k.strip()]
+    for i, k in enumerate(env_keys):
+        if not _API_KEY.match(k):
+            c.bad(f"LLMUX_API_KEYS[{i}]", _API_KEY_EXPECTED, k)
+    keys = keys + env_keys
+    remote_control = False
+    if "allow_remote_control" in raw:
+        remote_control = c.boolean("allow_remote_control", raw["allow_remote_control"])
 
     policy_raw = raw.get("policy", {})
     policy_args: Dict[str, Any] = {}
@@ -701,7 +728,8 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     if c.problems:
         raise ConfigError(c.problems)
     return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
-                  port=port, host=host, api_keys=tuple(keys), preload=preload, path=path)
+                  port=port, host=host, api_keys=tuple(keys),
+                  allow_remote_control=bool(remote_control), preload=preload, path=path)
 
 
 def load_config(path: str) -> Config:
@@ -1261,14 +1289,25 @@ class _Upstream(asyncio.Protocol):
     head it calls pipe(), and from then on data_received parses each piece and writes
     it straight to the client transport: no task switch per SSE event.  Back-pressure
     is transport-level: a client that stops reading pauses reading from the backend.
+
+    Reuse (DESIGN.md invariant 12): ``in_sync`` is set only when the response ended
+    exactly at its framing with no byte left over, and the whole request had left our
+    write buffer before the response head came (a backend that answers before reading
+    the body may take the rest of it for the next request).  Bytes arriving while idle
+    close the connection; UpstreamPool.get also peeks for them, and for an EOF or reset
+    not yet seen by the loop, before it hands an idle connection out again.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: Optional[socket.socket] = None) -> None:
         self.loop = loop
+        self.sock = sock  # ours, so that the pool can peek at it before reuse
         self.transport: Optional[asyncio.Transport] = None
         self.closed = False
         self.reused = False
         self.received = False  # any byte of the current response arrived
+        self.in_sync = False  # the last exchange provably ended in step (see above)
+        self.idle_since = 0.0  # loop time at which the pool took it back
+        self._written_late = False  # request bytes still unsent when the head came
         self.parser: Optional[ResponseParser] = None
         self.waiter: Optional["asyncio.Future[Any]"] = None
         self.head: Optional[ResponseHead] = None
@@ -1288,6 +1327,8 @@ class _Upstream(asyncio.Protocol):
         self.waiter = self.loop.create_future()
         self.head = self.client = None
         self.received = False
+        self.in_sync = False
+        self._written_late = False
         self.timeout = timeout
         self._touch()
         # No drain: a backend that never reads the body must not stop us from reading
@@ -1369,6 +1410,9 @@ class _Upstream(asyncio.Protocol):
                 elif kind is ResponseHead:
                     if event.status < 200:
                         continue  # 100 Continue, 103 Early Hints: ours to absorb
+                    # The backend answered before it had all of the request: it may yet
+                    # read the rest as a new request, so this connection is not reused.
+                    self._written_late = self._unsent() > 0
                     self.head = event
                     self._settle(event)
                     if self.client is None:
@@ -1376,6 +1420,9 @@ class _Upstream(asyncio.Protocol):
                 else:
                     if self.chunked:
                         out.append(b"0\r\n\r\n")
+                    # O(1): bytes past the framing, or request bytes still unsent, mean
+                    # the next exchange could read what belongs to this one.
+                    self.in_sync = not (parser.buffered or self._written_late or self._unsent())
                     self._end(None)
                     return
         except HTTPError as e:
@@ -1383,6 +1430,10 @@ class _Upstream(asyncio.Protocol):
         finally:
             if out and self.client is not None:
                 self.client.write(b"".join(out))
+
+    def _unsent(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def _settle(self, result: Any) -> None:
         waiter = self.waiter
@@ -1422,6 +1473,21 @@ class _Upstream(asyncio.Protocol):
             self._timer = None
 
 
+def _pending(sock: Optional[socket.socket]) -> bool:
+    """Whether an idle backend socket has anything to read: a byte, an EOF or an error.
+    Any of these means the connection is out of step or going away; the loop may not
+    have run its reader callback yet, so the kernel is asked directly (one syscall)."""
+    if sock is None:
+        return False
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing there: the backend has said nothing since the response
+    except OSError:
+        return True  # reset
+    return True  # a byte, or b"" for EOF
+
+
 class UpstreamPool:
     """Keep-alive connections to the backends, per port."""
 
@@ -1431,32 +1497,58 @@ class UpstreamPool:
         self._idle: Dict[int, List[_Upstream]] = {}
 
     async def get(self, port: int, model: str) -> _Upstream:
-        """An idle connection to ``port`` (``reused`` set), or a new one."""
+        """An idle connection to ``port`` (``reused`` set), or a new one.
+
+        An idle connection is handed out only if it is young enough (see
+        UPSTREAM_IDLE_REUSE_SECS) and its socket has nothing pending: no byte, no EOF, no
+        reset.  What it returns has had nothing written to it since it was checked."""
         idle = self._idle.get(port)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if now - conn.idle_since > UPSTREAM_IDLE_REUSE_SECS:
+                # The list is in the order connections came back: the rest are older.
+                for old in idle:
+                    old.close()
+                idle.clear()
+                conn.close()
+            elif not conn.closed and not _pending(conn.sock):
                 conn.reused = True
                 return conn
-        loop = asyncio.get_running_loop()
+            else:
+                conn.close()
         self.log.debug("upstream.connect", model=model, port=port)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(loop), self.host, port),
-                UPSTREAM_CONNECT_TIMEOUT)
+                self._connect(loop, sock, port), UPSTREAM_CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
+            sock.close()
             raise UpstreamError(f"model '{model}' backend at {self.host}:{port} did not accept "
                                 f"a connection within {UPSTREAM_CONNECT_TIMEOUT:g}s",
                                 status=504, code="upstream_timeout") from None
         except OSError as e:
+            sock.close()
             raise UpstreamError(f"model '{model}' backend at {self.host}:{port} is not "
                                 f"reachable: {_reason(e)}", code="upstream_unavailable") from None
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
+    async def _connect(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                       port: int) -> Tuple[asyncio.BaseTransport, _Upstream]:
+        await loop.sock_connect(sock, (self.host, port))
+        return await loop.create_connection(lambda: _Upstream(loop, sock), sock=sock)
+
     def put(self, port: int, conn: _Upstream) -> None:
-        """Return a connection whose last response was read completely."""
+        """Return a connection whose last exchange ended in sync (``conn.in_sync``)."""
         idle = self._idle.setdefault(port, [])
-        if len(idle) < MAX_IDLE_UPSTREAM and not conn.closed:
+        if len(idle) < MAX_IDLE_UPSTREAM and not conn.closed and conn.in_sync:
+            conn.idle_since = asyncio.get_running_loop().time()
             idle.append(conn)
         else:
             conn.close()
@@ -1514,8 +1606,9 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
     """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
 
     Raises UpstreamError if the backend failed before anything reached the client, _Cut
-    if it failed afterwards.  A reused keep-alive connection that the backend had
-    already closed is retried once on a new connection.
+    if it failed afterwards.  An idempotent request (IDEMPOTENT_METHODS) on a reused
+    keep-alive connection that failed before any response byte is retried once on a new
+    connection; any other request may have reached the backend and is never re-sent.
     """
     request = upstream_request(head, body, port)
     for attempt in (0, 1):
@@ -1536,14 +1629,15 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
                 flow.upstream = None
                 if flow.write_paused:
                     await writer.drain()
-            if resp.keep_alive and not conn.closed:
+            if resp.keep_alive and conn.in_sync and not conn.closed:
                 pool.put(port, conn)
             else:
                 conn.close()
             return RelayResult(resp.status, keep_client)
         except (OSError, HTTPError, _Timeout) as e:
             conn.close()
-            if not conn.received and conn.reused and attempt == 0 and not isinstance(e, _Timeout):
+            if (not conn.received and conn.reused and attempt == 0 and not isinstance(e, _Timeout)
+                    and head.method in IDEMPOTENT_METHODS):
                 continue  # the backend closed an idle connection as we reused it
             if started:
                 raise _Cut(f"model '{model}' backend failed mid-response: {_reason(e)}") from None
@@ -2720,6 +2814,53 @@ def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
     return None
 
 
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?]*")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def route_path(target: str) -> str:
+    """The path llmux routes *and* authenticates a request by: the target's path
+    (absolute-form ``http://host/p`` gives ``/p``, RFC 9112 3.2.2), without the query,
+    percent-decoded as UTF-8.  Nothing else is normalised (case, ``//``, dot segments,
+    a trailing ``/``): such a path is just not one of llmux's routes.  The target sent
+    to a backend is never this, but the client's bytes as they came.
+
+    Raises HTTPError(400) for a malformed percent-escape or a path that is not UTF-8."""
+    absolute = _ABSOLUTE_FORM.match(target)
+    if absolute:
+        target = target[absolute.end():]
+        if not target.startswith("/"):
+            target = "/" + target
+    path = target.split("?", 1)[0]
+    if "%" not in path:
+        return path
+    bad = _BAD_PERCENT.search(path)
+    if bad:
+        raise HTTPError(f"invalid percent-escape in request path; expected '%' and two hex "
+                        f"digits; got {path[bad.start():bad.start() + 3]!r}", code="invalid_path")
+    try:
+        return urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError("invalid request path; expected UTF-8 after percent-decoding; "
+                        f"got {path[:60]!r}", code="invalid_path") from None
+
+
+def is_loopback_peer(peer: Any) -> bool:
+    """Whether a ``peername`` is this host: 127.0.0.0/8, ::1, or IPv4-mapped loopback.
+    A Unix socket peer (a str) is local by nature; an unknown one is not."""
+    if isinstance(peer, str):
+        return True
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    try:
+        ip = ipaddress.ip_address(peer[0].split("%", 1)[0])  # fe80::1%eth0: scope dropped
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class Server:
     """llmux's HTTP front: routes, the switcher, the relay, and their lifecycle."""
 
@@ -3015,14 +3156,27 @@ class Server:
     async def _respond(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter,
                        proto: _ClientProtocol) -> bool:
         """Answer one request; return whether the connection may carry another."""
-        path = head.target.split("?", 1)[0]
         started = time.monotonic()
         model: Optional[ModelConfig] = None
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
+        bad_path: Optional[HTTPError] = None
+        raw_path = head.target.split("?", 1)[0]  # logged: visible ASCII, unlike the decoded one
         try:
-            if self._keys and path != "/health":
+            path = route_path(head.target)
+        except HTTPError as e:
+            path, bad_path = raw_path, e
+        try:
+            # Authentication is decided on the very path routing uses, before anything
+            # else: only GET and HEAD of /health, answered here, go without a key.
+            public = bad_path is None and path == "/health" and head.method in ("GET", "HEAD")
+            if self._keys and not public:
                 self._authorize(head)
+            if bad_path is not None:
+                raise bad_path
+            control = path == "/llmux" or path.startswith("/llmux/")
+            if control:
+                self._check_control_peer(writer.get_extra_info("peername"))
             if path == "/metrics" and head.method in ("GET", "HEAD"):
                 status = 200
                 body = self._scrape().encode()
@@ -3034,8 +3188,8 @@ class Server:
                 await writer.drain()
                 return head.keep_alive
             local = self._local_route(head.method, path)
-            if local is None and path.startswith("/llmux/"):
-                local = await self._control(head.method, path)
+            if control:
+                local = await self._control(head.method, path)  # /llmux/* is never proxied
             if local is not None:
                 status, payload = local
                 proto.responding = True
@@ -3085,7 +3239,7 @@ class Server:
             return False  # the connection may be out of step: close it
         finally:
             secs = time.monotonic() - started
-            self.log.info("request", method=head.method, path=path,
+            self.log.info("request", method=head.method, path=raw_path,
                           model=model.name if model else None, status=status, secs=round(secs, 4))
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
@@ -3096,17 +3250,32 @@ class Server:
         given = head.get("x-api-key") or ""
         auth = head.get("authorization") or ""
         if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
+            given = auth[7:].strip(" \t")
+        # The parser decoded the header as latin-1, so this gives back the bytes the
+        # client sent; keys are ASCII (parse_config), so equal bytes mean equal keys.
+        raw = given.encode("latin-1")
         ok = False
         for key in self._keys:  # every key compared, in constant time
-            ok |= hmac.compare_digest(given.encode("utf-8", "replace"), key)
+            ok |= hmac.compare_digest(raw, key)
         if not ok:
             raise LLMuxError("missing or invalid API key; send 'Authorization: Bearer <key>'",
                              status=401, type="authentication_error", code="invalid_api_key",
                              headers=[("www-authenticate", "Bearer")])
 
+    def _check_control_peer(self, peer: Any) -> None:
+        """/llmux/* can wake and sleep models and shows hook output: without api_keys it
+        answers only this host, unless allow_remote_control says otherwise.  With keys,
+        _authorize has already required one from every peer."""
+        if self._keys or self.config.allow_remote_control or is_loopback_peer(peer):
+            return
+        host = peer[0] if isinstance(peer, tuple) and peer else "an unknown address"
+        raise LLMuxError("the control API answers only loopback clients; expected a request "
+                         f"from this host, or set api_keys (or allow_remote_control: true) "
+                         f"in the config; got a request from {host}", status=403,
+                         type="permission_error", code="remote_control_forbidden")
+
     def _local_route(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
-        """llmux's own routes; None for a request to proxy."""
+        """llmux's own routes; None for a request to proxy.  ``path`` is route_path()'s."""
         if method not in ("GET", "HEAD"):
             return None
         if path == "/health":
@@ -3148,13 +3317,19 @@ class Server:
                 "policy": self.config.policy.name,
                 "switches": list(self.switcher.history), "hooks": hooks}
 
-    async def _control(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
-        """/llmux/status, POST /llmux/models/NAME/wake and /sleep."""
-        if path == "/llmux/status" and method in ("GET", "HEAD"):
-            return 200, self.status()
-        match = re.fullmatch(r"/llmux/models/([^/]+)/(wake|sleep)", path)
+    async def _control(self, method: str, path: str) -> Tuple[int, Any]:
+        """/llmux/status, POST /llmux/models/NAME/wake and /sleep; 404 for any other
+        /llmux/ path.  NAME is decoded (route_path) and may hold '/' (``org/model``)."""
+        if path == "/llmux/status":
+            if method in ("GET", "HEAD"):
+                return 200, self.status()
+            raise LLMuxError(f"{path} takes GET", status=405, type="invalid_request_error",
+                             code="method_not_allowed")
+        match = re.fullmatch(r"/llmux/models/(.+)/(wake|sleep)", path, re.DOTALL)
         if not match:
-            return None
+            raise LLMuxError(f"no llmux route {path}; expected /llmux/status or "
+                             "/llmux/models/NAME/wake or /llmux/models/NAME/sleep",
+                             status=404, type="invalid_request_error", code="not_found")
         if method != "POST":
             raise LLMuxError(f"{path} takes POST", status=405, type="invalid_request_error",
                              code="method_not_allowed")

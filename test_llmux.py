@@ -17,9 +17,11 @@ import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -219,6 +221,101 @@ class Backend:
 
     def stop(self) -> None:
         _kill(self.proc)
+
+
+class RawBackend:
+    """A model server speaking raw bytes from threads of the test process, to misbehave
+    in ways http.server cannot.  Every request head it reads is recorded in ``events`` as
+    ``raw CONN METHOD TARGET``; ``answer(conn, n, method, target, body)`` returns the bytes
+    to send (``conn`` is the connection's number, ``n`` the request's on it), or None
+    to close without a word.  With ``read_body=False`` it answers right after the head
+    and reads on as if the body were the next request, as a careless server would."""
+
+    def __init__(self, events: Path, answer: Any, read_body: bool = True) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.events, self.answer, self.read_body = events, answer, read_body
+        self.lock = threading.Lock()
+        self.conns: List[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(c)
+                t = threading.Thread(target=self._serve, args=(c, len(self.conns) - 1), daemon=True)
+                self.threads.append(t)
+            t.start()
+
+    def _serve(self, c: socket.socket, index: int) -> None:
+        buf = bytearray()
+        try:
+            for n in range(1000):
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(1 << 20)
+                    if not data:
+                        return
+                    buf += data
+                end = buf.index(b"\r\n\r\n")
+                lines = bytes(buf[:end]).split(b"\r\n")
+                del buf[:end + 4]
+                method, target = (lines[0].split(b" ") + [b"", b""])[:2]
+                length = 0
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = b""
+                if self.read_body:
+                    while len(buf) < length:
+                        data = c.recv(1 << 20)
+                        if not data:
+                            return
+                        buf += data
+                    body = bytes(buf[:length])
+                    del buf[:length]
+                with self.lock, open(self.events, "a") as f:
+                    f.write(f"raw {index} {method.decode('latin-1')[:40]} {target.decode('latin-1')[:60]}\n")
+                out = self.answer(index, n, method.decode("latin-1"), target.decode("latin-1"), body)
+                if out is None:
+                    return
+                c.sendall(out)
+        except OSError:
+            return
+        finally:
+            c.close()
+
+    def requests(self) -> List[str]:
+        return [line for line in self.events.read_text().splitlines() if line.startswith("raw ")]
+
+    def stop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        except OSError:
+            pass
+        self.sock.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in list(self.threads):
+            t.join(T)
+
+
+def http_reply(obj: Any, status: str = "200 OK", head_only: bool = False) -> bytes:
+    data = json.dumps(obj).encode()
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        status.encode(), len(data), b"" if head_only else data)
 
 
 class Llmux:
@@ -506,7 +603,8 @@ def test_defaults() -> None:
     ({}, ["models: expected an object naming at least one model; got null"]),
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
-    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, preload"]),
+    ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, "
+                            "allow_remote_control, preload"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
      ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
@@ -1666,6 +1764,150 @@ def test_keep_alive_client_and_pooled_backend_connections(env: Env) -> None:
     conn.close()
 
 
+def test_backend_over_sending_never_leaks_into_the_next_exchange(env: Env) -> None:
+    """Regression: bytes past a Content-Length response, in the same read, were dropped
+    and the connection pooled; the rest of what the backend sent then became the next
+    client's response (here client 1's secret, shown to client 2 in a 502 message)."""
+    owed: Dict[int, bytes] = {}
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        out = owed.pop(conn, b"") + http_reply({"got": target})
+        if "oversend" in target:  # the start of an answer to a request nobody sent
+            owed[conn] = b'"client-1-secret"}'
+            out += b'HTTP/1.1 200 OK\r\ncontent-length: 29\r\n\r\n{"secret": '
+        return out
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        assert lx.request("POST", "/v1/chat/completions?oversend", {"model": "a"})[2] == {
+            "got": "/v1/chat/completions?oversend"}
+        status, _, payload = lx.request("POST", "/v1/chat/completions?client=2", {"model": "a"})
+        assert (status, payload) == (200, {"got": "/v1/chat/completions?client=2"})
+        # The second exchange went on a new connection.
+        assert [r.split()[1] for r in raw.requests()] == ["0", "1"]
+    finally:
+        raw.stop()
+
+
+def test_backend_answering_before_reading_the_body_is_not_reused(env: Env) -> None:
+    """Regression: a backend that answers before it has read the request body, then
+    reads the body as its next request, got the next client's request appended to it:
+    client 2 received the answer to client 1's body."""
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return http_reply({"got": f"{method} {target}"[:60]})
+
+    raw = RawBackend(env.events, answer, read_body=False)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        # More than the kernel buffers hold while the backend does not read: the answer
+        # comes while most of the request is still in llmux's write buffer.
+        big = json.dumps({"model": "a", "pad": "x" * 16_000_000}).encode()
+        assert lx.request("POST", "/v1/chat/completions?client=1", big)[2] == {
+            "got": "POST /v1/chat/completions?client=1"}
+        status, _, payload = lx.request("POST", "/v1/chat/completions?client=2", {"model": "a"})
+        assert (status, payload) == (200, {"got": "POST /v1/chat/completions?client=2"})
+        # (A body small enough to leave llmux's buffer at once cannot be told apart from
+        # one the backend read: that backend stays out of step, and no proxy can see it.)
+    finally:
+        raw.stop()
+
+
+def test_post_is_never_resent_after_a_reused_connection_closed_without_answer(env: Env) -> None:
+    """Regression (RFC 9110 9.2.2): a POST on a reused connection that the backend read
+    and then closed without answering was sent again on a new connection."""
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> Optional[bytes]:
+        return http_reply({"got": target}) if n == 0 else None  # the 2nd request: read, then close
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        conn = lx.conn()
+        for target, want in (("/v1/chat/completions?first", 200), ("/v1/chat/completions?second", 502)):
+            conn.request("POST", target, body=json.dumps({"model": "a"}))
+            resp = conn.getresponse()
+            payload = json.loads(resp.read())
+            assert resp.status == want, payload
+        assert payload["error"]["message"].startswith("model 'a' backend failed before answering")
+        conn.close()
+        assert [r.split(maxsplit=1)[1] for r in raw.requests()] == [
+            "0 POST /v1/chat/completions?first", "0 POST /v1/chat/completions?second"]
+        # An idempotent request may still be retried once, on a new connection.
+        conn = lx.conn()
+        for target in ("/v1/x?get1", "/v1/x?get2"):
+            conn.request("GET", target, body=json.dumps({"model": "a"}))
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read()) == {"got": target}
+        conn.close()
+        assert [r.split(maxsplit=1)[1] for r in raw.requests()][2:] == [
+            "1 GET /v1/x?get1", "1 GET /v1/x?get2", "2 GET /v1/x?get2"]
+    finally:
+        raw.stop()
+
+
+def test_pool_hands_out_only_connections_in_sync_and_young() -> None:
+    """An idle connection the backend closed, reset or wrote to, before the loop has
+    seen it, is not reused; nor one idle longer than UPSTREAM_IDLE_REUSE_SECS, nor one
+    whose exchange did not end in sync."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        pool = llmux.UpstreamPool(llmux.Log(ListStream()))
+        accepted: List[socket.socket] = []
+
+        async def get() -> Any:
+            conn = await pool.get(port, "a")
+            if not conn.reused:
+                accepted.append((await asyncio.wait_for(loop.sock_accept(lsock), T))[0])
+            return conn
+
+        def put(conn: Any) -> None:
+            conn.in_sync = True  # as after a response that ended exactly at its framing
+            pool.put(port, conn)
+
+        def readable(conn: Any) -> None:  # the kernel has it; the loop has not run since
+            assert select.select([conn.transport.get_extra_info("socket").fileno()], [], [], T)[0]
+
+        c1 = await get()
+        put(c1)
+        assert await get() is c1 and c1.reused
+        put(c1)
+        accepted[-1].close()  # EOF
+        readable(c1)
+        c2 = await get()
+        assert c2 is not c1 and not c2.reused and c1.closed
+        put(c2)
+        accepted[-1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        accepted[-1].close()  # reset
+        readable(c2)
+        c3 = await get()
+        assert c3 is not c2 and c2.closed
+        put(c3)
+        accepted[-1].sendall(b"H")  # a stray byte while idle
+        readable(c3)
+        c4 = await get()
+        assert c4 is not c3 and c3.closed
+        put(c4)
+        c4.idle_since -= llmux.UPSTREAM_IDLE_REUSE_SECS + 0.5
+        c5 = await get()
+        assert c5 is not c4 and c4.closed
+        c5.in_sync = False
+        pool.put(port, c5)
+        assert c5.closed
+        pool.close_all()
+        await asyncio.sleep(0)
+        for s in accepted:
+            s.close()
+        lsock.close()
+
+    run_checked(main())
+
+
 def test_headers_are_forwarded_minus_hop_by_hop(env: Env) -> None:
     lx = env.start({"a": env.model("a")})
     status, _, payload = lx.request(
@@ -1790,6 +2032,45 @@ def test_models_and_health_routes(env: Env) -> None:
     assert health["status"] == "ok" and health["state"] == "idle" and health["active"] == []
 
 
+def test_percent_encoded_paths_route_and_the_backend_gets_the_target_as_sent(env: Env) -> None:
+    """Regression: paths were never percent-decoded, so a model named like a Hugging Face
+    repo could not be retrieved (the openai client sends models/org%2Fname) or controlled."""
+    name = "meta-llama/Llama-3-8B"
+    lx = env.start({name: env.model("a")})
+    for target in ("/v1/models/meta-llama%2FLlama-3-8B", "/v1/models/meta-llama%2fLlama-3-8B?x=1",
+                   "/v1/models/meta-llama/Llama-3-8B", "/v1/models/%6Deta-llama%2FLlama-3-8B"):
+        status, _, payload = lx.request("GET", target)
+        assert (status, payload["id"]) == (200, name), target
+    status, _, payload = lx.request("POST", "/llmux/models/meta-llama%2FLlama-3-8B/wake")
+    assert (status, payload) == (200, {"model": name, "state": "active", "changed": True})
+    assert lx.request("POST", "/llmux/models/meta-llama/Llama-3-8B/sleep")[2]["state"] == "asleep"
+    status, _, payload = lx.request("POST", "/v1/chat/completions%3F?x=%2F%zz", {"model": name, "echo": True})
+    assert (status, payload["path"]) == (200, "/v1/chat/completions%3F?x=%2F%zz")  # byte-identical
+    for target, got in (("/v1/models/%zz", "'%zz'"), ("/v1/models/a%2", "'%2'"), ("/v1/x%", "'%'")):
+        status, _, payload = lx.request("GET", target)
+        assert (status, payload["error"]) == (400, {
+            "message": f"invalid percent-escape in request path; expected '%' and two hex digits; got {got}",
+            "type": "invalid_request_error", "code": "invalid_path"}), target
+    status, _, payload = lx.request("GET", "/v1/models/%ff")
+    assert status == 400 and payload["error"]["message"] == (
+        "invalid request path; expected UTF-8 after percent-decoding; got '/v1/models/%ff'")
+    status, _, payload = lx.request("GET", "/llmux/nothing")  # llmux's namespace: never proxied
+    assert status == 404 and payload["error"]["code"] == "not_found"
+    assert lx.request("POST", "/llmux/status")[0] == 405
+    assert "req a" in env.lines() and env.lines().count("req a") == 1
+
+
+def test_route_path() -> None:
+    cases = {"/health": "/health", "/health?x=%zz": "/health", "/%68ealth": "/health",
+             "http://h/health?x": "/health", "HTTPS://h:1/a%2Fb": "/a/b", "http://h": "/",
+             "http://h?x": "/", "//health": "//health", "/HEALTH/": "/HEALTH/", "*": "*",
+             "/caf%C3%A9": "/caf\u00e9", "/%2568": "/%68", "/a%3Fb": "/a?b"}
+    assert {t: llmux.route_path(t) for t in cases} == cases
+    for bad in ("/%", "/%g0", "/%0", "/%c3", "/a%%41"):
+        with pytest.raises(llmux.HTTPError):
+            llmux.route_path(bad)
+
+
 def test_backend_refusing_gives_502(env: Env) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
@@ -1894,11 +2175,141 @@ def test_api_keys_are_required_except_on_health(env: Env, monkeypatch: Any) -> N
     assert env.lines().count("req a") == 3  # nothing unauthenticated reached the backend
 
 
+def test_post_to_health_is_not_a_way_around_the_api_key(env: Env) -> None:
+    """Regression: the key check skipped every method on /health, so an unauthenticated
+    POST /health with a model in its body was proxied (and could switch models)."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, api_keys=["sk-1"])
+    for method in ("POST", "PUT", "DELETE"):
+        assert lx.request(method, "/health", {"model": "b"})[0] == 401
+    for target in ("/health?x", "http://h/health", "/%68ealth"):
+        assert lx.request("GET", target)[0] == 200
+        assert lx.request("POST", target, {"model": "b"})[0] == 401
+    assert lx.request("GET", "/HEALTH")[0] == 401
+    assert env.lines() == []  # nothing proxied, nothing woken
+
+
+# (target, whether it means /health).  Only GET and HEAD of /health may skip the key.
+AUTH_TARGETS = [
+    ("/health", True), ("/health?", True), ("/health?x=1&y=%zz", True), ("/%68ealth", True),
+    ("/%68%65%61%6C%74%68", True), ("http://h/health", True), ("HTTP://H:3000/health?x", True),
+    ("https://h/%68ealth", True), ("/health/", False), ("//health", False), ("/HEALTH", False),
+    ("/Health", False), ("/health%3F", False), ("/health%2F", False), ("/./health", False),
+    ("/%2568ealth", False), ("/health%", False), ("/h%zzealth", False), ("/health%00", False),
+    ("/health%ff", False), ("/health;x", False), ("/health#x", False), ("http://h", False),
+    ("http://h//health", False), ("h/health", False), ("*", False), ("/", False),
+    ("/v1/models", False), ("/v1/models/a", False), ("/models", False), ("/metrics", False),
+    ("/llmux/status", False), ("/llmux/models/a/wake", False), ("/llmux/models/a/sleep", False),
+    ("/v1/chat/completions", False), ("http://h/v1/chat/completions", False),
+    ("/v1/chat/completions?/health", False), ("/%761/chat/completions", False),
+]
+AUTH_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "get", "head"]
+AUTH_KEYS = [  # (header line, valid)
+    ("", False), ("Authorization: Bearer sk-fuzz\r\n", True), ("authorization: bearer sk-fuzz\r\n", True),
+    ("x-api-key: sk-fuzz\r\n", True), ("Authorization: Bearer sk-fuz\r\n", False),
+    ("Authorization: Bearer sk-fuzzz\r\n", False), ("Authorization: Basic sk-fuzz\r\n", False),
+    ("x-api-key: SK-FUZZ\r\n", False), ("Authorization: Bearer\r\n", False), ("x-api-key: \r\n", False),
+    ("Authorization: Bearer sk-fuzz\xe9\r\n", False), ("x-api-key: sk-fuzz sk-fuzz\r\n", False),
+]
+
+
+def test_fuzz_no_request_without_a_valid_key_is_proxied_or_answered(tmp_path: Path) -> None:
+    """Seeded exploration of method x target spelling x key: without a valid key nothing
+    reaches the backend (it records every request it reads) and nothing but GET or HEAD
+    of /health answers anything but 401; with one, nothing answers 401."""
+    seed = 20261201
+    rng = random.Random(seed)
+    tmp = tmp_path
+    events = tmp / "events.log"
+    events.write_text("")
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return http_reply({"got": target}, head_only=method == "HEAD")
+
+    raw = RawBackend(events, answer)
+    lx = None
+    try:
+        lx = Llmux({"models": {"a": {"port": raw.port}}, "api_keys": ["sk-fuzz"]}, tmp)
+        proxied = 0
+        for step in range(400):
+            method = rng.choice(AUTH_METHODS)
+            target, is_health = rng.choice(AUTH_TARGETS)
+            key, valid = rng.choice(AUTH_KEYS)
+            body = rng.choice([b"", b'{"model": "a"}'])
+            data = (f"{method} {target} HTTP/1.1\r\nHost: h\r\n{key}Connection: close\r\n".encode("latin-1")
+                    + (b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body) if body else b"")
+                    + b"\r\n" + body)
+            reply = raw_exchange(lx.port, data)
+            status = int(reply[9:12])
+            seen = len(raw.requests())
+            why = f"seed {seed} step {step}: {data!r} -> {reply[:300]!r}"
+            if not valid:
+                public = is_health and method in ("GET", "HEAD")
+                assert status == (200 if public else 401), why
+                assert seen == proxied, "proxied without a valid key: " + why
+            else:
+                assert status != 401, why
+                if is_health and method in ("GET", "HEAD"):
+                    assert status == 200 and seen == proxied, why
+                proxied = seen
+        assert proxied > 10  # the key really lets requests through
+    finally:
+        if lx is not None:
+            lx.stop()
+            lx.assert_clean()
+        raw.stop()
+
+
 def test_api_keys_config_must_be_strings() -> None:
     with pytest.raises(llmux.ConfigError) as info:
         llmux.parse_config({**GOOD, "api_keys": "sk-1"})
     assert info.value.problems == [
         'api_keys: expected a list of non-empty strings without surrounding spaces; got "sk-1" (a string)']
+
+
+def test_non_ascii_api_keys_are_refused_not_silently_unmatchable(monkeypatch: Any) -> None:
+    """Regression: a key with non-ASCII characters was accepted, and could never match:
+    the header was read as latin-1 and the key compared as UTF-8."""
+    expected = "expected a non-empty string of printable ASCII without surrounding spaces"
+    with pytest.raises(llmux.ConfigError) as info:
+        llmux.parse_config({**GOOD, "api_keys": ["sk-ok", "sk-cl\u00e9", " sk", "", 5, "a\tb"]})
+    assert info.value.problems == [
+        f'api_keys[1]: {expected}; got "sk-cl\\u00e9" (a string)',
+        f'api_keys[2]: {expected}; got " sk" (a string)',
+        f'api_keys[3]: {expected}; got "" (a string)',
+        f"api_keys[4]: {expected}; got 5 (a number)",
+        f'api_keys[5]: {expected}; got "a\\tb" (a string)']
+    monkeypatch.setenv("LLMUX_API_KEYS", "sk-env, sk-\u043a\u043b\u044e\u0447")
+    with pytest.raises(llmux.ConfigError) as info:
+        llmux.parse_config(GOOD)
+    assert info.value.problems == [
+        f'LLMUX_API_KEYS[1]: {expected}; got "sk-\\u043a\\u043b\\u044e\\u0447" (a string)']
+    monkeypatch.setenv("LLMUX_API_KEYS", "sk-env")
+    assert llmux.parse_config({**GOOD, "api_keys": ["sk 1~"]}).api_keys == ("sk 1~", "sk-env")
+
+
+def test_api_key_is_compared_as_the_bytes_the_client_sent() -> None:
+    def head(**headers: str) -> llmux.RequestHead:
+        return llmux.RequestHead("GET", "/v1/models", "HTTP/1.1", list(headers.items()), True, False)
+
+    async def main() -> None:
+        server = llmux.Server(llmux.parse_config({**GOOD, "api_keys": ["sk-1"]}), llmux.Log(ListStream()))
+        server._authorize(head(authorization="Bearer sk-1"))
+        server._authorize(head(**{"x-api-key": "sk-1"}))
+        for bad in ("Bearer sk-1\xe9", "Bearer sk-", "Bearer sk-12", "Basic sk-1", "Bearer \xe9"):
+            with pytest.raises(llmux.LLMuxError) as info:
+                server._authorize(head(authorization=bad))
+            assert info.value.status == 401
+        await server.stop()
+
+    run_checked(main())
+
+
+def test_allow_remote_control_config() -> None:
+    assert llmux.parse_config(GOOD).allow_remote_control is False
+    assert llmux.parse_config({**GOOD, "allow_remote_control": True}).allow_remote_control is True
+    with pytest.raises(llmux.ConfigError) as info:
+        llmux.parse_config({**GOOD, "allow_remote_control": "yes"})
+    assert info.value.problems == ['allow_remote_control: expected true or false; got "yes" (a string)']
 
 
 def test_slow_client_head_timeout_gives_408(env: Env) -> None:
@@ -2253,6 +2664,50 @@ def test_control_api_wakes_and_sleeps(env: Env) -> None:
     assert lx.request("POST", "/llmux/models/b/sleep", headers=auth)[2]["changed"] is False
     assert lx.request("GET", "/llmux/models/b/sleep", headers=auth)[0] == 405
     assert lx.request("POST", "/llmux/models/zz/wake", headers=auth)[0] == 404
+
+
+@pytest.mark.parametrize("peer, local", [
+    (("127.0.0.1", 5000), True), (("127.3.2.1", 5000), True), (("::1", 5000, 0, 0), True),
+    (("::ffff:127.0.0.1", 5000, 0, 0), True), (("10.0.0.5", 5000), False),
+    (("192.168.1.20", 5000), False), (("0.0.0.0", 5000), False), (("fe80::1", 5000, 0, 2), False),
+    (("fe80::1%eth0", 5000, 0, 2), False), (("::ffff:10.0.0.5", 5000, 0, 0), False),
+    (("2001:db8::1", 5000, 0, 0), False), (("::", 5000, 0, 0), False), (("not-an-ip", 1), False),
+    ("", True), ("/run/llmux.sock", True), (None, False), ((), False),
+])
+def test_loopback_peer_decision(peer: Any, local: bool) -> None:
+    assert llmux.is_loopback_peer(peer) is local
+
+
+def test_control_api_answers_remote_peers_403_unless_keys_or_allowed() -> None:
+    """Regression: with the defaults (0.0.0.0, no keys) any network peer could wake and
+    sleep models and read hook output from /llmux/status."""
+
+    async def main() -> None:
+        for raw, remote_ok in ((GOOD, False), ({**GOOD, "allow_remote_control": True}, True),
+                               ({**GOOD, "api_keys": ["k"]}, True)):  # the key is then required of all
+            server = llmux.Server(llmux.parse_config(raw), llmux.Log(ListStream()))
+            for peer in (("127.0.0.1", 1), ("::1", 1, 0, 0), ("::ffff:127.0.0.1", 1, 0, 0)):
+                server._check_control_peer(peer)
+            for peer in (("10.0.0.5", 40000), ("fe80::1", 40000, 0, 2)):
+                if remote_ok:
+                    server._check_control_peer(peer)
+                    continue
+                with pytest.raises(llmux.LLMuxError) as info:
+                    server._check_control_peer(peer)
+                assert info.value.status == 403 and info.value.to_json() == {"error": {
+                    "message": "the control API answers only loopback clients; expected a request "
+                               "from this host, or set api_keys (or allow_remote_control: true) in "
+                               f"the config; got a request from {peer[0]}",
+                    "type": "permission_error", "code": "remote_control_forbidden"}}
+            await server.stop()
+
+    run_checked(main())
+
+
+def test_control_and_status_answer_this_host_without_keys(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    assert lx.request("GET", "/llmux/status")[0] == 200
+    assert lx.request("POST", "/llmux/models/a/wake")[2]["changed"] is True
 
 
 def test_control_sleep_drains_first_and_409_while_switching(env: Env) -> None:
