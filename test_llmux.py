@@ -116,6 +116,11 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(raw)
             self.wfile.flush()
             self.close_connection = True
+        elif kind == "raw":  # the body's "raw" string, sent as is (latin-1); stays open
+            doc = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+            self.wfile.write(doc["raw"].encode("latin-1"))
+            self.wfile.flush()
+            self._event(f"raw-peer {self.client_address[1]}")
         elif kind.startswith("stall:"):  # say nothing until a file exists
             deadline = time.monotonic() + 60
             while not os.path.exists(kind[6:]) and time.monotonic() < deadline:
@@ -772,6 +777,126 @@ RESPONSE_CASES = [
 def test_response_parser_whole_and_byte_by_byte(method: str, data: bytes, expected: List[Any]) -> None:
     assert parse_all(llmux.ResponseParser(method), [data]) == expected
     assert parse_all(llmux.ResponseParser(method), [data[i:i + 1] for i in range(len(data))]) == expected
+
+
+def chunked_request(body_part: bytes) -> bytes:
+    return H + b"Transfer-Encoding: chunked\r\n\r\n" + body_part
+
+
+def chunked_response(body_part: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body_part
+
+
+def test_thousands_of_trailer_lines_are_refused_without_recursion() -> None:
+    # Used to recurse once per trailer line: ~1,000 lines (6 KB, inside every byte
+    # limit) raised RecursionError past the HTTPError boundary.
+    many = b"2\r\nhi\r\n0\r\n" + b"".join(b"t%d: 1\r\n" % i for i in range(1000)) + b"\r\n"
+    assert len(many) < llmux.MAX_TRAILER_BYTES
+    assert parse_all(llmux.RequestParser(), [chunked_request(many)]) == [HEAD_OK, ("body", b"hi"), ("error", 431)]
+    assert parse_all(llmux.ResponseParser("POST"), [chunked_response(many)]) == [
+        ("response", 200, True), ("body", b"hi"), ("error", 502)]
+    few = b"2\r\nhi\r\n0\r\n" + b"".join(b"t%d: 1\r\n" % i for i in range(llmux.MAX_TRAILER_LINES)) + b"\r\n"
+    assert parse_all(llmux.RequestParser(), [chunked_request(few)]) == [HEAD_OK, ("body", b"hi"), "end", "closed"]
+    # A hundred thousand tiny chunks in one buffer: a loop, and bounded work per byte.
+    tiny = b"1\r\nx\r\n" * 100_000 + b"0\r\n\r\n"
+    p = llmux.RequestParser()
+    assert parse_all(p, [chunked_request(tiny)]) == [HEAD_OK, ("body", b"x" * 100_000), "end", "closed"]
+    assert p.steps <= 2 * len(tiny)
+
+
+def test_response_parser_rejects_101_switching_protocols() -> None:
+    # Used to be absorbed as an interim head, then EndOfMessage with no final head:
+    # the relay called client_response_head(None).
+    data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    p = llmux.ResponseParser("GET")
+    p.feed(data)
+    with pytest.raises(llmux.HTTPError) as e:
+        p.next_event()
+    assert e.value.status == 502
+    assert e.value.message == ("backend switched protocols (101); expected a final http/1.1 "
+                               "response (llmux does not support protocol upgrades)")
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 200 OK\r\nX-A: 1\rContent-Length: 2\r\n\r\nok",
+], ids=["bare-lf-status-line", "bare-lf-field", "bare-cr"])
+def test_response_head_with_bare_lf_fails_at_once(data: bytes) -> None:
+    # Used to wait for a CRLF CRLF that never comes: 504 after upstream_timeout_secs.
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        assert parse_all(llmux.ResponseParser("POST"), pieces, eof=False) == [("error", 502)]
+    p = llmux.ResponseParser("POST")
+    p.feed(data)
+    with pytest.raises(llmux.HTTPError, match=r"^bare (CR|LF) in message head; expected CRLF line endings"):
+        p.next_event()
+
+
+@pytest.mark.parametrize("te", [b"gzip, chunked", b"gzip", b"chunked, chunked", b"chunked,", b"identity"])
+def test_response_transfer_coding_other_than_chunked_is_502(te: bytes) -> None:
+    # "gzip, chunked" used to be de-chunked and sent on as gzip bytes with no coding header.
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    assert parse_all(llmux.ResponseParser("POST"), [data]) == [("error", 502)]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_204_and_304_are_forwarded_without_body_or_length(status: int) -> None:
+    # A 204 with Content-Length: 5 used to be forwarded with that header, its stray
+    # bytes dropped and the connection reused.
+    p = llmux.ResponseParser("GET")
+    p.feed(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello" % status)
+    head = p.next_event()
+    assert p.next_event() is llmux.EndOfMessage
+    assert p.buffered == 5  # the backend is out of sync: not to be reused
+    assert head.keep_alive is (status == 304)  # a 204 may not carry a length at all
+    data, chunked, keep = llmux.client_response_head(head, False, True)
+    assert data == b"HTTP/1.1 %d X\r\nx-a: 1\r\n\r\n" % status and not chunked and keep
+    p = llmux.ResponseParser("GET")
+    p.feed(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+    assert p.next_event().keep_alive and p.next_event() is llmux.EndOfMessage and p.buffered == 0
+
+
+def test_complete_response_head_over_the_limit_is_502() -> None:
+    # Used to be enforced only on a head still incomplete after a read.
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 120_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    assert parse_all(llmux.ResponseParser("GET"), [head]) == [("error", 502)]
+    fill = llmux.MAX_UPSTREAM_HEAD - len(b"HTTP/1.1 200 OK\r\nX-Pad: \r\nContent-Length: 2\r\n\r\n")
+    for n, expected in ((fill, [("response", 200, True), ("body", b"ok"), "end"]), (fill + 1, [("error", 502)])):
+        data = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * n + b"\r\nContent-Length: 2\r\n\r\nok"
+        assert parse_all(llmux.ResponseParser("GET"), [data]) == expected, n
+        assert parse_all(llmux.ResponseParser("GET"), [data[:-3], data[-3:-1], data[-1:]]) == expected, n
+
+
+def _request_line_of(n: int) -> bytes:
+    return b"GET /" + b"a" * (n - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+
+
+def _fields_of(total: int) -> bytes:
+    """Header lines totalling ``total`` bytes, Host first."""
+    host = b"Host: x\r\n"
+    return host + b"X-Pad: " + b"a" * (total - len(host) - len(b"X-Pad: \r\n")) + b"\r\n"
+
+
+@pytest.mark.parametrize("data, status", [
+    (_request_line_of(llmux.MAX_REQUEST_LINE) + b"\r\nHost: x\r\n\r\n", None),
+    (_request_line_of(llmux.MAX_REQUEST_LINE + 1) + b"\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\n" + _fields_of(llmux.MAX_HEADER_BYTES) + b"\r\n", None),
+    (b"GET / HTTP/1.1\r\n" + _fields_of(llmux.MAX_HEADER_BYTES + 1) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"a: 1\r\n" * (llmux.MAX_HEADER_COUNT - 1) + b"\r\n", None),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"a: 1\r\n" * llmux.MAX_HEADER_COUNT + b"\r\n", 431),
+    # A bad byte past the request line limit: too long, whole or byte by byte.
+    (_request_line_of(llmux.MAX_REQUEST_LINE + 100) + b"\x01\r\nHost: x\r\n\r\n", 414),
+    (b"GET /" + b"a" * llmux.MAX_REQUEST_LINE + b"\r", 414),
+], ids=["line-at-limit", "line-over", "fields-at-limit", "fields-over", "count-at-limit", "count-over",
+        "bad-byte-past-line-limit", "cr-past-line-limit"])
+def test_request_head_limits_are_exact_whole_or_byte_by_byte(data: bytes, status: Optional[int]) -> None:
+    # The partial-head check used to count the CRLF CRLF still arriving: a head at the
+    # limit passed whole and failed byte by byte.
+    target = data.split(b" ")[1].decode()
+    expected = [("error", status)] if status else [("head", "GET", target, "HTTP/1.1", True), "end", "closed"]
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        events = parse_all(llmux.RequestParser(), pieces, eof=status is None)
+        assert events == expected
 
 
 def test_forward_headers_drops_hop_by_hop_and_connection_named() -> None:
@@ -1448,6 +1573,61 @@ def test_backend_sending_broken_http_gives_502(env: Env, fault: str, status: int
     assert got == status and payload["error"]["message"].startswith(message)
     assert lx.chat("a")[0] == 200
     assert lx.health()["models"]["a"]["in_flight"] == 0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+     "backend switched protocols (101); expected a final http/1.1 response"),
+    ("HTTP/1.1 200 OK\nContent-Length: 2\n\nok", "bare LF in message head; expected CRLF line endings"),
+    ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     "unsupported transfer coding 'gzip' in response; expected chunked"),
+    ("HTTP/1.1 200 OK\r\nX-Pad: " + "a" * 120_000 + "\r\nContent-Length: 2\r\n\r\nok",
+     "response head too large; expected at most 65536 bytes"),
+], ids=["101", "bare-lf", "gzip-chunked", "huge-head"])
+def test_backend_protocol_faults_give_a_prompt_502(env: Env, raw: str, message: str) -> None:
+    # The backend keeps its connection open: the 502 must not wait for a close or a
+    # timeout (upstream_timeout_secs is long), and the connection is not reused.
+    lx = env.start({"a": env.model("a")}, policy={"upstream_timeout_secs": 20})
+    status, _, payload = lx.request("POST", "/fault/raw", {"model": "a", "raw": raw})
+    assert status == 502, payload
+    assert payload["error"]["message"].startswith(f"model 'a' backend sent an invalid response: {message}")
+    assert payload["error"]["type"] == "server_error"
+    raw_peer = int(env.lines()[-1].split()[1])
+    status, _, payload = lx.request("POST", "/v1/chat/completions", {"model": "a", "echo": True})
+    assert status == 200 and payload["peer"] != raw_peer
+    assert lx.health()["models"]["a"]["in_flight"] == 0
+
+
+def test_backend_204_with_a_length_is_forwarded_bare_and_not_reused(env: Env) -> None:
+    # Used to forward "content-length: 5", drop the stray bytes and reuse the connection.
+    lx = env.start({"a": env.model("a")})
+    status, headers, payload = lx.request(
+        "POST", "/fault/raw", {"model": "a", "raw": "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello"})
+    assert (status, payload) == (204, b"") and "content-length" not in headers
+    raw_peer = int(env.lines()[-1].split()[1])
+    status, _, payload = lx.request("POST", "/v1/chat/completions", {"model": "a", "echo": True})
+    assert status == 200 and payload["peer"] != raw_peer
+
+
+def test_thousands_of_trailers_are_refused_cleanly_both_ways(env: Env) -> None:
+    # Used to raise RecursionError: no answer to the client, a traceback on stderr.
+    lx = env.start({"a": env.model("a")})
+    trailers = "".join(f"t{i}: 1\r\n" for i in range(1000))
+    body = json.dumps({"model": "a"}).encode()
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n%s\r\n"
+                         % (len(body), body, trailers.encode()))
+    assert reply.startswith(b"HTTP/1.1 431 ") and b"too many trailer fields" in reply, reply[:300]
+    raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + "\r\n"
+    conn = lx.conn()
+    conn.request("POST", "/fault/raw", body=json.dumps({"model": "a", "raw": raw}))
+    resp = conn.getresponse()
+    assert resp.status == 200  # the head had gone out before the trailers came
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()  # cut, never completed as if it succeeded
+    conn.close()
+    lx.wait_log(r"request\.cut .*too many trailer fields")
+    assert lx.chat("a")[0] == 200
 
 
 def test_backend_that_never_reads_the_body_still_answers(env: Env) -> None:
