@@ -1322,7 +1322,8 @@ class ResponseParser(_Parser):
             if self._interim > MAX_INTERIM_RESPONSES:
                 raise self._fail(f"too many interim (1xx) responses; expected at most "
                                  f"{MAX_INTERIM_RESPONSES}")
-            return ResponseHead(status, reason, ver, headers, keep_alive, 0)  # the head is due
+            self._state = self._START  # the final head is still due
+            return ResponseHead(status, reason, ver, headers, keep_alive, 0)
         framing = response_framing(self.method, status, headers)
         if framing == "close":
             keep_alive = False
