@@ -856,6 +856,20 @@ def test_204_and_304_are_forwarded_without_body_or_length(status: int) -> None:
     assert p.next_event().keep_alive and p.next_event() is llmux.EndOfMessage and p.buffered == 0
 
 
+def test_interim_heads_are_bounded_and_te_with_cl_is_not_reused() -> None:
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    n = llmux.MAX_INTERIM_RESPONSES
+    assert parse_all(llmux.ResponseParser("GET"), [interim * n + final]) == [
+        *[("response", 103, True)] * n, ("response", 200, True), ("body", b"ok"), "end"]
+    assert parse_all(llmux.ResponseParser("GET"), [interim * (n + 1) + final]) == [
+        *[("response", 103, True)] * n, ("error", 502)]
+    # RFC 9112 section 6.1: chunked wins over a Content-Length, but the connection is
+    # not trusted with another request.
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    assert parse_all(llmux.ResponseParser("GET"), [both]) == [("response", 200, False), ("body", b"ok"), "end"]
+
+
 def test_complete_response_head_over_the_limit_is_502() -> None:
     # Used to be enforced only on a head still incomplete after a read.
     head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 120_000 + b"\r\nContent-Length: 2\r\n\r\nok"
