@@ -890,6 +890,11 @@ def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -
 _AGAIN = object()  # a state reader moved on without an event: run the next reader
 
 
+def _bad_byte(byte: bytes) -> str:
+    """How an error message names a byte that breaks the line grammar."""
+    return {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL byte"}.get(byte, f"byte {byte!r}")
+
+
 class _Parser:
     """Shared machinery: find the head, then deliver the body by its framing.
 
@@ -897,8 +902,9 @@ class _Parser:
     A reader returns an event, NEED_DATA, or ``_AGAIN`` after consuming bytes and
     changing state; nothing recurses, so a peer's many trailer lines or tiny chunks
     cost loop iterations, never stack.  Every ``_AGAIN`` consumes at least two bytes
-    and every event at least one (or ends a message), so ``steps`` (the iterations,
-    for tests) stays below a small constant times the bytes fed plus the calls made.
+    (or hands a start line on to _FIELDS, which then consumes the head), and every
+    call ends at an event or NEED_DATA, so ``steps`` (the iterations, for tests) stays
+    below a small constant times the bytes fed plus the calls made.
     Searches for line ends resume where the last one stopped (``_scan``, ``_checked``)
     and are bounded by the limit in force, so a byte is looked at a bounded number of
     times however the input is split.
@@ -968,7 +974,9 @@ class _Parser:
         # RFC 9112 section 2.2: ignore empty lines before a message.
         buf = self._buf
         if buf[:2] == b"\r\n":
-            del buf[:_EMPTY_LINES.match(buf).end()]
+            empty = _EMPTY_LINES.match(buf)
+            if empty:
+                del buf[:empty.end()]
         if not buf:
             return self._eof_between_messages() if self._eof else NEED_DATA
         self._trailer_bytes = self._trailer_lines = 0
@@ -997,7 +1005,9 @@ class _Parser:
                 upto -= 1  # maybe the start of a CRLF: judged when the next byte comes
         bad = _BARE_CR_LF.search(buf, self._checked, upto)
         if bad:
-            raise self._fail(_bad_byte(bad.group()) + " in message head; expected CRLF line endings")
+            byte = bad.group()
+            raise self._fail(_bad_byte(byte) + " in message head" +
+                             ("; expected CRLF line endings" if byte != b"\x00" else ""))
         self._checked = upto
         if end < 0:
             if len(buf) >= limit:
@@ -1172,10 +1182,6 @@ class _Parser:
         else:
             self._state = self._LENGTH
             self._remaining = int(framing)
-
-
-def _bad_byte(byte: bytes) -> str:
-    return {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL byte"}.get(byte, f"byte {byte!r}")
 
 
 class RequestParser(_Parser):

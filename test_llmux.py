@@ -1922,6 +1922,15 @@ def test_fuzz_grammar_parser_invariants_whole_split_and_byte_by_byte(capsys: Any
         assert _drive(make(), pieces, seed) == whole, f"seed {seed}: byte by byte differs"
         count += 1
         total += len(data)
+    # Bare CR, bare LF and NUL at every position of a request and a response.
+    for make, data in ((lambda: llmux.RequestParser(), chunked_request(b"2;e=1\r\nhi\r\n0\r\nT: 1\r\n\r\n")),
+                       (lambda: llmux.ResponseParser("POST"), chunked_response(b"2\r\nhi\r\n0\r\nT: 1\r\n\r\n"))):
+        for at in range(len(data) + 1):
+            for byte in (b"\r", b"\n", b"\x00"):
+                bad = data[:at] + byte + data[at:]
+                whole = _drive(make(), [bad], at)
+                assert _drive(make(), [bad[i:i + 1] for i in range(len(bad))], at) == whole, (at, byte)
+                assert whole[-1][0] == "error" or bad.startswith(data), (at, byte, whole)  # or stray
     rate = total / (time.monotonic() - started) / 1e6
     with capsys.disabled():
         print(f"\n[fuzz] grammar: {count} messages, {total / 1e6:.1f} MB, {rate:.1f} MB/s (3 splits each)")
