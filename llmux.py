@@ -127,7 +127,7 @@ READ_SIZE = 64 * 1024  # one socket read.
 LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
 LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
 STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
-MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head.
+MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF included.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
 
