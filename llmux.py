@@ -117,6 +117,8 @@ MAX_CONTENT_LENGTH_DIGITS = 18  # 400: 10**18 bytes is no real body; longer is a
 MAX_CHUNK_SIZE_DIGITS = 16  # 400: 16 hex digits is 2**64; more would overflow a peer.
 MAX_CHUNK_LINE = 4 * 1024  # 400: chunk size line with extensions.
 MAX_TRAILER_BYTES = 16 * 1024  # 431: trailers are parsed and dropped.
+MAX_TRAILER_LINES = 64  # 431 (request) / 502 (response): real peers send none or a few.
+MAX_INTERIM_RESPONSES = 16  # 502: 1xx heads before a backend's final one (100, 103...).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # 413: a chat request with several images.
 DEFAULT_HEADER_TIMEOUT = 30.0  # 408: from a request's first byte to the end of its head.
 DEFAULT_BODY_TIMEOUT = 60.0  # 408: longest silence while a request body arrives.
@@ -127,7 +129,7 @@ READ_SIZE = 64 * 1024  # one socket read.
 LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
 LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
 STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
-MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head.
+MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF included.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
 # An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
@@ -804,6 +806,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110 section 5: field-name ":" OWS field-value OWS, the value without CTLs but HTAB.
 _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _BARE_CR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_CR_OR_LF = re.compile(rb"[\r\n]")
+_EMPTY_LINES = re.compile(rb"(?:\r\n)+")
 _REQUEST_LINE_BAD = re.compile(rb"[^\x21-\x7e ]")  # a request line is visible ASCII and SP
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
@@ -889,8 +893,11 @@ def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -
     """How a response body is delimited (RFC 9112 section 6.3), in its order:
 
     1. A response to HEAD, any 1xx, 204 or 304: no body.
-    2. Transfer-Encoding whose final coding is chunked: chunked; another final coding:
-       read until the connection closes.
+    2. Transfer-Encoding: only ``chunked``, once; another coding: 502.  (RFC 9112
+       would read a body whose final coding is not chunked until the close, and pass
+       the codings on; llmux re-frames bodies and its clients, HTTP/1.0 ones included,
+       cannot be relied on to decode a transfer coding, so forwarding ``gzip`` bytes
+       would hand them garbage.  Model servers never send one.)
     3. Content-Length: that many bytes (invalid: 502).
     4. Otherwise: read until the connection closes.
     Returns "chunked", "close" or the body length.
@@ -900,29 +907,63 @@ def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -
     names = {k for k, _ in headers}
     if "transfer-encoding" in names:
         codings = _header_tokens(headers, "transfer-encoding")
-        return "chunked" if codings[-1] == "chunked" else "close"
+        other = [c for c in codings if c != "chunked"]
+        if other:
+            raise HTTPError(f"unsupported transfer coding {other[0]!r} in response; expected chunked",
+                            status=502)
+        if len(codings) != 1:
+            raise HTTPError("chunked applied more than once in response; expected it once", status=502)
+        return "chunked"
     length = _content_length(headers, status=502) if "content-length" in names else None
     return "close" if length is None else length
 
 
-class _Parser:
-    """Shared machinery: find the head, then deliver the body by its framing."""
+_AGAIN = object()  # a state reader moved on without an event: run the next reader
 
-    _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _CLOSE, _BROKEN = range(8)
+
+def _bad_byte(byte: bytes) -> str:
+    """How an error message names a byte that breaks the line grammar."""
+    return {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL byte"}.get(byte, f"byte {byte!r}")
+
+
+class _Parser:
+    """Shared machinery: find the head, then deliver the body by its framing.
+
+    next_event() runs a loop over per-state readers (``_READERS``, indexed by state).
+    A reader returns an event, NEED_DATA, or ``_AGAIN`` after consuming bytes and
+    changing state; nothing recurses, so a peer's many trailer lines or tiny chunks
+    cost loop iterations, never stack.  Every ``_AGAIN`` consumes at least two bytes
+    (or hands a start line on to _FIELDS, which then consumes the head), and every
+    call ends at an event or NEED_DATA, so ``steps`` (the iterations, for tests) stays
+    below a small constant times the bytes fed plus the calls made.
+    Searches for line ends resume where the last one stopped (``_scan``, ``_checked``)
+    and are bounded by the limit in force, so a byte is looked at a bounded number of
+    times however the input is split.
+    """
+
+    (_START, _FIELDS, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _CLOSE,
+     _DONE, _BROKEN) = range(10)
     _error_status = 400
+    _trailer_status = 431
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._state = self._HEAD
-        self._scan = 0  # where to resume looking for the end of the head
+        self._state = self._START
+        self._line_end = 0  # where the start line ends (RequestParser: its CRLF)
+        self._scan = 0  # where to resume looking for the line end that is due
+        self._checked = 0  # bytes of the pending line or head already checked for bad bytes
         self._remaining = 0
         self._trailer_bytes = 0
+        self._trailer_lines = 0
         self._eof = False
         self._error: Optional[HTTPError] = None
+        self.steps = 0  # reader calls so far: the work-per-byte bound is tested on it
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet returned as events."""
+        """Bytes received and not yet returned as events.  After a ResponseParser's
+        final EndOfMessage these are bytes the backend sent beyond its response: a
+        backend out of sync, whose connection must not be reused."""
         return len(self._buf)
 
     @property
@@ -943,8 +984,13 @@ class _Parser:
         """The next head, Body, EndOfMessage, or NEED_DATA; HTTPError if broken."""
         if self._error is not None:
             raise self._error
+        readers = self._READERS
         try:
-            return self._step()
+            while True:
+                self.steps += 1
+                event = readers[self._state](self)
+                if event is not _AGAIN:
+                    return event
         except HTTPError as e:
             self._error = e
             self._state = self._BROKEN
@@ -953,82 +999,185 @@ class _Parser:
     def _fail(self, message: str, status: Optional[int] = None, **kw: Any) -> HTTPError:
         return HTTPError(message, status=status or self._error_status, **kw)
 
-    def _step(self) -> Any:
-        state = self._state
+    # -- the head --
+
+    def _read_start(self) -> Any:
+        # RFC 9112 section 2.2: ignore empty lines before a message.
         buf = self._buf
-        if state == self._HEAD:
-            return self._head()
-        if state == self._LENGTH:
-            if self._remaining == 0:
-                return self._end()
-            return self._take("connection closed before the body was complete")
-        if state == self._CHUNK_SIZE:
-            end = buf.find(b"\r\n", 0, MAX_CHUNK_LINE + 2)
-            if end < 0:
-                if len(buf) > MAX_CHUNK_LINE:
-                    raise self._fail("chunk size line too long")
-                if self._eof:
-                    raise self._fail("connection closed inside a chunked body")
-                return NEED_DATA
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            size_text, _, ext = line.partition(b";")
-            size_text = size_text.rstrip(b" \t")
-            if not _HEX.match(size_text) or len(size_text) > MAX_CHUNK_SIZE_DIGITS:
-                raise self._fail(f"invalid chunk size {size_text[:20]!r}")
-            if b"\r" in line or b"\n" in line or _FIELD_VALUE_BAD.search(ext):
-                raise self._fail("invalid character in chunk extension")
-            size = int(size_text, 16)
-            self._on_chunk(size)
-            if size == 0:
-                self._state = self._TRAILER
-            else:
-                self._remaining = size
-                self._state = self._CHUNK_DATA
-            return self._step()
-        if state == self._CHUNK_DATA:
-            event = self._take("connection closed inside a chunk")
-            if self._remaining == 0:
-                self._state = self._CHUNK_END
-            return event
-        if state == self._CHUNK_END:
-            if len(buf) < 2:
-                if self._eof:
-                    raise self._fail("connection closed inside a chunked body")
-                return NEED_DATA
-            if buf[:2] != b"\r\n":
-                raise self._fail("missing CRLF after chunk data")
-            del buf[:2]
-            self._state = self._CHUNK_SIZE
-            return self._step()
-        if state == self._TRAILER:
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > MAX_TRAILER_BYTES:
-                    raise self._fail("trailer section too large", 431)
-                if self._eof:
-                    raise self._fail("connection closed inside the trailer section")
-                return NEED_DATA
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            if not line:
-                return self._end()
-            self._trailer_bytes += len(line) + 2
-            if self._trailer_bytes > MAX_TRAILER_BYTES:
-                raise self._fail("trailer section too large", 431)
-            if b"\r" in line or b"\n" in line:
-                raise self._fail("bare CR or LF in trailer section")
-            _parse_fields([line], self._error_status)
-            return self._step()
-        if state == self._CLOSE:
-            if buf:
-                data = bytes(buf)
-                buf.clear()
-                return Body(data)
+        if buf[:2] == b"\r\n":
+            empty = _EMPTY_LINES.match(buf)
+            if empty:
+                del buf[:empty.end()]
+        if not buf:
+            return self._eof_between_messages() if self._eof else NEED_DATA
+        self._trailer_bytes = self._trailer_lines = 0
+        return self._start_line()
+
+    def _start_line(self) -> Any:
+        """RequestParser checks its request line first; a response goes on to _FIELDS."""
+        self._line_end = self._scan = self._checked = 0
+        self._state = self._FIELDS
+        return _AGAIN
+
+    def _read_fields(self) -> Any:
+        # The head ends at CRLF CRLF, which must lie wholly within _head_limit() bytes:
+        # the same bound whether the head arrives whole or a byte at a time.  Bytes are
+        # checked for bare CR, bare LF and NUL as they arrive, so a peer that ends its
+        # lines with LF alone is refused at once instead of waiting for a CRLF CRLF
+        # that never comes.
+        buf = self._buf
+        limit = self._head_limit()
+        end = buf.find(b"\r\n\r\n", self._scan, limit)
+        if end >= 0:
+            upto = end + 4
+        else:
+            upto = min(len(buf), limit)
+            if buf[upto - 1:upto] == b"\r":
+                upto -= 1  # maybe the start of a CRLF: judged when the next byte comes
+        bad = _BARE_CR_LF.search(buf, self._checked, upto)
+        if bad:
+            byte = bad.group()
+            raise self._fail(_bad_byte(byte) + " in message head" +
+                             ("; expected CRLF line endings" if byte != b"\x00" else ""))
+        self._checked = upto
+        if end < 0:
+            if len(buf) >= limit:
+                raise self._head_too_large()
             if self._eof:
-                return self._end()
+                raise self._fail("connection closed inside the message head")
+            self._scan = max(self._line_end, len(buf) - 3)
             return NEED_DATA
-        raise AssertionError(f"parser in state {state}")  # _BROKEN raises above
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        self._line_end = self._scan = self._checked = 0
+        lines = head.split(b"\r\n")
+        return self._parse_head(lines[0], lines[1:])
+
+    def _head_limit(self) -> int:
+        raise NotImplementedError
+
+    def _head_too_large(self) -> HTTPError:
+        raise NotImplementedError
+
+    def _eof_between_messages(self) -> Any:
+        return None
+
+    def _parse_head(self, start: bytes, fields: List[bytes]) -> Any:
+        raise NotImplementedError
+
+    # -- the body --
+
+    def _read_length(self) -> Any:
+        if self._remaining == 0:
+            return self._end()
+        return self._take("connection closed before the body was complete")
+
+    def _line(self, limit: int, too_long: str, status: Optional[int] = None) -> Optional[bytes]:
+        """The CRLF-terminated line (at most ``limit`` bytes) at the start of the buffer,
+        consumed; None while it is incomplete.  HTTPError(``too_long``) past the limit."""
+        buf = self._buf
+        end = buf.find(b"\r\n", self._checked, limit + 2)
+        if end >= 0:
+            upto = end
+        else:
+            upto = min(len(buf), limit + 1)
+            if buf[upto - 1:upto] == b"\r":
+                upto -= 1  # maybe the start of a CRLF: judged when the next byte comes
+        # No CRLF starts before ``upto``, so any CR or LF there is bare.
+        bad = _CR_OR_LF.search(buf, self._checked, upto)
+        if bad:
+            raise self._fail(_bad_byte(bad.group()) + " in chunked framing; expected CRLF line endings")
+        self._checked = upto
+        if end < 0:
+            if len(buf) >= limit + 2:
+                raise self._fail(too_long, status)
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        self._checked = 0
+        return line
+
+    def _read_chunk_size(self) -> Any:
+        line = self._line(MAX_CHUNK_LINE,
+                          f"chunk size line too long; expected at most {MAX_CHUNK_LINE} bytes")
+        if line is None:
+            if self._eof:
+                raise self._fail("connection closed inside a chunked body")
+            return NEED_DATA
+        size_text, _, ext = line.partition(b";")
+        size_text = size_text.rstrip(b" \t")  # RFC 9112 section 7.1.1: BWS before ';'
+        if not _HEX.match(size_text) or len(size_text) > MAX_CHUNK_SIZE_DIGITS:
+            raise self._fail(f"invalid chunk size {size_text[:20]!r}")
+        if _FIELD_VALUE_BAD.search(ext):
+            raise self._fail("invalid character in chunk extension")
+        size = int(size_text, 16)
+        self._on_chunk(size)
+        if size == 0:
+            self._state = self._TRAILER
+        else:
+            self._remaining = size
+            self._state = self._CHUNK_DATA
+        return _AGAIN
+
+    def _read_chunk_data(self) -> Any:
+        event = self._take("connection closed inside a chunk")
+        if self._remaining == 0:
+            self._state = self._CHUNK_END
+        return event
+
+    def _read_chunk_end(self) -> Any:
+        buf = self._buf
+        if len(buf) < 2:
+            if buf[:1] not in (b"", b"\r"):
+                raise self._fail("missing CRLF after chunk data")
+            if self._eof:
+                raise self._fail("connection closed inside a chunked body")
+            return NEED_DATA
+        if buf[:2] != b"\r\n":
+            raise self._fail("missing CRLF after chunk data")
+        del buf[:2]
+        self._state = self._CHUNK_SIZE
+        return _AGAIN
+
+    def _read_trailer(self) -> Any:
+        # Trailers are checked and dropped.  Their bytes and their lines are both
+        # bounded: each line costs a loop iteration and a regex match.
+        budget = MAX_TRAILER_BYTES - self._trailer_bytes
+        line = self._line(max(0, budget - 2), f"trailer section too large; expected at most "
+                          f"{MAX_TRAILER_BYTES} bytes", self._trailer_status)
+        if line is None:
+            if self._eof:
+                raise self._fail("connection closed inside the trailer section")
+            return NEED_DATA
+        if not line:
+            return self._end()
+        self._trailer_bytes += len(line) + 2
+        self._trailer_lines += 1
+        if self._trailer_lines > MAX_TRAILER_LINES:
+            raise self._fail(f"too many trailer fields; expected at most {MAX_TRAILER_LINES}",
+                             self._trailer_status)
+        _parse_fields([line], self._error_status)
+        return _AGAIN
+
+    def _read_close(self) -> Any:
+        buf = self._buf
+        if buf:
+            data = bytes(buf)
+            buf.clear()
+            return Body(data)
+        if self._eof:
+            return self._end()
+        return NEED_DATA
+
+    def _read_done(self) -> Any:
+        return NEED_DATA  # ResponseParser after its final response: see ``buffered``
+
+    def _read_broken(self) -> Any:
+        raise AssertionError("broken parser")  # next_event raises the stored error first
+
+    _READERS: Tuple[Callable[["_Parser"], Any], ...] = (
+        _read_start, _read_fields, _read_length, _read_chunk_size, _read_chunk_data,
+        _read_chunk_end, _read_trailer, _read_close, _read_done, _read_broken)
 
     def _take(self, eof_message: str) -> Any:
         """Up to ``_remaining`` buffered body bytes as a Body; NEED_DATA; an error at EOF."""
@@ -1038,56 +1187,25 @@ class _Parser:
                 raise self._fail(eof_message)
             return NEED_DATA
         n = min(self._remaining, len(buf))
-        data = bytes(buf[:n])
-        del buf[:n]
+        if n == len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
         self._remaining -= n
         return Body(data)
-
-    def _head(self) -> Any:
-        buf = self._buf
-        if not buf:
-            return self._eof_between_messages() if self._eof else NEED_DATA
-        # RFC 9112 section 2.2: ignore empty lines before a message.
-        while buf[:2] == b"\r\n":
-            del buf[:2]
-            self._scan = 0
-        end = buf.find(b"\r\n\r\n", self._scan)
-        if end < 0:
-            self._check_partial_head()
-            if self._eof:
-                if not buf:
-                    return self._eof_between_messages()
-                raise self._fail("connection closed inside the message head")
-            self._scan = max(0, len(buf) - 3)
-            return NEED_DATA
-        head = bytes(buf[:end])
-        del buf[: end + 4]
-        self._scan = 0
-        self._trailer_bytes = 0
-        bad = _BARE_CR_LF.search(head)
-        if bad:
-            raise self._fail("NUL byte in message head" if bad.group() == b"\x00"
-                             else "bare CR or LF in message head")
-        lines = head.split(b"\r\n")
-        return self._parse_head(lines)
-
-    def _eof_between_messages(self) -> Any:
-        return None
-
-    def _check_partial_head(self) -> None:
-        raise NotImplementedError
-
-    def _parse_head(self, lines: List[bytes]) -> Any:
-        raise NotImplementedError
 
     def _on_chunk(self, size: int) -> None:
         pass
 
     def _end(self) -> Any:
-        self._state = self._HEAD
+        self._state = self._START
+        self._scan = self._checked = 0
         return EndOfMessage
 
     def _start_body(self, framing: Union[str, int]) -> None:
+        self._checked = 0
         if framing == "chunked":
             self._state = self._CHUNK_SIZE
         elif framing == "close":
@@ -1109,30 +1227,52 @@ class RequestParser(_Parser):
         self.max_body = max_body
         self._body_total = 0
 
-    def _check_partial_head(self) -> None:
+    def _start_line(self) -> Any:
+        # The request line is checked as it arrives: bytes that are not HTTP (a TLS
+        # ClientHello, binary) are refused at once, not at a limit.  A bad byte within
+        # the first MAX_REQUEST_LINE + 1 bytes is a 400, a longer line a 414, whether
+        # the line arrives whole or a byte at a time.
         buf = self._buf
-        line_end = buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
-        # Not HTTP at all (a TLS ClientHello, binary): say so at once, not at a limit.
-        # Only the request line is checked here, as _parse_head checks it first too.
-        line = buf[:line_end] if line_end >= 0 else buf[:-1] if buf.endswith(b"\r") else buf
-        if line and (_REQUEST_LINE_BAD.search(line) or not _TOKEN.match(line[:1])):
+        checked = self._checked
+        end = buf.find(b"\r\n", checked, MAX_REQUEST_LINE + 2)
+        if end >= 0:
+            upto = end
+        else:
+            upto = min(len(buf), MAX_REQUEST_LINE + 1)
+            if buf[upto - 1:upto] == b"\r":
+                upto -= 1  # maybe the start of the CRLF
+        if checked == 0 and upto and not _TOKEN.match(buf[:1]):
             raise self._fail("not an HTTP request")
-        if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
-            raise self._fail("request line too long", 414, code="uri_too_long")
-        if line_end >= 0 and len(buf) - line_end > MAX_HEADER_BYTES:
-            raise self._fail("request header section too large", 431,
-                             code="headers_too_large")
+        bad = _REQUEST_LINE_BAD.search(buf, checked, upto)
+        if bad:
+            byte = bad.group()
+            raise self._fail(_bad_byte(byte) + " in request line; expected CRLF line endings"
+                             if byte in (b"\r", b"\n") else "not an HTTP request")
+        self._checked = upto
+        if end < 0:
+            if len(buf) >= MAX_REQUEST_LINE + 2:
+                raise self._fail(f"request line too long; expected at most {MAX_REQUEST_LINE} bytes",
+                                 414, code="uri_too_long")
+            if self._eof:
+                raise self._fail("connection closed inside the message head")
+            return NEED_DATA
+        self._line_end = self._scan = self._checked = end
+        self._state = self._FIELDS
+        return _AGAIN
 
-    def _parse_head(self, lines: List[bytes]) -> RequestHead:
-        request_line = lines[0]
-        if _REQUEST_LINE_BAD.search(request_line) or not _TOKEN.match(request_line[:1]):
-            raise self._fail("not an HTTP request")
-        if len(request_line) > MAX_REQUEST_LINE:
-            raise self._fail("request line too long", 414, code="uri_too_long")
-        if len(lines) - 1 > MAX_HEADER_COUNT:
-            raise self._fail("too many header fields", 431, code="headers_too_large")
-        if sum(len(x) + 2 for x in lines[1:]) > MAX_HEADER_BYTES:
-            raise self._fail("request header section too large", 431, code="headers_too_large")
+    def _head_limit(self) -> int:
+        # The header section (its field lines with their CRLFs) is the bytes from the
+        # end of the request line to the CRLF CRLF: at most MAX_HEADER_BYTES.
+        return self._line_end + MAX_HEADER_BYTES + 4
+
+    def _head_too_large(self) -> HTTPError:
+        return self._fail(f"request header section too large; expected at most "
+                          f"{MAX_HEADER_BYTES} bytes", 431, code="headers_too_large")
+
+    def _parse_head(self, request_line: bytes, lines: List[bytes]) -> RequestHead:
+        if len(lines) > MAX_HEADER_COUNT:
+            raise self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}", 431,
+                             code="headers_too_large")
         parts = request_line.split(b" ")
         if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
             raise self._fail("malformed request line")
@@ -1146,7 +1286,7 @@ class RequestParser(_Parser):
             raise self._fail("only HTTP/1.0 and HTTP/1.1 are supported", 505,
                              code="http_version_not_supported")
         ver = "HTTP/1.1" if match.group(2) != b"0" else "HTTP/1.0"
-        headers = _parse_fields(lines[1:])
+        headers = _parse_fields(lines)
         names = [k for k, _ in headers]
         if ver == "HTTP/1.1" and names.count("host") != 1:
             raise self._fail("an HTTP/1.1 request needs exactly one host header")
@@ -1176,38 +1316,65 @@ class ResponseParser(_Parser):
 
     Events: ResponseHead (1xx heads too; skip them), Body pieces, EndOfMessage.  Call
     feed_eof() when the backend closes: a close-delimited body then ends; anything
-    else incomplete raises HTTPError(502).
+    else incomplete raises HTTPError(502).  A 101 raises HTTPError(502): llmux does
+    not support protocol upgrades.  After the final EndOfMessage the parser only
+    returns NEED_DATA, and ``buffered`` > 0 means the backend sent bytes beyond its
+    response (out of sync: do not reuse the connection).
     """
 
     _error_status = 502
+    _trailer_status = 502
 
     def __init__(self, method: str) -> None:
         super().__init__()
         self.method = method
+        self._interim = 0
 
-    def _check_partial_head(self) -> None:
-        if len(self._buf) > MAX_UPSTREAM_HEAD:
-            raise self._fail("response head too large")
+    def _head_limit(self) -> int:
+        return MAX_UPSTREAM_HEAD
 
-    def _parse_head(self, lines: List[bytes]) -> ResponseHead:
-        match = _STATUS_LINE.match(lines[0])
+    def _head_too_large(self) -> HTTPError:
+        return self._fail(f"response head too large; expected at most {MAX_UPSTREAM_HEAD} bytes")
+
+    def _parse_head(self, status_line: bytes, lines: List[bytes]) -> ResponseHead:
+        match = _STATUS_LINE.match(status_line)
         if not match:
-            raise self._fail(f"malformed status line {lines[0][:40]!r}")
-        if len(lines) - 1 > MAX_HEADER_COUNT:
-            raise self._fail("too many header fields")
+            raise self._fail(f"malformed status line {status_line[:40]!r}")
+        if len(lines) > MAX_HEADER_COUNT:
+            raise self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}")
         ver = "HTTP/1.1" if match.group(1) == b"1" else "HTTP/1.0"
         status = int(match.group(2))
-        headers = _parse_fields(lines[1:], 502)
-        connection = _header_tokens(headers, "connection") if any(
-            k == "connection" for k, _ in headers) else []
+        if status == 101:
+            # The connection would stop being HTTP: nothing llmux could relay.  An error
+            # also makes the relay close the connection instead of pooling it.
+            raise self._fail("backend switched protocols (101); expected a final http/1.1 "
+                             "response (llmux does not support protocol upgrades)")
+        headers = _parse_fields(lines, 502)
+        names = {k for k, _ in headers}
+        connection = _header_tokens(headers, "connection") if "connection" in names else []
         keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
-        framing = response_framing(self.method, status, headers)
-        if status >= 200 or status == 101:
-            self._start_body(framing)
-            if framing == "close":
-                keep_alive = False
         reason = (match.group(3) or b"").decode("latin-1")
+        if status < 200:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                raise self._fail(f"too many interim (1xx) responses; expected at most "
+                                 f"{MAX_INTERIM_RESPONSES}")
+            self._state = self._START  # the final head is still due
+            return ResponseHead(status, reason, ver, headers, keep_alive, 0)
+        framing = response_framing(self.method, status, headers)
+        if framing == "close":
+            keep_alive = False
+        elif "transfer-encoding" in names and "content-length" in names:
+            keep_alive = False  # RFC 9112 section 6.1: chunked wins, but a smuggling shape
+        elif status == 204 and ("transfer-encoding" in names or any(
+                k == "content-length" and v.strip() != "0" for k, v in headers)):
+            keep_alive = False  # RFC 9110 section 8.6 forbids it: a body may still follow
+        self._start_body(framing)
         return ResponseHead(status, reason, ver, headers, keep_alive, framing)
+
+    def _end(self) -> Any:
+        self._state = self._DONE
+        return EndOfMessage
 
     def _eof_between_messages(self) -> Any:
         raise self._fail("connection closed before a response head")
@@ -1580,9 +1747,12 @@ def client_response_head(resp: ResponseHead, client_10: bool,
     """The response head for the client, whether to re-chunk the body, and whether
     the client connection may be kept (an HTTP/1.0 client reads until close)."""
     open_ended = resp.framing in ("chunked", "close")
+    # RFC 9110 sections 8.6 and 15.3.5: a 204 carries no Content-Length, and neither
+    # forwarded 204 nor 304 a body; a 304's length describes a body nobody sends.
+    no_body = resp.status in (204, 304)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
     lines.extend(f"{k}: {v}" for k, v in
-                 forward_headers(resp.headers, ("content-length",) if open_ended else ()))
+                 forward_headers(resp.headers, ("content-length",) if open_ended or no_body else ()))
     chunked = open_ended and not client_10
     if chunked:
         lines.append("transfer-encoding: chunked")
