@@ -2755,12 +2755,17 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
 
 _JSON_WS = rb"[ \t\r\n]*"  # RFC 8259 section 2
 _JSON_WS_RUN = re.compile(_JSON_WS)
+# The strings that decode to "model", after their opening quote (a JSON escape spells a
+# letter as \u00XX, hex digits in either case).  At most 31 bytes, so a window that
+# cannot show one whole cannot show the string's end either.
+_JSON_MODEL_TEXT = (rb'(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065)'
+                    rb'(?:l|\\u006[cC])"')
 # One run the JSON scanner skips at C speed: bytes outside strings, and whole strings
-# except the two it must look at: a "model" key, and a key with escapes (it may spell
-# "model", as "\u006dodel").  Both alternatives for strings match exactly one string,
-# so the repetition never backtracks; a window edge inside a string stops the run there.
-_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!model"' + _JSON_WS + rb':)[^"\\]*"'
-                       rb'|"[^"\\]*(?:\\[\s\S][^"\\]*)+"(?!' + _JSON_WS + rb':))*')
+# except "model" (key or value: Python looks at those).  The string alternative matches
+# exactly one string, so the repetition never backtracks; a window edge inside a
+# string stops the run at its opening quote.
+_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_TEXT + rb')[^"\\]*(?:\\[\s\S][^"\\]*)*")*')
+_JSON_MODEL_TEXT_RE = re.compile(_JSON_MODEL_TEXT)
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*"')
 _JSON_STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')
 _JSON_KINDS = {**{c: "a number" for c in b"-0123456789"}, ord("{"): "an object",
@@ -2833,23 +2838,25 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
         stop = run(body, pos, min(n, pos + JSON_SCAN_WINDOW)).end()
         if stop > pos:
             seg = body[pos:stop]
-            if b'"' in seg:  # brackets inside strings are not structure
+            opened = seg.count(b"{") + seg.count(b"[")
+            closed = seg.count(b"}") + seg.count(b"]")
+            if (opened or closed) and b'"' in seg:  # brackets inside strings are not structure
                 seg = _JSON_STRING.sub(b"", seg)
-            depth += seg.count(b"{") + seg.count(b"[") - seg.count(b"}") - seg.count(b"]")
+                opened = seg.count(b"{") + seg.count(b"[")
+                closed = seg.count(b"}") + seg.count(b"]")
+            depth += opened - closed
             pos = stop
             if pos >= n or body[pos] != 0x22:
                 continue  # the window's edge
-        # A string the run would not take: a "model" key, a key with escapes, or one
-        # the window's edge cut.
+        # A string the run would not take: "model" (perhaps escaped), or one the
+        # window's edge cut.
         end = _json_string_end(body, pos)
         if depth <= 0:
             raise ValueError(f"data after the top-level object at byte {pos}")
         if depth == 1:
             colon = ws(body, end + 1).end()
             if colon < n and body[colon] == 0x3A:  # a member of the top-level object
-                name = body[pos + 1:end]
-                is_model = name == b"model" or (len(name) <= 30 and b"\\" in name
-                                                 and json.loads(body[pos:end + 1]) == "model")
+                is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
                 value = ws(body, colon + 1).end()
                 if value < n and body[value] == 0x22:
                     value_end = _json_string_end(body, value)

@@ -1312,6 +1312,18 @@ def test_json_model_is_the_last_top_level_member(body: bytes, expected: str) -> 
     assert model_for(body) == expected
 
 
+def test_json_model_is_found_across_the_scanner_window_edges() -> None:
+    # The scanner's regex sees a window at a time: a "model" key cut by its edge, or far
+    # from its colon, must still be found (and a long value still skipped).
+    window = llmux.JSON_SCAN_WINDOW
+    for gap in (" ", " " * (window + 10)):
+        for shift in range(-40, 12):
+            body = ('{"p": "' + "x" * (window - 12 + shift) + '", "\\u006dodel"' + gap + ': "b", '
+                    '"q": "' + "y" * (window + shift) + '", "model": 1, "model"' + gap + ':"model-b"}').encode()
+            assert llmux._json_model(body) == "model-b", (len(gap), shift)
+            assert model_for(body) == "b"
+
+
 def test_json_model_scan_keeps_memory_bounded() -> None:
     # Regression: json.loads, run only to read `model`, built the whole document: a body
     # of many small objects peaked at ~27 times its size.
