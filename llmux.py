@@ -96,6 +96,7 @@ from typing import (
     Set,
     Tuple,
     Union,
+    cast,
 )
 
 try:  # Unix only (it is stdlib there): the fd limit is raised and obeyed where it exists.
@@ -2782,6 +2783,12 @@ class _NotAnObject(ValueError):
     """The body is a JSON value, but not an object."""
 
 
+def _match_end(pattern: "re.Pattern[bytes]", data: bytes, pos: int, endpos: int) -> int:
+    """Where ``pattern`` (one that always matches, maybe empty) stops, from ``pos``."""
+    m = pattern.match(data, pos, endpos)
+    return m.end() if m is not None else pos
+
+
 def _json_string_end(body: bytes, start: int) -> int:
     """The index of the quote that closes the JSON string opened at ``start``."""
     i = start + 1
@@ -2790,7 +2797,7 @@ def _json_string_end(body: bytes, start: int) -> int:
         return end  # no escape: the next quote closes it (memchr speed)
     n = len(body)
     while True:  # escapes: a window at a time, so the regex's stack stays bounded
-        i = _JSON_STRING_BODY.match(body, i, min(n, i + JSON_SCAN_WINDOW)).end()
+        i = _match_end(_JSON_STRING_BODY, body, i, min(n, i + JSON_SCAN_WINDOW))
         if i >= n:
             raise ValueError(f"unterminated string starting at byte {start}")
         if body[i] == 0x22:
@@ -2817,7 +2824,7 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
     elif encoding != "utf-8":  # UTF-16/32: rare; one transcoded copy
         body = body.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
     n = len(body)
-    pos = _JSON_WS_RUN.match(body, start).end()
+    pos = _match_end(_JSON_WS_RUN, body, start, n)
     if pos >= n or body[pos] != 0x7B:
         kind = _JSON_KINDS.get(body[pos]) if pos < n else None
         if pos < n and body[pos] == 0x22:
@@ -2828,14 +2835,12 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
     pos += 1
     depth = 1
     model: Union[str, _NotString, None] = None
-    run = _JSON_RUN.match
-    ws = _JSON_WS_RUN.match
     steps = 0
     while pos < n:
         steps += 1
         if steps % JSON_SCAN_SLICE == 0:
             yield None
-        stop = run(body, pos, min(n, pos + JSON_SCAN_WINDOW)).end()
+        stop = _match_end(_JSON_RUN, body, pos, min(n, pos + JSON_SCAN_WINDOW))
         if stop > pos:
             seg = body[pos:stop]
             opened = seg.count(b"{") + seg.count(b"[")
@@ -2854,10 +2859,10 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
         if depth <= 0:
             raise ValueError(f"data after the top-level object at byte {pos}")
         if depth == 1:
-            colon = ws(body, end + 1).end()
+            colon = _match_end(_JSON_WS_RUN, body, end + 1, n)
             if colon < n and body[colon] == 0x3A:  # a member of the top-level object
                 is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
-                value = ws(body, colon + 1).end()
+                value = _match_end(_JSON_WS_RUN, body, colon + 1, n)
                 if value < n and body[value] == 0x22:
                     value_end = _json_string_end(body, value)
                     if is_model:
@@ -3619,7 +3624,7 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                        parser: RequestParser, http: HttpConfig,
                        claim: Optional[_BodyClaim] = None,
                        conn: Optional["_ClientProtocol"] = None,
-                       ) -> Optional[Tuple[RequestHead, bytearray]]:
+                       ) -> Optional[Tuple[RequestHead, bytes]]:
     """Read one whole request; None if the client closed cleanly before it began.
 
     Before the first byte the connection may idle for idle_timeout_secs (then _Idle;
@@ -3682,7 +3687,8 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if claim is not None and framing == "chunked":
                 claim.grow_to(len(body))
         event = parser.next_event()
-    return head, body
+    # One buffer, returned as it is: read as bytes everywhere and never changed again.
+    return head, cast(bytes, body)
 
 
 def _body_too_slow(received: int, secs: float, http: HttpConfig) -> HTTPError:

@@ -1567,6 +1567,36 @@ def test_body_in_tiny_chunks_is_refused_after_a_bounded_number_of_pieces(env: En
     assert env.lines() == ["wake-start a", "wake-end a", "req a"]  # the chunked one never reached it
 
 
+def test_chunked_body_is_held_in_one_buffer() -> None:
+    # Regression: read_request kept every chunk as its own bytes object, then joined them:
+    # the body was held twice, plus 30-odd bytes per chunk.
+    import tracemalloc
+    body = b"x" * 4_000_000
+    wire = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(llmux.encode_chunk(body[i:i + 1000]) for i in range(0, len(body), 1000)) + b"0\r\n\r\n")
+
+    async def go() -> Tuple[int, int]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        theirs.setblocking(False)
+        sending = loop.create_task(loop.sock_sendall(theirs, wire))
+        tracemalloc.start()
+        try:
+            head, got = await llmux.read_request(reader, writer, llmux.RequestParser(), llmux.HttpConfig())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        await sending
+        writer.close()
+        theirs.close()
+        assert bytes(got) == body
+        return len(got), peak
+
+    size, peak = run_checked(go())
+    assert peak < 1.5 * size, f"peak {peak} bytes for a {size}-byte body"  # was 2.1 times
+
+
 def test_body_budget_gives_503_then_returns_the_bytes(env: Env) -> None:
     # Regression: nothing bounded the bodies held together (50 clients x 60 MB queued for
     # a waking model pushed RSS past 3 GiB).
