@@ -2059,6 +2059,8 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     while server._busy and loop.time() < deadline:
         await asyncio.sleep(0.01)
     assert not server._busy, "connections left open"
+    # The body budget and the connection table are back to empty: nothing leaked.
+    assert server.bodies.used == 0 and server._open == 0 and server._peers == {}
     assert server.switcher.queued == 0
     assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
     await server.stop()
