@@ -2789,14 +2789,19 @@ def _match_end(pattern: "re.Pattern[bytes]", data: bytes, pos: int, endpos: int)
     return m.end() if m is not None else pos
 
 
-def _json_string_end(body: bytes, start: int) -> int:
-    """The index of the quote that closes the JSON string opened at ``start``."""
+def _json_string_end(body: bytes, start: int) -> Generator[None, None, int]:
+    """The index of the quote that closes the JSON string opened at ``start``; yields
+    once per window after the first (a long string of escapes shares the loop too)."""
     i = start + 1
     end = body.find(b'"', i)
     if end >= 0 and body.find(b"\\", i, end) < 0:
         return end  # no escape: the next quote closes it (memchr speed)
     n = len(body)
+    first = True
     while True:  # escapes: a window at a time, so the regex's stack stays bounded
+        if not first:
+            yield None
+        first = False
         i = _match_end(_JSON_STRING_BODY, body, i, min(n, i + JSON_SCAN_WINDOW))
         if i >= n:
             raise ValueError(f"unterminated string starting at byte {start}")
@@ -2855,7 +2860,7 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
                 continue  # the window's edge
         # A string the run would not take: "model" (perhaps escaped), or one the
         # window's edge cut.
-        end = _json_string_end(body, pos)
+        end = yield from _json_string_end(body, pos)
         if depth <= 0:
             raise ValueError(f"data after the top-level object at byte {pos}")
         if depth == 1:
@@ -2864,7 +2869,7 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
                 is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
                 value = _match_end(_JSON_WS_RUN, body, colon + 1, n)
                 if value < n and body[value] == 0x22:
-                    value_end = _json_string_end(body, value)
+                    value_end = yield from _json_string_end(body, value)
                     if is_model:
                         model = json.loads(body[value:value_end + 1])
                     pos = value_end + 1
