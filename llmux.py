@@ -74,6 +74,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -88,6 +89,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Generator,
     Iterable,
     List,
     NamedTuple,
@@ -96,7 +98,13 @@ from typing import (
     Set,
     Tuple,
     Union,
+    cast,
 )
+
+try:  # Unix only (it is stdlib there): the fd limit is raised and obeyed where it exists.
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 try:  # Optional: YAML configs. Without PyYAML a .yaml config gets a clear error.
     import yaml  # type: ignore
@@ -125,6 +133,32 @@ DEFAULT_BODY_TIMEOUT = 60.0  # 408: longest silence while a request body arrives
 DEFAULT_IDLE_TIMEOUT = 120.0  # keep-alive connection with no request: closed quietly.
 DEFAULT_SEND_TIMEOUT = 120.0  # a client whose socket stays full this long is cut.
 DEFAULT_MAX_CONNECTIONS = 1024  # 503: beyond this a new connection is answered and closed.
+# 503 + Retry-After: request body bytes held at once, all connections together (a body is
+# held until its request is finished with: while it waits for a waking model too).  Sixteen
+# bodies of the default max_body_bytes; without it 50 clients could push RSS past 3 GiB.
+DEFAULT_MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
+BODY_BUDGET_RETRY_AFTER = 1  # seconds, in the Retry-After of that 503.
+# 408: once a body has had body_timeout_secs, it must keep arriving at this average rate
+# (as Apache's mod_reqtimeout MinRate): a trickle cannot hold a connection for ever.
+DEFAULT_MIN_BODY_RATE = 1024.0
+# 503: connections from one client address.  127.0.0.1 and ::1 are not counted: a reverse
+# proxy on the same host brings every client from there (README, "Slow and hostile").
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+# 400: a body may arrive in BODY_PIECES_FREE pieces (chunks, or reads of a chunk), then one
+# more per MIN_BODY_PIECE_AVG bytes.  Each piece costs a parser step on the event loop: an
+# 8 MB body in 2-byte chunks was 4 million steps (25 s of CPU).
+BODY_PIECES_FREE = 4096
+MIN_BODY_PIECE_AVG = 256
+# fds kept free beyond two per connection (the client's and its backend's): listening
+# sockets, hook pipes, idle backend connections, the log.  max_connections is clamped to it.
+FD_RESERVE = 64
+MULTIPART_MAX_PARTS = 128  # 400: real forms (audio uploads) have a handful of parts.
+MULTIPART_MAX_PART_HEAD = 2048  # a longer part head is not a form field: skipped unread.
+# The JSON model scanner hands a regex at most this many bytes per call (its backtracking
+# stack grows with the tokens matched), and yields to the event loop every JSON_SCAN_SLICE
+# steps, so a token-dense 64 MB body slows other clients instead of freezing them.
+JSON_SCAN_WINDOW = 64 * 1024
+JSON_SCAN_SLICE = 16
 READ_SIZE = 64 * 1024  # one socket read.
 LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
 LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
@@ -489,6 +523,9 @@ class HttpConfig:
     idle_timeout_secs: float = DEFAULT_IDLE_TIMEOUT
     send_timeout_secs: float = DEFAULT_SEND_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    min_body_rate_bytes_per_sec: float = DEFAULT_MIN_BODY_RATE  # 0: no minimum
+    max_connections_per_peer: Optional[int] = DEFAULT_MAX_CONNECTIONS_PER_PEER  # None: no cap
 
 
 @dataclass(frozen=True)
@@ -668,13 +705,27 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     if not isinstance(http_raw, dict):
         c.bad("http", "an object", http_raw)
         http_raw = {}
-    c.unknown("http", http_raw, ["max_body_bytes", "max_connections", *_HTTP_NUMBERS])
+    c.unknown("http", http_raw, ["max_body_bytes", "max_connections", *_HTTP_NUMBERS,
+                                 "max_buffered_bytes", "min_body_rate_bytes_per_sec",
+                                 "max_connections_per_peer"])
     for key in _HTTP_NUMBERS:
         if key in http_raw:
             http_args[key] = c.number(f"http.{key}", http_raw[key], positive=True)
-    for key in ("max_body_bytes", "max_connections"):
+    for key in ("max_body_bytes", "max_connections", "max_buffered_bytes"):
         if key in http_raw:
             http_args[key] = c.number(f"http.{key}", http_raw[key], integer=True, positive=True)
+    if "max_connections_per_peer" in http_raw:
+        http_args["max_connections_per_peer"] = c.number(
+            "http.max_connections_per_peer", http_raw["max_connections_per_peer"], integer=True,
+            positive=True, nullable=True)
+    if "min_body_rate_bytes_per_sec" in http_raw:
+        http_args["min_body_rate_bytes_per_sec"] = c.number(
+            "http.min_body_rate_bytes_per_sec", http_raw["min_body_rate_bytes_per_sec"])
+    buffered = http_args.get("max_buffered_bytes") or DEFAULT_MAX_BUFFERED_BYTES
+    body_max = http_args.get("max_body_bytes") or DEFAULT_MAX_BODY_BYTES
+    if buffered < body_max:  # else a body of the allowed size could never be accepted
+        c.problems.append(f"http.max_buffered_bytes: {buffered} is less than http.max_body_bytes "
+                          f"{body_max}; expected at least one whole body")
 
     models: Dict[str, ModelConfig] = {}
     models_raw = raw.get("models")
@@ -1487,8 +1538,9 @@ class _Upstream(asyncio.Protocol):
 
     # -- driven by relay() --
 
-    def begin(self, method: str, request: bytes, timeout: Optional[float]) -> "asyncio.Future[Any]":
-        """Send a request; the returned future resolves to the final ResponseHead."""
+    def begin(self, method: str, request: Sequence[bytes], timeout: Optional[float]) -> "asyncio.Future[Any]":
+        """Send a request (its pieces, see upstream_request); the returned future resolves
+        to the final ResponseHead."""
         assert self.transport is not None and self.parser is None
         self.parser = ResponseParser(method)
         self.waiter = self.loop.create_future()
@@ -1500,7 +1552,8 @@ class _Upstream(asyncio.Protocol):
         self._touch()
         # No drain: a backend that never reads the body must not stop us from reading
         # its answer; the timeout bounds the whole exchange.
-        self.transport.write(request)
+        for piece in request:
+            self.transport.write(piece)
         return self.waiter
 
     def pipe(self, client: asyncio.BaseTransport, chunked: bool, head: bytes) -> "asyncio.Future[Any]":
@@ -1733,13 +1786,15 @@ class UpstreamPool:
 _REQUEST_DROP = HOP_BY_HOP.union({"host", "content-length", "expect"})
 
 
-def upstream_request(head: RequestHead, body: bytes, port: int) -> bytes:
-    """The request as sent to the backend: HTTP/1.1, keep-alive, re-framed by length."""
+def upstream_request(head: RequestHead, body: bytes, port: int) -> Tuple[bytes, bytes]:
+    """The request as sent to the backend: HTTP/1.1, keep-alive, re-framed by length.
+    The head and the body come back apart, to be written one after the other: joining
+    them would copy a body of up to max_body_bytes once more."""
     lines = [f"{head.method} {head.target} HTTP/1.1", f"host: 127.0.0.1:{port}"]
     lines.extend(f"{k}: {v}" for k, v in forward_headers(head.headers, _REQUEST_DROP))
     if body or head.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body
 
 
 def client_response_head(resp: ResponseHead, client_10: bool,
@@ -2918,6 +2973,9 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.upstream: Optional[_Upstream] = None  # the backend piping into us now
         self.model: Optional[str] = None  # of the request being served, for the log
         self.responding = False  # a byte of the current request's answer was written
+        self.idle_since: Optional[float] = None  # waiting for a request, nothing buffered
+        self.peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
+        self.counted = False  # in Server's connection table (admitted, not yet forgotten)
         self._stall: Optional[asyncio.TimerHandle] = None
         self._llmux_writer: Optional[asyncio.StreamWriter] = None
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
@@ -2958,6 +3016,10 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
             if task is not None and not task.done() and self._llmux_server._busy.get(self):
                 task.cancel()
 
+    def data_received(self, data: bytes) -> None:
+        self.idle_since = None  # a request is starting: no longer evictable
+        super().data_received(data)
+
     def eof_received(self) -> bool:
         self._llmux_gone()
         return bool(super().eof_received())
@@ -2969,19 +3031,278 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
-def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
-    """The ``model`` field of a multipart/form-data body (audio uploads), or None."""
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise HTTPError("multipart/form-data without a boundary")
-    delimiter = b"--" + match.group(1).encode("latin-1")
-    for part in body.split(delimiter)[1:]:
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if not sep:
+# Reading ``model`` from a body.  The body may be 64 MB: nothing here builds the document,
+# recurses, or backtracks; every step consumes input, and the regexes are handed bounded
+# windows, so time is linear in the body and memory does not grow with it.
+
+_JSON_WS = rb"[ \t\r\n]*"  # RFC 8259 section 2
+_JSON_WS_RUN = re.compile(_JSON_WS)
+# The strings that decode to "model", after their opening quote (a JSON escape spells a
+# letter as \u00XX, hex digits in either case).  At most 31 bytes, so a window that
+# cannot show one whole cannot show the string's end either.
+_JSON_MODEL_TEXT = (rb'(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065)'
+                    rb'(?:l|\\u006[cC])"')
+# One run the JSON scanner skips at C speed: bytes outside strings, and whole strings
+# except "model" (key or value: Python looks at those).  The string alternative matches
+# exactly one string, so the repetition never backtracks; a window edge inside a
+# string stops the run at its opening quote.
+_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_TEXT + rb')[^"\\]*(?:\\[\s\S][^"\\]*)*")*')
+_JSON_MODEL_TEXT_RE = re.compile(_JSON_MODEL_TEXT)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*"')
+_JSON_STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')
+_JSON_KINDS = {**{c: "a number" for c in b"-0123456789"}, ord("{"): "an object",
+               ord("["): "an array", ord("t"): "a boolean", ord("f"): "a boolean", ord("n"): "null"}
+
+
+class _NotString(NamedTuple):
+    """A ``model`` member whose value is not a string: what it is instead."""
+
+    kind: str
+
+
+class _NotAnObject(ValueError):
+    """The body is a JSON value, but not an object."""
+
+
+def _match_end(pattern: "re.Pattern[bytes]", data: bytes, pos: int, endpos: int) -> int:
+    """Where ``pattern`` (one that always matches, maybe empty) stops, from ``pos``."""
+    m = pattern.match(data, pos, endpos)
+    return m.end() if m is not None else pos
+
+
+def _json_string_end(body: bytes, start: int) -> Generator[None, None, int]:
+    """The index of the quote that closes the JSON string opened at ``start``; yields
+    once per window after the first (a long string of escapes shares the loop too)."""
+    i = start + 1
+    end = body.find(b'"', i)
+    if end >= 0 and body.find(b"\\", i, end) < 0:
+        return end  # no escape: the next quote closes it (memchr speed)
+    n = len(body)
+    first = True
+    while True:  # escapes: a window at a time, so the regex's stack stays bounded
+        if not first:
+            yield None
+        first = False
+        i = _match_end(_JSON_STRING_BODY, body, i, min(n, i + JSON_SCAN_WINDOW))
+        if i >= n:
+            raise ValueError(f"unterminated string starting at byte {start}")
+        if body[i] == 0x22:
+            return i
+        # else the window ended (maybe between a backslash and what it escapes): go on
+
+
+def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotString, None]]:
+    """The value of the top-level ``model`` member of the JSON object ``body``: a str,
+    _NotString, or None when there is none.  With duplicate members the last one wins,
+    as in Python's json and the engines, so llmux routes where the backend will read.
+
+    A generator: it yields every JSON_SCAN_SLICE steps (see _json_model for the plain
+    call).  It does not validate the document (the backend rejects invalid JSON), but
+    raises ValueError for what it must read and cannot, and _NotAnObject.
+
+    Depth is counted, never recursed: every string is skipped whole, so the brackets
+    left in a run are structure, and the depth at any string is exact.
+    """
+    encoding = json.detect_encoding(body)  # as json.loads(bytes) does
+    start = 0
+    if encoding == "utf-8-sig":
+        start = 3
+    elif encoding != "utf-8":  # UTF-16/32: rare; one transcoded copy
+        body = body.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+    n = len(body)
+    pos = _match_end(_JSON_WS_RUN, body, start, n)
+    if pos >= n or body[pos] != 0x7B:
+        kind = _JSON_KINDS.get(body[pos]) if pos < n else None
+        if pos < n and body[pos] == 0x22:
+            kind = "a string"
+        if kind is None:
+            raise ValueError(f"expected a JSON object at byte {pos}")
+        raise _NotAnObject(kind)
+    pos += 1
+    depth = 1
+    model: Union[str, _NotString, None] = None
+    steps = 0
+    while pos < n:
+        steps += 1
+        if steps % JSON_SCAN_SLICE == 0:
+            yield None
+        stop = _match_end(_JSON_RUN, body, pos, min(n, pos + JSON_SCAN_WINDOW))
+        if stop > pos:
+            seg = body[pos:stop]
+            opened = seg.count(b"{") + seg.count(b"[")
+            closed = seg.count(b"}") + seg.count(b"]")
+            if (opened or closed) and b'"' in seg:  # brackets inside strings are not structure
+                seg = _JSON_STRING.sub(b"", seg)
+                opened = seg.count(b"{") + seg.count(b"[")
+                closed = seg.count(b"}") + seg.count(b"]")
+            depth += opened - closed
+            pos = stop
+            if pos >= n or body[pos] != 0x22:
+                continue  # the window's edge
+        # A string the run would not take: "model" (perhaps escaped), or one the
+        # window's edge cut.
+        end = yield from _json_string_end(body, pos)
+        if depth <= 0:
+            raise ValueError(f"data after the top-level object at byte {pos}")
+        if depth == 1:
+            colon = _match_end(_JSON_WS_RUN, body, end + 1, n)
+            if colon < n and body[colon] == 0x3A:  # a member of the top-level object
+                is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
+                value = _match_end(_JSON_WS_RUN, body, colon + 1, n)
+                if value < n and body[value] == 0x22:
+                    value_end = yield from _json_string_end(body, value)
+                    if is_model:
+                        model = json.loads(body[value:value_end + 1])
+                    pos = value_end + 1
+                    continue
+                if is_model:
+                    kind = _JSON_KINDS.get(body[value]) if value < n else None
+                    if kind is None:
+                        raise ValueError(f"expected a value at byte {value}")
+                    model = _NotString(kind)
+                pos = value
+                continue
+        pos = end + 1
+    if depth != 0:
+        raise ValueError("the top-level object is not closed")
+    return model
+
+
+def _json_model(body: bytes) -> Union[str, _NotString, None]:
+    """_json_model_steps run to its end at once (tests, tools)."""
+    steps = _json_model_steps(body)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def _multipart_boundary(content_type: str) -> bytes:
+    """The boundary parameter of a multipart Content-Type (RFC 2046 section 5.1.1)."""
+    for param in content_type.split(";")[1:]:
+        name, eq, value = param.partition("=")
+        if eq and name.strip().lower() == "boundary":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if value:
+                return value.encode("latin-1", "replace")
+    raise HTTPError("multipart/form-data without a boundary")
+
+
+def _is_model_field(head: bytes) -> bool:
+    """Whether a part head says ``Content-Disposition: form-data; name="model"``."""
+    for line in head.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or name.strip().lower() != b"content-disposition":
             continue
-        if re.search(rb'(?i)content-disposition:[^\r\n]*;\s*name="?model"?(?:[;\s\r]|$)', head):
-            return value[:-2].decode("utf-8", "replace") if value.endswith(b"\r\n") else value.decode("utf-8", "replace")
-    return None
+        for param in value.split(b";")[1:]:
+            key, eq, text = param.partition(b"=")
+            if eq and key.strip().lower() == b"name" and text.strip().strip(b'"') == b"model":
+                return True
+    return False
+
+
+def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
+    """The ``model`` field of a multipart/form-data body (audio uploads), or None; the
+    last one if several, as the engines' form parsers (Starlette) keep.  Parts are found
+    with bytes.find, never a regex over the body; each part head is bounded."""
+    delimiter = b"--" + _multipart_boundary(content_type)
+    found: Optional[str] = None
+    at = body.find(delimiter)
+    parts = 0
+    while at >= 0:
+        start = at + len(delimiter)
+        if body[start:start + 2] == b"--":
+            break  # the close delimiter
+        nxt = body.find(b"\r\n" + delimiter, start)
+        end = nxt if nxt >= 0 else len(body)
+        parts += 1
+        if parts > MULTIPART_MAX_PARTS:
+            raise HTTPError(f"multipart/form-data body has more than {MULTIPART_MAX_PARTS} parts; "
+                            f"expected at most {MULTIPART_MAX_PARTS}")
+        head_end = body.find(b"\r\n\r\n", start, min(end, start + MULTIPART_MAX_PART_HEAD))
+        if head_end >= 0 and _is_model_field(body[start:head_end]):
+            found = body[head_end + 4:end].decode("utf-8", "replace")
+        at = nxt + 2 if nxt >= 0 else -1
+    return found
+
+
+def _raise_fd_limit(wanted: int) -> Optional[int]:
+    """Raise the soft RLIMIT_NOFILE toward ``wanted`` (never past the hard limit, never
+    down); return the soft limit now in force, or None where there is none (Windows).
+    Only as far as needed: hooks inherit it, and some programs still use select()."""
+    if resource is None:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # e.g. macOS refuses more than OPEN_MAX: keep what we have
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _readable(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection's socket has bytes (or EOF) llmux has not read yet."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _is_loopback(ip: str) -> bool:
+    """The address a reverse proxy on this host connects from (the rest of 127/8 is not:
+    it is rarely a proxy, and lets the per-peer cap be tested on one host)."""
+    return ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+class BodyBudget:
+    """Request body bytes buffered by all connections together, against
+    http.max_buffered_bytes.  Each request holds one _BodyClaim; the connection that
+    reads the request owns it and releases it in a ``finally`` (Server._serve_connection),
+    so the bytes come back whether the request was relayed, failed, or its client left."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def claim(self) -> "_BodyClaim":
+        return _BodyClaim(self)
+
+
+class _BodyClaim:
+    """One request's share of the BodyBudget: grows as its body does, released once."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def grow_to(self, total: int) -> None:
+        """Hold ``total`` bytes; 503 with Retry-After if the budget has not that many."""
+        extra = total - self.held
+        if extra <= 0:
+            return
+        budget = self.budget
+        if budget.used + extra > budget.limit:
+            raise HTTPError(f"too many request bodies held now ({budget.used} of "
+                            f"{budget.limit} bytes buffered); retry later", status=503,
+                            type="server_error", code="server_busy",
+                            headers=[("retry-after", str(BODY_BUDGET_RETRY_AFTER))])
+        budget.used += extra
+        self.held = total
+
+    def release(self) -> None:
+        self.budget.used -= self.held
+        self.held = 0
 
 
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?]*")
@@ -3051,6 +3372,10 @@ class Server:
         self._accepting: Set["asyncio.Task[Any]"] = set()  # connections being set up
         self._accept_paused: Optional[asyncio.TimerHandle] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
+        self._open = 0  # connections admitted and not yet closed or evicted
+        self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
+        self.bodies = BodyBudget(config.http.max_buffered_bytes)
+        self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
         self._background: List["asyncio.Task[None]"] = []
         self._reload_lock = asyncio.Lock()
         self.closing = False
@@ -3088,6 +3413,14 @@ class Server:
             loop.add_reader(s.fileno(), self._accept, s)
         self._listening = socks
         self.port = socks[0].getsockname()[1]
+        self.fd_limit = _raise_fd_limit(2 * self.config.http.max_connections + FD_RESERVE)
+        if self.fd_limit is not None:
+            limit = self.connection_limit()
+            configured = self.config.http.max_connections
+            (self.log.warning if limit < configured else self.log.info)(
+                "limits.connections", max_connections=limit, configured=configured,
+                fd_limit=self.fd_limit, reserve=FD_RESERVE,
+                reason="two fds per connection (client and backend) plus the reserve")
         return self.port
 
     # Our own accept loop, not asyncio's: out of fds, asyncio's retries accept() once per
@@ -3227,6 +3560,7 @@ class Server:
             self.hooks.timeout = new.policy.hook_timeout_secs
             self.hooks.cwd = os.path.dirname(new.path) if new.path else None
             self._keys = [k.encode("utf-8") for k in new.api_keys]
+            self.bodies.limit = new.http.max_buffered_bytes
             done = await self.switcher.reconfigure(new)
             self.log.info("reload.done", **{k: ",".join(v) or None for k, v in done.items()})
             return True
@@ -3281,29 +3615,35 @@ class Server:
                                 proto: _ClientProtocol) -> None:
         http = self.config.http
         self._busy[proto] = False
-        if len(self._busy) > http.max_connections:
-            self.log.warning("connection.refused", reason="max_connections", limit=http.max_connections)
-            writer.write(json_response(503, LLMuxError(
-                "too many connections; retry later", status=503, code="too_many_connections").to_json(),
-                keep_alive=False, headers=[("retry-after", "1")]))
+        refused = self._admit(proto, writer)
+        if refused is not None:
+            writer.write(json_response(503, refused.to_json(), keep_alive=False,
+                                       headers=refused.headers))
             await _linger(reader, writer)
             await self._close(writer, proto)
             return
         parser = RequestParser(http.max_body_bytes)
         try:
             while True:
-                request = await read_request(reader, writer, parser, http)
-                if request is None:
-                    return  # closed cleanly between requests
-                self._busy[proto] = True
-                keep = await self._respond(request[0], request[1], writer, proto)
-                self._busy[proto] = False
+                # The claim is this request's share of the body budget.  It has one owner,
+                # this loop, and is released in the finally however the request ends.
+                claim = self.bodies.claim()
+                try:
+                    request = await read_request(reader, writer, parser, http, claim, proto)
+                    if request is None:
+                        return  # closed cleanly between requests
+                    self._busy[proto] = True
+                    keep = await self._respond(request[0], request[1], writer, proto)
+                    self._busy[proto] = False
+                finally:
+                    request = None  # the body goes now, not when the next request comes
+                    claim.release()
                 if not keep or proto.gone or self.closing:
                     return
         except HTTPError as e:
             self.log.info("request.rejected", status=e.status, reason=e.message,
                           peer=_peer(writer))
-            writer.write(json_response(e.status, e.to_json(), keep_alive=False))
+            writer.write(json_response(e.status, e.to_json(), keep_alive=False, headers=e.headers))
             await _linger(reader, writer)
         except (_Idle, _Cut, ConnectionError):
             pass
@@ -3318,8 +3658,80 @@ class Server:
             await self._close(writer, proto)
 
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
+        self._forget(proto)
         self._busy.pop(proto, None)
         writer.close()
+
+    # -- connection admission: max_connections, per peer, idle eviction --
+
+    def connection_limit(self) -> int:
+        """http.max_connections, clamped to what the fd limit found at start allows."""
+        limit = self.config.http.max_connections
+        if self.fd_limit is not None:
+            limit = min(limit, max(1, (self.fd_limit - FD_RESERVE) // 2))
+        return limit
+
+    def _admit(self, proto: _ClientProtocol, writer: asyncio.StreamWriter) -> Optional[LLMuxError]:
+        """Count a new connection in, or say why not (a 503 to answer).  A full table, or
+        a peer at its cap, first makes room by closing the connection idle longest (no
+        request in progress: nothing accepted is lost): idle connections cannot keep
+        a newcomer, a health check say, out."""
+        http = self.config.http
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else None
+        if ip is not None and _is_loopback(ip):
+            ip = None  # a reverse proxy on this host: every client comes from there
+        cap = http.max_connections_per_peer
+        if ip is not None and cap is not None and self._peers.get(ip, 0) >= cap:
+            if not self._evict_idle(ip, "max_connections_per_peer"):
+                self.log.warning("connection.refused", reason="max_connections_per_peer",
+                                 limit=cap, peer=ip)
+                return LLMuxError(f"too many connections from {ip}; expected at most {cap} "
+                                  "per client address; retry later", status=503,
+                                  code="too_many_connections", headers=[("retry-after", "1")])
+        limit = self.connection_limit()
+        if self._open >= limit and not self._evict_idle(None, "max_connections"):
+            self.log.warning("connection.refused", reason="max_connections", limit=limit)
+            return LLMuxError("too many connections; retry later", status=503,
+                              code="too_many_connections", headers=[("retry-after", "1")])
+        self._open += 1
+        proto.counted = True
+        if ip is not None:
+            proto.peer_ip = ip
+            self._peers[ip] = self._peers.get(ip, 0) + 1
+        return None
+
+    def _evict_idle(self, ip: Optional[str], reason: str) -> bool:
+        """Close the connection idle longest (of ``ip`` only, if given); False if none is.
+        One whose next request is already in its socket (not read yet) is not idle."""
+        idle = sorted((p for p in self._busy if p.counted and p.idle_since is not None
+                       and (ip is None or p.peer_ip == ip)), key=lambda p: p.idle_since or 0.0)
+        for proto in idle:
+            writer = proto._llmux_writer
+            if writer is None or _readable(writer):
+                continue
+            self.log.info("connection.evicted", reason=reason, peer=_peer(writer),
+                          idle_secs=round(asyncio.get_running_loop().time() - (proto.idle_since or 0.0), 3))
+            self._forget(proto)
+            proto.idle_since = None
+            # A FIN: its read returns EOF and its task ends as for a client that closed.
+            writer.transport.close()
+            return True
+        return False
+
+    def _forget(self, proto: _ClientProtocol) -> None:
+        """Take a connection out of the table (closed or evicted); safe to call twice."""
+        if not proto.counted:
+            return
+        proto.counted = False
+        self._open -= 1
+        ip = proto.peer_ip
+        if ip is not None:
+            left = self._peers.get(ip, 1) - 1
+            if left > 0:
+                self._peers[ip] = left
+            else:
+                self._peers.pop(ip, None)
 
     # -- one request --
 
@@ -3367,7 +3779,7 @@ class Server:
                                            head_only=head.method == "HEAD"))
                 await writer.drain()
                 return head.keep_alive
-            model = self._model_for(head, body)
+            model = await self._model_for(head, body)
             proto.model = model.name
             if self.log.enabled("debug"):
                 self.log.debug("request.head", method=head.method, target=head.target,
@@ -3533,9 +3945,10 @@ class Server:
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
 
-    def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
+    async def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
         """The configured model a proxied request names (JSON or multipart body)."""
         content_type = (head.get("content-type") or "").lower()
+        name: Union[str, _NotString, None]
         if content_type.startswith("multipart/form-data"):
             name = _model_from_multipart(head.get("content-type") or "", body)
         else:
@@ -3543,12 +3956,22 @@ class Server:
                 raise LLMuxError(f"{head.method} {head.target.split('?')[0]} has no body; expected "
                                  "a JSON object with a 'model' field", status=400,
                                  type="invalid_request_error", code="missing_model")
+            steps = _json_model_steps(body)
             try:
-                doc = json.loads(body)
+                while True:
+                    next(steps)
+                    await asyncio.sleep(0)  # a long scan shares the loop
+            except StopIteration as done:
+                name = done.value
+            except _NotAnObject as e:
+                raise LLMuxError(f"request body is {e}; expected a JSON object with a 'model' field",
+                                 status=400, type="invalid_request_error", code="missing_model") from None
             except ValueError as e:
                 raise LLMuxError(f"request body is not valid JSON: {e}", status=400,
                                  type="invalid_request_error", code="invalid_json") from None
-            name = doc.get("model") if isinstance(doc, dict) else None
+        if isinstance(name, _NotString):
+            raise LLMuxError(f"request's 'model' field is {name.kind}; expected the name of a model",
+                             status=400, type="invalid_request_error", code="missing_model")
         if not isinstance(name, str) or not name:
             raise LLMuxError("request has no 'model' field; expected the name of a model",
                              status=400, type="invalid_request_error", code="missing_model")
@@ -3564,19 +3987,32 @@ def _internal_error_response() -> bytes:
 
 
 async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       parser: RequestParser, http: HttpConfig) -> Optional[Tuple[RequestHead, bytes]]:
+                       parser: RequestParser, http: HttpConfig,
+                       claim: Optional[_BodyClaim] = None,
+                       conn: Optional["_ClientProtocol"] = None,
+                       ) -> Optional[Tuple[RequestHead, bytes]]:
     """Read one whole request; None if the client closed cleanly before it began.
 
-    Before the first byte the connection may idle for idle_timeout_secs (then _Idle);
-    the head must then arrive within header_timeout_secs and the body may pause for at
-    most body_timeout_secs at a time (else HTTPError 408).
+    Before the first byte the connection may idle for idle_timeout_secs (then _Idle;
+    ``conn.idle_since`` is set meanwhile, so the server may evict it); the head must then
+    arrive within header_timeout_secs; the body may pause for at most body_timeout_secs
+    at a time and, after its first body_timeout_secs, must average
+    min_body_rate_bytes_per_sec (else HTTPError 408).  The body is held in ``claim``
+    (503 when the budget is spent: decided on Content-Length before any body byte is
+    read, or as a chunked body grows) and in one buffer, which is returned.
     """
     loop = asyncio.get_running_loop()
     deadline = None
     event = parser.next_event()
     while event is NEED_DATA:
         if parser.buffered == 0 and deadline is None:
-            data = await read_within(reader, http.idle_timeout_secs, _Idle())
+            if conn is not None:
+                conn.idle_since = loop.time()
+            try:
+                data = await read_within(reader, http.idle_timeout_secs, _Idle())
+            finally:
+                if conn is not None:
+                    conn.idle_since = None
         else:
             if deadline is None:
                 deadline = loop.time() + http.header_timeout_secs
@@ -3587,18 +4023,45 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     if event is None:
         return None
     head: RequestHead = event
+    framing = request_framing(head.version, head.headers)  # checked by the parser already
+    if claim is not None and isinstance(framing, int):
+        claim.grow_to(framing)  # before any body byte, and before 100 Continue
     if head.expect_continue and parser.expecting_body and not parser.buffered:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    pieces = []
+    body = bytearray()
+    pieces = 0
+    started = loop.time()
+    rate = http.min_body_rate_bytes_per_sec
     event = parser.next_event()
     while event is not EndOfMessage:
         if event is NEED_DATA:
-            data = await read_within(reader, http.body_timeout_secs, _request_timeout("body"))
+            timeout, error = http.body_timeout_secs, _request_timeout("body")
+            if rate:  # mod_reqtimeout's rule: the grace, plus a second per `rate` bytes
+                left = started + http.body_timeout_secs + len(body) / rate - loop.time()
+                if left < timeout:
+                    timeout = max(0.0, left)
+                    error = _body_too_slow(len(body), left + loop.time() - started, http)
+            data = await read_within(reader, timeout, error)
             parser.feed(data) if data else parser.feed_eof()
         else:
-            pieces.append(event.data)
+            body += event.data
+            pieces += 1
+            if pieces > BODY_PIECES_FREE + len(body) // MIN_BODY_PIECE_AVG:
+                raise HTTPError(f"request body arrives in too many small pieces; expected at most "
+                                f"{BODY_PIECES_FREE} pieces plus one per {MIN_BODY_PIECE_AVG} "
+                                f"bytes; got {pieces} for {len(body)} bytes", code="body_too_fragmented")
+            if claim is not None and framing == "chunked":
+                claim.grow_to(len(body))
         event = parser.next_event()
-    return head, b"".join(pieces)
+    # One buffer, returned as it is: read as bytes everywhere and never changed again.
+    return head, cast(bytes, body)
+
+
+def _body_too_slow(received: int, secs: float, http: HttpConfig) -> HTTPError:
+    return HTTPError(f"request body arrives too slowly; expected at least "
+                     f"{http.min_body_rate_bytes_per_sec:g} bytes/s after the first "
+                     f"{http.body_timeout_secs:g}s; got {received} bytes in {secs:.0f}s",
+                     status=408, code="request_timeout")
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -327,12 +327,13 @@ class Llmux:
     """`python3 llmux.py` as a child process; its log lines are collected as they come."""
 
     def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = (),
-                 start_timeout: float = T) -> None:
+                 start_timeout: float = T, preexec_fn: Any = None) -> None:
         self.config_path = tmp / "config.json"
         self.config_path.write_text(json.dumps(config))
         self.proc = spawn([sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
                            "--host", "127.0.0.1", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=preexec_fn)
         self.lines: List[str] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -599,6 +600,9 @@ def test_rust_llmux_schema_is_valid_as_is() -> None:
 def test_defaults() -> None:
     cfg = llmux.parse_config(GOOD)
     assert cfg.port == 3000
+    assert cfg.http.max_buffered_bytes == 1024 ** 3 and cfg.http.min_body_rate_bytes_per_sec == 1024
+    assert cfg.http.max_connections_per_peer == 256
+    assert llmux.parse_config({**GOOD, "http": {"max_connections_per_peer": None}}).http.max_connections_per_peer is None
     assert cfg.policy == llmux.Policy()
     assert cfg.policy.drain_before_switch is True and cfg.policy.min_active_secs == 0
     assert llmux.parse_config({**GOOD, "policy": {"request_timeout_secs": None}}).policy.request_timeout_secs is None
@@ -638,6 +642,12 @@ def test_defaults() -> None:
      ["models.a.size: 3 is more than policy.capacity 2; expected a size that fits"]),
     ({**GOOD, "preload": "zz"}, ['preload: expected null or the name of a model in \'models\'; got "zz" (a string)']),
     ({**GOOD, "http": {"max_body_bytes": 0}}, ["http.max_body_bytes: expected a whole number > 0; got 0 (a number)"]),
+    ({**GOOD, "http": {"max_buffered_bytes": 1000}},
+     ["http.max_buffered_bytes: 1000 is less than http.max_body_bytes 67108864; expected at least one whole body"]),
+    ({**GOOD, "http": {"min_body_rate_bytes_per_sec": -1}},
+     ["http.min_body_rate_bytes_per_sec: expected a number >= 0; got -1 (a number)"]),
+    ({**GOOD, "http": {"max_connections_per_peer": 0}},
+     ["http.max_connections_per_peer: expected a whole number > 0 or null; got 0 (a number)"]),
     ({**GOOD, "port": -1}, ["port: expected a port number from 0 to 65535; got -1 (a number)"]),
     ({"models": {"a": {"port": 8001, "aliases": ["b"]}, "b": {"port": 8002}}},
      ["models.b: name or alias 'b' is already used by model 'a'; expected names unique across models"]),
@@ -2125,13 +2135,130 @@ def test_model_from_multipart_form_data(env: Env) -> None:
     assert status == 200 and payload["backend"] == "whisper"
 
 
+def model_for(body: bytes, content_type: str = "application/json") -> str:
+    """Server._model_for on a real Server, for a body: the name of the model it routes to."""
+    cfg = llmux.parse_config({"models": {"a": {"port": 8001}, "b": {"port": 8002, "aliases": ["model-b"]}}})
+    head = llmux.RequestHead("POST", "/v1/chat/completions", "HTTP/1.1",
+                             [("host", "x"), ("content-type", content_type)], True, False)
+
+    async def go() -> str:
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        result = server._model_for(head, body)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result.name
+
+    return run_checked(go())
+
+
+def run_child(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` with llmux imported in a child Python, killed after T seconds: work
+    that is quadratic in its input never ends there, and cannot hang the session."""
+    return subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "import llmux\n" + code, str(HERE)], capture_output=True, text=True, timeout=T)
+
+
+def test_multipart_model_field_is_found_in_linear_time() -> None:
+    # Regression: a part head repeating `content-disposition:;` made the name= regex
+    # backtrack quadratically on the event loop (400 KB: tens of seconds; this: days).
+    p = run_child("head = b'content-disposition:;' * 400_000\n"
+                  "body = b'--B\\r\\n' + head + b'\\r\\n\\r\\nx\\r\\n--B\\r\\n"
+                  "content-disposition: form-data; name=\"model\"\\r\\n\\r\\nb\\r\\n--B--\\r\\n'\n"
+                  "print(llmux._model_from_multipart('multipart/form-data; boundary=B', body))")
+    assert p.returncode == 0 and p.stdout == "b\n", p.stderr
+
+
+@pytest.mark.parametrize("content_type, body, expected", [
+    ('multipart/form-data; boundary="a b:c=d"', b'--a b:c=d\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n--a b:c=d--', "b"),
+    ("multipart/form-data; Boundary=B", b"--B\r\ncontent-disposition: form-data; name=model\r\n\r\nmodel-b\r\n--B--", "b"),
+    # The last model field wins, as in the engines' form parsers (Starlette).
+    ("multipart/form-data; boundary=B", b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n'
+     b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n--B--\r\n', "b"),
+    # A field called "model_x", or "model" only in the filename, is not the model field.
+    ("multipart/form-data; boundary=B", b'--B\r\nContent-Disposition: form-data; name="model_x"\r\n\r\nb\r\n'
+     b'--B\r\nContent-Disposition: form-data; name="f"; filename="model"\r\n\r\nb\r\n'
+     b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n--B--\r\n', "a"),
+])
+def test_multipart_model_field_shapes(content_type: str, body: bytes, expected: str) -> None:
+    assert model_for(body, content_type) == expected
+
+
+def test_multipart_with_too_many_parts_or_no_boundary_is_a_400() -> None:
+    body = b"--B\r\n\r\nx\r\n" * (llmux.MULTIPART_MAX_PARTS + 1) + b"--B--"
+    with pytest.raises(llmux.HTTPError) as info:
+        model_for(body, "multipart/form-data; boundary=B")
+    assert info.value.message == "multipart/form-data body has more than 128 parts; expected at most 128"
+    with pytest.raises(llmux.HTTPError, match="multipart/form-data without a boundary"):
+        model_for(body, "multipart/form-data")
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"model": "a", "model": "b"}', "b"),  # the last one, as json.loads and the engines
+    (b'{"\\u006dodel": "b"}', "b"),  # an escaped key is the same key
+    (b'{"model": "a", "\\u006d\\u006f\\u0064\\u0065\\u006c": "model-b"}', "b"),
+    (b'\xef\xbb\xbf {"model": "b"}', "b"),  # a UTF-8 BOM, as json.loads(bytes) allows
+    ('{"model": "b"}'.encode("utf-16"), "b"),
+    (b'{"x": {"model": "a"}, "y": ["model", "a"], "z": "\\"model\\": \\"a\\"", "model": "b"}', "b"),
+    (b'{"x": "[{]", "model": "b", "w": [{"model": "a"}]}', "b"),  # brackets in strings are text
+    (b'{"model":"\\u0062"}', "b"),
+])
+def test_json_model_is_the_last_top_level_member(body: bytes, expected: str) -> None:
+    assert model_for(body) == expected
+
+
+def test_json_model_is_found_across_the_scanner_window_edges() -> None:
+    # The scanner's regex sees a window at a time: a "model" key cut by its edge, or far
+    # from its colon, must still be found (and a long value still skipped).
+    window = llmux.JSON_SCAN_WINDOW
+    for gap in (" ", " " * (window + 10)):
+        for shift in range(-40, 12):
+            body = ('{"p": "' + "x" * (window - 12 + shift) + '", "\\u006dodel"' + gap + ': "b", '
+                    '"q": "' + "y" * (window + shift) + '", "model": 1, "model"' + gap + ':"model-b"}').encode()
+            assert llmux._json_model(body) == "model-b", (len(gap), shift)
+            assert model_for(body) == "b"
+
+
+def test_json_model_scan_keeps_memory_bounded() -> None:
+    # Regression: json.loads, run only to read `model`, built the whole document: a body
+    # of many small objects peaked at ~27 times its size.
+    import tracemalloc
+    body = json.dumps({"data": [{"a": 1, "b": [2]} for _ in range(400_000)], "model": "b"}).encode()
+    tracemalloc.start()
+    try:
+        assert model_for(body) == "b"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(body), f"peak {peak} bytes for a {len(body)}-byte body"
+
+
+def test_json_model_scan_is_linear_on_hostile_strings() -> None:
+    # Long runs of backslashes and escaped quotes, brackets in strings, deep nesting:
+    # linear work finishes in well under a second; quadratic work would not finish.
+    p = run_child("body = (b'{\"a\": \"' + b'\\\\' * 2_000_000 + b'\\\\\\\"' * 2_000_000 + b'\", '\n"
+                  "        b'\"b\": [' + b'\"[\",' * 500_000 + b'1], \"c\": ' + b'[' * 1_000_000 + b']' * 1_000_000 + b', '\n"
+                  "        b'\"model\": \"x\"}')\n"
+                  "import json; assert json.loads(body.replace(b'[' * 1_000_000 + b']' * 1_000_000, b'1'))['model'] == 'x'\n"
+                  "print(llmux._json_model(body))")
+    assert p.returncode == 0 and p.stdout == "x\n", p.stderr
+
+
 @pytest.mark.parametrize("body, status, code, message", [
     (b"{nope", 400, "invalid_json", "request body is not valid JSON: "),
     (b'{"messages": []}', 400, "missing_model", "request has no 'model' field; expected the name of a model"),
-    (b'["a"]', 400, "missing_model", "request has no 'model' field; expected the name of a model"),
+    (b'["a"]', 400, "missing_model", "request body is an array; expected a JSON object with a 'model' field"),
+    (b'"a"', 400, "missing_model", "request body is a string; expected a JSON object with a 'model' field"),
+    (b'{"model": 5}', 400, "missing_model", "request's 'model' field is a number; expected the name of a model"),
+    (b'{"model": {"a": 1}}', 400, "missing_model", "request's 'model' field is an object; expected the name of a model"),
+    (b'{"model": "a"', 400, "invalid_json", "request body is not valid JSON: the top-level object is not closed"),
+    (b'{"model": "a', 400, "invalid_json", "request body is not valid JSON: unterminated string"),
+    # Regression: json.loads recursed once per level, and this raised RecursionError (a 500).
+    (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "missing_model",
+     "request has no 'model' field; expected the name of a model"),
     (b"", 400, "missing_model", "POST /v1/chat/completions has no body; expected a JSON object with a 'model' field"),
     (b'{"model": "gpt-9"}', 404, "model_not_found", "model 'gpt-9' does not exist; available models: a, b"),
-])
+], ids=["not-json", "no-model", "array", "string", "model-number", "model-object", "unclosed",
+        "unterminated", "deep-nesting", "empty", "unknown-model"])
 def test_bad_requests_get_openai_style_errors(env: Env, body: bytes, status: int, code: str, message: str) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     got, headers, payload = lx.request("POST", "/v1/chat/completions", body)
@@ -2476,15 +2603,235 @@ def test_idle_keep_alive_connection_is_closed_quietly(env: Env) -> None:
 def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
     lx = env.start({"a": env.model("a")}, http={"max_connections": 2})
     held = [socket.create_connection(("127.0.0.1", lx.port), timeout=T) for _ in range(2)]
-    for s in held:  # make sure both are being served before the third arrives
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    for s in held:  # both in the middle of a request: not idle, so not evicted
+        s.sendall(b"GET /health HTTP/1.1\r\n")
     reply = raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in reply
     for s in held:
         s.close()
     wait_for(lambda: raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
              .startswith(b"HTTP/1.1 200 "), "llmux to accept connections again")
+
+
+def test_body_in_tiny_chunks_is_refused_after_a_bounded_number_of_pieces(env: Env) -> None:
+    # Regression: every 2-byte chunk was kept as its own bytes object and cost a parser
+    # step; an 8 MB body was half a gigabyte and 25 s of CPU.
+    lx = env.start({"a": env.model("a")})
+    body = b'{"model": "a", "pad": "' + b"x" * 80_000 + b'"}'
+    chunks = b"".join(llmux.encode_chunk(body[i:i + 2]) for i in range(0, len(body), 2))
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "body_too_fragmented"
+    assert error["message"].startswith("request body arrives in too many small pieces; expected at most "
+                                       "4096 pieces plus one per 256 bytes; got 4129 for 8258 bytes")
+    assert lx.chat("a")[0] == 200
+    assert env.lines() == ["wake-start a", "wake-end a", "req a"]  # the chunked one never reached it
+
+
+def test_chunked_body_is_held_in_one_buffer() -> None:
+    # Regression: read_request kept every chunk as its own bytes object, then joined them:
+    # the body was held twice, plus 30-odd bytes per chunk.
+    import tracemalloc
+    body = b"x" * 4_000_000
+    wire = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(llmux.encode_chunk(body[i:i + 1000]) for i in range(0, len(body), 1000)) + b"0\r\n\r\n")
+
+    async def go() -> Tuple[int, int]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        theirs.setblocking(False)
+        sending = loop.create_task(loop.sock_sendall(theirs, wire))
+        tracemalloc.start()
+        try:
+            head, got = await llmux.read_request(reader, writer, llmux.RequestParser(), llmux.HttpConfig())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        await sending
+        writer.close()
+        theirs.close()
+        assert bytes(got) == body
+        return len(got), peak
+
+    size, peak = run_checked(go())
+    assert peak < 1.5 * size, f"peak {peak} bytes for a {size}-byte body"  # was 2.1 times
+
+
+def test_body_budget_gives_503_then_returns_the_bytes(env: Env) -> None:
+    # Regression: nothing bounded the bodies held together (50 clients x 60 MB queued for
+    # a waking model pushed RSS past 3 GiB).
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
+                   http={"max_body_bytes": 100_000, "max_buffered_bytes": 250_000})
+    body = json.dumps({"model": "a", "pad": "x" * 90_000}).encode()
+    held = [run_bg(lx.request, "POST", "/v1/chat/completions", body) for _ in range(2)]
+    wait_for(lambda: lx.health()["models"]["a"]["queued"] == 2, "two requests queued")
+    # A third by length is refused before its body is read; a chunked one as it grows.
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", body)
+    assert status == 503 and headers["retry-after"] == "1"
+    assert payload["error"]["code"] == "server_busy" and payload["error"]["type"] == "server_error"
+    assert payload["error"]["message"] == ("too many request bodies held now (180050 of 250000 bytes "
+                                           "buffered); retry later")
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + llmux.encode_chunk(body) + b"0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in reply
+    gate.touch()
+    assert [join(*h)[0] for h in held] == [200, 200]  # nothing already accepted was lost
+    for _ in range(3):  # the bytes came back: one at a time fits again and again
+        assert lx.request("POST", "/v1/chat/completions", body)[0] == 200
+
+
+def test_trickled_body_is_cut_at_the_minimum_rate(env: Env) -> None:
+    # Regression: body_timeout_secs bounded each pause only; one byte a second held the
+    # connection for ever.
+    lx = env.start({"a": env.model("a")}, http={"body_timeout_secs": 0.5, "min_body_rate_bytes_per_sec": 1000})
+    with socket.create_connection(("127.0.0.1", lx.port), timeout=T) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        deadline = time.monotonic() + T
+        reply = b""
+        while not reply and time.monotonic() < deadline:
+            if select.select([s], [], [], 0.2)[0]:  # the trickle's pace, under body_timeout_secs
+                reply = s.recv(65536)
+            else:
+                s.sendall(b" ")
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:80]
+    message = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["message"]
+    assert re.fullmatch(r"request body arrives too slowly; expected at least 1000 bytes/s after the "
+                        r"first 0.5s; got \d+ bytes in \ds", message), message
+    assert lx.chat("a")[0] == 200
+
+
+def _trickle(port: int) -> bytes:
+    """A body one byte at a time, each pause under body_timeout_secs; what llmux answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=T) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        deadline = time.monotonic() + T
+        while time.monotonic() < deadline:
+            if select.select([s], [], [], 0.1)[0]:
+                return s.recv(65536)
+            s.sendall(b" ")
+    return b""
+
+
+def test_memory_hostile_clients_all_get_a_status_and_the_server_keeps_serving(env: Env) -> None:
+    """Live: tiny chunks, more bodies at once than the budget holds, and trickles, all
+    together against a real llmux: every client gets a status, memory stays bounded, and
+    llmux serves normally afterwards."""
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
+                   http={"max_body_bytes": 700_000, "max_buffered_bytes": 1_500_000,
+                         "body_timeout_secs": 0.3, "min_body_rate_bytes_per_sec": 10_000})
+    big = json.dumps({"model": "a", "pad": "x" * 600_000}).encode()
+    tiny = b"".join(llmux.encode_chunk(big[i:i + 1]) for i in range(20_000))
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    jobs = [run_bg(raw_exchange, lx.port, post + b"Content-Length: %d\r\n\r\n" % len(big) + big) for _ in range(6)]
+    jobs += [run_bg(raw_exchange, lx.port, post + b"Transfer-Encoding: chunked\r\n\r\n" + tiny) for _ in range(4)]
+    jobs += [run_bg(_trickle, lx.port) for _ in range(2)]
+    wait_for(lambda: lx.log_count(r"request\.rejected status=(503|400|408)") == 10, "the refusals")
+    assert lx.health()["models"]["a"]["queued"] == 2  # what the budget took is still held
+    gate.touch()
+    statuses = sorted(join(*job)[9:12].decode() for job in jobs)
+    assert statuses == ["200"] * 2 + ["400"] * 4 + ["408"] * 2 + ["503"] * 4, statuses
+    assert lx.chat("a")[0] == 200 and lx.health()["models"]["a"]["in_flight"] == 0
+    with open(f"/proc/{lx.proc.pid}/status") as f:
+        peak_kb = int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    assert peak_kb < 200_000, f"llmux peaked at {peak_kb} kB"
+
+
+def test_full_connection_table_evicts_the_longest_idle_connection(env: Env) -> None:
+    # Regression: idle connections filled the table and every later client, health checks
+    # included, got 503 until they timed out.
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
+                   http={"max_connections": 3})
+    conns = [socket.create_connection(("127.0.0.1", lx.port), timeout=T)]
+    try:
+        # The oldest connection has a request in progress (queued for a waking model):
+        # it is never evicted, however long it waits.
+        busy = conns[0]
+        busy.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}')
+        wait_for(lambda: lx.health()["models"]["a"]["queued"] == 1, "the request queued")
+        idle = [socket.create_connection(("127.0.0.1", lx.port), timeout=T) for _ in range(2)]
+        conns += idle
+        for s in idle:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # A newcomer closes the connection idle longest, and is served.
+        assert raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") \
+            .startswith(b"HTTP/1.1 200 ")
+        assert idle[0].recv(65536) == b""
+        idle[1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle[1].recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert lx.log_count(r"connection\.evicted reason=max_connections") == 1
+        gate.touch()
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_connections_per_peer_are_capped_and_loopback_is_not(env: Env) -> None:
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
+                   http={"max_connections_per_peer": 2})
+    request = b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}'
+
+    def connect(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", lx.port), timeout=T, source_address=(source, 0))
+
+    held = [connect("127.0.0.2") for _ in range(2)]
+    try:
+        for s in held:  # requests in progress: not evictable
+            s.sendall(request)
+        wait_for(lambda: lx.health()["models"]["a"]["queued"] == 2, "both requests queued")
+        with connect("127.0.0.2") as third:
+            third.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = third.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in reply
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["message"] == \
+            "too many connections from 127.0.0.2; expected at most 2 per client address; retry later"
+        # Other addresses, and 127.0.0.1 (a reverse proxy on this host) however many, go on.
+        for s in [connect("127.0.0.1") for _ in range(3)] + [connect("127.0.0.3")]:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            s.close()
+        gate.touch()
+        for s in held:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="RLIMIT_NOFILE as on Linux")
+@pytest.mark.parametrize("soft, hard, fd_limit, max_connections", [
+    (200, 200, 200, 68),  # cannot raise: max_connections is clamped under it
+    (256, 4096, 2112, 1024),  # raised as far as 1024 connections need, not to the hard limit
+])
+def test_fd_limit_is_raised_and_max_connections_kept_under_it(tmp_path: Path, soft: int, hard: int,
+                                                              fd_limit: int, max_connections: int) -> None:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    backend = Backend("a", None)
+    lx = Llmux({"models": {"a": {"port": backend.port}}}, tmp_path, preexec_fn=limit)
+    try:
+        line = lx.wait_log(r".*limits\.connections .*").group(0)
+        assert f"max_connections={max_connections} configured=1024 fd_limit={fd_limit} " in line
+        assert (" warning " in f" {line} ") == (max_connections < 1024)
+        with open(f"/proc/{lx.proc.pid}/limits") as f:
+            row = next(r for r in f if r.startswith("Max open files"))
+        assert row.split()[3:5] == [str(fd_limit), str(hard)]
+        assert lx.request("GET", "/health")[0] == 200
+    finally:
+        lx.stop()
+        backend.stop()
+        lx.assert_clean()
 
 
 @pytest.mark.parametrize("data", [
@@ -2861,6 +3208,128 @@ def test_fuzz_grammar_parser_invariants_whole_split_and_byte_by_byte(capsys: Any
         print(f"\n[fuzz] grammar: {count} messages, {total / 1e6:.1f} MB, {rate:.1f} MB/s (3 splits each)")
 
 
+def _fuzz_json_text(rng: random.Random, depth: int = 0) -> str:
+    """A random JSON value as text: nesting, escapes, whitespace, unicode, duplicate keys."""
+    ws = lambda: rng.choice(["", "", " ", "\n  ", "\t", " \r\n "])  # noqa: E731
+    kind = rng.random() if depth < 6 else rng.random() * 0.5
+    if kind < 0.2:
+        return json.dumps(rng.choice([0, -1.5e3, 12, True, False, None]))
+    if kind < 0.5:
+        chars = rng.choice(["abc", "model", '"\\/[]{}:,', "\u00e9\u4e2d\U0001f600", "\n\t\x01", "x" * 3000])
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 12)))
+        return json.dumps(text, ensure_ascii=rng.random() < 0.5)
+    if kind < 0.7:
+        return "[" + ws() + ("," + ws()).join(_fuzz_json_text(rng, depth + 1) for _ in range(rng.randint(0, 4))) + ws() + "]"
+    members = []
+    for _ in range(rng.randint(0, 5)):
+        key = rng.choice(["model", "model", "messages", "a", "mod", "models", "\u00e9", "[", "\\"])
+        text = json.dumps(key, ensure_ascii=rng.random() < 0.5)
+        if key == "model" and rng.random() < 0.5:  # the same key, escaped
+            text = '"' + "".join(f"\\u{ord(c):04x}" if rng.random() < 0.5 else c for c in key) + '"'
+        members.append(text + ws() + ":" + ws() + _fuzz_json_text(rng, depth + 1))
+    return "{" + ws() + ("," + ws()).join(members) + ws() + "}"
+
+
+def _expected_model(doc: Any) -> Any:
+    if not isinstance(doc, dict):
+        return "not an object"
+    if "model" not in doc:
+        return None
+    value = doc["model"]
+    return value if isinstance(value, str) else "not a string"
+
+
+def _scanned_model(body: bytes) -> Tuple[Any, int]:
+    """What the scanner says, in _expected_model's terms, and the steps it took (counted
+    as yields, JSON_SCAN_SLICE steps each)."""
+    steps = llmux._json_model_steps(body)
+    yields = 0
+    try:
+        while True:
+            next(steps)
+            yields += 1
+    except StopIteration as done:
+        value = done.value
+    except llmux._NotAnObject:
+        return "not an object", yields
+    return ("not a string" if isinstance(value, llmux._NotString) else value), yields
+
+
+def test_fuzz_json_model_scanner_agrees_with_json_loads(capsys: Any) -> None:
+    """Exploring: random documents (and mutations of them) through the scanner.  Where
+    json.loads succeeds the scanner names the same model; elsewhere it may only raise
+    ValueError; and its steps are bounded by the body's strings, not its size squared."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    checked = invalid = 0
+    for i in range(3000):
+        top = _fuzz_json_text(rng)
+        if top.startswith("{") and rng.random() < 0.7:  # a model member first; maybe others later
+            top = '{"model": ' + _fuzz_json_text(rng, 5) + ("" if top.rstrip().endswith("{}") else ", ") + top[1:]
+        body = (top if rng.random() < 0.9 else " \n" + top + "\t").encode("utf-8", "surrogatepass")
+        if rng.random() < 0.2:  # mutate: flip, cut or duplicate bytes
+            b = bytearray(body)
+            at = rng.randrange(len(b) + 1)
+            b[at:at + rng.randint(0, 3)] = rng.choice([b"", b'"', b"\\", b"[", b"}", b",", bytes(b[at:at + 20])])
+            body = bytes(b)
+        where = f"seed {seed} case {i}: {body[:200]!r}"
+        try:
+            expected = _expected_model(json.loads(body))
+        except (ValueError, RecursionError):
+            expected = ValueError
+        try:
+            got, yields = _scanned_model(body)
+        except ValueError:
+            assert expected is ValueError, where + f": scanner raised, json.loads gave {expected!r}"
+            invalid += 1
+            continue
+        if expected is not ValueError:
+            assert got == expected, where
+            checked += 1
+        windows = len(body) // llmux.JSON_SCAN_WINDOW
+        steps = body.count(b'"') + windows + 2  # a step per string it looks at, or window
+        assert yields <= steps / llmux.JSON_SCAN_SLICE + 1 + windows, where
+    assert checked > 1500
+    with capsys.disabled():
+        print(f"\n[fuzz] json scanner: seed {seed}, {checked} agreed with json.loads, {invalid} invalid")
+
+
+def test_fuzz_multipart_hostile_part_heads(capsys: Any) -> None:
+    """Exploring: random forms with hostile part heads (repeated or broken
+    Content-Disposition, oversized heads, stray delimiters); the model field found is the
+    last well-formed one, and nothing but HTTPError is ever raised."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    for i in range(1500):
+        boundary = rng.choice(["B", "----x1", "a'()+_,-./:=?"])
+        parts, expected = [], None
+        for _ in range(rng.randint(0, 6)):
+            name = rng.choice(["model", "file", "model_x", "modelo"])
+            head = rng.choice([
+                f'Content-Disposition: form-data; name="{name}"',
+                f"content-disposition: form-data; NAME={name}",
+                "content-disposition:;" * rng.randint(1, 300) + f' name="{name}"',
+                f'Content-Type: text/plain\r\nContent-Disposition: form-data; name="{name}"; filename="model"',
+                f'X-Junk: {"; name=model" * rng.randint(1, 50)}',
+            ])
+            value = rng.choice(["a", "b", "model-b", "x" * rng.randint(0, 50)])
+            parts.append(f"--{boundary}\r\n{head}\r\n\r\n{value}\r\n")
+            if name == "model" and "X-Junk" not in head and len(head) + 2 <= llmux.MULTIPART_MAX_PART_HEAD:
+                expected = value
+        body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+        if rng.random() < 0.2:
+            at = rng.randrange(len(body) + 1)
+            body = body[:at] + rng.choice([b"", b"\r\n", b"--" + boundary.encode(), b";;;"]) + body[at + rng.randint(0, 5):]
+            expected = "?"
+        try:
+            got = llmux._model_from_multipart(f'multipart/form-data; boundary="{boundary}"', body)
+        except llmux.HTTPError:
+            got = "error"
+        assert expected == "?" or got == expected, f"seed {seed} case {i}: {body[:300]!r}: {got!r}"
+    with capsys.disabled():
+        print(f"\n[fuzz] multipart: seed {seed}, 1500 forms")
+
+
 def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any) -> None:
     backend = Backend("a", None)
     try:
@@ -2909,6 +3378,8 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     while server._busy and loop.time() < deadline:
         await asyncio.sleep(0.01)
     assert not server._busy, "connections left open"
+    # The body budget and the connection table are back to empty: nothing leaked.
+    assert server.bodies.used == 0 and server._open == 0 and server._peers == {}
     assert server.switcher.queued == 0
     assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
     await server.stop()
