@@ -175,6 +175,8 @@ UPSTREAM_IDLE_REUSE_SECS = 4.0
 # have reached the backend.  POST and PATCH are never re-sent (a 502 instead).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
+MAX_ECHOED_NAME = 256  # an unknown model name is quoted in its 404 and log up to this long.
+
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "0.0.0.0"  # as the Rust llmux: clients come from other hosts.
 DEFAULT_REQUEST_TIMEOUT = 300.0  # 504: longest wait in the queue for a model.
@@ -3942,6 +3944,8 @@ class Server:
 
     def _unknown_model(self, name: str) -> LLMuxError:
         names = ", ".join(self.config.models)
+        if len(name) > MAX_ECHOED_NAME:  # a client's 60 MB "model" is not echoed back
+            name = name[:MAX_ECHOED_NAME] + f"... ({len(name)} characters)"
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
 
@@ -4003,13 +4007,17 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     """
     loop = asyncio.get_running_loop()
     deadline = None
+    # Idle time counts from the end of the last request, not from the last byte: the
+    # empty lines RFC 9112 2.2 lets a client send before a request are skipped without a
+    # trace, and must not keep an idle connection open for ever.
+    idle_until = loop.time() + http.idle_timeout_secs
     event = parser.next_event()
     while event is NEED_DATA:
         if parser.buffered == 0 and deadline is None:
             if conn is not None:
-                conn.idle_since = loop.time()
+                conn.idle_since = idle_until - http.idle_timeout_secs  # eviction: oldest first
             try:
-                data = await read_within(reader, http.idle_timeout_secs, _Idle())
+                data = await read_within(reader, max(0.0, idle_until - loop.time()), _Idle())
             finally:
                 if conn is not None:
                     conn.idle_since = None

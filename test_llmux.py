@@ -2287,6 +2287,19 @@ def test_bad_http_gets_a_json_error_and_close(env: Env, raw: bytes, status: int)
     assert lx.chat("a")[0] == 200  # the server is fine
 
 
+def test_an_enormous_unknown_model_name_is_not_echoed_back(env: Env) -> None:
+    """Regression: the 404 quoted the requested name whole: a 60 MB "model" string made
+    a 60 MB error answer and log line."""
+    lx = env.start({"a": env.model("a")})
+    status, headers, payload = lx.request("POST", "/v1/chat/completions",
+                                          {"model": "x" * 1_000_000, "messages": []})
+    message = payload["error"]["message"]
+    assert status == 404 and len(message) < 1024, len(message)
+    assert message == "model '" + "x" * 256 + "... (1000000 characters)' does not exist; " \
+                      "available models: a"
+    assert max(len(line) for line in lx.lines) < 4096
+
+
 def test_models_and_health_routes(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     status, _, payload = lx.request("GET", "/v1/models")
@@ -2598,6 +2611,36 @@ def test_idle_keep_alive_connection_is_closed_quietly(env: Env) -> None:
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200 ")
         assert s.recv(65536) == b""  # closed by llmux, with nothing more said
+
+
+def test_empty_lines_do_not_keep_an_idle_connection_open() -> None:
+    """Regression: a client sending a bare CRLF (skipped, RFC 9112 2.2) every few
+    seconds kept its connection open for ever: each restarted the idle timeout."""
+    loop = CheckedLoop()
+
+    async def go() -> float:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        _, client = await asyncio.open_connection(sock=theirs)
+
+        async def trickle() -> None:
+            while True:
+                client.write(b"\r\n")
+                await asyncio.sleep(1.0)
+
+        pest = loop.create_task(trickle())
+        http = llmux.HttpConfig(idle_timeout_secs=5.0)
+        try:
+            with pytest.raises(llmux._Idle):
+                await asyncio.wait_for(llmux.read_request(reader, writer, llmux.RequestParser(),
+                                                          http), 60.0)
+            return loop.time()
+        finally:
+            pest.cancel()
+            writer.close()
+            client.close()
+
+    assert run_checked(go(), loop) < 6.0
 
 
 def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
