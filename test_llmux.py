@@ -3432,14 +3432,17 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     return {"count": total, "rate": rate, "statuses": dict(sorted(statuses.items()))}
 
 
-def test_soak_20_seconds() -> None:
-    """bench/soak.py, short: mixed traffic, disconnects and failing wakes; it checks that
-    every request was answered or failed with a status, slots are zero, and RSS and fds
-    are back near their baseline, and exits non-zero otherwise."""
-    p = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "20", "--clients", "8"],
+def test_soak_12_seconds() -> None:
+    """bench/soak.py, short: mixed traffic, disconnects, failing wakes, hostile bodies and
+    connection floods under a low fd limit; it checks that every request was answered or
+    failed with a status, slots are zero, RSS and fds are back near their baseline, no
+    hook failed for lack of fds and the log is clean, and exits non-zero otherwise."""
+    p = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "12", "--clients", "8"],
                        capture_output=True, text=True, timeout=HARD - 5)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 4
+    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 6, p.stdout
+    for kind in ("oversized: 413", "trickle: 408", "chunk-storm: 400", "flood:"):
+        assert kind in p.stdout, p.stdout
 
 
 # ─────────────────────────────── operations: metrics, control ───────────────────────────

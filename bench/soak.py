@@ -6,7 +6,12 @@
 Starts three demo backends and llmux (child processes; traffic on 127.0.0.1 only), then
 runs client tasks until the time is up: each picks a model (skewed, so switches happen
 in bursts and in interleavings), streams or not, and now and then hangs up mid-answer.
-Wake hooks fail at random (about 1 in 10).  At the end it checks and prints:
+Wake hooks fail at random (about 1 in 10).  Beside them run hostile clients: oversized
+bodies (413), bodies trickled below the minimum rate (408), bodies in a storm of 1-byte
+chunks (400), pathological multipart part heads (answered at once), and floods of idle
+connections past llmux's connection table while llmux runs with a low fd limit (ulimit
+-n 256), so every honest client depends on idle eviction and no hook may fail for lack
+of fds.  At the end it checks and prints:
 
   * every request got a complete answer or an error status (none hung, none was cut
     without cause);
@@ -25,6 +30,7 @@ import json
 import os
 import random
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -125,6 +131,89 @@ async def client(port: int, rng: random.Random, until: float, outcomes: Dict[str
         conn["writer"].close()
 
 
+HOSTILE = ("oversized", "trickle", "chunk-storm", "multipart", "flood")
+EXPECTED = {"oversized": {413}, "trickle": {408}, "chunk-storm": {400}, "multipart": {200, 404, 503, 504}}  # 404: the demo has no audio route
+
+
+async def hostile_request(port: int, kind: str, rng: random.Random) -> str:
+    """One hostile request of ``kind``; returns its outcome (BROKEN: ... if unexpected)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n"
+        if kind == "oversized":  # over max_body_bytes: refused on its length, unread
+            writer.write(head + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                         % (8 * 1024 * 1024) + b"{" * 65536)
+        elif kind == "trickle":  # far below min_body_rate_bytes_per_sec
+            writer.write(head + b"content-length: 100000\r\n\r\n{")
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                writer.write(b" ")
+                if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                    break
+        elif kind == "chunk-storm":  # one byte per chunk: bounded pieces per body
+            writer.write(head + b"transfer-encoding: chunked\r\n\r\n"
+                         + b"1\r\n \r\n" * 200_000 + b"0\r\n\r\n")
+        else:  # multipart whose part head repeats content-disposition:; (regex bait)
+            bad = b"content-disposition:;" * 20_000
+            body = (b"--b\r\n" + bad + b"\r\n\r\nx\r\n--b\r\ncontent-disposition: form-data; "
+                    b'name="model"\r\n\r\n' + rng.choice(MODELS).encode() + b"\r\n--b--\r\n")
+            writer.write(b"POST /v1/audio/transcriptions HTTP/1.1\r\nhost: soak\r\nconnection: close\r\ncontent-type: "
+                         b"multipart/form-data; boundary=b\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass  # refused early; the answer is still readable
+        data = b""
+        while True:
+            try:
+                piece = await reader.read(65536)
+            except ConnectionError:
+                break
+            if not piece:
+                break
+            data += piece
+            if b"\r\n\r\n" in data and kind != "multipart":
+                break
+    finally:
+        writer.transport.abort()
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", data)
+    status = int(match.group(1)) if match else 0
+    if status in EXPECTED[kind]:
+        return f"{kind}: {status}"
+    return f"BROKEN: {kind} got {status or 'no answer'}: {data[:120]!r}"
+
+
+async def flood(port: int, count: int) -> str:
+    """Open ``count`` idle connections (past llmux's table), hold them, let them go."""
+    conns = []
+    for _ in range(count):
+        try:
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+        except OSError:
+            break
+    await asyncio.sleep(1.0)
+    evicted = sum(1 for reader, _ in conns if reader.at_eof() or reader._buffer)  # type: ignore[attr-defined]
+    for _, writer in conns:
+        writer.transport.abort()
+    return f"flood: {len(conns)} idle connections, {evicted} evicted"
+
+
+async def hostile(port: int, rng: random.Random, until: float, outcomes: Dict[str, int]) -> None:
+    while time.monotonic() < until:
+        kind = rng.choice(HOSTILE)
+        try:
+            if kind == "flood":
+                outcome = await asyncio.wait_for(flood(port, 160), REQUEST_DEADLINE)
+                outcome = outcome.split(",")[0].rsplit(" ", 3)[0]  # one line per kind
+            else:
+                outcome = await asyncio.wait_for(hostile_request(port, kind, rng), REQUEST_DEADLINE)
+        except asyncio.TimeoutError:
+            outcome = f"BROKEN: {kind} hung"
+        except OSError as e:
+            outcome = f"BROKEN: {kind}: {e}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+
 def get_json(port: int, path: str, method: str = "GET") -> Any:
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         s.sendall(f"{method} {path} HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n"
@@ -153,11 +242,17 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         sock.close()
     config = os.path.join(tmp, "soak.json")
     with open(config, "w") as f:
-        json.dump({"models": models, "policy": {"request_timeout_secs": 30, "wake_backoff_secs": 0.1}}, f)
+        json.dump({"models": models, "policy": {"request_timeout_secs": 30, "wake_backoff_secs": 0.1},
+                   "http": {"max_body_bytes": 1024 * 1024, "body_timeout_secs": 1,
+                            "min_body_rate_bytes_per_sec": 1024}}, f)
     log_path = os.path.join(tmp, "llmux.log")
     log = open(log_path, "w")
+
+    def low_fd_limit() -> None:  # as on many hosts: 256 fds, soft and hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
     lx = subprocess.Popen([sys.executable, LLMUX, "-c", config, "-p", "0", "--host", "127.0.0.1"],
-                          stdout=log, stderr=log)
+                          stdout=log, stderr=log, preexec_fn=low_fd_limit)
     procs.append(lx)
     try:
         port = 0
@@ -174,7 +269,9 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         started = time.monotonic()
         until = started + seconds
         await asyncio.gather(*(client(port, random.Random(rng.random()), until, outcomes)
-                               for _ in range(clients)))
+                               for _ in range(clients)),
+                             *(hostile(port, random.Random(rng.random()), until, outcomes)
+                               for _ in range(max(1, clients // 4))))
         elapsed = time.monotonic() - started
         settle = time.monotonic() + 10
         health = get_json(port, "/health")
@@ -188,6 +285,9 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
     log_text = open(log_path).read()
     switches = len(re.findall(r"switch\.end .*result=ok", log_text))
     failed_wakes = len(re.findall(r"error hook\.exit model=\S+ hook=wake", log_text))
+    fd_failures = len(re.findall(r"could not start", log_text))
+    unclean = re.findall(r"^Traceback|never retrieved|Task was destroyed| internal\.error ",
+                         log_text, flags=re.M)
 
     total = sum(outcomes.values())
     broken = {k: v for k, v in outcomes.items() if k.startswith("BROKEN")}
@@ -199,6 +299,8 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         "all slot counts and queues back to zero": slots_zero,
         "open fds back to baseline (±4)": abs(fd_growth) <= 4,
         "RSS growth under 16 MiB": rss_growth < 16 * 1024,
+        "no hook failed for lack of fds": fd_failures == 0,
+        "no traceback, lost task or internal error in the log": not unclean,
     }
     print(f"soak: {elapsed:.0f}s, {clients} clients, seed {seed}, Python {sys.version.split()[0]}")
     print("| outcome | requests |\n|---|---:|")
