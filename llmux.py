@@ -208,7 +208,7 @@ ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in
 
 # ──────────────────────────────────────── errors ────────────────────────────────────────
 # One tree.  Each error carries the HTTP status, the OpenAI error type and a code; it
-# becomes a response in exactly one place (Server._error_response).
+# becomes a response in exactly one function (error_response, with the HTTP writers).
 
 
 class LLMuxError(Exception):
@@ -1459,6 +1459,11 @@ def json_response(status: int, obj: Any, *, keep_alive: bool = True,
         lines.append("connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
+
+
+def error_response(e: LLMuxError, keep_alive: bool = False) -> bytes:
+    """The one way an error becomes a response: its status, its JSON, its headers."""
+    return json_response(e.status, e.to_json(), keep_alive=keep_alive, headers=e.headers)
 
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -3619,8 +3624,7 @@ class Server:
         self._busy[proto] = False
         refused = self._admit(proto, writer)
         if refused is not None:
-            writer.write(json_response(503, refused.to_json(), keep_alive=False,
-                                       headers=refused.headers))
+            writer.write(error_response(refused))
             await _linger(reader, writer)
             await self._close(writer, proto)
             return
@@ -3645,7 +3649,7 @@ class Server:
         except HTTPError as e:
             self.log.info("request.rejected", status=e.status, reason=e.message,
                           peer=_peer(writer))
-            writer.write(json_response(e.status, e.to_json(), keep_alive=False, headers=e.headers))
+            writer.write(error_response(e))
             await _linger(reader, writer)
         except (_Idle, _Cut, ConnectionError):
             pass
@@ -3801,8 +3805,7 @@ class Server:
                 self.log.warning("request.failed", model=model.name if model else None,
                                  status=e.status, reason=e.message)
             proto.responding = True
-            writer.write(json_response(e.status, e.to_json(), keep_alive=head.keep_alive,
-                                       headers=e.headers))
+            writer.write(error_response(e, head.keep_alive))
             await writer.drain()
             return head.keep_alive
         except _Cut as e:
@@ -3986,8 +3989,7 @@ class Server:
 
 
 def _internal_error_response() -> bytes:
-    return json_response(500, LLMuxError("internal error in llmux; it was logged with its "
-                                         "traceback").to_json(), keep_alive=False)
+    return error_response(LLMuxError("internal error in llmux; it was logged with its traceback"))
 
 
 async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
