@@ -1614,6 +1614,44 @@ def test_reload_removing_the_target_of_a_running_switch_leaves_nothing_unknown()
     run_checked(go(), loop)
 
 
+class ScriptedHooks(llmux.SimHooks):
+    """SimHooks whose sleep hook fails while ``fail_sleep`` is set."""
+
+    fail_sleep = False
+
+    async def run(self, model: llmux.ModelConfig, hook: str) -> llmux.HookResult:
+        if hook == "sleep" and self.fail_sleep:
+            result = llmux.HookResult(model.name, hook, 2, stderr_tail=["stuck"])
+            raise llmux.HookError(result.describe(), result)
+        return await super().run(model, hook)
+
+
+def test_reload_re_adding_a_removed_model_still_loaded_keeps_it() -> None:
+    """Regression: a removed model whose sleep failed stays loaded (retired); a later
+    reload that added its name again replaced it with a fresh, ASLEEP entry: the loaded
+    model was forgotten and another could wake beside it."""
+    loop = CheckedLoop()
+    models = {"a": {"port": 1}, "b": {"port": 2}}
+    hooks = ScriptedHooks({"*": 0.1}, {"*": 0.1})
+
+    async def go() -> None:
+        sw = llmux.Switcher(llmux.parse_config({"models": models}), hooks,  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        (await sw.acquire("a")).release()
+        hooks.fail_sleep = True
+        await sw.reconfigure(llmux.parse_config({"models": {"b": models["b"]}}))
+        assert sw.models["a"].retired and sw.active() == ["a"]
+        await sw.reconfigure(llmux.parse_config({"models": models}))
+        m = sw.models["a"]
+        assert m.state is llmux.ModelState.ACTIVE and not m.retired, m.state
+        with pytest.raises(llmux.HookError):
+            await sw.acquire("b")  # a is still loaded, and its sleep still fails
+        assert sw.active() == ["a"]
+        await sw.close()
+
+    run_checked(go(), loop)
+
+
 # ─────────────────────────────── switcher, end to end ───────────────────────────────────
 
 
