@@ -163,7 +163,10 @@ async def hostile_request(port: int, kind: str, rng: random.Random) -> str:
             await writer.drain()
         except ConnectionError:
             pass  # refused early; the answer is still readable
-        data = b""
+        # What arrived already: a write that failed after llmux closed (a client that
+        # trickled on past its 408) sets an exception that read() raises before the data.
+        data = bytes(reader._buffer)  # type: ignore[attr-defined]
+        reader._buffer.clear()  # type: ignore[attr-defined]
         while True:
             try:
                 piece = await reader.read(65536)
