@@ -1489,7 +1489,7 @@ class _Timeout(Exception):
 
 
 async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
-                      exc: BaseException, n: int = READ_SIZE) -> bytes:
+                      exc: Exception, n: int = READ_SIZE) -> bytes:
     """``reader.read(n)``, raising ``exc`` if nothing arrives within ``timeout`` seconds.
 
     On timeout the reader is poisoned with ``exc``: the caller is expected to give up
@@ -1536,7 +1536,7 @@ class _Upstream(asyncio.Protocol):
         self.parser: Optional[ResponseParser] = None
         self.waiter: Optional["asyncio.Future[Any]"] = None
         self.head: Optional[ResponseHead] = None
-        self.client: Optional[asyncio.BaseTransport] = None
+        self.client: Optional[asyncio.WriteTransport] = None
         self.chunked = False
         self.timeout: Optional[float] = None
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -1563,7 +1563,7 @@ class _Upstream(asyncio.Protocol):
             self.transport.write(piece)
         return self.waiter
 
-    def pipe(self, client: asyncio.BaseTransport, chunked: bool, head: bytes) -> "asyncio.Future[Any]":
+    def pipe(self, client: asyncio.WriteTransport, chunked: bool, head: bytes) -> "asyncio.Future[Any]":
         """Write ``head`` and stream the body to ``client``; the future resolves at its end."""
         self.client = client
         self.chunked = chunked
@@ -2894,13 +2894,13 @@ class Switcher:
                     m.retired = True  # still loaded: slept when idle (_arm_idle retries)
                     self._arm_idle(m)
             for name, cfg in config.models.items():
-                m = self.models.get(name)
-                if m is None:  # a retired model of that name was slept and dropped meanwhile
+                known = self.models.get(name)
+                if known is None:  # a retired model of that name was slept and dropped meanwhile
                     self.models[name] = _Model(cfg, now)
-                elif m.state is ModelState.ASLEEP:
-                    m.cfg, m.pending_cfg, m.retired = cfg, None, False
-                elif m.cfg != cfg or m.retired:
-                    m.pending_cfg, m.retired = cfg, False  # still loaded with its old config
+                elif known.state is ModelState.ASLEEP:
+                    known.cfg, known.pending_cfg, known.retired = cfg, None, False
+                elif known.cfg != cfg or known.retired:
+                    known.pending_cfg, known.retired = cfg, False  # loaded with its old config
             self.config = config
             self.policy_cfg = config.policy
             if self.policy.name != config.policy.name:
@@ -3895,7 +3895,7 @@ class Server:
 
     def status(self) -> Dict[str, Any]:
         """GET /llmux/status: the switcher, recent switches, costs, last hook results."""
-        hooks = {}
+        hooks: Dict[str, Dict[str, Any]] = {}
         for (model, hook), r in sorted(self.hooks.last.items()):
             hooks.setdefault(model, {})[hook] = {
                 "ok": r.ok, "exit_code": r.exit_code, "secs": round(r.duration, 6),
@@ -4209,7 +4209,8 @@ async def _simulate(config: Config, trace: Sequence[TraceEntry], hooks: SimHooks
                     log: Log, concurrency: Optional[int]) -> Dict[str, Any]:
     loop = asyncio.get_running_loop()
     switcher = Switcher(config, hooks, POLICIES[config.policy.name](), log)  # type: ignore[arg-type]
-    switcher.switch_log = history = []
+    history: List[Dict[str, Any]] = []
+    switcher.switch_log = history
     waits: List[float] = []
     errors: Dict[str, int] = {}
     tasks: List["asyncio.Task[None]"] = []
