@@ -584,6 +584,33 @@ def wait_for(pred: Any, what: str) -> None:
 GOOD = {"models": {"a": {"port": 8001, "wake": "true", "sleep": "true", "alive": "true"}}}
 
 
+def test_llmux_imports_only_the_standard_library() -> None:
+    """One file, stdlib only: an import of anything else must sit under try/except
+    ImportError (PyYAML, say), so llmux.py runs on a bare Python."""
+    import ast
+    tree = ast.parse((HERE / "llmux.py").read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError"
+                                             for h in node.handlers):
+            guarded.update(id(sub) for sub in ast.walk(node))
+    stdlib = getattr(sys, "stdlib_module_names", None) or {
+        "argparse", "asyncio", "bisect", "collections", "ctypes", "dataclasses", "enum", "errno",
+        "hmac", "http", "ipaddress", "json", "os", "re", "resource", "select", "selectors",
+        "shlex", "signal", "socket", "subprocess", "sys", "time", "traceback", "typing",
+        "urllib", "codecs", "__future__", "math", "random", "struct", "threading", "functools",
+        "itertools", "string", "textwrap", "base64", "hashlib", "io", "pathlib", "tempfile",
+        "shutil", "platform", "contextlib", "weakref", "heapq", "copy", "locale", "datetime"}
+    bad = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        for name in names:
+            if name.split(".")[0] not in stdlib and id(node) not in guarded:
+                bad.append(f"line {node.lineno}: {name}")
+    assert not bad, bad
+
+
 def test_rust_llmux_schema_is_valid_as_is() -> None:
     cfg = llmux.parse_config({
         "models": {"llama": {"port": 8001, "wake": "w", "sleep": "s", "alive": "a"},
