@@ -149,9 +149,10 @@ DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
 # 8 MB body in 2-byte chunks was 4 million steps (25 s of CPU).
 BODY_PIECES_FREE = 4096
 MIN_BODY_PIECE_AVG = 256
-# fds kept free beyond two per connection (the client's and its backend's): listening
-# sockets, hook pipes, idle backend connections, the log.  max_connections is clamped to it.
-FD_RESERVE = 64
+# fds kept free beyond two per connection (the client's and its backend's): connections
+# being refused (at most ACCEPT_BATCH), listening sockets, hook pipes, idle backend
+# connections, the log.  max_connections is clamped to leave it.
+FD_RESERVE = 96
 MULTIPART_MAX_PARTS = 128  # 400: real forms (audio uploads) have a handful of parts.
 MULTIPART_MAX_PART_HEAD = 2048  # a longer part head is not a form field: skipped unread.
 # The JSON model scanner hands a regex at most this many bytes per call (its backtracking
@@ -162,6 +163,7 @@ JSON_SCAN_SLICE = 16
 READ_SIZE = 64 * 1024  # one socket read.
 LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this long ...
 LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
+REFUSED_LINGER_SECS = 0.25  # the same for a connection refused at admission (503).
 STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
 MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF included.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
@@ -176,6 +178,23 @@ UPSTREAM_IDLE_REUSE_SECS = 4.0
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 MAX_ECHOED_NAME = 256  # an unknown model name is quoted in its 404 and log up to this long.
+# 403: the engines' own routes that load, unload, sleep or wake a model.  Proxied, they let
+# any client change what is in GPU memory behind llmux's back (its state would lie, and a
+# client kept out of /llmux/ by allow_remote_control could still do it).  They are llmux's
+# hooks' to call, on the model's port; blocked_paths in the config replaces this list.
+DEFAULT_BLOCKED_PATHS = (
+    "/sleep", "/wake_up", "/collective_rpc",  # vLLM (VLLM_SERVER_DEV_MODE)
+    "/release_memory_occupation", "/resume_memory_occupation",  # SGLang
+    "/update_weights_from_disk", "/update_weights_from_distributed",  # SGLang
+    "/models/load", "/models/unload",  # llama.cpp router mode
+    "/api/pull", "/api/delete", "/api/create", "/api/copy", "/api/push",  # Ollama
+)
+# 400: a request's model name longer than this is not read (a 60 MB "model" was decoded
+# whole, then quoted in its 404); config names and aliases are held to it too.
+MAX_MODEL_NAME_BYTES = 1024
+# 400: "model" strings (at any depth) the JSON scanner stops at, beyond one per window:
+# each stop is a step in Python, and a body of nothing but "model" strings was 1 µs a byte.
+MAX_JSON_MODEL_STRINGS = 1024
 
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "0.0.0.0"  # as the Rust llmux: clients come from other hosts.
@@ -197,12 +216,21 @@ TIMER_SLACK = 1e-3  # a decision timer fires this late, so the deadline it waits
 HOOK_TAIL_LINES = 20  # lines of a hook's stderr kept for its error message.
 HOOK_LINE_MAX = 4096  # a longer output line is cut (bytes).
 HOOK_LOG_LINES = 500  # lines of one hook run copied to the log; the rest are counted.
+# Bytes read from one hook pipe per HOOK_RATE_WINDOW seconds (16 MiB/s, a few % of a core
+# past the logged lines); beyond it reading pauses until the window ends.  The writer then
+# waits on a full pipe: nothing is lost and nothing spins (a background `yes` held llmux
+# at 100% CPU, and a 300 MB burst froze every client for seconds).
+HOOK_RATE_WINDOW = 0.1
+HOOK_RATE_BYTES = 1677722
 HOOK_NAMES = ("wake", "sleep", "alive")
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
 LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
-ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket.
+# Connections accepted per wake-up of the listening socket, and at most this many being
+# set up or refused at once (then accepting pauses ACCEPT_PAUSE_SECS: a connect flood
+# waits in the kernel's backlog instead of taking fds).
+ACCEPT_BATCH = 32
 ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
 
 
@@ -541,6 +569,7 @@ class Config:
     host: str = DEFAULT_HOST
     api_keys: Tuple[str, ...] = ()  # with LLMUX_API_KEYS added by parse_config
     allow_remote_control: bool = False  # without api_keys, /llmux/* answers loopback only
+    blocked_paths: Tuple[str, ...] = ()  # never proxied (403): the engines' own controls
     preload: Optional[str] = None  # model to wake at start when none is adopted
     path: Optional[str] = None  # the file it came from; hooks run in its folder
 
@@ -641,7 +670,7 @@ _POLICY_NUMBERS = {
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remote_control",
-             "preload")
+             "blocked_paths", "preload")
 # An API key is compared byte for byte with what the client sent.  Clients send header
 # values as ASCII (httpx, the openai client, curl from a UTF-8 shell would send UTF-8 that
 # llmux sees as latin-1): a key with other characters could never match, so it is refused.
@@ -678,6 +707,13 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     remote_control = False
     if "allow_remote_control" in raw:
         remote_control = c.boolean("allow_remote_control", raw["allow_remote_control"])
+    blocked = DEFAULT_BLOCKED_PATHS
+    if "blocked_paths" in raw:
+        value = raw["blocked_paths"]
+        if isinstance(value, list) and all(isinstance(v, str) and v.startswith("/") for v in value):
+            blocked = tuple(value)
+        else:
+            c.bad("blocked_paths", "a list of paths, each starting with '/'", value)
 
     policy_raw = raw.get("policy", {})
     policy_args: Dict[str, Any] = {}
@@ -738,6 +774,9 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     names: Dict[str, str] = {}
     for name, m in models_raw.items():
         where = f"models.{name}"
+        if not isinstance(name, str):  # YAML keys may be numbers
+            c.bad(where, "a model name (a string)", name)
+            continue
         if not name.strip() or any(ch.isspace() or ord(ch) < 32 for ch in name):
             c.bad(where, "a model name without spaces or control characters", name)
         if not isinstance(m, dict):
@@ -763,6 +802,9 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         else:
             aliases = list(aliases_raw)
         for label in [name, *aliases]:
+            if len(label.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME_BYTES:
+                c.problems.append(f"{where}: name or alias of {len(label)} characters; expected "
+                                  f"at most {MAX_MODEL_NAME_BYTES} bytes")
             if label in names and names[label] != name:
                 c.problems.append(f"{where}: name or alias '{label}' is already used by "
                                   f"model '{names[label]}'; expected names unique across models")
@@ -784,7 +826,8 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         raise ConfigError(c.problems)
     return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
                   port=port, host=host, api_keys=tuple(keys),
-                  allow_remote_control=bool(remote_control), preload=preload, path=path)
+                  allow_remote_control=bool(remote_control), blocked_paths=blocked,
+                  preload=preload, path=path)
 
 
 def load_config(path: str) -> Config:
@@ -802,11 +845,15 @@ def load_config(path: str) -> Config:
             raw = yaml.safe_load(data)
         except yaml.YAMLError as e:
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+        except RecursionError:
+            raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     else:
         try:
             raw = json.loads(data)
         except ValueError as e:
             raise ConfigError([f"{path}: not valid JSON: {e}"]) from None
+        except RecursionError:
+            raise ConfigError([f"{path}: not valid JSON: nested too deeply"]) from None
     return parse_config(raw, os.path.abspath(path))
 
 
@@ -1813,8 +1860,14 @@ def client_response_head(resp: ResponseHead, client_10: bool,
     # forwarded 204 nor 304 a body; a 304's length describes a body nobody sends.
     no_body = resp.status in (204, 304)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
-    lines.extend(f"{k}: {v}" for k, v in
-                 forward_headers(resp.headers, ("content-length",) if open_ended or no_body else ()))
+    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, ("content-length",)))
+    if not (open_ended or no_body):
+        # One Content-Length, however the backend wrote it (`3, 3`, twice: RFC 9110 8.6
+        # lets a recipient that checked them send one).  The parser checked they agree;
+        # for HEAD it is the length of the body a GET would have, so it is the backend's.
+        length = _content_length(resp.headers, 502)
+        if length is not None:
+            lines.append(f"content-length: {length}")
     chunked = open_ended and not client_10
     if chunked:
         lines.append("transfer-encoding: chunked")
@@ -1965,13 +2018,17 @@ class _PipeReader:
         self._partial = b""
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
+        self._window_end = 0.0
+        self._window_bytes = 0
+        self._resume: Optional[asyncio.TimerHandle] = None  # paused for the rate until then
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self.pump)
 
-    def pump(self, budget: int = 16) -> None:
-        """Read what the pipe holds now (at most ``budget`` reads, to stay fair)."""
+    def pump(self, budget: int = 16, limited: bool = True) -> None:
+        """Read what the pipe holds now: at most ``budget`` reads (to stay fair) and, if
+        ``limited``, at most HOOK_RATE_BYTES a window (then it pauses itself)."""
         for _ in range(budget):
-            if self.fd < 0:
+            if self.fd < 0 or (limited and self._resume is not None):
                 return
             try:
                 data = os.read(self.fd, READ_SIZE)
@@ -1983,13 +2040,47 @@ class _PipeReader:
                 self._line(self._partial, final=True)
                 self.close()
                 return
-            lines = (self._partial + data).split(b"\n")
+            self._take(data)
+            if limited and self._over_rate(len(data)):
+                return
+
+    def _take(self, data: bytes) -> None:
+        buf = self._partial + data
+        if self.logged < HOOK_LOG_LINES:
+            lines = buf.split(b"\n")
             self._partial = lines.pop()
-            if len(self._partial) > HOOK_LINE_MAX:
-                self._line(self._partial)
-                self._partial = b""
             for line in lines:
                 self._line(line)
+        else:  # past what is logged: count the lines in C and keep only the tail
+            newlines = buf.count(b"\n")
+            if newlines:
+                lines = buf.rsplit(b"\n", HOOK_TAIL_LINES + 1)
+                self._partial = lines.pop()
+                self.dropped += newlines - min(newlines, HOOK_TAIL_LINES)
+                for line in lines[-HOOK_TAIL_LINES:]:
+                    self._line(line)
+            else:
+                self._partial = buf
+        if len(self._partial) > HOOK_LINE_MAX:
+            self._line(self._partial)
+            self._partial = b""
+
+    def _over_rate(self, n: int) -> bool:
+        """Count ``n`` bytes in the current window; past the rate, pause until it ends."""
+        now = self._loop.time()
+        if now >= self._window_end:
+            self._window_end, self._window_bytes = now + HOOK_RATE_WINDOW, 0
+        self._window_bytes += n
+        if self._window_bytes < HOOK_RATE_BYTES:
+            return False
+        self._loop.remove_reader(self.fd)
+        self._resume = self._loop.call_at(self._window_end, self._unpause)
+        return True
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self.fd >= 0:
+            self._loop.add_reader(self.fd, self.pump)
 
     def _line(self, raw: bytes, final: bool = False) -> None:
         if final and not raw:
@@ -2003,6 +2094,9 @@ class _PipeReader:
             self.dropped += 1
 
     def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self.fd >= 0:
             self._loop.remove_reader(self.fd)
             os.close(self.fd)
@@ -2097,8 +2191,8 @@ class HookRunner:
         finally:
             self._running.discard(proc.pid)
         # What the hook wrote before it exited is in the pipes now; take it.
-        out.pump(budget=64)
-        err.pump(budget=64)
+        out.pump(budget=64, limited=False)
+        err.pump(budget=64, limited=False)
         code = proc.returncode
         return HookResult(model.name, hook, code if code is not None and code >= 0 else None,
                           signal=-code if code is not None and code < 0 and not timed_out else None,
@@ -2159,8 +2253,8 @@ _TRANSITIONS: Dict[Tuple[ModelState, ModelEvent], ModelState] = {
     (_S.DRAINING, ModelEvent.SLEEP): _S.SLEEPING,
     (_S.SLEEPING, ModelEvent.SLEPT): _S.ASLEEP,
     # A victim whose sleep failed is still loaded: it serves again and still counts
-    # against the capacity (invariant 9).  A failed wake whose cleanup sleep failed too
-    # never served and is taken as asleep (SLEPT, with the reason logged).
+    # against the capacity (invariant 9).  So does a failed wake whose cleanup sleep
+    # failed too: its wake may have loaded it, and only a sleep that worked says not.
     (_S.SLEEPING, ModelEvent.SLEEP_FAILED): _S.ACTIVE,
 }
 
@@ -2622,6 +2716,8 @@ class Switcher:
             if m.active_since is None:
                 m.active_since = now
                 m.last_used = now
+            if event is ModelEvent.SLEEP_FAILED:
+                m.last_used = now  # an idle sleep that failed is retried one period later
             self._arm_idle(m)
         elif state is ModelState.ASLEEP:
             if m.active_since is not None:
@@ -2752,8 +2848,10 @@ class Switcher:
             except Exception as e:
                 if not isinstance(e, HookError):
                     self._internal_error("switch.cleanup", e)
-                self._fire(m, ModelEvent.SLEPT, "its wake and its cleanup sleep failed; it never "
-                                        "served, taken as asleep")
+                # Its wake may have loaded it before failing: without a sleep that worked
+                # it is counted as loaded (invariant 9), and slept before any other wake.
+                self._fire(m, ModelEvent.SLEEP_FAILED, "its wake and its cleanup sleep failed; "
+                                                       "it may be loaded: counted as loaded")
         if target is not None:
             target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
             if isinstance(error, HookError):
@@ -2877,10 +2975,23 @@ class Switcher:
                     m = self.models[name]
                     if m.state is ModelState.ASLEEP:  # between switches: ASLEEP or ACTIVE
                         continue
-                    task = self._start_switch(None, [m], True, "config reload")
-                    if await asyncio.shield(task) != "ok" or m.state is not ModelState.ASLEEP:
+                    if not await self._sleep_for_reload(m, "config reload"):
                         self.log.error("reload.sleep_failed", model=name,
                                        keeping="its old config until a sleep succeeds")
+                # A smaller capacity (or one model at a time again) sleeps what no longer
+                # fits, in eviction order, before the new config takes over.
+                while True:
+                    awake = [m for m in self.models.values() if m.state is ModelState.ACTIVE]
+                    capacity = config.policy.capacity
+                    if (len(awake) <= 1) if capacity is None else \
+                            sum(m.cfg.size for m in awake) <= capacity + 1e-9:
+                        break
+                    victim = self.policy.eviction_order(self, awake, self.clock())[0]
+                    if not await self._sleep_for_reload(victim, "config reload: capacity"):
+                        self.log.error("reload.sleep_failed", model=victim.name,
+                                       keeping="loaded beyond the new capacity until a "
+                                               "sleep succeeds")
+                        break
             finally:
                 self.held = False
             for name in removed:
@@ -2907,6 +3018,11 @@ class Switcher:
                 self.policy = POLICIES[config.policy.name]()
             self._schedule()
             return {"added": added, "changed": changed, "removed": removed}
+
+    async def _sleep_for_reload(self, m: _Model, reason: str) -> bool:
+        """Drain and sleep ``m`` while a reload holds the switcher; True if it is asleep."""
+        task = self._start_switch(None, [m], True, reason)
+        return await asyncio.shield(task) == "ok" and m.state is ModelState.ASLEEP
 
     async def _drain(self, target: Optional[_Model], victims: List[_Model], forced: bool) -> bool:
         """Wait until the victims have nothing in flight; False if nobody waits any more."""
@@ -2980,6 +3096,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.upstream: Optional[_Upstream] = None  # the backend piping into us now
         self.model: Optional[str] = None  # of the request being served, for the log
         self.responding = False  # a byte of the current request's answer was written
+        self.refused = False  # answered 503 at admission; counted in Server._refusing
         self.idle_since: Optional[float] = None  # waiting for a request, nothing buffered
         self.peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
         self.counted = False  # in Server's connection table (admitted, not yet forgotten)
@@ -3034,6 +3151,9 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self._stall is not None:
             self._stall.cancel()
+        if self.refused:  # its fd is closed now: one fewer being refused
+            self.refused = False
+            self._llmux_server._refusing -= 1
         self._llmux_gone()
         super().connection_lost(exc)
 
@@ -3129,6 +3249,8 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
     depth = 1
     model: Union[str, _NotString, None] = None
     steps = 0
+    stops = 0
+    stops_allowed = MAX_JSON_MODEL_STRINGS + n // JSON_SCAN_WINDOW + 1
     while pos < n:
         steps += 1
         if steps % JSON_SCAN_SLICE == 0:
@@ -3148,6 +3270,10 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
                 continue  # the window's edge
         # A string the run would not take: "model" (perhaps escaped), or one the
         # window's edge cut.
+        stops += 1
+        if stops > stops_allowed:
+            raise ValueError(f"more than {MAX_JSON_MODEL_STRINGS} \"model\" strings; expected "
+                             "a request body, not a list of them")
         end = yield from _json_string_end(body, pos)
         if depth <= 0:
             raise ValueError(f"data after the top-level object at byte {pos}")
@@ -3159,7 +3285,7 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
                 if value < n and body[value] == 0x22:
                     value_end = yield from _json_string_end(body, value)
                     if is_model:
-                        model = json.loads(body[value:value_end + 1])
+                        model = _json_model_name(body, value, value_end + 1)
                     pos = value_end + 1
                     continue
                 if is_model:
@@ -3173,6 +3299,17 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
     if depth != 0:
         raise ValueError("the top-level object is not closed")
     return model
+
+
+def _json_model_name(body: bytes, start: int, end: int) -> Union[str, _NotString]:
+    """The JSON string ``body[start:end]`` as a model name, unless it is too long to be one
+    (then it is not decoded: a _NotString naming its size)."""
+    if end - start - 2 > MAX_MODEL_NAME_BYTES * 6:  # every character might be escaped
+        return _NotString(f"a string of {end - start - 2} bytes")
+    name = json.loads(body[start:end])
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME_BYTES:
+        return _NotString(f"a string of {len(name)} characters")
+    return name  # type: ignore[no-any-return]
 
 
 def _json_model(body: bytes) -> Union[str, _NotString, None]:
@@ -3211,12 +3348,12 @@ def _is_model_field(head: bytes) -> bool:
     return False
 
 
-def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
+def _model_from_multipart(content_type: str, body: bytes) -> Union[str, _NotString, None]:
     """The ``model`` field of a multipart/form-data body (audio uploads), or None; the
     last one if several, as the engines' form parsers (Starlette) keep.  Parts are found
     with bytes.find, never a regex over the body; each part head is bounded."""
     delimiter = b"--" + _multipart_boundary(content_type)
-    found: Optional[str] = None
+    found: Union[str, _NotString, None] = None
     at = body.find(delimiter)
     parts = 0
     while at >= 0:
@@ -3231,7 +3368,9 @@ def _model_from_multipart(content_type: str, body: bytes) -> Optional[str]:
                             f"expected at most {MULTIPART_MAX_PARTS}")
         head_end = body.find(b"\r\n\r\n", start, min(end, start + MULTIPART_MAX_PART_HEAD))
         if head_end >= 0 and _is_model_field(body[start:head_end]):
-            found = body[head_end + 4:end].decode("utf-8", "replace")
+            size = end - head_end - 4
+            found = body[head_end + 4:end].decode("utf-8", "replace") \
+                if size <= MAX_MODEL_NAME_BYTES else _NotString(f"a field of {size} bytes")
         at = nxt + 2 if nxt >= 0 else -1
     return found
 
@@ -3293,19 +3432,23 @@ class _BodyClaim:
         self.budget = budget
         self.held = 0
 
-    def grow_to(self, total: int) -> None:
-        """Hold ``total`` bytes; 503 with Retry-After if the budget has not that many."""
-        extra = total - self.held
-        if extra <= 0:
-            return
+    def check(self, total: int) -> None:
+        """503 with Retry-After now if ``total`` more bytes would not fit in what is free
+        now.  Nothing is reserved: a head that declares 64 MiB and sends nothing holds
+        nothing, so a few idle sockets cannot shut every body out."""
         budget = self.budget
-        if budget.used + extra > budget.limit:
+        if budget.used + total - self.held > budget.limit:
             raise HTTPError(f"too many request bodies held now ({budget.used} of "
                             f"{budget.limit} bytes buffered); retry later", status=503,
                             type="server_error", code="server_busy",
                             headers=[("retry-after", str(BODY_BUDGET_RETRY_AFTER))])
-        budget.used += extra
-        self.held = total
+
+    def grow_to(self, total: int) -> None:
+        """Hold ``total`` bytes (those that arrived); 503 if the budget has not that many."""
+        if total > self.held:
+            self.check(total)
+            self.budget.used += total - self.held
+            self.held = total
 
     def release(self) -> None:
         self.budget.used -= self.held
@@ -3377,6 +3520,7 @@ class Server:
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._listening: List[socket.socket] = []
         self._accepting: Set["asyncio.Task[Any]"] = set()  # connections being set up
+        self._refusing = 0  # connections answered 503 at admission whose fd is not closed yet
         self._accept_paused: Optional[asyncio.TimerHandle] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
         self._open = 0  # connections admitted and not yet closed or evicted
@@ -3435,6 +3579,9 @@ class Server:
     def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
+            if len(self._accepting) + self._refusing >= ACCEPT_BATCH:
+                self._pause_accepting("too many connections being set up or refused")
+                return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -3443,7 +3590,7 @@ class Server:
                 continue
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(e)
+                    self._pause_accepting(_reason(e))
                 else:
                     log_internal_error(self.log, self.metrics, "accept", e)
                 return
@@ -3462,12 +3609,12 @@ class Server:
             conn.close()
             log_internal_error(self.log, self.metrics, "accept", e)
 
-    def _pause_accepting(self, e: OSError) -> None:
+    def _pause_accepting(self, reason: str) -> None:
         """Out of fds: stop accepting for ACCEPT_PAUSE_SECS (new clients wait in the
         kernel's backlog), say so once, and count it."""
         loop = asyncio.get_running_loop()
         self.metrics.inc("llmux_accept_paused_total")
-        self.log.warning("accept.paused", reason=_reason(e), secs=ACCEPT_PAUSE_SECS,
+        self.log.warning("accept.paused", reason=reason, secs=ACCEPT_PAUSE_SECS,
                          connections=len(self._busy))
         for s in self._listening:
             loop.remove_reader(s.fileno())
@@ -3502,25 +3649,35 @@ class Server:
         log_internal_error(self.log, self.metrics, "loop", e)
 
     async def adopt(self) -> None:
-        """At start, before listening: run every alive hook.  A model that is up already
-        (llmux restarted while it stayed loaded) becomes ACTIVE without a wake; if several
-        are up, the preload one (else the first in the config) is kept and the others are
-        put to sleep.  With none up, ``preload`` is woken in the background."""
+        """At start, before listening: run every alive hook.  The models that are up
+        already (llmux restarted while they stayed loaded) become ACTIVE without a wake,
+        as many as the capacity holds (one, without ``policy.capacity``): the preload one
+        first, then in config order.  The others are put to sleep; one whose sleep fails
+        is still loaded, so it is adopted too, however full that makes the GPU: the state
+        tells the truth, and the next switch evicts it first.  With none up, ``preload``
+        is woken in the background."""
         cfgs = [m for m in self.config.models.values() if m.alive]
         found = await asyncio.gather(*(self.hooks.alive(m) for m in cfgs))
         up = [m.name for m, ok in zip(cfgs, found) if ok]
         preload = self.config.preload
-        if up:
-            keep = preload if preload in up else up[0]
-            for name in up:
-                if name != keep:
-                    self.log.info("startup.extra_model_up", model=name, keeping=keep)
-                    try:
-                        await self.hooks.run(self.config.models[name], "sleep")
-                    except HookError:
-                        pass  # logged; it will be slept again before any other wake
-            self.switcher.adopt(keep)
-        elif preload is not None:
+        capacity = self.config.policy.capacity
+        keep: List[str] = []
+        for name in sorted(up, key=lambda n: n != preload):  # stable: config order after
+            size = self.config.models[name].size
+            used = sum(self.config.models[k].size for k in keep)
+            if (not keep) if capacity is None else used + size <= capacity + 1e-9:
+                keep.append(name)
+                continue
+            self.log.info("startup.extra_model_up", model=name, keeping=",".join(keep))
+            try:
+                await self.hooks.run(self.config.models[name], "sleep")
+            except HookError:
+                self.log.error("startup.sleep_failed", model=name,
+                               keeping="it counted as loaded until a sleep succeeds")
+                keep.append(name)
+        for name in keep:
+            self.switcher.adopt(name)
+        if not up and preload is not None:
             self.switcher.start_wake(preload, "preload")
 
     def start_background(self) -> None:
@@ -3545,12 +3702,24 @@ class Server:
         for m in list(sw.models.values()):
             if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
                 continue
-            if await self.hooks.alive(m.cfg) is False and m.state is ModelState.ACTIVE:
+            before = m.transitions
+            verdict = await self.hooks.alive(m.cfg)
+            # A verdict about the model as it was: if it was switched out (and back in)
+            # while the hook ran, it says nothing about the model as it is now.
+            if verdict is False and m.state is ModelState.ACTIVE and m.transitions == before:
                 sw.alive_failed(m.name)
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP).  An invalid one is logged and ignored.
-        Models whose config is unchanged are not touched (Switcher.reconfigure)."""
+        Models whose config is unchanged are not touched (Switcher.reconfigure).  Never
+        raises: a bug is logged as an internal error, and llmux keeps running."""
+        try:
+            return await self._reload()
+        except Exception as e:
+            log_internal_error(self.log, self.metrics, "reload", e)
+            return False
+
+    async def _reload(self) -> bool:
         async with self._reload_lock:
             try:
                 new = load_config(self.config.path or "")
@@ -3624,8 +3793,13 @@ class Server:
         self._busy[proto] = False
         refused = self._admit(proto, writer)
         if refused is not None:
+            # A refused connection's fd is in no table: it lingers only REFUSED_LINGER_SECS
+            # (enough for the request it already sent), and at most ACCEPT_BATCH are being
+            # refused at once (_accept pauses beyond): a connect flood once took every fd.
+            proto.refused = True
+            self._refusing += 1
             writer.write(error_response(refused))
-            await _linger(reader, writer)
+            await _linger(reader, writer, REFUSED_LINGER_SECS)
             await self._close(writer, proto)
             return
         parser = RequestParser(http.max_body_bytes)
@@ -3785,6 +3959,11 @@ class Server:
                                            head_only=head.method == "HEAD"))
                 await writer.drain()
                 return head.keep_alive
+            if path in self.config.blocked_paths:
+                raise LLMuxError(f"{path} is not proxied: llmux decides what is loaded; use "
+                                 "POST /llmux/models/NAME/wake or /sleep, or change "
+                                 "blocked_paths in the config", status=403,
+                                 type="permission_error", code="blocked_path")
             model = await self._model_for(head, body)
             proto.model = model.name
             if self.log.enabled("debug"):
@@ -4035,7 +4214,7 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     head: RequestHead = event
     framing = request_framing(head.version, head.headers)  # checked by the parser already
     if claim is not None and isinstance(framing, int):
-        claim.grow_to(framing)  # before any body byte, and before 100 Continue
+        claim.check(framing)  # before any body byte, and before 100 Continue
     if head.expect_continue and parser.expecting_body and not parser.buffered:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = bytearray()
@@ -4060,7 +4239,7 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 raise HTTPError(f"request body arrives in too many small pieces; expected at most "
                                 f"{BODY_PIECES_FREE} pieces plus one per {MIN_BODY_PIECE_AVG} "
                                 f"bytes; got {pieces} for {len(body)} bytes", code="body_too_fragmented")
-            if claim is not None and framing == "chunked":
+            if claim is not None:
                 claim.grow_to(len(body))
         event = parser.next_event()
     # One buffer, returned as it is: read as bytes everywhere and never changed again.
@@ -4074,12 +4253,13 @@ def _body_too_slow(received: int, secs: float, http: HttpConfig) -> HTTPError:
                      status=408, code="request_timeout")
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  secs: float = LINGER_SECS) -> None:
     """Half-close, then discard what the client still sends for a moment: closing a
     socket with unread bytes makes the kernel send a reset, which can destroy the error
     answer we just wrote before the client reads it."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + LINGER_SECS
+    deadline = loop.time() + secs
     total = 0
     try:
         if writer.can_write_eof():
