@@ -2722,6 +2722,10 @@ class Switcher:
        in the state that tells the truth (_restore).
     Between switches every model is ASLEEP or ACTIVE.
 
+    A model found dead while ACTIVE (died(): its managed server exited, or its backend
+    refused and it has no alive hook) becomes ASLEEP at once, its slots released and
+    their requests cut, without a sleep hook: nothing is loaded any more.
+
     How state changes: only through _fire(model, event), which looks the pair up in
     _TRANSITIONS.  Every public method that changes anything ends in one _schedule()
     pass, the only place that decides; _schedule never awaits, so decisions cannot
@@ -3956,8 +3960,11 @@ class Server:
         self._checking.add(name)
         task = asyncio.get_running_loop().create_task(self._recheck(m.cfg))
         self._background.append(task)
-        task.add_done_callback(lambda t: (self._checking.discard(name),
-                                          self._background.remove(t)))
+
+        def done(t: "asyncio.Task[None]") -> None:
+            self._checking.discard(name)
+            self._background.remove(t)
+        task.add_done_callback(done)
 
     async def _recheck(self, cfg: ModelConfig) -> None:
         sw = self.switcher

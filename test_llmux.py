@@ -1512,12 +1512,13 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
     """Seeded random wake / sleep / kill -9 / requests against two managed servers;
     after each step the state is the truth: an active model's newest server runs,
     every other server llmux ever started is gone (reaped: no zombie, no orphan)."""
-    seeds = [int(os.environ["LLMUX_EXPLORE_SEED"])] if "LLMUX_EXPLORE_SEED" in os.environ else [1, 2]
+    seeds = [int(os.environ["LLMUX_EXPLORE_SEED"])] if "LLMUX_EXPLORE_SEED" in os.environ else [1, 2, 3]
     lx = env.start({"a": env.managed("a"), "b": env.managed("b")}, policy={"alive_interval_secs": 0})
+    kills = 0
     for seed in seeds:
         rng = random.Random(seed)
         trace: List[str] = []
-        for step in range(10):
+        for step in range(12):
             name = rng.choice(["a", "b"])
             what = rng.choice(["request", "request", "wake", "sleep", "kill"])
             state = lx.request("GET", "/llmux/status")[2]["models"]
@@ -1533,6 +1534,7 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
                     died = lx.log_count(rf"model\.died model={name}")
                     os.kill(server_pids(lx, name)[-1], signal.SIGKILL)
                     lx.wait_log(rf"model\.died model={name}", count=died + 1)
+                    kills += 1
                 models = lx.request("GET", "/llmux/status")[2]["models"]
                 for m in ("a", "b"):
                     pids = server_pids(lx, m)
@@ -1546,6 +1548,7 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
             except AssertionError as e:
                 raise AssertionError(f"seed {seed} step {step}: {e}\ntrace: {trace}\n"
                                      f"replay: LLMUX_EXPLORE_SEED={seed}") from e
+    assert kills or len(seeds) == 1, "the default seeds must kill a server while it serves"
 
 
 # ──────────────────── switcher, in process: deterministic simulation ────────────────────
@@ -1676,6 +1679,7 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
     """One seeded scenario through the real Switcher; raises AssertionError on a broken
     invariant.  Returns counts of what happened."""
     rng = random.Random(seed)
+    crash_dice = random.Random(seed + 1_000_003)
     capacity = rng.choice([None, None, 2.0, 3.0])
     policy: Dict[str, Any] = {
         "name": rng.choice(["fifo", "cost"]),
@@ -1700,7 +1704,7 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
     stream = ListStream()
     hooks = FaultHooks(rng, capacity, policy["hook_timeout_secs"], fail)
     counts = {"requests": 0, "served": 0, "errors": 0, "left": 0, "cut": 0, "reloads": 0,
-              "controls": 0}
+              "controls": 0, "died": 0}
     trace: List[str] = []
     timeout = policy["request_timeout_secs"]
 
@@ -1750,8 +1754,9 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
                 assert name in models and models[name].state is not S.ASLEEP, \
                     f"inv 9: {name} is loaded but the switcher says " \
                     f"{models[name].state.value if name in models else 'gone'}"
-            for slot in holders.values():
-                assert slot.model.name in hooks.loaded, f"inv 2: slot on unloaded {slot.model.name}"
+            for slot in holders.values():  # a dead model's slots were released (and cut)
+                assert slot.model.name in hooks.loaded or slot._released, \
+                    f"inv 2: slot on unloaded {slot.model.name}"
 
         loop.check = check
 
@@ -1810,11 +1815,22 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
                 if name in sw.models:
                     counts["controls"] += 1
                     what = rng.choice(["wake", "sleep", "alive_failed"])
+                    # Half the liveness failures are crashes instead, decided by dice of
+                    # their own: rng draws as before, so older seeds replay as found.
+                    if what == "alive_failed" and crash_dice.random() < 0.5:
+                        what = "died"
                     trace.append(f"t={loop.time():.3f} control {what} {name}")
                     if what == "wake":
                         task = sw.start_wake(name, "control API")
                     elif what == "sleep":
                         task = sw.start_sleep(name, "control API")
+                    elif what == "died":  # its server crashed: the GPU no longer holds it
+                        task = None
+                        if sw.models[name].state is llmux.ModelState.ACTIVE:
+                            hooks.loaded.pop(name, None)
+                            counts["died"] += 1
+                        was = sw.models[name].state
+                        assert sw.died(name, "killed") is (was is llmux.ModelState.ACTIVE)
                     elif sw.models[name].state is llmux.ModelState.ACTIVE:
                         task = sw.alive_failed(name)
                     else:
@@ -1899,8 +1915,9 @@ def test_switcher_explorer(capsys: Any) -> None:
         print(f"\n[explore] switcher: {EXPLORE_SCENARIOS} scenarios, {total['requests']} requests "
               f"({total['served']} served, {total['errors']} errors, {total['left']} left, "
               f"{total['cut']} cut), {total['reloads']} reloads, {total['controls']} controls, "
-              f"{EXPLORE_SCENARIOS / secs:.0f} scenarios/s")
+              f"{total['died']} died, {EXPLORE_SCENARIOS / secs:.0f} scenarios/s")
     assert total["served"] and total["errors"] and total["left"] and total["reloads"]
+    assert total["died"]
 
 
 
