@@ -2224,8 +2224,12 @@ class HookRunner:
     async def _start_server(self, model: ModelConfig) -> None:
         """Start ``model``'s server unless it runs, and wait until it is ready; raise
         HookError at once if it exits first, or if it is not ready within the timeout."""
-        if self.server_running(model.name):
-            return  # idempotent: a second wake does not start a second server
+        old = self.servers.get(model.name)
+        if old is not None and old.running:
+            if (old.model.cmd, old.model.port, old.model.ready_path) == \
+                    (model.cmd, model.port, model.ready_path):
+                return  # idempotent: a second wake does not start a second server
+            await self._stop(old)  # sleep mode kept it up; a reload changed how to run it
         loop = asyncio.get_running_loop()
         started = loop.time()
         name = model.name

@@ -10,6 +10,7 @@ hung test (and its child processes) outright.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import faulthandler
 import http.client
 import http.server
@@ -343,10 +344,11 @@ class Llmux:
     """`python3 llmux.py` as a child process; its log lines are collected as they come."""
 
     def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = (),
-                 start_timeout: float = T, preexec_fn: Any = None) -> None:
+                 start_timeout: float = T, preexec_fn: Any = None,
+                 wrapper: Tuple[str, ...] = ()) -> None:
         self.config_path = tmp / "config.json"
         self.config_path.write_text(json.dumps(config))
-        self.proc = spawn([sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
+        self.proc = spawn([*wrapper, sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
                            "--host", "127.0.0.1", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=preexec_fn)
@@ -1415,6 +1417,13 @@ def test_managed_server_hooks_run_once_started_in_sleep_mode() -> None:
             assert [line.rpartition("| ")[2] for line in stream.lines
                     if "hook.output" in line and "hook=server" not in line] == \
                 ["woke-up", "slept", "woke-up"]
+            await runner.run(cfg, "sleep")
+            # A reload changed the command of the (sleeping, still running) server: the
+            # next wake replaces it instead of waking the old one.
+            changed = dataclasses.replace(cfg, cmd=cfg.cmd + ("--events", os.devnull))
+            await runner.run(changed, "wake")
+            assert pid_gone(pid) and runner.servers["a"].proc.pid != pid
+            pid = runner.servers["a"].proc.pid
             await runner.stop_servers()
             assert not runner.servers and pid_gone(pid)
         finally:
@@ -1456,6 +1465,50 @@ def test_llmux_as_subreaper_reaps_orphans_but_not_its_own_children(env: Env) -> 
     assert status == 503 and payload["error"]["message"] == "hook 'sleep' for model 'a' exited 7"
     lx.request("POST", "/llmux/models/a/sleep")  # once more, to see the code in the log
     assert lx.log_count(r"hook\.exit model=a hook=sleep code=7") == 2
+    assert lx.log_count(r"Unknown child process") == 0
+
+
+def _child_of(pid: int) -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        return int(name)
+            except (OSError, ValueError, IndexError):
+                continue
+    raise AssertionError(f"no child of pid {pid}")
+
+
+def test_llmux_as_pid_1_of_a_pid_namespace_reaps_orphans(env: Env) -> None:
+    """llmux as PID 1 (`unshare --pid --fork --mount-proc`, a container without --init):
+    an orphan left by a wake hook is reparented to it and reaped when it exits; hooks
+    keep their real exit codes; llmux stops cleanly on SIGTERM."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, timeout=T)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
+    orphan_pid = env.tmp / "orphan.pid"
+    gate = env.gate("orphan")
+    backend = Backend("a", env.events)
+    env.backends["a"] = backend
+    wake = (f"(sh -c 'echo $$ > {orphan_pid}; while [ ! -e {gate} ]; do sleep 0.01; done' &)\n"
+            "exit 0")
+    cfg = {"models": {"a": {"port": backend.port, "wake": wake, "sleep": "exit 7"}}}
+    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--mount-proc",
+                                      "--kill-child=SIGKILL"))
+    env.procs.append(lx)
+    lx.wait_log(r"reaper\.on pid=1 ")
+    assert lx.chat("a")[0] == 200
+    wait_for(lambda: orphan_pid.exists() and orphan_pid.read_text().strip(), "orphan pid file")
+    pid = int(orphan_pid.read_text())  # as the namespace sees it
+    gate.touch()
+    lx.wait_log(r"reaper\.reaped pid=%d status=0" % pid)
+    assert lx.request("POST", "/llmux/models/a/sleep")[0] == 503
+    lx.wait_log(r"hook\.exit model=a hook=sleep code=7")
+    os.kill(_child_of(lx.proc.pid), signal.SIGTERM)  # unshare itself ignores SIGTERM
+    lx.proc.wait(T)
+    lx.wait_log(r"shutdown\.drained")
     assert lx.log_count(r"Unknown child process") == 0
 
 
