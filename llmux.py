@@ -2278,7 +2278,7 @@ class HookRunner:
                 if not server.running or server.exited.done():
                     await server.exited
                     output.pump(budget=64)
-                    code = proc.returncode
+                    code = proc.returncode if proc.returncode is not None else -1
                     raise fail(f"server for model '{name}' {server.describe_exit()} before it "
                                "was ready", output.tail, exit_code=code if code >= 0 else None,
                                signal=-code if code < 0 else None)
@@ -2405,7 +2405,7 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
     asyncio's child watcher, which waits for each by pid: reaping one here would steal
     its exit status.  Linux only (reads /proc); elsewhere nothing is reaped."""
     me = os.getpid()
-    reaped = []
+    reaped: List[Tuple[int, int]] = []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -2459,6 +2459,7 @@ async def _probe_ready(port: int, path: str, timeout: float) -> bool:
     writer: Optional[asyncio.StreamWriter] = None
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        assert writer is not None
         writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
                      "connection: close\r\n\r\n".encode("ascii"))
         line = await asyncio.wait_for(reader.readline(), timeout)
