@@ -3,7 +3,8 @@
 
 llmux reads the ``model`` field of each request. When that model is not loaded it
 drains the requests in flight, runs the loaded model's ``sleep`` hook and the
-requested model's ``wake`` hook (any shell text, run with ``sh -c``), then proxies
+requested model's ``wake`` hook (any shell text, run with ``sh -c``; or it runs the
+model's server itself, ``cmd``, and stops it to sleep), then proxies
 the request to ``127.0.0.1:<model port>`` and streams the answer back::
 
     client ──HTTP/1.1──▶ server ──▶ route ──▶ switcher.acquire(model) ──▶ relay ──▶ 127.0.0.1:<port>
