@@ -3,7 +3,8 @@
 
 llmux reads the ``model`` field of each request. When that model is not loaded it
 drains the requests in flight, runs the loaded model's ``sleep`` hook and the
-requested model's ``wake`` hook (any shell text, run with ``sh -c``), then proxies
+requested model's ``wake`` hook (any shell text, run with ``sh -c``; or it runs the
+model's server itself, ``cmd``, and stops it to sleep), then proxies
 the request to ``127.0.0.1:<model port>`` and streams the answer back::
 
     client ──HTTP/1.1──▶ server ──▶ route ──▶ switcher.acquire(model) ──▶ relay ──▶ 127.0.0.1:<port>
@@ -76,6 +77,7 @@ import os
 import re
 import select
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -105,6 +107,13 @@ try:  # Unix only (it is stdlib there): the fd limit is raised and obeyed where 
     import resource
 except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
+
+try:  # Linux: prctl(2) for PR_SET_PDEATHSIG (no orphaned model servers) and the subreaper.
+    import ctypes
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    _PRCTL: Any = getattr(_LIBC, "prctl", None)
+except (ImportError, OSError):  # pragma: no cover - no ctypes, or no libc to load
+    _PRCTL = None
 
 try:  # Optional: YAML configs. Without PyYAML a .yaml config gets a clear error.
     import yaml  # type: ignore
@@ -223,6 +232,13 @@ HOOK_LOG_LINES = 500  # lines of one hook run copied to the log; the rest are co
 HOOK_RATE_WINDOW = 0.1
 HOOK_RATE_BYTES = 1677722
 HOOK_NAMES = ("wake", "sleep", "alive")
+# Managed model servers (models.NAME.cmd).  A failed start or readiness check is a 503
+# (the wake failed), as for a wake hook.
+DEFAULT_STOP_GRACE = 10.0  # SIGTERM, then SIGKILL after this (stop_grace_secs).
+DEFAULT_READY_PATH = "/health"  # GET this on the model's port; 2xx means ready (ready_path).
+READY_POLL_SECS = 0.05  # readiness is probed this often while the server starts.
+READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers is not ready.
+REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
@@ -497,6 +513,8 @@ def llmux_metrics() -> Metrics:
              "Moving average of the sleep+wake cost of switching between two models.", ("from", "to"))
     m.define("histogram", "llmux_hook_duration_seconds", "Hook run time.", ("model", "hook"))
     m.define("counter", "llmux_hook_failures_total", "Hooks that failed.", ("model", "hook"))
+    m.define("counter", "llmux_model_crashes_total",
+             "Models found dead while active (server exited, backend refused).", ("model",))
     m.define("counter", "llmux_internal_errors_total",
              "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
     m.define("counter", "llmux_accept_paused_total",
@@ -519,6 +537,9 @@ class ModelConfig:
     aliases: Tuple[str, ...] = ()
     idle_sleep_secs: Optional[float] = None  # overrides policy.idle_sleep_secs
     size: float = 1.0  # share of policy.capacity it takes while awake
+    cmd: Optional[Tuple[str, ...]] = None  # a managed server's argv (README, "Managed model servers")
+    ready_path: str = DEFAULT_READY_PATH
+    stop_grace_secs: float = DEFAULT_STOP_GRACE
 
 
 @dataclass(frozen=True)
@@ -668,7 +689,8 @@ _POLICY_NUMBERS = {
     "cost_factor": (False, False),
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
-_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size")
+_MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size", "cmd",
+               "ready_path", "stop_grace_secs")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remote_control",
              "blocked_paths", "preload")
 # An API key is compared byte for byte with what the client sent.  Clients send header
@@ -676,6 +698,56 @@ _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remo
 # llmux sees as latin-1): a key with other characters could never match, so it is refused.
 _API_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?\Z")
 _API_KEY_EXPECTED = "a non-empty string of printable ASCII without surrounding spaces"
+
+
+def _check_managed(c: _Checker, where: str, m: Dict[str, Any],
+                   hooks: Dict[str, Optional[str]]) -> Dict[str, Any]:
+    """The keys of a managed server: ``cmd``, ``ready_path``, ``stop_grace_secs``."""
+    out: Dict[str, Any] = {}
+    raw = m.get("cmd")
+    expected = "a command line (a string, split as a shell would but run without one) or " \
+               "a non-empty list of strings"
+    if "cmd" in m and raw is not None:
+        argv: Optional[List[str]] = None
+        if isinstance(raw, str):
+            try:
+                argv = shlex.split(raw)
+            except ValueError as e:  # "No closing quotation"
+                c.problems.append(f"{where}.cmd: {str(e).lower()}; expected {expected}")
+                argv = []
+        elif isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+            argv = list(raw)
+        if not argv or not all(argv):  # not text, nothing to run, or an empty argument
+            if argv is not None and not argv and isinstance(raw, str) and raw.strip():
+                pass  # a quoting error, reported above
+            else:
+                c.bad(f"{where}.cmd", expected, raw)
+        else:
+            out["cmd"] = tuple(argv)
+        # With cmd, wake and sleep are vLLM-style sleep mode: both or neither (a sleep
+        # hook with no wake hook would leave the server asleep for ever).
+        if (hooks.get("wake") is None) != (hooks.get("sleep") is None):
+            given, missing = ("wake", "sleep") if hooks.get("wake") else ("sleep", "wake")
+            c.problems.append(f"{where}.{missing}: missing; with cmd, expected both wake and "
+                              f"sleep hooks (sleep mode) or neither; got only {given}")
+    if "ready_path" in m:
+        path = m["ready_path"]
+        if isinstance(path, str) and path.startswith("/") and _READY_PATH.match(path):
+            out["ready_path"] = path
+        else:
+            c.bad(f"{where}.ready_path", "a path starting with '/' (visible ASCII)", path)
+    if "stop_grace_secs" in m:
+        grace = c.number(f"{where}.stop_grace_secs", m["stop_grace_secs"])
+        if grace is not None:
+            out["stop_grace_secs"] = grace
+    if out.keys() & {"ready_path", "stop_grace_secs"} and "cmd" not in out and raw is None:
+        key = "ready_path" if "ready_path" in out else "stop_grace_secs"
+        c.problems.append(f"{where}.{key}: applies to a managed server only; expected a "
+                          "'cmd' beside it")
+    return out
+
+
+_READY_PATH = re.compile(r"/[\x21-\x7e]*\Z")
 
 
 def parse_config(raw: Any, path: Optional[str] = None) -> Config:
@@ -816,8 +888,9 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         if size is not None and capacity is not None and size > capacity:
             c.problems.append(f"{where}.size: {size:g} is more than policy.capacity {capacity:g}; "
                               "expected a size that fits")
+        managed = _check_managed(c, where, m, hooks)
         models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases),
-                                   idle_sleep_secs=idle, size=size or 1.0, **hooks)
+                                   idle_sleep_secs=idle, size=size or 1.0, **hooks, **managed)
 
     preload = raw.get("preload")
     if preload is not None and preload not in models:
@@ -1973,15 +2046,19 @@ class HookResult:
     duration: float = 0.0
     stderr_tail: List[str] = field(default_factory=list)
     error: Optional[str] = None  # could not start
+    summary: Optional[str] = None  # a managed server's failure, said in its own words
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and self.error is None
+        return self.exit_code == 0 and not self.timed_out and self.error is None \
+            and self.summary is None
 
     def describe(self) -> str:
         """``hook 'wake' for model 'llama' exited 1: <stderr tail>``."""
         what = f"hook '{self.hook}' for model '{self.model}'"
-        if self.error:
+        if self.summary:
+            what = self.summary
+        elif self.error:
             what += f" could not start: {self.error}"
         elif self.timed_out:
             what += f" timed out after {self.duration:.1f}s (its process group was killed)"
@@ -2119,6 +2196,10 @@ class HookRunner:
         self.last: Dict[Tuple[str, str], HookResult] = {}
         self._readers: Set[_PipeReader] = set()
         self._running: Set[int] = set()  # process group ids of hooks still running
+        self.servers: Dict[str, _ManagedServer] = {}  # managed servers (cmd), by model
+        self.spawning = 0  # children being started: their pids are not known yet
+        # Called with (model, why) when a managed server that was ready exits by itself.
+        self.on_exit: Callable[[str, str], None] = lambda model, why: None
 
     async def run(self, model: ModelConfig, hook: str) -> HookResult:
         """Run ``hook`` of ``model``; return its result, or raise HookError if it failed.
@@ -2126,9 +2207,15 @@ class HookRunner:
         A model without that hook succeeds at once.
         """
         script = getattr(model, hook)
+        if model.cmd and hook == "wake":
+            await self._start_server(model)  # then the wake hook, if any (sleep mode)
+        elif model.cmd and hook == "sleep" and (not script or not self.server_running(model.name)):
+            return await self._stop_server(model)  # no sleep mode, or nothing to put to sleep
         if not script:
             return HookResult(model.name, hook, 0)
         result = await self._run(model, hook, script)
+        if model.cmd and hook == "wake" and result.ok and not self.server_running(model.name):
+            result.summary = f"server for model '{model.name}' exited during its wake hook"
         self.last[(model.name, hook)] = result
         if self.metrics is not None:
             self.metrics.observe("llmux_hook_duration_seconds", model.name, hook, value=result.duration)
@@ -2163,9 +2250,13 @@ class HookRunner:
             fds.extend(os.pipe())
             fds.extend(os.pipe())
             out_r, out_w, err_r, err_w = fds
-            proc = await asyncio.create_subprocess_exec(
-                "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                env=env, cwd=self.cwd, start_new_session=True)
+            self.spawning += 1
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                    env=env, cwd=self.cwd, start_new_session=True)
+            finally:
+                self.spawning -= 1
         except OSError as e:
             for fd in fds:
                 os.close(fd)
@@ -2200,11 +2291,163 @@ class HookRunner:
                           stderr_tail=list(err.tail))
 
     def close(self) -> None:
-        """Kill hooks still running and stop copying background output."""
+        """Kill hooks and managed servers still running (SIGKILL, at once) and stop
+        copying background output.  stop_servers() first stops servers gracefully."""
         for pgid in list(self._running):
             _killpg(pgid)
+        for server in list(self.servers.values()):
+            server.stopping = True
+            _killpg(server.proc.pid)
         for reader in list(self._readers):
             reader.close()
+
+    # -- managed servers (models.NAME.cmd) --
+
+    def server_running(self, name: str) -> bool:
+        server = self.servers.get(name)
+        return server is not None and server.running
+
+    def own_pids(self) -> Set[int]:
+        """Pids of the children llmux waits for itself: hooks and managed servers."""
+        return self._running | {s.proc.pid for s in self.servers.values()}
+
+    async def stop_servers(self) -> None:
+        """Stop every managed server (SIGTERM, SIGKILL after its grace): a managed
+        server is llmux's child and never outlives it, whatever sleep_on_exit says."""
+        await asyncio.gather(*(self._stop(s) for s in list(self.servers.values())))
+
+    async def _start_server(self, model: ModelConfig) -> None:
+        """Start ``model``'s server unless it runs, and wait until it is ready; raise
+        HookError at once if it exits first, or if it is not ready within the timeout."""
+        old = self.servers.get(model.name)
+        if old is not None and old.running:
+            if (old.model.cmd, old.model.port, old.model.ready_path) == \
+                    (model.cmd, model.port, model.ready_path):
+                return  # idempotent: a second wake does not start a second server
+            await self._stop(old)  # sleep mode kept it up; a reload changed how to run it
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        name = model.name
+
+        def fail(summary: str, tail: Sequence[str] = (), **kw: Any) -> HookError:
+            result = HookResult(name, "wake", kw.pop("exit_code", None), duration=loop.time() - started,
+                                stderr_tail=list(tail), summary=summary, **kw)
+            self.last[(name, "wake")] = result
+            if self.metrics is not None:
+                self.metrics.inc("llmux_hook_failures_total", name, "server")
+            self.log.error("server.failed", model=name, error=result.describe())
+            return HookError(result.describe(), result)
+
+        # A server llmux did not start (left by an old llmux on a host without
+        # PR_SET_PDEATHSIG, say) would pass the readiness check and be taken for ours.
+        if await _port_taken(model.port):
+            raise fail(f"server for model '{name}' cannot start: port {model.port} is served "
+                       "by a process llmux did not start; expected a free port (stop that "
+                       "process)")
+        argv = [_expand(a, model) for a in model.cmd or ()]
+        env = dict(os.environ, LLMUX_MODEL=name, LLMUX_PORT=str(model.port), LLMUX_HOOK="server")
+        self.log.info("server.start", model=name, cmd=argv, cwd=self.cwd)
+        fds: List[int] = []
+        try:
+            fds.extend(os.pipe())  # stdout and stderr in one pipe: their lines stay in order
+            self.spawning += 1
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=subprocess.DEVNULL, stdout=fds[1], stderr=fds[1], env=env,
+                    cwd=self.cwd, start_new_session=True, preexec_fn=_child_setup(os.getpid()))
+            finally:
+                self.spawning -= 1
+        except (OSError, subprocess.SubprocessError) as e:
+            for fd in fds:
+                os.close(fd)
+            raise fail(f"server for model '{name}' could not start: {_reason(e)}", error=_reason(e))
+        os.close(fds[1])
+        output = _PipeReader(fds[0], self.log, name, "server", "output", self._readers.discard)
+        self._readers.add(output)
+        server = self.servers[name] = _ManagedServer(model, proc, output)
+        server.exited.add_done_callback(lambda _: self._exited(server))
+        self.log.info("server.started", model=name, pid=proc.pid)
+        deadline = None if self.timeout is None else started + self.timeout
+        try:
+            while True:
+                if not server.running or server.exited.done():
+                    await server.exited
+                    output.pump(budget=64)
+                    code = proc.returncode if proc.returncode is not None else -1
+                    raise fail(f"server for model '{name}' {server.describe_exit()} before it "
+                               "was ready", output.tail, exit_code=code if code >= 0 else None,
+                               signal=-code if code < 0 else None)
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    raise fail(f"server for model '{name}' was not ready within "
+                               f"{self.timeout:g}s (hook_timeout_secs; it was stopped)",
+                               output.tail, timed_out=True)
+                probe = READY_PROBE_TIMEOUT if left is None else min(left, READY_PROBE_TIMEOUT)
+                # Ready only while the process still runs: a stale server on the port
+                # answering for a child that failed to bind is not ours.
+                if await _probe_ready(model.port, model.ready_path, probe) and server.running:
+                    break
+                await asyncio.wait([server.exited], timeout=READY_POLL_SECS)
+        except BaseException:  # failed, timed out or cancelled (shutdown): no server left
+            await self._stop(server, grace=0.0)
+            raise
+        server.ready = True
+        secs = loop.time() - started
+        self.last[(name, "wake")] = HookResult(name, "wake", 0, duration=secs)
+        if self.metrics is not None:
+            self.metrics.observe("llmux_hook_duration_seconds", name, "server", value=secs)
+        self.log.info("server.ready", model=name, pid=proc.pid, secs=round(secs, 3))
+
+    def _exited(self, server: _ManagedServer) -> None:
+        """A managed server's process exited (and was reaped): it is noticed at once."""
+        name = server.model.name
+        if self.servers.get(name) is server and not server.stopping:
+            del self.servers[name]
+        _killpg(server.proc.pid)  # what it left in its process group goes with it
+        if server.stopping or not server.ready:
+            return  # llmux stopped it, or its wake reports the exit
+        server.output.pump(budget=64)
+        why = f"its server {server.describe_exit()}"
+        tail = " | ".join(list(server.output.tail)[-5:])
+        self.log.error("server.exit", model=name, pid=server.proc.pid,
+                       code=server.proc.returncode, reason=why, output=tail or None)
+        self.on_exit(name, why + (f": {tail}" if tail else ""))
+
+    async def _stop_server(self, model: ModelConfig) -> HookResult:
+        """Stop ``model``'s managed server if it runs (the sleep of a ``cmd`` model)."""
+        server = self.servers.get(model.name)
+        if server is None:
+            return HookResult(model.name, "sleep", 0)  # not running: nothing to stop
+        return await self._stop(server)
+
+    async def _stop(self, server: _ManagedServer, grace: Optional[float] = None) -> HookResult:
+        """SIGTERM the server's process group, SIGKILL after stop_grace_secs, and
+        await its exit (reaped by the child watcher: a zombie is never taken as alive)."""
+        model = server.model
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        server.stopping = True
+        grace = server.model.stop_grace_secs if grace is None else grace
+        forced = False
+        if server.running:
+            _signal_group(server.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+            done, _ = await asyncio.wait([server.exited], timeout=grace if grace > 0 else None)
+            if not done:
+                forced = True
+                self.log.warning("server.kill", model=model.name, pid=server.proc.pid,
+                                 reason=f"still running {grace:g}s after SIGTERM (stop_grace_secs)")
+                _killpg(server.proc.pid)
+        await asyncio.shield(server.exited)
+        if self.servers.get(model.name) is server:
+            del self.servers[model.name]
+        server.output.pump(budget=64)
+        server.output.close()  # its children may hold the pipe; they were killed with it
+        secs = loop.time() - started
+        self.log.info("server.stopped", model=model.name, pid=server.proc.pid,
+                      code=server.proc.returncode, killed=forced or None, secs=round(secs, 3))
+        result = HookResult(model.name, "sleep", 0, duration=secs)
+        self.last[(model.name, "sleep")] = result
+        return result
 
 
 def _killpg(pgid: int) -> None:
@@ -2212,6 +2455,131 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """What a managed server's child runs between fork and exec (Linux): die with llmux.
+
+    PR_SET_PDEATHSIG sends SIGKILL to the child when llmux dies, even by kill -9; it is
+    why the server is exec'd directly, without a shell: only the direct child gets it.
+    If llmux died before the prctl, the child was already reparented: it exits."""
+    def setup() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return setup
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def reaps_orphans() -> bool:
+    """True when orphaned processes are reparented to llmux: it is PID 1 (a container
+    without --init) or a child subreaper (PR_SET_CHILD_SUBREAPER); it must reap them."""
+    if os.getpid() == 1:
+        return True
+    if _PRCTL is None:
+        return False
+    flag = ctypes.c_int(0)
+    return _PRCTL(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
+
+
+def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
+    """Reap zombie children of llmux that it did not start itself (orphans reparented
+    to it); return their (pid, status).  Its own hooks and servers (``own``) are left to
+    asyncio's child watcher, which waits for each by pid: reaping one here would steal
+    its exit status.  Linux only (reads /proc); elsewhere nothing is reaped."""
+    me = os.getpid()
+    reaped: List[Tuple[int, int]] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return reaped
+    for name in names:
+        if not name.isdigit() or int(name) in own:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if len(fields) < 2 or fields[0] != b"Z" or int(fields[1]) != me:
+            continue
+        try:
+            pid, status = os.waitpid(int(name), os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if pid:
+            reaped.append((pid, status))
+    return reaped
+
+
+class _ManagedServer:
+    """One model server that llmux started (``cmd``) and owns until it exits."""
+
+    def __init__(self, model: ModelConfig, proc: "asyncio.subprocess.Process",
+                 output: _PipeReader) -> None:
+        self.model = model
+        self.proc = proc
+        self.output = output
+        self.ready = False  # its readiness check passed: an exit from now on is a crash
+        self.stopping = False  # llmux stops it: its exit is expected
+        self.exited: "asyncio.Task[int]" = asyncio.get_running_loop().create_task(proc.wait())
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            how = f"was killed by signal {-code} ({_signame(-code)})"
+        else:
+            how = f"exited {code}"
+        return how
+
+
+async def _probe_ready(port: int, path: str, timeout: float) -> bool:
+    """GET ``path`` on 127.0.0.1:``port``: True on a 2xx status line."""
+    writer: Optional[asyncio.StreamWriter] = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        assert writer is not None
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+                     "connection: close\r\n\r\n".encode("ascii"))
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", line)
+    return match is not None and 200 <= int(match.group(1)) < 300
+
+
+async def _port_taken(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:``port`` already."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port),
+                                           READY_PROBE_TIMEOUT)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def _expand(arg: str, model: ModelConfig) -> str:
+    return arg.replace("${PORT}", str(model.port)).replace("${MODEL}", model.name)
 
 
 # ───────────────────────────────── policies and switcher ────────────────────────────────
@@ -2240,6 +2608,7 @@ class ModelEvent(enum.Enum):
     SLEEP = "sleep"  # its sleep hook starts
     SLEPT = "slept"  # its sleep hook exited 0 (or a failed wake was cleaned up)
     SLEEP_FAILED = "sleep_failed"  # its sleep hook failed: it is still loaded
+    DIED = "died"  # found dead while serving (its managed server exited, its backend refused)
 
 
 _S = ModelState
@@ -2256,6 +2625,9 @@ _TRANSITIONS: Dict[Tuple[ModelState, ModelEvent], ModelState] = {
     # against the capacity (invariant 9).  So does a failed wake whose cleanup sleep
     # failed too: its wake may have loaded it, and only a sleep that worked says not.
     (_S.SLEEPING, ModelEvent.SLEEP_FAILED): _S.ACTIVE,
+    # Only an ACTIVE model can be declared dead: a draining one is about to be slept
+    # anyway (its sleep reaps a dead server), and a waking one's wake reports the death.
+    (_S.ACTIVE, ModelEvent.DIED): _S.ASLEEP,
 }
 
 
@@ -2449,6 +2821,10 @@ class Switcher:
        (drain, each sleep, the wake), of any type, puts every model that phase moved back
        in the state that tells the truth (_restore).
     Between switches every model is ASLEEP or ACTIVE.
+
+    A model found dead while ACTIVE (died(): its managed server exited, or its backend
+    refused and it has no alive hook) becomes ASLEEP at once, its slots released and
+    their requests cut, without a sleep hook: nothing is loaded any more.
 
     How state changes: only through _fire(model, event), which looks the pair up in
     _TRANSITIONS.  Every public method that changes anything ends in one _schedule()
@@ -2919,6 +3295,27 @@ class Switcher:
         (its sleep failing leaves it ACTIVE: the next check tries again)."""
         self.log.warning("model.alive_failed", model=name)
         return self.start_sleep(name, "its alive hook failed")
+
+    def died(self, name: str, reason: str) -> bool:
+        """ACTIVE ``name`` is dead (its server exited, or its backend refused and it has
+        no alive hook): cut its requests in flight, mark it ASLEEP without a sleep hook,
+        and let the next request wake it again after wake_backoff_secs.  False (nothing
+        done) if it is not ACTIVE."""
+        m = self.models.get(name)
+        if m is None or m.state is not ModelState.ACTIVE:
+            return False
+        self.log.error("model.died", model=name, reason=reason, requests_cut=m.in_flight or None)
+        self.metrics.inc("llmux_model_crashes_total", name)
+        slots = list(m.slots)
+        self._fire(m, ModelEvent.DIED, reason)  # first: a release must not decide on ACTIVE
+        for slot in slots:  # released now: no slot outlives its model's ACTIVE state
+            if slot.task is not None:
+                self.log.warning("request.cut", model=name, reason=reason)
+                slot.task.cancel()
+            slot.release()
+        m.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
+        self._schedule()
+        return True
 
     def _arm_idle(self, m: _Model) -> None:
         """Schedule the idle check of an ACTIVE model with nothing in flight."""
@@ -3531,6 +3928,10 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self.closing = False
         self.port: Optional[int] = None
+        self.hooks.on_exit = self._server_exited
+        self._checking: Set[str] = set()  # models whose backend failed, being checked now
+        self._reaping = False  # PID 1 or a subreaper: SIGCHLD reaps orphans (start_reaper)
+        self._reap_timer: Optional[asyncio.TimerHandle] = None
 
     async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
         """Listen (on ``sock`` if given); return the bound port.  Also makes this
@@ -3656,7 +4057,9 @@ class Server:
         is still loaded, so it is adopted too, however full that makes the GPU: the state
         tells the truth, and the next switch evicts it first.  With none up, ``preload``
         is woken in the background."""
-        cfgs = [m for m in self.config.models.values() if m.alive]
+        # A managed server cannot have outlived the llmux that started it (PDEATHSIG):
+        # only hook models are adopted.
+        cfgs = [m for m in self.config.models.values() if m.alive and not m.cmd]
         found = await asyncio.gather(*(self.hooks.alive(m) for m in cfgs))
         up = [m.name for m, ok in zip(cfgs, found) if ok]
         preload = self.config.preload
@@ -3679,6 +4082,66 @@ class Server:
             self.switcher.adopt(name)
         if not up and preload is not None:
             self.switcher.start_wake(preload, "preload")
+
+    def start_reaper(self) -> None:
+        """As PID 1 (a container without --init) or a child subreaper, orphans are
+        reparented to llmux: reap each on SIGCHLD, or they stay zombies for ever."""
+        if not reaps_orphans():
+            return
+        self._reaping = True
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, self._reap)
+        self.log.info("reaper.on", pid=os.getpid(), reason="orphans are reparented to llmux")
+        self._reap()
+
+    def _reap(self) -> None:
+        self._reap_timer = None
+        if not self._reaping:
+            return
+        if self.hooks.spawning:  # a child whose pid is not known yet may have exited
+            self._reap_timer = asyncio.get_running_loop().call_later(REAP_RETRY_SECS, self._reap)
+            return
+        try:
+            for pid, status in reap_orphans(self.hooks.own_pids()):
+                self.log.info("reaper.reaped", pid=pid, status=status)
+        except Exception as e:
+            log_internal_error(self.log, self.metrics, "reaper", e)
+
+    def _server_exited(self, name: str, why: str) -> None:
+        """A managed server exited by itself: if its model was ACTIVE, it died."""
+        self.switcher.died(name, why)
+
+    def _backend_failed(self, name: str) -> None:
+        """An ACTIVE model's backend refused or reset a connection: check it now, not
+        at the next alive_interval_secs.  One check at a time per model (a burst of
+        failed requests starts one).  With an alive hook, its failure sleeps the model
+        as a liveness failure does; with none, the model is taken as dead (died), so the
+        next request wakes it again (a wake hook must be idempotent).  A managed server
+        is watched by its exit instead."""
+        m = self.switcher.models.get(name)
+        if name in self._checking or m is None or m.state is not ModelState.ACTIVE or m.cfg.cmd:
+            return
+        self._checking.add(name)
+        task = asyncio.get_running_loop().create_task(self._recheck(m.cfg))
+        self._background.append(task)
+
+        def done(t: "asyncio.Task[None]") -> None:
+            self._checking.discard(name)
+            self._background.remove(t)
+        task.add_done_callback(done)
+
+    async def _recheck(self, cfg: ModelConfig) -> None:
+        sw = self.switcher
+        try:
+            if cfg.alive:
+                self.log.warning("model.backend_failed", model=cfg.name, check="its alive hook")
+                if await self.hooks.alive(cfg) is False and sw.models.get(cfg.name) is not None \
+                        and sw.models[cfg.name].state is ModelState.ACTIVE:
+                    sw.alive_failed(cfg.name)
+            else:
+                sw.died(cfg.name, "its backend refused or reset a connection and it has no "
+                                  "alive hook; taken as down")
+        except Exception as e:
+            log_internal_error(self.log, self.metrics, "recheck", e)
 
     def start_background(self) -> None:
         """Liveness checks of the active model."""
@@ -3782,8 +4245,14 @@ class Server:
                         await self.hooks.run(m.cfg, "sleep")
                     except HookError:
                         pass  # logged
+        await self.hooks.stop_servers()
         self.hooks.close()
         self.pool.close_all()
+        if self._reaping:
+            self._reaping = False
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+            if self._reap_timer is not None:
+                self._reap_timer.cancel()
 
     # -- one connection --
 
@@ -3983,6 +4452,8 @@ class Server:
             if e.status >= 500:
                 self.log.warning("request.failed", model=model.name if model else None,
                                  status=e.status, reason=e.message)
+            if model is not None and e.code == "upstream_unavailable":
+                self._backend_failed(model.name)  # refused or reset: is it down?
             proto.responding = True
             writer.write(error_response(e, head.keep_alive))
             await writer.drain()
@@ -4340,6 +4811,16 @@ class SimHooks:
 
     async def alive(self, model: ModelConfig) -> Optional[bool]:
         return True
+
+    # The rest of HookRunner's interface: no processes here.
+    spawning = 0
+    on_exit: Callable[[str, str], None] = staticmethod(lambda model, why: None)  # type: ignore[assignment]
+
+    def own_pids(self) -> Set[int]:
+        return set()
+
+    async def stop_servers(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -4770,6 +5251,17 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     early_reload = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     server = Server(config, log)
+    server.start_reaper()
+    try:
+        return await _serve(server, stop, early_reload, reloads, host, port)
+    finally:
+        server.hooks.close()  # an exception on the way out leaves no hook or server behind
+
+
+async def _serve(server: Server, stop: asyncio.Event, early_reload: asyncio.Event,
+                 reloads: List["asyncio.Task[bool]"], host: str, port: int) -> int:
+    loop = asyncio.get_running_loop()
+    config, log = server.config, server.log
     # Start-up adoption runs hooks: a stop meanwhile cancels it, which kills them.
     adopting = loop.create_task(server.adopt())
     stopping = loop.create_task(stop.wait())
