@@ -4698,10 +4698,13 @@ def probe_main(argv: Sequence[str]) -> int:
         # The server's process is checked before each attempt: one that died (a wrong model
         # path exits in milliseconds) fails the wake now, not when --wait runs out.
         pid = _read_pidfile(args.pidfile) if args.pidfile else args.pid
-        if (args.pidfile or args.pid is not None) and (pid is None or not _pid_running(pid)):
-            what = f"pid {pid}" if pid is not None else "no pid"
+        if args.pidfile and pid is None:
+            print(f"probe: {args.url}: no server process; expected a pid in {args.pidfile}",
+                  file=sys.stderr)
+            return 1
+        if pid is not None and not _pid_running(pid):
             src = f" (from {args.pidfile})" if args.pidfile else ""
-            print(f"probe: {args.url}: server process exited; expected {what}{src} running",
+            print(f"probe: {args.url}: server process exited; expected pid {pid}{src} running",
                   file=sys.stderr)
             return 1
         try:
