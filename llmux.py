@@ -4371,7 +4371,7 @@ class DemoBackend:
         finally:
             writer.close()
 
-    def _control(self, method: str, path: str, query: str, doc: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
+    def _control(self, method: str, path: str, doc: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
         """The engine's own routes: (status, payload), or None when the path is not one."""
         e, name = self.engine, doc.get("model")
         route = (method, path)
@@ -4445,14 +4445,14 @@ class DemoBackend:
         return None
 
     async def _answer(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter) -> bool:
-        path, _, query = head.target.partition("?")
+        path = head.target.partition("?")[0]
         try:
             doc = json.loads(body or b"{}")
         except ValueError:
             doc = None
         status, payload = 404, {"error": {"message": f"no route {head.method} {path}",
                                           "type": "invalid_request_error", "code": "not_found"}}
-        answer = self._control(head.method, path, query, doc if isinstance(doc, dict) else {})
+        answer = self._control(head.method, path, doc if isinstance(doc, dict) else {})
         if answer is not None:
             status, payload = answer
         elif (head.method, path) in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):

@@ -80,8 +80,13 @@ python3 "$ROOT/llmux.py" -c config.json --check
 python3 "$ROOT/llmux.py" -c config.json -p 0 --host 127.0.0.1 > llmux.log 2>&1 &
 LLMUX_PID=$!
 trap 'kill -TERM $LLMUX_PID 2>/dev/null; wait $LLMUX_PID 2>/dev/null; for m in smollm2-a smollm2-b; do eval "$(hook_sleep $m)" 2>/dev/null || true; done' EXIT
-for _ in $(seq 100); do grep -q "listening" llmux.log && break; sleep 0.1; done
-LLMUX_PORT=$(sed -n 's/.*listening url=http:\/\/127.0.0.1:\([0-9]*\).*/\1/p' llmux.log)
+LLMUX_PORT=
+for _ in $(seq 300); do  # the whole line: a partly written one once gave an empty port
+  LLMUX_PORT=$(sed -n 's/.*listening url=http:\/\/127.0.0.1:\([0-9][0-9]*\) .*/\1/p' llmux.log)
+  [ -n "$LLMUX_PORT" ] && break
+  sleep 0.1
+done
+[ -n "$LLMUX_PORT" ] || { cat llmux.log; exit 1; }
 echo "llmux on 127.0.0.1:$LLMUX_PORT"
 
 step "openai client through llmux"
