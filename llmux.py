@@ -4967,18 +4967,56 @@ def simulate_main(argv: Sequence[str]) -> int:
 
 # ─────────────────────────────── demo backend and probe ─────────────────────────────────
 # `llmux.py demo-backend` is a small OpenAI-style server that needs no GPU: the example
-# config wakes and sleeps two of them.  It also speaks vLLM's sleep-mode routes (/sleep,
-# /wake_up, /is_sleeping) so vLLM recipes can be tried without vLLM.
-# `llmux.py probe URL` is an alive hook for machines without curl.
+# config wakes and sleeps two of them.  With --engine it stands in for a real engine's
+# control API (routes, bodies and status codes as each engine documents them), so every
+# README recipe runs, as written, in the test suite without a GPU.
+# `llmux.py probe URL` is an alive/wake check for machines without curl, and
+# `llmux.py stop --pidfile F` a sleep hook that works when nothing reaps the server.
+
+# Which models an engine holds at start, and whether a completion for a model it has not
+# loaded loads it (llama.cpp router mode's --models-autoload default, Ollama always).
+#   engine: (loaded at start, a completion loads an unloaded model)
+DEMO_ENGINES: Dict[str, Tuple[bool, bool]] = {
+    "openai": (True, False),
+    # llama-server, one model: tools/server/README.md (ggml-org/llama.cpp): /health is 503
+    # {"error": {"code": 503, "message": "Loading model", ...}} until the model is loaded;
+    # responses carry --alias as "model", else the model file's name.
+    "llamacpp": (True, False),
+    # vLLM, docs/features/sleep_mode.md (vllm-project/vllm): POST /sleep?level=1|2,
+    # POST /wake_up[?tags=weights|kv_cache], GET /is_sleeping -> {"is_sleeping": bool};
+    # /health stays 200 while asleep, the model endpoints answer 503.  A name not in
+    # --served-model-name is 404 "The model `x` does not exist." (serving_engine.py).
+    "vllm": (True, False),
+    # SGLang, docs/basic_usage/native_api.md and srt/entrypoints/http_server.py
+    # (sgl-project/sglang): POST /release_memory_occupation, /resume_memory_occupation,
+    # GET /health, GET /get_model_info -> {"model_path", "is_generation", ...}.
+    "sglang": (True, False),
+    # llama-server router mode (started without -m), huggingface.co/blog/ggml-org/
+    # model-management-in-llamacpp: GET /models -> {"data": [{"id", "status": {"value":
+    # "loaded"|"unloaded"}}]}, POST /models/load and /models/unload {"model": NAME}.
+    "llamacpp-router": (False, True),
+    # Ollama, docs/api.md (ollama/ollama): /api/generate and /api/chat with no prompt
+    # load a model ("keep_alive": -1 keeps it) and with "keep_alive": 0 unload it
+    # ("done_reason": "unload"); GET /api/ps lists loaded models, /api/tags pulled ones;
+    # an unknown model is 404 {"error": "model \"x\" not found, try pulling it first"}.
+    "ollama": (False, True),
+}
 
 
 class DemoBackend:
-    """A fake OpenAI server: chat and text completions, streamed or not."""
+    """A fake OpenAI server: chat and text completions, streamed or not; with ``engine``
+    also that engine's control routes (see DEMO_ENGINES)."""
 
-    def __init__(self, model: str, token_delay: float = 0.02) -> None:
+    def __init__(self, model: str, token_delay: float = 0.02, engine: str = "openai",
+                 names: Sequence[str] = (), load_secs: float = 0.0) -> None:
         self.model = model
         self.token_delay = token_delay
-        self.sleeping = False
+        self.engine = engine
+        self.names = list(names) or [model]
+        at_start, self.autoload = DEMO_ENGINES[engine]
+        self.loaded = {name: at_start for name in self.names}
+        self.sleeping = False  # vLLM asleep, SGLang released
+        self.ready_at = time.monotonic() + load_secs
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = RequestParser()
@@ -4995,43 +5033,106 @@ class DemoBackend:
         finally:
             writer.close()
 
-    async def _answer(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter) -> bool:
-        path = head.target.split("?", 1)[0]
-        route = (head.method, path)
-        status, payload = 200, None  # type: Tuple[int, Any]
+    def _control(self, method: str, path: str, doc: Dict[str, Any]) -> Optional[Tuple[int, Any]]:
+        """The engine's own routes: (status, payload), or None when the path is not one."""
+        e, name = self.engine, doc.get("model")
+        route = (method, path)
         if route == ("GET", "/health"):
-            payload = {"status": "ok"}
-        elif route == ("GET", "/v1/models"):
-            payload = {"object": "list", "data": [{"id": self.model, "object": "model",
-                                                   "owned_by": "demo"}]}
-        elif route == ("POST", "/sleep"):
+            if e == "llamacpp" and time.monotonic() < self.ready_at:
+                return 503, {"error": {"code": 503, "message": "Loading model",
+                                       "type": "unavailable_error"}}
+            return 200, {"status": "ok"}
+        if route == ("GET", "/v1/models"):
+            return 200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": e}
+                                                    for n in self.names]}
+        if e == "vllm" and route == ("POST", "/sleep"):
             self.sleeping = True
-            payload = {"is_sleeping": True}
-        elif route == ("POST", "/wake_up"):
-            self.sleeping = False
-            payload = {"is_sleeping": False}
-        elif route == ("GET", "/is_sleeping"):
-            payload = {"is_sleeping": self.sleeping}
-        elif route in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
-            if self.sleeping:
-                status, payload = 503, {"error": {"message": "model is sleeping",
-                                                  "type": "server_error", "code": "sleeping"}}
+            return 200, None
+        if e == "vllm" and route == ("POST", "/wake_up"):
+            self.sleeping = False  # ?tags=weights|kv_cache wakes a part; both end awake
+            return 200, None
+        if e == "vllm" and route == ("GET", "/is_sleeping"):
+            return 200, {"is_sleeping": self.sleeping}
+        if e == "sglang" and route in (("POST", "/release_memory_occupation"),
+                                       ("POST", "/resume_memory_occupation")):
+            self.sleeping = path.startswith("/release")
+            return 200, None
+        if e == "sglang" and route == ("GET", "/get_model_info"):
+            return 200, {"model_path": self.model, "tokenizer_path": self.model,
+                         "is_generation": True}
+        if e == "llamacpp-router" and route == ("GET", "/models"):
+            return 200, {"data": [{"id": n, "object": "model", "status": {
+                "value": "loaded" if self.loaded[n] else "unloaded"}} for n in self.names]}
+        if e == "llamacpp-router" and route in (("POST", "/models/load"), ("POST", "/models/unload")):
+            if name not in self.loaded:
+                return 400, {"error": {"code": 400, "message": f"model {name!r} not found",
+                                       "type": "invalid_request_error"}}
+            self.loaded[name] = path.endswith("/load")
+            return 200, {"success": True}
+        if e == "ollama" and route in (("POST", "/api/generate"), ("POST", "/api/chat")):
+            if name not in self.loaded:
+                return 404, {"error": f'model "{name}" not found, try pulling it first'}
+            unload = doc.get("keep_alive") in (0, "0", "0s")
+            self.loaded[name] = not unload
+            reply = {"model": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "done": True, "done_reason": "unload" if unload else "load"}
+            if path == "/api/chat":
+                reply["message"] = {"role": "assistant", "content": ""}
             else:
-                try:
-                    doc = json.loads(body or b"{}")
-                except ValueError:
-                    doc = None
-                if not isinstance(doc, dict):
-                    status, payload = 400, {"error": {"message": "body is not a JSON object",
-                                                      "type": "invalid_request_error",
-                                                      "code": "invalid_json"}}
-                else:
+                reply["response"] = ""
+            return 200, reply
+        if e == "ollama" and route in (("GET", "/api/ps"), ("GET", "/api/tags")):
+            return 200, {"models": [{"name": n, "model": n} for n in self.names
+                                    if self.loaded[n] or path == "/api/tags"]}
+        return None
+
+    def _refusal(self, requested: Any) -> Optional[Tuple[int, Any]]:
+        """Why a completion for ``requested`` cannot run now, as the engine says it."""
+        e = self.engine
+        if e in ("vllm", "llamacpp-router", "ollama") and requested not in self.loaded:
+            if e == "ollama":
+                return 404, {"error": {"message": f'model "{requested}" not found, try pulling '
+                                                  "it first", "type": "api_error", "param": None,
+                                       "code": None}}
+            return 404, {"error": {"message": f"The model `{requested}` does not exist.",
+                                   "type": "NotFoundError", "param": "model", "code": 404}}
+        if self.sleeping:
+            return 503, {"error": {"message": "model is sleeping", "type": "server_error",
+                                   "code": 503}}
+        if requested in self.loaded and not self.loaded[requested]:
+            if not self.autoload:
+                return 400, {"error": {"message": f"model {requested!r} is not loaded",
+                                       "type": "invalid_request_error", "code": 400}}
+            self.loaded[requested] = True
+        return None
+
+    async def _answer(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        path = head.target.partition("?")[0]
+        try:
+            doc = json.loads(body or b"{}")
+        except ValueError:
+            doc = None
+        status, payload = 404, {"error": {"message": f"no route {head.method} {path}",
+                                          "type": "invalid_request_error", "code": "not_found"}}
+        answer = self._control(head.method, path, doc if isinstance(doc, dict) else {})
+        if answer is not None:
+            status, payload = answer
+        elif (head.method, path) in (("POST", "/v1/chat/completions"), ("POST", "/v1/completions")):
+            if not isinstance(doc, dict):
+                status, payload = 400, {"error": {"message": "body is not a JSON object",
+                                                  "type": "invalid_request_error",
+                                                  "code": "invalid_json"}}
+            else:
+                refusal = self._refusal(doc.get("model"))
+                if refusal is None:
                     return await self._complete(doc, path.endswith("chat/completions"), writer,
                                                 head.keep_alive)
+                status, payload = refusal
+        if payload is None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+                         + (b"" if head.keep_alive else b"connection: close\r\n") + b"\r\n")
         else:
-            status, payload = 404, {"error": {"message": f"no route {head.method} {path}",
-                                              "type": "invalid_request_error", "code": "not_found"}}
-        writer.write(json_response(status, payload, keep_alive=head.keep_alive))
+            writer.write(json_response(status, payload, keep_alive=head.keep_alive))
         await writer.drain()
         return True
 
@@ -5054,6 +5155,9 @@ class DemoBackend:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{os.urandom(6).hex()}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        # vLLM, a router and Ollama echo the name asked for; a one-model server its own.
+        model = doc.get("model") if doc.get("model") in self.loaded and self.engine in (
+            "vllm", "llamacpp-router", "ollama") else self.model
         usage = {"prompt_tokens": 0, "completion_tokens": len(words), "total_tokens": len(words)}
         if not doc.get("stream"):
             text = " ".join(words)
@@ -5061,7 +5165,7 @@ class DemoBackend:
                        "finish_reason": "stop"} if chat else
                       {"index": 0, "text": text, "finish_reason": "stop"})
             writer.write(json_response(200, {"id": ident, "object": kind, "created": created,
-                                             "model": self.model, "choices": [choice],
+                                             "model": model, "choices": [choice],
                                              "usage": usage}, keep_alive=keep_alive))
             await writer.drain()
             return True
@@ -5075,7 +5179,7 @@ class DemoBackend:
             else:
                 choice = {"index": 0, "text": piece or "", "finish_reason": None if piece else "stop"}
             event = {"id": ident, "object": kind + ".chunk" if chat else kind,
-                     "created": created, "model": self.model, "choices": [choice]}
+                     "created": created, "model": model, "choices": [choice]}
             writer.write(encode_chunk(b"data: " + json.dumps(event).encode() + b"\n\n"))
             await writer.drain()
             if piece and self.token_delay:
@@ -5090,6 +5194,16 @@ def demo_main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="llmux.py demo-backend",
                                  description="A fake OpenAI-compatible model server (no GPU).")
     ap.add_argument("--model", default="demo", help="model name it answers as")
+    ap.add_argument("--engine", choices=sorted(DEMO_ENGINES), default="openai",
+                    help="also speak this engine's control API (default: plain OpenAI)")
+    ap.add_argument("--served-model-name", "--models", nargs="+", dest="names", default=[],
+                    help="the names it serves (vLLM's flag; a router's or Ollama's models)")
+    # llama-server's own flags, so the llama.cpp recipe runs with this in its place.
+    ap.add_argument("-m", "--model-file", help="exit 1 at start when this file is missing, "
+                                               "as llama-server does")
+    ap.add_argument("--alias", help="llama-server's --alias: the name responses carry")
+    ap.add_argument("--load-secs", type=float, default=0.0,
+                    help="answer /health 503 (loading) for this long (llamacpp)")
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--fd", type=int, help="serve on this inherited listening socket")
@@ -5099,9 +5213,15 @@ def demo_main(argv: Sequence[str]) -> int:
     ap.add_argument("--pidfile", help="with --daemon: write the server's pid here")
     ap.add_argument("--stop", action="store_true",
                     help="stop the server named by --pidfile and wait until it has exited")
-    args = ap.parse_args(argv)
+    args, _ignored = ap.parse_known_args(argv)  # other llama-server flags: accepted, unused
     if args.stop:
         return _stop_pidfile(args.pidfile) if args.pidfile else ap.error("--stop needs --pidfile")
+    if args.model_file is not None and not os.path.isfile(args.model_file):
+        print(f"demo-backend: failed to load model '{args.model_file}': no such file",
+              file=sys.stderr)
+        return 1
+    if args.alias or args.model_file:
+        args.model = args.alias or os.path.basename(args.model_file)
     if args.daemon:
         try:
             sock = socket.create_server((args.host, args.port), backlog=1024)
@@ -5112,7 +5232,10 @@ def demo_main(argv: Sequence[str]) -> int:
             print(f"demo-backend: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
             return 1
         cmd = [sys.executable, os.path.abspath(__file__), "demo-backend", "--model", args.model,
-               "--fd", str(sock.fileno()), "--token-delay", str(args.token_delay)]
+               "--fd", str(sock.fileno()), "--token-delay", str(args.token_delay),
+               "--engine", args.engine, "--load-secs", str(args.load_secs)]
+        if args.names:
+            cmd += ["--served-model-name", *args.names]
         child = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), start_new_session=True,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
@@ -5121,7 +5244,7 @@ def demo_main(argv: Sequence[str]) -> int:
                 f.write(f"{child.pid}\n")
         print(f"demo-backend '{args.model}' listening on {args.host}:{args.port} (pid {child.pid})")
         return 0  # the socket listens already: clients queue in its backlog until it serves
-    backend = DemoBackend(args.model, args.token_delay)
+    backend = DemoBackend(args.model, args.token_delay, args.engine, args.names, args.load_secs)
 
     async def run() -> None:
         if args.fd is not None:
@@ -5137,6 +5260,9 @@ def demo_main(argv: Sequence[str]) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # the port is taken: exit 1 as a real server does
+        print(f"demo-backend: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -5156,12 +5282,21 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
-def _stop_pidfile(path: str, grace: float = 10.0) -> int:
-    """SIGTERM the pid in ``path``, SIGKILL after ``grace`` seconds; wait until it is gone."""
+def _read_pidfile(path: str) -> Optional[int]:
+    """The pid in ``path``, or None when there is none (no file, or not a number)."""
     try:
         with open(path) as f:
-            pid = int(f.read().split()[0])
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_pidfile(path: str, grace: float = 10.0) -> int:
+    """SIGTERM the pid in ``path``, SIGKILL after ``grace`` seconds; wait until it is gone.
+    A zombie counts as gone: when llmux is PID 1 nothing reaps it, and `kill -0` would
+    wait for it until the hook timed out."""
+    pid = _read_pidfile(path)
+    if pid is None:
         return 0  # nothing to stop: sleep hooks must be idempotent
     try:
         os.kill(pid, signal.SIGTERM)
@@ -5170,11 +5305,14 @@ def _stop_pidfile(path: str, grace: float = 10.0) -> int:
     deadline = time.monotonic() + grace
     while _pid_running(pid):
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             if time.monotonic() > deadline + 5:
-                print(f"demo-backend: pid {pid} did not exit", file=sys.stderr)
+                print(f"stop: pid {pid} did not exit", file=sys.stderr)
                 return 1
-        time.sleep(0.02)
+        time.sleep(PROBE_INTERVAL)
     try:
         os.unlink(path)
     except OSError:
@@ -5182,14 +5320,35 @@ def _stop_pidfile(path: str, grace: float = 10.0) -> int:
     return 0
 
 
+def stop_main(argv: Sequence[str]) -> int:
+    """``llmux.py stop --pidfile F``: a sleep hook that stops a server and waits for it."""
+    ap = argparse.ArgumentParser(
+        prog="llmux.py stop",
+        description="SIGTERM the pid in --pidfile, SIGKILL after --grace seconds, exit once it "
+                    "has exited (a zombie counts: this works when nothing reaps it); 0 when "
+                    "there is nothing to stop.")
+    ap.add_argument("--pidfile", required=True)
+    ap.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+    args = ap.parse_args(argv)
+    return _stop_pidfile(args.pidfile, args.grace)
+
+
+# How often `probe --wait` asks: a fixed short period, because a switch waits for it (a
+# growing backoff made wakes return up to a second after the server was ready).
+PROBE_INTERVAL = 0.05
+
+
 def probe_main(argv: Sequence[str]) -> int:
-    """``llmux.py probe URL``: exit 0 when GET URL answers 2xx (an alive hook)."""
+    """``llmux.py probe URL``: exit 0 when GET URL answers 2xx (an alive or wake hook)."""
     ap = argparse.ArgumentParser(prog="llmux.py probe",
                                  description="Exit 0 when GET URL answers 2xx; for alive hooks.")
     ap.add_argument("url")
     ap.add_argument("--wait", type=float, default=0.0,
                     help="keep trying for this many seconds (for wake hooks)")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt")
+    ap.add_argument("--pid", type=int, help="give up at once when this process has exited")
+    ap.add_argument("--pidfile", help="give up at once when the process named here has exited "
+                                      "(or the file names none)")
     args = ap.parse_args(argv)
     match = re.match(r"http://([^/:]+|\[[^\]]+\])(?::(\d+))?(/.*)?$", args.url)
     if not match:
@@ -5197,8 +5356,19 @@ def probe_main(argv: Sequence[str]) -> int:
         return 2
     host, port, path = match.group(1).strip("[]"), int(match.group(2) or 80), match.group(3) or "/"
     deadline = time.monotonic() + args.wait
-    delay = 0.05
     while True:
+        # The server's process is checked before each attempt: one that died (a wrong model
+        # path exits in milliseconds) fails the wake now, not when --wait runs out.
+        pid = _read_pidfile(args.pidfile) if args.pidfile else args.pid
+        if args.pidfile and pid is None:
+            print(f"probe: {args.url}: no server process; expected a pid in {args.pidfile}",
+                  file=sys.stderr)
+            return 1
+        if pid is not None and not _pid_running(pid):
+            src = f" (from {args.pidfile})" if args.pidfile else ""
+            print(f"probe: {args.url}: server process exited; expected pid {pid}{src} running",
+                  file=sys.stderr)
+            return 1
         try:
             conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
             conn.request("GET", path)
@@ -5209,16 +5379,16 @@ def probe_main(argv: Sequence[str]) -> int:
             reason = f"status {status}"
         except OSError as e:
             reason = e.strerror or str(e)
-        if time.monotonic() + delay > deadline:
+        if time.monotonic() + PROBE_INTERVAL > deadline:
             print(f"probe: {args.url}: {reason}", file=sys.stderr)
             return 1
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+        time.sleep(PROBE_INTERVAL)
 
 
 # ────────────────────────────────────────── CLI ─────────────────────────────────────────
 
-SUBCOMMANDS = {"demo-backend": demo_main, "probe": probe_main, "simulate": simulate_main}
+SUBCOMMANDS = {"demo-backend": demo_main, "probe": probe_main, "simulate": simulate_main,
+               "stop": stop_main}
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -5227,8 +5397,8 @@ def _arg_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible proxy that switches models on one GPU node with "
                     "wake/sleep shell hooks.",
         epilog="subcommands: 'llmux.py demo-backend -h' (a fake model server), "
-               "'llmux.py probe -h' (an alive check), 'llmux.py simulate -h' (try a policy "
-               "on a trace)")
+               "'llmux.py probe -h' (an alive check), 'llmux.py stop -h' (a sleep hook), "
+               "'llmux.py simulate -h' (try a policy on a trace)")
     ap.add_argument("-c", "--config", help="config file (.json, or .yaml with PyYAML)")
     ap.add_argument("-p", "--port", type=int, help="listen port (overrides the config; 0 = any)")
     ap.add_argument("--host", help=f"listen address (default: the config's, or {DEFAULT_HOST})")

@@ -2971,6 +2971,392 @@ def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path)
                             str(tmp_path / f"llmux-demo-{name}.pid")], timeout=T)
 
 
+# -- README recipes, run as written against the engine stand-ins (llmux.py demo-backend) --
+
+README = HERE / "README.md"
+RECIPE = re.compile(r"<!-- recipe: ([\w-]+); test owns: ([^>]*?) -->\n```json\n(.*?)\n```", re.S)
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def readme_recipe(name: str, subs: Dict[str, str]) -> Dict[str, Any]:
+    """README recipe ``name``, with only the strings its marker declares replaced."""
+    found = {m.group(1): (m.group(2).split(), m.group(3)) for m in RECIPE.finditer(README.read_text())}
+    assert name in found, f"README has no recipe {name!r}; it has {sorted(found)}"
+    owned, text = found[name]
+    assert sorted(subs) == sorted(owned), f"recipe {name}: the test owns {sorted(subs)}; marker says {owned}"
+    for old in sorted(subs, key=len, reverse=True):
+        text = text.replace(old, subs[old])
+    return json.loads(text)
+
+
+def held_port() -> socket.socket:
+    """A port this test owns: bound with SO_REUSEADDR but not listening, so a server the
+    recipe starts can listen on it (a second one cannot), and nobody else can take it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+class StandIn(Backend):
+    """An engine stand-in the recipe expects to be running already (vLLM, Ollama), on a
+    port 0 socket; the env stops it with its backends."""
+
+    def __init__(self, env: Env, engine: str, names: List[str]) -> None:  # noqa: super
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.proc = spawn([sys.executable, LLMUX, "demo-backend", "--engine", engine,
+                           "--model", names[0], "--served-model-name", *names,
+                           "--token-delay", "0", "--fd", str(sock.fileno())],
+                          pass_fds=(sock.fileno(),))
+        sock.close()
+        env.backends[f"{engine}-{self.port}"] = self
+
+
+def stand_in(env: Env, engine: str, names: List[str]) -> Tuple[int, subprocess.Popen]:
+    s = StandIn(env, engine, names)
+    return s.port, s.proc
+
+
+def get_json(port: int, path: str, method: str = "GET") -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    try:
+        conn.request(method, path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def servers_of(marker: str) -> List[int]:
+    """Live (not zombie) processes whose command line holds ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read() and llmux._pid_running(int(entry)):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def test_readme_every_recipe_block_is_tested() -> None:
+    text = README.read_text()
+    section = text[text.index("## Recipes\n"):text.index("\n## ", text.index("## Recipes\n") + 1)]
+    blocks = section.count("```json")
+    marked = [m.group(1) for m in RECIPE.finditer(section)]
+    assert blocks == len(marked), "a ```json block in Recipes has no <!-- recipe: ... --> marker"
+    assert sorted(marked) == ["llamacpp", "ollama", "vllm-sleep"], marked  # each has tests below
+
+
+def _vllm(env: Env) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    names = {"llama": ["llama", "llama-3.1-8b"], "qwen": ["qwen"]}  # llmux name + aliases
+    ports = {}
+    for name, served in names.items():
+        ports[name], _ = stand_in(env, "vllm", served)
+    config = readme_recipe("vllm-sleep", {"8001": str(ports["llama"]), "8002": str(ports["qwen"])})
+    return config, ports
+
+
+def test_readme_recipe_vllm_switches_both_ways_and_aliases_reach_vllm(env: Env) -> None:
+    config, ports = _vllm(env)
+    assert config["models"]["llama"]["aliases"] == ["llama-3.1-8b"]
+    lx = env.start(config["models"])
+    lx.wait_log(r"startup\.extra_model_up model=qwen keeping=llama")
+    assert get_json(ports["qwen"], "/is_sleeping") == {"is_sleeping": True}
+    for model, asleep in (("qwen", "llama"), ("llama-3.1-8b", "qwen"), ("qwen", "llama")):
+        status, payload = lx.chat(model)
+        assert status == 200, payload
+        # vLLM echoes the served name it was asked for (llmux may pass the alias or its name)
+        assert payload["model"] in (["llama", "llama-3.1-8b"] if model != "qwen" else ["qwen"])
+        assert get_json(ports[asleep], "/is_sleeping") == {"is_sleeping": True}
+    status, _, payload = lx.request("POST", "/v1/chat/completions", {"model": "llama-3.1-8b"},
+                                    {"content-type": "application/json"})
+    assert status == 200, payload
+
+
+def test_readme_recipe_vllm_restart_adopts_the_awake_server_not_a_sleeping_one(env: Env) -> None:
+    """/health is 200 while vLLM sleeps: an alive hook on it kept a sleeping llama as
+    active after a restart and put the awake qwen to sleep; every request then failed."""
+    config, ports = _vllm(env)
+    lx = env.start(config["models"])
+    assert lx.chat("qwen")[0] == 200  # llama asleep, qwen awake
+    lx.stop()
+    lx = env.start(config["models"])
+    lx.wait_log(r"model\.state model=qwen .*adopted")
+    assert lx.log_count(r"hook\.start model=\w+ hook=(wake|sleep)") == 0
+    assert get_json(ports["qwen"], "/is_sleeping") == {"is_sleeping": False}
+    status, payload = lx.chat("qwen")
+    assert status == 200, payload
+    assert lx.log_count(r"hook\.start model=\w+ hook=wake") == 0
+    assert lx.chat("llama")[0] == 200
+
+
+def _llamacpp(env: Env, models_dir: Path, holds: List[socket.socket]) -> Dict[str, Any]:
+    ports = [held_port() for _ in range(2)]
+    holds.extend(ports)
+    server = f"{sys.executable} {LLMUX} demo-backend --engine llamacpp --token-delay 0"
+    return readme_recipe("llamacpp", {
+        "8003": str(ports[0].getsockname()[1]), "8004": str(ports[1].getsockname()[1]),
+        "/opt/llmux/llmux.py": LLMUX, "llama-server": server, "/models": str(models_dir),
+        "/var/log": str(env.tmp), "/run": str(env.tmp)})
+
+
+def _no_reaper() -> None:
+    """llmux as a container's PID 1 without --init: the servers its hooks start in the
+    background become its children when the hook's shell exits, and nothing reaps them."""
+    import ctypes
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_recipe_servers(config: Dict[str, Any]) -> None:
+    for m in config["models"].values():
+        subprocess.run(["sh", "-c", m["sleep"]], timeout=T)
+
+
+def test_readme_recipe_llamacpp_switches_when_nothing_reaps_the_server(env: Env) -> None:
+    """The recipe's `while kill -0 $pid` sleep hook waited for a zombie that nobody
+    reaps until hook_timeout_secs (600 s): the switch failed."""
+    models = env.tmp / "models"
+    models.mkdir()
+    (models / "qwen.gguf").write_text("gguf")
+    (models / "gemma.gguf").write_text("gguf")
+    holds: List[socket.socket] = []
+    config = _llamacpp(env, models, holds)
+    lx = Llmux({**config, "policy": {"hook_timeout_secs": T}}, env.tmp, preexec_fn=_no_reaper)
+    env.procs.append(lx)
+    try:
+        for model in ("qwen", "gemma", "qwen"):
+            status, payload = lx.chat(model)
+            assert status == 200, payload
+            assert payload["model"] == model  # --alias
+        lx.wait_log(r"hook\.exit model=qwen hook=sleep code=0")
+        lx.wait_log(r"hook\.exit model=gemma hook=sleep code=0")
+        assert len(servers_of(str(models / "gemma.gguf"))) == 0
+        assert len(servers_of(str(models / "qwen.gguf"))) == 1
+    finally:
+        lx.stop()
+        _stop_recipe_servers(config)
+        for s in holds:
+            s.close()
+
+
+def test_readme_recipe_llamacpp_wrong_model_path_fails_the_wake_at_once(env: Env) -> None:
+    """`probe --wait 600` kept polling a server that had exited in milliseconds."""
+    models = env.tmp / "models"
+    models.mkdir()
+    (models / "qwen.gguf").write_text("gguf")  # no gemma.gguf: a typo in the path
+    holds: List[socket.socket] = []
+    config = _llamacpp(env, models, holds)
+    lx = env.start(config["models"])  # hook_timeout_secs stays at its default (600 s)
+    try:
+        status, payload = lx.chat("gemma")
+        assert status >= 500 and "hook 'wake' for model 'gemma' exited 1" in payload["error"]["message"], payload
+        assert "server process exited" in payload["error"]["message"]
+        lx.wait_log(r"hook\.exit model=gemma hook=sleep code=0")  # a failed wake is cleaned up
+        assert lx.chat("qwen")[0] == 200
+    finally:
+        lx.stop()
+        _stop_recipe_servers(config)
+        for s in holds:
+            s.close()
+
+
+def test_readme_recipe_llamacpp_server_that_dies_is_woken_again(env: Env) -> None:
+    models = env.tmp / "models"
+    models.mkdir()
+    (models / "qwen.gguf").write_text("gguf")
+    (models / "gemma.gguf").write_text("gguf")
+    holds: List[socket.socket] = []
+    config = _llamacpp(env, models, holds)
+    lx = env.start(config["models"], policy={"alive_interval_secs": 0.05})
+    try:
+        assert lx.chat("qwen")[0] == 200
+        os.kill(int((env.tmp / "qwen.pid").read_text()), signal.SIGKILL)
+        lx.wait_log(r"model\.alive_failed model=qwen")
+        lx.wait_log(r"hook\.exit model=qwen hook=sleep code=0")
+        status, payload = lx.chat("qwen")
+        assert status == 200, payload
+        assert len(servers_of(str(models / "qwen.gguf"))) == 1
+    finally:
+        lx.stop()
+        _stop_recipe_servers(config)
+        for s in holds:
+            s.close()
+
+
+def test_readme_recipe_llamacpp_wake_is_idempotent_fuzz(env: Env) -> None:
+    """Exploring: seeded random runs of the recipe's own hooks (wake, a second wake, sleep,
+    a crash, a missing model file).  After each step: at most one server, exactly one
+    after a wake that succeeded (and it serves), none after a sleep, pidfile gone."""
+    models = env.tmp / "models"
+    models.mkdir()
+    holds: List[socket.socket] = []
+    config = _llamacpp(env, models, holds)
+    m = config["models"]["qwen"]
+    gguf, pidfile = models / "qwen.gguf", env.tmp / "qwen.pid"
+    port = holds[0].getsockname()[1]
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    steps: List[str] = []
+    try:
+        for _ in range(8):
+            step = rng.choice(["wake", "wake", "sleep", "crash", "lose-file"])
+            steps.append(step)
+            why = f"seed {seed}, steps {steps}"
+            if step == "lose-file":
+                if gguf.exists():
+                    gguf.unlink()
+                else:
+                    gguf.write_text("gguf")
+                continue
+            if step == "crash":
+                for pid in servers_of(str(gguf)):
+                    os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: not servers_of(str(gguf)), "the crashed server to go")
+                continue
+            rc = subprocess.run(["sh", "-c", m[step]], timeout=T, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL).returncode
+            live = servers_of(str(gguf))
+            assert len(live) <= 1, f"{len(live)} servers: {why}"
+            if step == "sleep":
+                assert rc == 0 and not live and not pidfile.exists(), why
+            elif rc == 0:
+                assert len(live) == 1, why
+                assert get_json(port, "/health") == {"status": "ok"}, why
+            else:
+                assert not gguf.exists() and not live, why  # only a missing file fails a wake
+    finally:
+        subprocess.run(["sh", "-c", m["sleep"]], timeout=T)
+        for s in holds:
+            s.close()
+
+
+def test_stop_treats_a_zombie_as_gone(tmp_path: Path) -> None:
+    """When nothing reaps an exited server, `kill -0` says it runs forever."""
+    child = subprocess.Popen(["sleep", "60"])  # this test is its parent and does not reap it
+    try:
+        (tmp_path / "s.pid").write_text(f"{child.pid}\n")
+        r = subprocess.run([sys.executable, LLMUX, "stop", "--pidfile", str(tmp_path / "s.pid")],
+                           timeout=T, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not (tmp_path / "s.pid").exists()
+        assert subprocess.run(["sh", "-c", f"kill -0 {child.pid}"]).returncode == 0  # a zombie
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_probe_gives_up_at_once_when_the_server_has_exited(tmp_path: Path) -> None:
+    hold = held_port()  # nothing listens: every attempt is refused
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "s.pid").write_text(f"{dead.pid}\n")
+    url = f"http://127.0.0.1:{hold.getsockname()[1]}/health"
+    try:
+        for flags in (["--pid", str(dead.pid)], ["--pidfile", str(tmp_path / "s.pid")],
+                      ["--pidfile", str(tmp_path / "missing.pid")]):
+            r = subprocess.run([sys.executable, LLMUX, "probe", "--wait", "600", *flags, url],
+                               timeout=T, capture_output=True, text=True)
+            assert r.returncode == 1, (flags, r.stderr)
+            expected = ("no server process; expected a pid in" if "missing" in flags[-1] else
+                        f"server process exited; expected pid {dead.pid}")
+            assert expected in r.stderr, r.stderr
+    finally:
+        hold.close()
+
+
+def test_probe_asks_at_a_fixed_short_period() -> None:
+    """probe's backoff grew to 1 s, so a wake returned up to a second after the server
+    was ready.  Counted: attempts in a 2 s wait (40 at 50 ms; 6 with the old backoff)."""
+    hits = []
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        hits.append(target)
+        return http_reply({"loading": True}, "503 Service Unavailable")
+
+    events = Path(os.environ.get("TMPDIR", "/tmp")) / f"probe-{os.getpid()}.log"
+    backend = RawBackend(events, answer)
+    try:
+        r = subprocess.run([sys.executable, LLMUX, "probe", "--wait", "2",
+                            f"http://127.0.0.1:{backend.port}/health"], timeout=T)
+        assert r.returncode == 1
+        assert len(hits) >= 12, len(hits)  # a very generous factor below 40
+    finally:
+        backend.stop()
+        events.unlink()
+
+
+def test_readme_recipe_ollama_one_server_per_model_switches_and_adopts(env: Env) -> None:
+    ports = {}
+    for name in ("llama3", "mistral"):
+        ports[name], _ = stand_in(env, "ollama", [name])
+    config = readme_recipe("ollama", {"11435": str(ports["llama3"]), "11436": str(ports["mistral"])})
+    lx = env.start(config["models"])
+    for model, other in (("llama3", "mistral"), ("mistral", "llama3"), ("llama3", "mistral")):
+        status, payload = lx.chat(model)
+        assert status == 200, payload
+        assert get_json(ports[model], "/api/ps")["models"] == [{"name": model, "model": model}]
+        assert get_json(ports[other], "/api/ps")["models"] == []
+    lx.stop()
+    lx = env.start(config["models"])  # llama3 stayed loaded: adopted, nothing woken
+    lx.wait_log(r"model\.state model=llama3 .*adopted")
+    assert lx.chat("llama3")[0] == 200
+    assert lx.log_count(r"hook\.start model=\w+ hook=wake") == 0
+
+
+def test_demo_engine_stand_ins_answer_as_documented(env: Env) -> None:
+    """The control routes of each stand-in (DEMO_ENGINES cites where each is documented)."""
+    port, _ = stand_in(env, "vllm", ["a", "a-alias"])
+    wait_for(lambda: subprocess.run([sys.executable, LLMUX, "probe", f"http://127.0.0.1:{port}/health"]).returncode == 0, "vllm")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+
+    def call(method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+        conn.request(method, path, body=None if body is None else json.dumps(body))
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None
+
+    assert call("POST", "/v1/chat/completions", {"model": "b"}) == (404, {"error": {
+        "message": "The model `b` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}})
+    assert call("POST", "/sleep?level=1") == (200, None)
+    assert call("GET", "/health")[0] == 200  # vLLM's /health says nothing of sleep
+    assert call("GET", "/is_sleeping") == (200, {"is_sleeping": True})
+    assert call("POST", "/v1/chat/completions", {"model": "a"})[0] == 503
+    assert call("POST", "/wake_up?tags=weights") == (200, None)
+    assert call("POST", "/v1/chat/completions", {"model": "a-alias"})[0] == 200
+    conn.close()
+    port, _ = stand_in(env, "sglang", ["s"])
+    wait_for(lambda: subprocess.run([sys.executable, LLMUX, "probe", f"http://127.0.0.1:{port}/health"]).returncode == 0, "sglang")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    assert call("GET", "/get_model_info")[1]["model_path"] == "s"
+    assert call("POST", "/release_memory_occupation", {}) == (200, None)
+    assert call("POST", "/v1/chat/completions", {"model": "s"})[0] == 503
+    assert call("POST", "/resume_memory_occupation", {}) == (200, None)
+    assert call("POST", "/v1/chat/completions", {"model": "s"})[0] == 200
+    conn.close()
+    port, _ = stand_in(env, "llamacpp-router", ["x", "y"])
+    wait_for(lambda: subprocess.run([sys.executable, LLMUX, "probe", f"http://127.0.0.1:{port}/health"]).returncode == 0, "router")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    assert [m["status"]["value"] for m in call("GET", "/models")[1]["data"]] == ["unloaded", "unloaded"]
+    assert call("POST", "/models/load", {"model": "x"}) == (200, {"success": True})
+    assert call("POST", "/v1/chat/completions", {"model": "y"})[1]["model"] == "y"  # autoload
+    assert [m["status"]["value"] for m in call("GET", "/models")[1]["data"]] == ["loaded", "loaded"]
+    assert call("POST", "/models/unload", {"model": "x"}) == (200, {"success": True})
+    assert call("GET", "/models")[1]["data"][0]["status"] == {"value": "unloaded"}
+    conn.close()
+    port, _ = stand_in(env, "ollama", ["o"])
+    wait_for(lambda: subprocess.run([sys.executable, LLMUX, "probe", f"http://127.0.0.1:{port}/health"]).returncode == 0, "ollama")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    assert call("POST", "/api/generate", {"model": "z"}) == (404, {"error": 'model "z" not found, try pulling it first'})
+    assert call("GET", "/api/tags")[1] == {"models": [{"name": "o", "model": "o"}]}
+    assert call("POST", "/api/chat", {"model": "o", "keep_alive": -1})[1]["done_reason"] == "load"
+    assert call("GET", "/api/ps")[1] == {"models": [{"name": "o", "model": "o"}]}
+    assert call("POST", "/api/generate", {"model": "o", "keep_alive": 0})[1]["done_reason"] == "unload"
+    assert call("GET", "/api/ps")[1] == {"models": []}
+    conn.close()
+
+
 def test_switch_cost_is_measured_per_pair(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     for model in "abab":
