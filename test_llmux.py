@@ -2436,6 +2436,45 @@ def test_verbose_adds_detail_but_never_secrets(env: Env) -> None:
     assert not [line for line in lx.lines if "SECRET" in line]
 
 
+# -- routes for browsers and native engine clients --
+
+
+def test_cors_preflight_is_answered_by_llmux_without_a_key(env: Env) -> None:
+    """Regression: a browser's CORS preflight got 400 missing_model (llama-server answers
+    it), so browser clients that work against an engine broke behind llmux."""
+    lx = env.start({"a": env.model("a")}, api_keys=["k1"])
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert (status, payload) == (204, b"")
+    assert headers["access-control-allow-origin"] == "*"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type"
+    assert "content-length" not in headers
+    assert not [line for line in env.lines() if line.startswith(("req ", "wake-start"))]
+    # The real request after it carries the header too, as every answer does.
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"},
+                                    {"Origin": "http://localhost:5173", "Authorization": "Bearer k1"})
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"},
+                                    {"Origin": "http://localhost:5173"})
+    assert status == 401 and headers["access-control-allow-origin"] == "*"
+
+
+def test_body_less_native_routes_are_reachable(env: Env) -> None:
+    """Regression: GET /props, /slots (llama.cpp) had no body to name a model in, and
+    /completion and /tokenize clients never send one: all got 400 missing_model."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    status, _, payload = lx.request("GET", "/props?model=b")
+    assert (status, payload) == (200, {"backend": "b", "path": "/props?model=b"})
+    status, _, payload = lx.request("GET", "/slots", headers={"x-llmux-model": "a"})
+    assert (status, payload) == (200, {"backend": "a", "path": "/slots"})
+    status, _, payload = lx.request("POST", "/completion", {"prompt": "hi"}, {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "b")
+    status, _, payload = lx.request("GET", "/upstream/a/props?fields=x")
+    assert (status, payload) == (200, {"backend": "a", "path": "/props?fields=x"})
+
+
 # ─────────────────────────────── hostile input, faults, load ─────────────────────────────
 
 
