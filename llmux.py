@@ -475,6 +475,8 @@ def llmux_metrics() -> Metrics:
     m.define("histogram", "llmux_request_queue_wait_seconds",
              "Time a request waited for its model to be active.", ("model",))
     m.define("gauge", "llmux_model_in_flight", "Requests holding a slot on a model.", ("model",))
+    m.define("gauge", "llmux_model_max_in_flight",
+             "The model's max_in_flight (models that set one); more requests wait.", ("model",))
     m.define("gauge", "llmux_model_active", "1 while the model is active (serving).", ("model",))
     m.define("counter", "llmux_switch_total", "Model switches by outcome.", ("from", "to", "result"))
     m.define("histogram", "llmux_switch_duration_seconds", "Whole switch: drain, sleep and wake.",
@@ -4225,6 +4227,8 @@ class Server:
         for m in self.switcher.models.values():
             mt.set("llmux_request_queue_depth", m.name, value=len(m.queue))
             mt.set("llmux_model_in_flight", m.name, value=m.in_flight)
+            if m.cfg.max_in_flight is not None:
+                mt.set("llmux_model_max_in_flight", m.name, value=m.cfg.max_in_flight)
             mt.set("llmux_model_active", m.name, value=1 if m.state is ModelState.ACTIVE else 0)
         for (frm, to), secs in self.switcher.costs.items():
             mt.set("llmux_switch_cost_ema_seconds", frm, to, value=secs)

@@ -613,9 +613,9 @@ def test_defaults() -> None:
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
     ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, "
-                            "allow_remote_control, preload"]),
+                            "allow_remote_control, preload, cors_origins"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
-     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size"]),
+     ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, upstream_model, max_in_flight"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
     ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
     ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
@@ -669,7 +669,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, LLMUX, "-c", str(path)], capture_output=True, text=True, timeout=T)
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
-        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size"
+        "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, upstream_model, max_in_flight"
         .replace("models.b: x", "models.b.x"),
         "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
 
@@ -2473,6 +2473,248 @@ def test_body_less_native_routes_are_reachable(env: Env) -> None:
     assert (status, payload["backend"]) == (200, "b")
     status, _, payload = lx.request("GET", "/upstream/a/props?fields=x")
     assert (status, payload) == (200, {"backend": "a", "path": "/props?fields=x"})
+
+
+def test_upstream_passthrough_splits_names_with_slashes_by_the_longest_match(env: Env) -> None:
+    lx = env.start({"org": env.model("org"), "org/m": env.model("org/m", aliases=["meta/x"])})
+    for path, backend, forwarded in [
+            ("/upstream/org/m/v1/models", "org/m", "/v1/models"),  # longest name wins
+            ("/upstream/org%2Fm/props?a=1&b", "org/m", "/props?a=1&b"),  # %2F as /
+            ("/upstream/org/props", "org", "/props"),
+            ("/upstream/meta/x/slots", "org/m", "/slots"),  # an alias
+            ("/upstream/org", "org", "/")]:
+        status, _, payload = lx.request("GET", path)
+        assert (status, payload) == (200, {"backend": backend, "path": forwarded}), path
+    status, _, payload = lx.request("GET", "/upstream/nope/props")
+    assert status == 404 and payload["error"]["code"] == "model_not_found"
+    assert payload["error"]["message"].startswith("model 'nope' does not exist")
+
+
+def test_upstream_passthrough_needs_a_key_like_any_proxied_route(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, api_keys=["k1"])
+    assert lx.request("GET", "/upstream/a/props")[0] == 401
+    status, _, payload = lx.request("GET", "/upstream/a/props", headers={"x-api-key": "k1"})
+    assert (status, payload) == (200, {"backend": "a", "path": "/props"})
+
+
+def test_body_model_wins_over_header_and_query(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    status, _, payload = lx.request("POST", "/v1/chat/completions?model=b", {"model": "a"},
+                                    {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "a")
+    # The header, then the query, when the body names none (or is not JSON).
+    status, _, payload = lx.request("POST", "/tokenize?model=a", {"content": "x"},
+                                    {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "b")
+    status, _, payload = lx.request("POST", "/tokenize?model=a", b"not json")
+    assert (status, payload["backend"]) == (200, "a")
+    # Forwarded as sent: header and query stay.
+    status, _, payload = lx.request("POST", "/completion?model=a", {"echo": True},
+                                    {"x-llmux-model": "a"})
+    assert payload["path"] == "/completion?model=a"
+    assert ["x-llmux-model", "a"] in payload["headers"]
+    status, _, payload = lx.request("GET", "/props")
+    assert status == 400 and payload["error"]["message"] == (
+        "GET /props has no body; expected a JSON object with a 'model' field (or an "
+        "x-llmux-model header, or ?model=NAME)")
+
+
+def test_cors_with_an_origin_list_varies_by_origin(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, cors_origins=["http://localhost:5173"])
+    ok = {"Origin": "http://localhost:5173"}
+    status, headers, _ = lx.request("GET", "/v1/models", headers=ok)
+    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+    assert headers["vary"] == "origin"
+    status, headers, _ = lx.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in headers and headers["vary"] == "origin"
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 204 and not [k for k in headers if k.startswith("access-control-")]
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        **ok, "Access-Control-Request-Method": "POST"})
+    assert status == 204 and headers["access-control-allow-headers"] == llmux.CORS_DEFAULT_HEADERS
+    assert headers["access-control-max-age"] == str(llmux.CORS_MAX_AGE)
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"}, ok)
+    assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:5173"
+    status, headers, _ = lx.request("GET", "/health", headers=ok)
+    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+def test_cors_header_of_the_backend_is_not_duplicated(env: Env) -> None:
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\naccess-control-allow-origin: http://backend\r\n"
+                b"content-length: 2\r\n\r\n{}")
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        conn = lx.conn()
+        conn.request("POST", "/v1/chat/completions", body=b'{"model": "a"}',
+                     headers={"Origin": "http://x"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.headers.get_all("access-control-allow-origin") == ["http://backend"]
+        conn.close()
+    finally:
+        raw.stop()
+
+
+def test_streams_say_x_accel_buffering_no(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 1})
+    assert resp.getheader("x-accel-buffering") == "no"
+    resp.read()
+    conn.close()
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 200 and "x-accel-buffering" not in headers  # a sized body is not a stream
+
+
+def test_failed_wake_503_says_when_to_retry(env: Env) -> None:
+    lx = env.start({"a": env.model("a", wake_extra="exit 3")}, policy={"wake_backoff_secs": 2.5})
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 503 and payload["error"]["code"] == "hook_failed"
+    assert headers["retry-after"] == "3"  # 2.5 s of backoff, rounded up
+
+
+def test_every_503_the_switcher_makes_has_retry_after() -> None:
+    """Regression: shutting_down, model_removed and switch_failed 503s had no Retry-After."""
+    assert llmux._shutting_down().headers == [("retry-after", str(llmux.RETRY_AFTER_SHUTDOWN))]
+    assert llmux._model_removed("a").headers == [("retry-after", str(llmux.RETRY_AFTER_REMOVED))]
+    assert llmux._retry_after(10.2, 10.0) == [("retry-after", "1")]
+    assert llmux._retry_after(10.0, 10.0) == [("retry-after", "1")]
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
+    loop = CheckedLoop()
+
+    async def go() -> List[llmux.LLMuxError]:
+        def switcher() -> llmux.Switcher:
+            return llmux.Switcher(cfg, llmux.SimHooks({"*": 5.0}, {"*": 0.1}),  # type: ignore[arg-type]
+                                  llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = switcher()
+        waiting = loop.create_task(sw.acquire("a"))
+        await asyncio.sleep(1.0)
+        await sw.close()
+        errors = []
+        for coro in (waiting, sw.acquire("a")):
+            try:
+                await coro
+            except llmux.LLMuxError as e:
+                errors.append(e)
+        sw = switcher()
+        await sw.reconfigure(llmux.parse_config({"models": {"b": {"port": 2}}}))
+        try:
+            await sw.acquire("a")
+        except llmux.LLMuxError as e:
+            errors.append(e)
+        await sw.close()
+        return errors
+
+    errors = run_checked(go(), loop)
+    assert [(e.status, e.code, e.headers) for e in errors] == [
+        (503, "shutting_down", [("retry-after", "5")]),
+        (503, "shutting_down", [("retry-after", "5")]),
+        (503, "model_removed", [("retry-after", "5")])]
+
+
+# -- upstream_model: the name written into forwarded bodies --
+
+
+def forward_for(body: bytes, content_type: str = "application/json",
+                models: Optional[Dict[str, Any]] = None) -> Tuple[str, bytes]:
+    """Server._route_model on a real Server: the model a body goes to, and the body sent."""
+    cfg = llmux.parse_config({"models": models or {
+        "a": {"port": 8001, "upstream_model": "org/Model-A", "aliases": ["alias-a"]},
+        "b": {"port": 8002, "aliases": ["alias-b"]}}})
+    head = llmux.RequestHead("POST", "/v1/chat/completions", "HTTP/1.1",
+                             [("host", "x"), ("content-type", content_type)], True, False)
+
+    async def go() -> Tuple[str, bytes]:
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        fwd = await server._route_model(head, body)
+        return fwd.model.name, fwd.body
+
+    return run_checked(go())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("body, sent", [
+    (b'{"model": "a", "x": 1}', b'{"model": "org/Model-A", "x": 1}'),
+    (b'{"model": "alias-a"}', b'{"model": "org/Model-A"}'),
+    (b'{"model":"\\u0061"}', b'{"model":"org/Model-A"}'),  # an escaped name
+    (b'{"model": "b", "model": "a"}', b'{"model": "b", "model": "org/Model-A"}'),  # last wins
+    (b'\xef\xbb\xbf{"model": "a"}', b'\xef\xbb\xbf{"model": "org/Model-A"}'),  # BOM kept
+    (b'{"m\\u006fdel": "a", "t": "\xc3\xa9\\"model\\": \\"b\\""}',
+     b'{"m\\u006fdel": "org/Model-A", "t": "\xc3\xa9\\"model\\": \\"b\\""}'),
+])
+def test_upstream_model_is_spliced_into_the_json_body(body: bytes, sent: bytes) -> None:
+    assert forward_for(body) == ("a", sent)
+
+
+def test_bodies_are_byte_identical_without_upstream_model() -> None:
+    for body in [b'{"model": "alias-b",  "x" : [1, {"model": "a"}]}', b'{"model":"b"}']:
+        name, sent = forward_for(body)
+        assert name == "b" and sent is body  # not even copied
+
+
+def test_upstream_model_is_spliced_into_a_multipart_field() -> None:
+    form = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+            b"RIFF\x00\xff--\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+            b"alias-a\r\n--B--\r\n")
+    name, sent = forward_for(form, "multipart/form-data; boundary=B")
+    assert name == "a" and sent == form.replace(b"\r\n\r\nalias-a\r\n", b"\r\n\r\norg/Model-A\r\n")
+
+
+def test_upstream_model_rewrite_of_a_20_mb_body() -> None:
+    pad = "é\\\"{[" * 700_000
+    body = json.dumps({"messages": [{"content": pad}], "model": "alias-a", "n": 1},
+                      ensure_ascii=False).encode()
+    assert len(body) > 5_000_000
+    body = body * 1 + b" " * (20_000_000 - len(body))
+    name, sent = forward_for(body)
+    assert name == "a" and len(sent) == len(body) + len("org/Model-A") - len("alias-a")
+    assert json.loads(sent) == {**json.loads(body), "model": "org/Model-A"}
+
+
+def test_upstream_model_rewrite_fuzz() -> None:
+    """Seeded: random JSON objects (nested "model" keys, escapes, unicode, duplicate
+    top-level keys, odd whitespace), rewritten; json.loads of the result must equal the
+    original's with only the top-level model changed, and with no rewrite due, the body
+    must be the very same bytes."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    names = ["a", "alias-a", "b", "alias-b"]
+
+    def text() -> str:
+        return "".join(rng.choice(['"', "\\", "é", "\u2028", "\U0001f600", "{", "]", "model",
+                                   ":", ",", "x", "\x01"]) for _ in range(rng.randint(0, 6)))
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 2 or roll < 0.4:
+            return rng.choice([text(), 1, -2.5e3, True, None])
+        if roll < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["model", text()]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    def ws() -> str:
+        return rng.choice(["", " ", "\n\t ", "\r\n"])
+
+    for case in range(400):
+        members = [(k, value(0)) for k in (text() for _ in range(rng.randint(0, 4)))
+                   if k != "model"]
+        for _ in range(rng.randint(1, 2)):
+            members.insert(rng.randint(0, len(members)), ("model", rng.choice(names)))
+        ascii_only = rng.random() < 0.5
+        parts = [ws() + json.dumps(k, ensure_ascii=ascii_only) + ws() + ":" + ws()
+                 + json.dumps(v, ensure_ascii=ascii_only) + ws() for k, v in members]
+        body = ("{" + ",".join(parts) + "}").encode()
+        original = json.loads(body)
+        name, sent = forward_for(body)
+        target = "a" if original["model"] in ("a", "alias-a") else "b"
+        assert name == target, f"seed {seed} case {case}: routed to {name}: {body!r}"
+        if target == "b":
+            assert sent is body, f"seed {seed} case {case}: body changed: {body!r}"
+        else:
+            assert json.loads(sent) == {**original, "model": "org/Model-A"}, \
+                f"seed {seed} case {case}: {body!r} -> {sent!r}"
 
 
 # ─────────────────────────────── hostile input, faults, load ─────────────────────────────
