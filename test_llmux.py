@@ -605,6 +605,8 @@ def test_defaults() -> None:
     assert llmux.parse_config({**GOOD, "http": {"max_connections_per_peer": None}}).http.max_connections_per_peer is None
     assert cfg.policy == llmux.Policy()
     assert cfg.policy.drain_before_switch is True and cfg.policy.min_active_secs == 0
+    assert cfg.cors_origins == ("*",)
+    assert [(m.upstream_model, m.max_in_flight) for m in cfg.models.values()] == [(None, None)] * len(cfg.models)
     assert llmux.parse_config({**GOOD, "policy": {"request_timeout_secs": None}}).policy.request_timeout_secs is None
 
 
@@ -617,6 +619,17 @@ def test_defaults() -> None:
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
      ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, upstream_model, max_in_flight"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
+    ({"models": {"a": {"port": 8001, "max_in_flight": 0, "upstream_model": ""}}},
+     ["models.a.upstream_model: expected a non-empty string or null; got \"\" (a string)",
+      "models.a.max_in_flight: expected a whole number > 0 or null; got 0 (a number)"]),
+    ({**GOOD, "cors_origins": "*"},
+     ['cors_origins: expected a list of "*" or an origin like "http://localhost:5173" '
+      '(scheme://host[:port]); got "*" (a string)']),
+    ({**GOOD, "cors_origins": ["http://ok:1", "http://x/path", 3]},
+     ['cors_origins[1]: expected "*" or an origin like "http://localhost:5173" (scheme://host[:port]); '
+      'got "http://x/path" (a string)',
+      'cors_origins[2]: expected "*" or an origin like "http://localhost:5173" (scheme://host[:port]); '
+      'got 3 (a number)']),
     ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
     ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
     ({"models": {"a": {"port": True}}}, ["models.a.port: expected a port number from 1 to 65535; got true (a boolean)"]),
@@ -1324,6 +1337,8 @@ def random_config(rng: random.Random, names: List[str], capacity: Optional[float
             m["size"] = rng.choice([0.5, 1.0, 1.0, 1.5, capacity])
         if rng.random() < 0.15:
             m["idle_sleep_secs"] = rng.choice([0, 2.0, 8.0])
+        if rng.random() < 0.3:
+            m["max_in_flight"] = rng.choice([1, 1, 2, 3])
         models[name] = m
     return llmux.parse_config({"models": models, "policy": policy})
 
@@ -1356,7 +1371,7 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
     stream = ListStream()
     hooks = FaultHooks(rng, capacity, policy["hook_timeout_secs"], fail)
     counts = {"requests": 0, "served": 0, "errors": 0, "left": 0, "cut": 0, "reloads": 0,
-              "controls": 0}
+              "controls": 0, "limited": 0}
     trace: List[str] = []
     timeout = policy["request_timeout_secs"]
 
@@ -1375,12 +1390,16 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
             assert not hooks.violations, hooks.violations
             models = sw.models
             assert sw.queued == sum(len(m.queue) for m in models.values()), "queued count"
-            if sw.queued and not (sw.busy() or sw.held or sw.closed):
+            # Requests for an ACTIVE model at its max_in_flight wait for a release.
+            for_switch = sum(len(m.queue) for m in models.values() if not m.at_limit())
+            if for_switch < sw.queued:
+                counts["limited"] += 1  # steps with requests waiting for a max_in_flight slot
+            if for_switch and not (sw.busy() or sw.held or sw.closed):
                 # Demand waits and nothing runs: a decision timer must be armed, or the
                 # requests would wait for their timeout although a switch could start.
                 timer = sw._timer
                 assert timer is not None and not timer.cancelled(), \
-                    f"progress: {sw.queued} waiting, no switch running and no timer armed"
+                    f"progress: {for_switch} waiting, no switch running and no timer armed"
             seen = {(id(m), m.transitions): m.in_flight for m in models.values()
                     if m.state is S.DRAINING}
             for key, in_flight in seen.items():
@@ -1396,8 +1415,12 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
                     f"inv 1: awake {[(m.name, m.cfg.size) for m in awake]}"
             for m in models.values():
                 assert m.in_flight == len(m.slots) >= 0, f"{m.name}: in_flight {m.in_flight}"
-                if m.state is S.ACTIVE:
-                    assert not m.queue, f"inv 4: {m.name} ACTIVE with {len(m.queue)} waiting"
+                limit = m.cfg.max_in_flight
+                assert limit is None or m.in_flight <= limit, \
+                    f"inv 4: {m.name} has {m.in_flight} in flight, max_in_flight {limit}"
+                if m.state is S.ACTIVE and m.has_room():
+                    assert not m.queue, \
+                        f"inv 4: {m.name} ACTIVE below its limit with {len(m.queue)} waiting"
                 if m.state in (S.ACTIVE, S.DRAINING):
                     assert m.name in hooks.loaded, f"inv 9: {m.name} {m.state.value}, not loaded"
                 if m.state is not S.ACTIVE and m.state is not S.DRAINING:
@@ -1557,6 +1580,7 @@ def test_switcher_explorer(capsys: Any) -> None:
               f"{total['cut']} cut), {total['reloads']} reloads, {total['controls']} controls, "
               f"{EXPLORE_SCENARIOS / secs:.0f} scenarios/s")
     assert total["served"] and total["errors"] and total["left"] and total["reloads"]
+    assert total["limited"], "no scenario had a request wait for a max_in_flight slot"
 
 
 
@@ -1880,6 +1904,83 @@ def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
     assert payload["error"]["code"] == "queue_full"
     env.gate("a").touch()
     assert [join(*w)[0] for w in waiters] == [200, 200]
+
+
+def test_max_in_flight_queues_beyond_the_limit_in_arrival_order(env: Env) -> None:
+    lx = env.start({"a": env.model("a", max_in_flight=1)})
+    conn1, resp1 = sse_stream(lx.port, {"model": "a", "stream": True, "n": 2, "hold": str(env.gate("a"))})
+    assert json.loads(resp1.readline()[6:]) == {"backend": "a", "i": 0}  # holds the one slot
+    results: Dict[int, Any] = {}
+
+    def chat(i: int) -> None:
+        results[i] = lx.chat("a")
+    first = threading.Thread(target=chat, args=(1,))
+    first.start()
+    lx.wait_log(r"request\.queued model=a state=active waiting=1")
+    second = threading.Thread(target=chat, args=(2,))
+    second.start()
+    lx.wait_log(r"request\.queued model=a state=active waiting=2")
+    health = lx.health()["models"]["a"]
+    assert health == {"state": "active", "in_flight": 1, "queued": 2, "max_in_flight": 1}
+    assert lx.request("GET", "/llmux/status")[2]["models"]["a"]["max_in_flight"] == 1
+    scrape = lx.request("GET", "/metrics")[2].decode()
+    assert 'llmux_model_max_in_flight{model="a"} 1' in scrape
+    assert 'llmux_request_queue_depth{model="a"} 2' in scrape
+    env.gate("a").touch()
+    resp1.read()
+    conn1.close()
+    first.join(T)
+    second.join(T)
+    assert results[1][0] == results[2][0] == 200
+    assert [line for line in env.lines() if line == "req a"] == ["req a"] * 3
+    lx.wait_log(r"request method=POST .* model=a status=200", count=3)
+    assert lx.health()["models"]["a"] == {"state": "active", "in_flight": 0, "queued": 0,
+                                          "max_in_flight": 1}
+
+
+def test_max_in_flight_grants_in_arrival_order_and_counts_toward_max_queue() -> None:
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 2}, "b": {"port": 2}},
+                              "policy": {"max_queue": 3, "request_timeout_secs": 10}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 0.5}, {"*": 0.5}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        held = [await sw.acquire("a"), await sw.acquire("a")]
+        order: List[int] = []
+
+        async def wait(i: int) -> llmux.Slot:
+            slot = await sw.acquire("a")
+            order.append(i)
+            return slot
+        waiting = [loop.create_task(wait(i)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert sw.status()["models"]["a"] == {"state": "active", "in_flight": 2, "queued": 3,
+                                              "max_in_flight": 2}
+        with pytest.raises(llmux.LLMuxError) as full:  # the queue is full: 3 wait
+            await sw.acquire("a")
+        assert full.value.code == "queue_full" and full.value.headers == [("retry-after", "1")]
+        held.pop().release()  # one release, one grant, in one pass
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert order == [0] and sw.models["a"].in_flight == 2
+        held.pop().release()
+        await asyncio.sleep(0.1)
+        assert order == [0, 1]  # still two in flight: 2 waits
+        (await waiting[0]).release()
+        await asyncio.sleep(0.1)
+        assert order == [0, 1, 2]
+        held = [await t for t in waiting[1:]]
+        # A late one waits its request_timeout_secs, then 504, with the model still ACTIVE.
+        with pytest.raises(llmux.LLMuxError) as late:
+            await sw.acquire("a")
+        assert late.value.status == 504 and loop.time() >= 10
+        for slot in held:
+            slot.release()
+        (await sw.acquire("a")).release()
+        await sw.close()
+
+    run_checked(go(), loop)
 
 
 # ─────────────────────────────── proxy and relay, end to end ────────────────────────────
