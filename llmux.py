@@ -4283,7 +4283,8 @@ class Server:
                 (r for (mn, h), r in self.hooks.last.items() if not r.ok), None)
             raise LLMuxError(f"{action} of model '{cfg.name}' failed"
                              + (f": {last.describe()}" if last is not None and not last.ok else ""),
-                             status=503, code="hook_failed")
+                             status=503, code="hook_failed",
+                             headers=_retry_after(max(m.backoff_until, sw.clock()), sw.clock()))
         return 200, {"model": cfg.name, "state": m.state.value, "changed": True}
 
     def _unknown_model(self, name: str) -> LLMuxError:

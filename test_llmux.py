@@ -2675,6 +2675,9 @@ def test_failed_wake_503_says_when_to_retry(env: Env) -> None:
     status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
     assert status == 503 and payload["error"]["code"] == "hook_failed"
     assert headers["retry-after"] == "3"  # 2.5 s of backoff, rounded up
+    status, headers, payload = lx.request("POST", "/llmux/models/a/wake")
+    assert status == 503 and payload["error"]["code"] == "hook_failed"
+    assert headers["retry-after"] == "3"
 
 
 def test_every_503_the_switcher_makes_has_retry_after() -> None:
