@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """llmux.py: one GPU node, many models, one OpenAI-compatible endpoint.
 
-llmux reads the ``model`` field of each request. When that model is not loaded it
+llmux reads the ``model`` field of each request (or its ``x-llmux-model`` header, its
+``?model=``, or the NAME of ``/upstream/NAME/...``). When that model is not loaded it
 drains the requests in flight, runs the loaded model's ``sleep`` hook and the
 requested model's ``wake`` hook (any shell text, run with ``sh -c``), then proxies
 the request to ``127.0.0.1:<model port>`` and streams the answer back::
@@ -10,7 +11,8 @@ the request to ``127.0.0.1:<model port>`` and streams the answer back::
                            │                      │ (queue, drain, hooks)    (stream back,
                            │                      ▼                           release slot)
                            │                 hooks: sh -c wake / sleep / alive
-                           └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*
+                           └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*,
+                               CORS preflights (the route table in Server._route_table)
 
 One file, standard library only, CPython 3.8 to 3.13.  Run ``python3 llmux.py -h``.
 Every limit is a named constant below, with the status it maps to.
@@ -2392,7 +2394,16 @@ class FifoPolicy(SchedulingPolicy):
         for m in switcher.candidates():
             if best is None or m.queue[0].enqueued_at < best.queue[0].enqueued_at:
                 best = m
-        return (best.name if best else None), None
+        if best is None:
+            return None, None
+        # A model to evict that has requests waiting for a max_in_flight slot, older than
+        # the candidate's: they are served first (in arrival order); each release asks
+        # again, so the candidate's turn comes once its request is the oldest.
+        oldest = best.queue[0].enqueued_at
+        if any(v.queue and v.queue[0].enqueued_at < oldest
+               for v in switcher.victims_for(best, now) or []):
+            return None, None
+        return best.name, None
 
 
 class CostAwarePolicy(SchedulingPolicy):
