@@ -189,7 +189,7 @@ CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # A preflight without Access-Control-Request-Headers is answered with these: what the
 # OpenAI clients and browser UIs send.
 CORS_DEFAULT_HEADERS = "authorization, content-type, x-api-key, x-llmux-model"
-MODEL_HEADER = "x-llmux-model"  # names the model of a request whose body does not
+MODEL_HEADER = "x-llmux-model"  # names the model when the body does not (see the README)
 # Retry-After (seconds) on the 503s llmux produces when no better estimate exists: a queue
 # that is full, a shutdown (a restart behind a supervisor takes a few seconds), a model a
 # reload removed (a client may have been pointed at a renamed one), a failed control action.

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -2620,6 +2621,57 @@ def test_upstream_passthrough_splits_names_with_slashes_by_the_longest_match(env
     status, _, payload = lx.request("GET", "/upstream/nope/props")
     assert status == 404 and payload["error"]["code"] == "model_not_found"
     assert payload["error"]["message"].startswith("model 'nope' does not exist")
+
+
+def test_upstream_passthrough_split_fuzz() -> None:
+    """Seeded: names and aliases with '/', paths with any character percent-encoded (a
+    '/' as %2F too).  The route must pick the longest label the decoded path starts
+    with (followed by '/' or the end), forward the rest with the query, and the decoded
+    label and rest must give back the decoded path."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    parts = ["a", "b", "ab", "é", "x%y"]
+
+    def label() -> str:
+        return "/".join(rng.choice(parts) for _ in range(rng.randint(1, 3)))
+
+    def encode(text: str) -> str:
+        out = []
+        for ch in text:
+            if rng.random() < 0.3 or ch in "%é":
+                out.append(urllib.parse.quote(ch, safe=""))
+            else:
+                out.append(ch)
+        return "".join(out)
+
+    async def go() -> None:
+        for case in range(300):
+            labels = sorted({label() for _ in range(rng.randint(1, 4))})
+            models = {}
+            for i, name in enumerate(labels):
+                if i and rng.random() < 0.3:
+                    models[labels[0]].setdefault("aliases", []).append(name)
+                else:
+                    models[name] = {"port": 9000 + i}
+            cfg = llmux.parse_config({"models": models})
+            server = llmux.Server(cfg, llmux.Log(ListStream()))
+            chosen = rng.choice(labels)
+            rest = "".join("/" + rng.choice(parts + ["props", ""]) for _ in range(rng.randint(0, 3)))
+            query = rng.choice(["", "?", "?a=1&model=b"])
+            target = "/upstream/" + encode(chosen) + encode(rest).replace("%2F", "/") + query
+            head = llmux.RequestHead("GET", target, "HTTP/1.1", [("host", "x")], True, False)
+            path = llmux.route_path(target)
+            where = f"seed {seed} case {case}: {labels} {target!r}"
+            fwd = await server._route(head, b"", path, ("127.0.0.1", 1))
+            decoded = path[len("/upstream/"):]
+            longest = max((n for n in labels if decoded == n or decoded.startswith(n + "/")), key=len)
+            assert fwd.model is cfg.resolve(longest), where
+            got_path, _, got_query = fwd.head.target.partition("?")
+            assert fwd.head.target.endswith(query) and got_path.startswith("/"), where
+            assert longest + urllib.parse.unquote(got_path) == decoded \
+                or (got_path == "/" and decoded == longest), where
+
+    run_checked(go())
 
 
 def test_upstream_passthrough_needs_a_key_like_any_proxied_route(env: Env) -> None:
