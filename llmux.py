@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """llmux.py: one GPU node, many models, one OpenAI-compatible endpoint.
 
-llmux reads the ``model`` field of each request. When that model is not loaded it
+llmux reads the ``model`` field of each request (or its ``x-llmux-model`` header, its
+``?model=``, or the NAME of ``/upstream/NAME/...``). When that model is not loaded it
 drains the requests in flight, runs the loaded model's ``sleep`` hook and the
 requested model's ``wake`` hook (any shell text, run with ``sh -c``; or it runs the
 model's server itself, ``cmd``, and stops it to sleep), then proxies
@@ -11,7 +12,8 @@ the request to ``127.0.0.1:<model port>`` and streams the answer back::
                            │                      │ (queue, drain, hooks)    (stream back,
                            │                      ▼                           release slot)
                            │                 hooks: sh -c wake / sleep / alive
-                           └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*
+                           └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*,
+                               CORS preflights (the route table in Server._route_table)
 
 One file, standard library only, CPython 3.8 to 3.13.  Run ``python3 llmux.py -h``.
 Every limit is a named constant below, with the status it maps to.
@@ -73,6 +75,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import math
 import os
 import re
 import select
@@ -88,9 +91,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import (
     Any,
+    Awaitable,
     Callable,
     Deque,
     Dict,
+    FrozenSet,
     Generator,
     Iterable,
     List,
@@ -204,6 +209,21 @@ MAX_MODEL_NAME_BYTES = 1024
 # 400: "model" strings (at any depth) the JSON scanner stops at, beyond one per window:
 # each stop is a step in Python, and a body of nothing but "model" strings was 1 µs a byte.
 MAX_JSON_MODEL_STRINGS = 1024
+# Browsers may call llmux from any page, as llama-server and vLLM allow by default: a
+# client that works against the engine works behind llmux (README, "Browsers and CORS").
+DEFAULT_CORS_ORIGINS: Tuple[str, ...] = ("*",)
+CORS_MAX_AGE = 600  # seconds a browser may cache a preflight answer (Chromium caps at 7200).
+CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# A preflight without Access-Control-Request-Headers is answered with these: what the
+# OpenAI clients and browser UIs send.
+CORS_DEFAULT_HEADERS = "authorization, content-type, x-api-key, x-llmux-model"
+MODEL_HEADER = "x-llmux-model"  # names the model when the body does not (see the README)
+# Retry-After (seconds) on the 503s llmux produces when no better estimate exists: a queue
+# that is full, a shutdown (a restart behind a supervisor takes a few seconds), a model a
+# reload removed (a client may have been pointed at a renamed one), a failed control action.
+RETRY_AFTER_BUSY = 1
+RETRY_AFTER_SHUTDOWN = 5
+RETRY_AFTER_REMOVED = 5
 
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "0.0.0.0"  # as the Rust llmux: clients come from other hosts.
@@ -501,6 +521,8 @@ def llmux_metrics() -> Metrics:
     m.define("histogram", "llmux_request_queue_wait_seconds",
              "Time a request waited for its model to be active.", ("model",))
     m.define("gauge", "llmux_model_in_flight", "Requests holding a slot on a model.", ("model",))
+    m.define("gauge", "llmux_model_max_in_flight",
+             "The model's max_in_flight (models that set one); more requests wait.", ("model",))
     m.define("gauge", "llmux_model_active", "1 while the model is active (serving).", ("model",))
     m.define("counter", "llmux_switch_total", "Model switches by outcome.", ("from", "to", "result"))
     m.define("histogram", "llmux_switch_duration_seconds", "Whole switch: drain, sleep and wake.",
@@ -540,6 +562,8 @@ class ModelConfig:
     cmd: Optional[Tuple[str, ...]] = None  # a managed server's argv (README, "Managed model servers")
     ready_path: str = DEFAULT_READY_PATH
     stop_grace_secs: float = DEFAULT_STOP_GRACE
+    upstream_model: Optional[str] = None  # written into forwarded bodies' "model" field
+    max_in_flight: Optional[int] = None  # requests at once; more wait in the queue
 
 
 @dataclass(frozen=True)
@@ -592,6 +616,7 @@ class Config:
     allow_remote_control: bool = False  # without api_keys, /llmux/* answers loopback only
     blocked_paths: Tuple[str, ...] = ()  # never proxied (403): the engines' own controls
     preload: Optional[str] = None  # model to wake at start when none is adopted
+    cors_origins: Tuple[str, ...] = DEFAULT_CORS_ORIGINS  # "*" or exact origins
     path: Optional[str] = None  # the file it came from; hooks run in its folder
 
     def resolve(self, name: str) -> Optional[ModelConfig]:
@@ -690,9 +715,12 @@ _POLICY_NUMBERS = {
 }
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size", "cmd",
-               "ready_path", "stop_grace_secs")
+               "ready_path", "stop_grace_secs", "upstream_model", "max_in_flight")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remote_control",
-             "blocked_paths", "preload")
+             "blocked_paths", "preload", "cors_origins")
+# An origin as browsers send it (RFC 6454 section 6.1): scheme://host[:port], no path.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[^/\s?#]+\Z")
+_ORIGIN_EXPECTED = "\"*\" or an origin like \"http://localhost:5173\" (scheme://host[:port])"
 # An API key is compared byte for byte with what the client sent.  Clients send header
 # values as ASCII (httpx, the openai client, curl from a UTF-8 shell would send UTF-8 that
 # llmux sees as latin-1): a key with other characters could never match, so it is refused.
@@ -776,6 +804,7 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         if not _API_KEY.match(k):
             c.bad(f"LLMUX_API_KEYS[{i}]", _API_KEY_EXPECTED, k)
     keys = keys + env_keys
+    cors = _check_cors_origins(c, raw.get("cors_origins", list(DEFAULT_CORS_ORIGINS)))
     remote_control = False
     if "allow_remote_control" in raw:
         remote_control = c.boolean("allow_remote_control", raw["allow_remote_control"])
@@ -889,8 +918,13 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
             c.problems.append(f"{where}.size: {size:g} is more than policy.capacity {capacity:g}; "
                               "expected a size that fits")
         managed = _check_managed(c, where, m, hooks)
+        upstream_model = c.text(f"{where}.upstream_model", m.get("upstream_model"))
+        max_in_flight = c.number(f"{where}.max_in_flight", m["max_in_flight"], integer=True,
+                                 positive=True, nullable=True) if "max_in_flight" in m else None
         models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases),
-                                   idle_sleep_secs=idle, size=size or 1.0, **hooks, **managed)
+                                   idle_sleep_secs=idle, size=size or 1.0,
+                                   upstream_model=upstream_model, max_in_flight=max_in_flight,
+                                   **hooks, **managed)
 
     preload = raw.get("preload")
     if preload is not None and preload not in models:
@@ -900,7 +934,21 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     return Config(models=models, policy=Policy(**policy_args), http=HttpConfig(**http_args),
                   port=port, host=host, api_keys=tuple(keys),
                   allow_remote_control=bool(remote_control), blocked_paths=blocked,
-                  preload=preload, path=path)
+                  preload=preload, path=path, cors_origins=cors)
+
+
+def _check_cors_origins(c: _Checker, value: Any) -> Tuple[str, ...]:
+    """``cors_origins``: a list of "*" or origins, compared lower-cased with Origin."""
+    if not isinstance(value, list):
+        c.bad("cors_origins", f"a list of {_ORIGIN_EXPECTED}", value)
+        return DEFAULT_CORS_ORIGINS
+    origins: List[str] = []
+    for i, o in enumerate(value):
+        if isinstance(o, str) and (o == "*" or _ORIGIN.match(o.lower())):
+            origins.append(o.lower())
+        else:
+            c.bad(f"cors_origins[{i}]", _ORIGIN_EXPECTED, o)
+    return tuple(origins)
 
 
 def load_config(path: str) -> Config:
@@ -1555,7 +1603,7 @@ class ResponseParser(_Parser):
 
 # Writers: bytes for the wire, no I/O.
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
             413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -1572,18 +1620,65 @@ def json_response(status: int, obj: Any, *, keep_alive: bool = True,
                   headers: Sequence[Tuple[str, str]] = (), head_only: bool = False) -> bytes:
     """A complete response with a JSON body."""
     body = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-             "content-type: application/json", f"content-length: {len(body)}"]
+    return local_response(status, body, "application/json", keep_alive=keep_alive,
+                          headers=headers, head_only=head_only)
+
+
+def local_response(status: int, body: bytes, content_type: Optional[str], *,
+                   keep_alive: bool = True, headers: Sequence[Tuple[str, str]] = (),
+                   head_only: bool = False) -> bytes:
+    """A complete response llmux writes itself; a 204 gets no body and, as RFC 9110
+    section 8.6 requires, no Content-Length."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    if status != 204:
+        if content_type is not None:
+            lines.append(f"content-type: {content_type}")
+        lines.append(f"content-length: {len(body)}")
     lines.extend(f"{k}: {v}" for k, v in headers)
     if not keep_alive:
         lines.append("connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+    return head if head_only or status == 204 else head + body
 
 
-def error_response(e: LLMuxError, keep_alive: bool = False) -> bytes:
-    """The one way an error becomes a response: its status, its JSON, its headers."""
-    return json_response(e.status, e.to_json(), keep_alive=keep_alive, headers=e.headers)
+def error_response(e: LLMuxError, keep_alive: bool = False,
+                   headers: Sequence[Tuple[str, str]] = ()) -> bytes:
+    """The one way an error becomes a response: its status, its JSON, its headers (and
+    ``headers``: the request's CORS ones)."""
+    return json_response(e.status, e.to_json(), keep_alive=keep_alive,
+                         headers=[*e.headers, *headers])
+
+
+def cors_headers(origins: Sequence[str], origin: Optional[str]) -> List[Tuple[str, str]]:
+    """The CORS headers of any response to a request from ``origin`` (its Origin header,
+    or None): Access-Control-Allow-Origin when the origin is allowed, and Vary: Origin
+    whenever the answer depends on it (the Fetch standard, "CORS protocol and HTTP
+    caches"), so a cache never serves one origin's answer to another."""
+    if "*" in origins:
+        return [("access-control-allow-origin", "*")]
+    if origin is not None and origin.lower() in origins:
+        return [("access-control-allow-origin", origin), ("vary", "origin")]
+    return [("vary", "origin")]
+
+
+def is_preflight(head: RequestHead) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method (Fetch
+    standard, "CORS-preflight request").  A plain OPTIONS is proxied like any request."""
+    return (head.method == "OPTIONS" and head.get("origin") is not None
+            and head.get("access-control-request-method") is not None)
+
+
+def preflight_response(head: RequestHead, origins: Sequence[str]) -> bytes:
+    """llmux's own 204 answer to a preflight.  Without an allowed origin it carries no
+    Access-Control-Allow-* header, and the browser refuses the request."""
+    headers = cors_headers(origins, head.get("origin"))
+    if any(k == "access-control-allow-origin" for k, _ in headers):
+        asked = head.get("access-control-request-headers")
+        headers += [("access-control-allow-methods", CORS_ALLOW_METHODS),
+                    ("access-control-allow-headers", asked.strip() if asked else CORS_DEFAULT_HEADERS),
+                    ("access-control-max-age", str(CORS_MAX_AGE)),
+                    ("vary", "access-control-request-headers")]  # echoed just above
+    return local_response(204, b"", None, keep_alive=head.keep_alive, headers=headers)
 
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -1924,10 +2019,11 @@ def upstream_request(head: RequestHead, body: bytes, port: int) -> Tuple[bytes, 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body
 
 
-def client_response_head(resp: ResponseHead, client_10: bool,
-                         keep_alive: bool) -> Tuple[bytes, bool, bool]:
+def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
+                         cors: Sequence[Tuple[str, str]] = ()) -> Tuple[bytes, bool, bool]:
     """The response head for the client, whether to re-chunk the body, and whether
-    the client connection may be kept (an HTTP/1.0 client reads until close)."""
+    the client connection may be kept (an HTTP/1.0 client reads until close).
+    ``cors`` (cors_headers) is added unless the backend answered CORS itself."""
     open_ended = resp.framing in ("chunked", "close")
     # RFC 9110 sections 8.6 and 15.3.5: a 204 carries no Content-Length, and neither
     # forwarded 204 nor 304 a body; a 304's length describes a body nobody sends.
@@ -1941,6 +2037,13 @@ def client_response_head(resp: ResponseHead, client_10: bool,
         length = _content_length(resp.headers, 502)
         if length is not None:
             lines.append(f"content-length: {length}")
+    sent = {k for k, _ in resp.headers}
+    if "access-control-allow-origin" not in sent:
+        lines.extend(f"{k}: {v}" for k, v in cors)
+    # A stream (SSE, or any body of unknown length) must not be buffered by an nginx
+    # put in front of llmux: it honours this header (proxy_buffering per response).
+    if open_ended and not no_body and "x-accel-buffering" not in sent:
+        lines.append("x-accel-buffering: no")
     chunked = open_ended and not client_10
     if chunked:
         lines.append("transfer-encoding: chunked")
@@ -1960,7 +2063,8 @@ class RelayResult(NamedTuple):
 
 async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, body: bytes,
                 writer: asyncio.StreamWriter, timeout: Optional[float],
-                flow: Optional["_ClientProtocol"] = None) -> RelayResult:
+                flow: Optional["_ClientProtocol"] = None,
+                cors: Sequence[Tuple[str, str]] = ()) -> RelayResult:
     """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
 
     Raises UpstreamError if the backend failed before anything reached the client, _Cut
@@ -1975,7 +2079,7 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
         try:
             resp = await conn.begin(head.method, request, timeout)
             data, chunked, keep_client = client_response_head(
-                resp, head.version == "HTTP/1.0", head.keep_alive)
+                resp, head.version == "HTTP/1.0", head.keep_alive, cors)
             started = True
             if flow is not None:
                 flow.responding = True
@@ -2676,6 +2780,30 @@ class _Model:
         """When the oldest waiting request for this model arrived, or None."""
         return self.queue[0].enqueued_at if self.queue else None
 
+    def has_room(self) -> bool:
+        """Whether one more slot stays within max_in_flight (of the config it runs)."""
+        limit = self.cfg.max_in_flight
+        return limit is None or self.in_flight < limit
+
+    def at_limit(self) -> bool:
+        """ACTIVE with max_in_flight slots taken: its waiters wait for a release."""
+        return self.state is ModelState.ACTIVE and not self.has_room()
+
+
+def _shutting_down() -> LLMuxError:
+    return LLMuxError("llmux is shutting down", status=503, code="shutting_down",
+                      headers=[("retry-after", str(RETRY_AFTER_SHUTDOWN))])
+
+
+def _model_removed(name: str) -> LLMuxError:
+    return LLMuxError(f"model '{name}' was removed by a config reload", status=503,
+                      code="model_removed", headers=[("retry-after", str(RETRY_AFTER_REMOVED))])
+
+
+def _retry_after(until: float, now: float) -> List[Tuple[str, str]]:
+    """Retry-After for a wait that ends at clock time ``until``: whole seconds, at least 1."""
+    return [("retry-after", str(max(1, math.ceil(until - now))))]
+
 
 class Slot:
     """One request's hold on an active model; release() exactly once (extra calls no-op)."""
@@ -2730,7 +2858,16 @@ class FifoPolicy(SchedulingPolicy):
         for m in switcher.candidates():
             if best is None or m.queue[0].enqueued_at < best.queue[0].enqueued_at:
                 best = m
-        return (best.name if best else None), None
+        if best is None:
+            return None, None
+        # A model to evict that has requests waiting for a max_in_flight slot, older than
+        # the candidate's: they are served first (in arrival order); each release asks
+        # again, so the candidate's turn comes once its request is the oldest.
+        oldest = best.queue[0].enqueued_at
+        if any(v.queue and v.queue[0].enqueued_at < oldest
+               for v in switcher.victims_for(best, now) or []):
+            return None, None
+        return best.name, None
 
 
 class CostAwarePolicy(SchedulingPolicy):
@@ -2806,7 +2943,10 @@ class Switcher:
     2. A slot is handed out only on an ACTIVE model (asserted in _new_slot).
     3. Strict drain: once a model is DRAINING, new requests for it queue.
     4. When a model becomes ACTIVE, every request waiting for it gets its slot at once
-       (synchronously, in _schedule) before any later switch can drain it.
+       (synchronously, in _schedule) before any later switch can drain it, up to its
+       max_in_flight; the rest get theirs in arrival order as slots are released (each
+       release ends in one _schedule pass).  So an ACTIVE model below its limit has an
+       empty queue, and in_flight never exceeds max_in_flight.
     5. Every slot is released exactly once; a queued request that leaves is forgotten
        and no longer counts as demand (a drain with no demand left is abandoned).
     6. Every wait is bounded: request_timeout_secs in the queue, drain_timeout_secs for
@@ -2916,6 +3056,8 @@ class Switcher:
         for m in self.models.values():
             models[m.name] = {"state": m.state.value, "in_flight": m.in_flight,
                               "queued": len(m.queue)}
+            if m.cfg.max_in_flight is not None:
+                models[m.name]["max_in_flight"] = m.cfg.max_in_flight
             if m.retired or m.pending_cfg is not None:
                 models[m.name]["reload_pending"] = "removed" if m.retired else "changed"
         return {
@@ -2941,19 +3083,21 @@ class Switcher:
         """
         m = self.models.get(name)
         if m is None or m.retired:
-            raise LLMuxError(f"model '{name}' was removed by a config reload", status=503,
-                             code="model_removed")
+            raise _model_removed(name)
         now = self.clock()
         m.demand = m.recent_demand(now) + 1.0
         m.demand_at = now
-        if m.state is ModelState.ACTIVE:
+        # Behind earlier waiters of an ACTIVE model at its limit, a request queues too:
+        # slots go in arrival order.
+        if m.state is ModelState.ACTIVE and m.has_room() and not m.queue:
             self.metrics.observe("llmux_request_queue_wait_seconds", name, value=0.0)
             return self._new_slot(m, asyncio.current_task())
         if self.closed:
-            raise LLMuxError("llmux is shutting down", status=503, code="shutting_down")
+            raise _shutting_down()
         if self.queued >= self.policy_cfg.max_queue:
             raise LLMuxError(f"too many requests waiting ({self.queued}); retry later",
-                             status=503, code="queue_full", headers=[("retry-after", "1")])
+                             status=503, code="queue_full",
+                             headers=[("retry-after", str(RETRY_AFTER_BUSY))])
         waiter = _Waiter(m, self.loop.create_future(), self.clock())
         m.queue.append(waiter)
         self.queued += 1
@@ -2974,7 +3118,7 @@ class Switcher:
         return slot
 
     def _new_slot(self, m: _Model, task: Optional["asyncio.Task[Any]"]) -> Slot:
-        assert m.state is ModelState.ACTIVE  # invariant 2
+        assert m.state is ModelState.ACTIVE and m.has_room()  # invariants 2 and 4
         m.in_flight += 1
         slot = Slot(self, m, task)
         m.slots.add(slot)
@@ -3061,7 +3205,7 @@ class Switcher:
         return task
 
     def _grant(self, m: _Model) -> None:
-        while m.queue:
+        while m.queue and m.has_room():
             waiter = m.queue.popleft()
             self.queued -= 1
             if not waiter.future.done():
@@ -3109,9 +3253,7 @@ class Switcher:
         except Exception as e:  # a callback's bug must not leave the switch half-done
             self._internal_error("on_sleep", e)
         if m.retired:
-            self._fail_waiters(m, lambda: LLMuxError(
-                f"model '{m.name}' was removed by a config reload", status=503,
-                code="model_removed"))
+            self._fail_waiters(m, lambda: _model_removed(m.name))
             if self.models.get(m.name) is m:
                 del self.models[m.name]
             self.log.info("reload.applied", model=m.name, change="removed")
@@ -3229,13 +3371,21 @@ class Switcher:
                 self._fire(m, ModelEvent.SLEEP_FAILED, "its wake and its cleanup sleep failed; "
                                                        "it may be loaded: counted as loaded")
         if target is not None:
-            target.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
-            if isinstance(error, HookError):
-                self._fail_waiters(target, lambda: HookError(error.message, error.result))
-            else:
-                self._fail_waiters(target, lambda: LLMuxError(
-                    f"the switch to model '{target.name}' failed: {_reason(error)}",
-                    status=503, code="switch_failed"))
+            now = self.clock()
+            target.backoff_until = now + self.policy_cfg.wake_backoff_secs
+            retry = _retry_after(target.backoff_until, now)  # the next try starts then
+
+            def failed() -> LLMuxError:
+                e: LLMuxError
+                if isinstance(error, HookError):
+                    e = HookError(error.message, error.result)
+                else:
+                    e = LLMuxError(f"the switch to model '{target.name}' failed: "
+                                   f"{_reason(error)}", status=503, code="switch_failed")
+                e.headers = list(retry)
+                return e
+
+            self._fail_waiters(target, failed)
 
     # -- explicit operations: control API, idle sleep, liveness, start-up, reload --
 
@@ -3393,9 +3543,7 @@ class Switcher:
                 self.held = False
             for name in removed:
                 m = self.models[name]
-                self._fail_waiters(m, lambda: LLMuxError(
-                    f"model '{name}' was removed by a config reload", status=503,
-                    code="model_removed"))
+                self._fail_waiters(m, lambda: _model_removed(name))
                 if m.state is ModelState.ASLEEP:
                     del self.models[name]
                 else:
@@ -3463,8 +3611,7 @@ class Switcher:
         for timer in self._idle_timers.values():
             timer.cancel()
         for m in self.models.values():
-            self._fail_waiters(m, lambda: LLMuxError(
-                "llmux is shutting down", status=503, code="shutting_down"))
+            self._fail_waiters(m, _shutting_down)
         task = self._switch_task
         if task is not None:
             task.cancel()
@@ -3615,10 +3762,29 @@ def _json_string_end(body: bytes, start: int) -> Generator[None, None, int]:
         # else the window ended (maybe between a backslash and what it escapes): go on
 
 
+class _ModelMember(NamedTuple):
+    """The top-level ``model`` member found in a body: its value, and where that value's
+    bytes lie (``body[start:end]``, quotes included for JSON), so that it can be
+    replaced without re-serialising the rest.  ``body`` is the text scanned: the body
+    itself, or for UTF-16/32 JSON its UTF-8 transcoding."""
+
+    value: Union[str, _NotString]
+    start: int
+    end: int
+    body: bytes
+
+
 def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotString, None]]:
     """The value of the top-level ``model`` member of the JSON object ``body``: a str,
-    _NotString, or None when there is none.  With duplicate members the last one wins,
-    as in Python's json and the engines, so llmux routes where the backend will read.
+    _NotString, or None when there is none (_json_model_scan, without where it is)."""
+    found = yield from _json_model_scan(body)
+    return None if found is None else found.value
+
+
+def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember]]:
+    """The top-level ``model`` member of the JSON object ``body``, or None when there is
+    none.  With duplicate members the last one wins, as in Python's json and the
+    engines, so llmux routes where the backend will read.
 
     A generator: it yields every JSON_SCAN_SLICE steps (see _json_model for the plain
     call).  It does not validate the document (the backend rejects invalid JSON), but
@@ -3644,7 +3810,7 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
         raise _NotAnObject(kind)
     pos += 1
     depth = 1
-    model: Union[str, _NotString, None] = None
+    model: Optional[_ModelMember] = None
     steps = 0
     stops = 0
     stops_allowed = MAX_JSON_MODEL_STRINGS + n // JSON_SCAN_WINDOW + 1
@@ -3682,14 +3848,15 @@ def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotStrin
                 if value < n and body[value] == 0x22:
                     value_end = yield from _json_string_end(body, value)
                     if is_model:
-                        model = _json_model_name(body, value, value_end + 1)
+                        model = _ModelMember(_json_model_name(body, value, value_end + 1),
+                                             value, value_end + 1, body)
                     pos = value_end + 1
                     continue
                 if is_model:
                     kind = _JSON_KINDS.get(body[value]) if value < n else None
                     if kind is None:
                         raise ValueError(f"expected a value at byte {value}")
-                    model = _NotString(kind)
+                    model = _ModelMember(_NotString(kind), value, value, body)
                 pos = value
                 continue
         pos = end + 1
@@ -3746,11 +3913,17 @@ def _is_model_field(head: bytes) -> bool:
 
 
 def _model_from_multipart(content_type: str, body: bytes) -> Union[str, _NotString, None]:
-    """The ``model`` field of a multipart/form-data body (audio uploads), or None; the
-    last one if several, as the engines' form parsers (Starlette) keep.  Parts are found
-    with bytes.find, never a regex over the body; each part head is bounded."""
+    """The ``model`` field of a multipart/form-data body (audio uploads), or None."""
+    found = _multipart_model_field(content_type, body)
+    return None if found is None else found.value
+
+
+def _multipart_model_field(content_type: str, body: bytes) -> Optional[_ModelMember]:
+    """The ``model`` field of a multipart/form-data body and its value's span, or None;
+    the last one if several, as the engines' form parsers (Starlette) keep.  Parts are
+    found with bytes.find, never a regex over the body; each part head is bounded."""
     delimiter = b"--" + _multipart_boundary(content_type)
-    found: Union[str, _NotString, None] = None
+    found: Optional[_ModelMember] = None
     at = body.find(delimiter)
     parts = 0
     while at >= 0:
@@ -3766,10 +3939,20 @@ def _model_from_multipart(content_type: str, body: bytes) -> Union[str, _NotStri
         head_end = body.find(b"\r\n\r\n", start, min(end, start + MULTIPART_MAX_PART_HEAD))
         if head_end >= 0 and _is_model_field(body[start:head_end]):
             size = end - head_end - 4
-            found = body[head_end + 4:end].decode("utf-8", "replace") \
-                if size <= MAX_MODEL_NAME_BYTES else _NotString(f"a field of {size} bytes")
+            found = _ModelMember(body[head_end + 4:end].decode("utf-8", "replace")
+                                 if size <= MAX_MODEL_NAME_BYTES else _NotString(f"a field of {size} bytes"),
+                                 head_end + 4, end, body)
         at = nxt + 2 if nxt >= 0 else -1
     return found
+
+
+def _replace_model(found: _ModelMember, name: str, multipart: bool) -> bytes:
+    """The scanned body with the ``model`` value ``found`` replaced by ``name``: one
+    splice over the value's bytes, everything else byte-identical (the caller frames
+    the new length).  JSON gets a JSON string, a form field the UTF-8 text."""
+    new = name.encode("utf-8") if multipart else json.dumps(name).encode("ascii")
+    body = found.body
+    return b"".join((body[:found.start], new, body[found.end:]))
 
 
 def _raise_fd_limit(wanted: int) -> Optional[int]:
@@ -3899,6 +4082,32 @@ def is_loopback_peer(peer: Any) -> bool:
     return ip.is_loopback
 
 
+class _Local(NamedTuple):
+    """A route's answer that llmux gives itself."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, status: int, obj: Any) -> "_Local":
+        return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+class _Forward(NamedTuple):
+    """A route's answer to proxy: to which model, with which head and body."""
+
+    model: ModelConfig
+    head: RequestHead
+    body: bytes
+
+
+class _Route(NamedTuple):
+    methods: Optional[FrozenSet[str]]  # None: any method (the handler says which)
+    pattern: "re.Pattern[str]"  # matched against the whole decoded path
+    handler: Callable[[RequestHead, bytes, "re.Match[str]", Any], Awaitable[Union[_Local, _Forward]]]
+
+
 class Server:
     """llmux's HTTP front: routes, the switcher, the relay, and their lifecycle."""
 
@@ -3915,6 +4124,7 @@ class Server:
                                  metrics=self.metrics)
         self.started = int(time.time())
         self._keys = [k.encode("utf-8") for k in config.api_keys]
+        self._routes = self._route_table()
         self._listening: List[socket.socket] = []
         self._accepting: Set["asyncio.Task[Any]"] = set()  # connections being set up
         self._refusing = 0  # connections answered 503 at admission whose fd is not closed yet
@@ -4229,6 +4439,7 @@ class Server:
             task.cancel()
         for task in self._background:
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.switcher.close()  # queued requests get 503 shutting_down
         await asyncio.sleep(0)  # let them write it
         for proto in list(self._busy):
@@ -4386,54 +4597,44 @@ class Server:
 
     async def _respond(self, head: RequestHead, body: bytes, writer: asyncio.StreamWriter,
                        proto: _ClientProtocol) -> bool:
-        """Answer one request; return whether the connection may carry another."""
+        """Answer one request; return whether the connection may carry another.
+
+        In steps: (1) a CORS preflight is answered at once; (2) authentication, on the
+        very path routing uses; (3) routing, by the route table, to llmux's own answer
+        or to a model; (4) llmux's answer is written, or (5) the request is proxied
+        with a slot; (6) an error becomes a response here, in one place."""
         started = time.monotonic()
         model: Optional[ModelConfig] = None
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
         bad_path: Optional[HTTPError] = None
         raw_path = head.target.split("?", 1)[0]  # logged: visible ASCII, unlike the decoded one
+        cors = cors_headers(self.config.cors_origins, head.get("origin"))
         try:
             path = route_path(head.target)
         except HTTPError as e:
             path, bad_path = raw_path, e
         try:
-            # Authentication is decided on the very path routing uses, before anything
-            # else: only GET and HEAD of /health, answered here, go without a key.
+            if is_preflight(head):
+                # The Fetch standard sends preflights without credentials, so they need
+                # no key; they are never forwarded (an engine may not answer them).
+                status = 204
+                await self._send(writer, proto, preflight_response(head, self.config.cors_origins))
+                return head.keep_alive
+            # Only GET and HEAD of /health, answered here, go without a key.
             public = bad_path is None and path == "/health" and head.method in ("GET", "HEAD")
             if self._keys and not public:
                 self._authorize(head)
             if bad_path is not None:
                 raise bad_path
-            control = path == "/llmux" or path.startswith("/llmux/")
-            if control:
-                self._check_control_peer(writer.get_extra_info("peername"))
-            if path == "/metrics" and head.method in ("GET", "HEAD"):
-                status = 200
-                body = self._scrape().encode()
-                proto.responding = True
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4; "
-                             b"charset=utf-8\r\ncontent-length: %d\r\n%s\r\n%s" % (
-                                 len(body), b"" if head.keep_alive else b"connection: close\r\n",
-                                 b"" if head.method == "HEAD" else body))
-                await writer.drain()
+            answer = await self._route(head, body, path, writer.get_extra_info("peername"))
+            if isinstance(answer, _Local):
+                status = answer.status
+                await self._send(writer, proto, local_response(
+                    answer.status, answer.body, answer.content_type, keep_alive=head.keep_alive,
+                    headers=cors, head_only=head.method == "HEAD"))
                 return head.keep_alive
-            local = self._local_route(head.method, path)
-            if control:
-                local = await self._control(head.method, path)  # /llmux/* is never proxied
-            if local is not None:
-                status, payload = local
-                proto.responding = True
-                writer.write(json_response(status, payload, keep_alive=head.keep_alive,
-                                           head_only=head.method == "HEAD"))
-                await writer.drain()
-                return head.keep_alive
-            if path in self.config.blocked_paths:
-                raise LLMuxError(f"{path} is not proxied: llmux decides what is loaded; use "
-                                 "POST /llmux/models/NAME/wake or /sleep, or change "
-                                 "blocked_paths in the config", status=403,
-                                 type="permission_error", code="blocked_path")
-            model = await self._model_for(head, body)
+            model = answer.model
             proto.model = model.name
             if self.log.enabled("debug"):
                 self.log.debug("request.head", method=head.method, target=head.target,
@@ -4441,8 +4642,9 @@ class Server:
                                headers=[k for k, _ in head.headers])  # names only: no secrets
             slot = await self.switcher.acquire(model.name)
             try:  # the switcher's config: a reload may have left the old one running
-                result = await relay(self.pool, model.name, slot.model.cfg.port, head, body,
-                                     writer, self.config.policy.upstream_timeout_secs, proto)
+                result = await relay(self.pool, model.name, slot.model.cfg.port, answer.head,
+                                     answer.body, writer, self.config.policy.upstream_timeout_secs,
+                                     proto, cors)
             finally:
                 slot.release()
             status = result.status
@@ -4454,9 +4656,7 @@ class Server:
                                  status=e.status, reason=e.message)
             if model is not None and e.code == "upstream_unavailable":
                 self._backend_failed(model.name)  # refused or reset: is it down?
-            proto.responding = True
-            writer.write(error_response(e, head.keep_alive))
-            await writer.drain()
+            await self._send(writer, proto, error_response(e, head.keep_alive, cors))
             return head.keep_alive
         except _Cut as e:
             status = 502
@@ -4481,6 +4681,175 @@ class Server:
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
                 self.metrics.observe("llmux_request_duration_seconds", model.name, value=secs)
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, proto: _ClientProtocol, data: bytes) -> None:
+        proto.responding = True
+        writer.write(data)
+        await writer.drain()
+
+    # -- routes --
+    # A request goes to the first route whose methods include its method (None: any)
+    # and whose pattern matches the whole decoded path; one that matches none is
+    # proxied to the model it names (_route_model).  A handler returns llmux's own
+    # answer (_Local) or what to forward where (_Forward).
+
+    def _route_table(self) -> List["_Route"]:
+        read = frozenset({"GET", "HEAD"})
+        return [
+            _Route(read, re.compile(r"/metrics"), self._route_metrics),
+            _Route(read, re.compile(r"/health"), self._route_health),
+            _Route(read, re.compile(r"/(?:v1/)?models"), self._route_models),
+            _Route(read, re.compile(r"/v1/models/(.+)", re.DOTALL), self._route_model_card),
+            _Route(None, re.compile(r"/llmux(?:/.*)?", re.DOTALL), self._route_control),
+            _Route(None, re.compile(r"/upstream/.+", re.DOTALL), self._route_upstream),
+        ]
+
+    async def _route(self, head: RequestHead, body: bytes, path: str,
+                     peer: Any) -> Union["_Local", "_Forward"]:
+        for route in self._routes:
+            if route.methods is not None and head.method not in route.methods:
+                continue
+            match = route.pattern.fullmatch(path)
+            if match is not None:
+                return await route.handler(head, body, match, peer)
+        self._check_not_blocked(path)
+        return await self._route_model(head, body)
+
+    def _check_not_blocked(self, path: str) -> None:
+        """403 for the engines' own load/unload/sleep/wake routes (blocked_paths)."""
+        if path in self.config.blocked_paths:
+            raise LLMuxError(f"{path} is not proxied: llmux decides what is loaded; use "
+                             "POST /llmux/models/NAME/wake or /sleep, or change "
+                             "blocked_paths in the config", status=403,
+                             type="permission_error", code="blocked_path")
+
+    async def _route_metrics(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                             peer: Any) -> "_Local":
+        return _Local(200, self._scrape().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    async def _route_health(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                            peer: Any) -> "_Local":
+        return _Local.json(200, {"status": "ok", **self.switcher.status()})
+
+    async def _route_models(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                            peer: Any) -> "_Local":
+        return _Local.json(200, {"object": "list",
+                                 "data": [self._model_card(m) for m in self.config.models.values()]})
+
+    async def _route_model_card(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                                peer: Any) -> "_Local":
+        m = self.config.resolve(match.group(1))
+        if m is None:
+            raise self._unknown_model(match.group(1))
+        return _Local.json(200, self._model_card(m))
+
+    async def _route_control(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                             peer: Any) -> "_Local":
+        self._check_control_peer(peer)  # /llmux/* is never proxied
+        return _Local.json(*await self._control(head.method, match.group(0)))
+
+    async def _route_upstream(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                              peer: Any) -> "_Forward":
+        """/upstream/NAME/PATH: forwarded to NAME's backend as /PATH, query and body as
+        they came, so engine routes that name no model (/props, /slots, /metrics, web
+        UIs) are reachable.  NAME is the longest configured name or alias that the
+        decoded path starts with, followed by '/' or the end: with models 'org' and
+        'org/m', /upstream/org/m/props is /props on 'org/m'."""
+        target = head.target
+        absolute = _ABSOLUTE_FORM.match(target)
+        if absolute:
+            target = target[absolute.end():] or "/"
+        raw, question, query = target.partition("?")
+        decoded = match.group(0)[len("/upstream/"):]
+        labels = [n for m in self.config.models.values() for n in (m.name, *m.aliases)]
+        for label in sorted(labels, key=len, reverse=True):
+            if decoded != label and not decoded.startswith(label + "/"):
+                continue
+            # The raw segments that decode to the label: as many as it has '/', or fewer
+            # when the client sent some of them as %2F.
+            segments = raw.split("/")[2:]
+            for k in range(1, label.count("/") + 2):
+                if urllib.parse.unquote("/".join(segments[:k])) == label:
+                    rest = "/" + "/".join(segments[k:])
+                    self._check_not_blocked(route_path(rest))
+                    cfg = self.config.resolve(label)
+                    assert cfg is not None
+                    return _Forward(cfg, head._replace(target=rest + question + query), body)
+        raise self._unknown_model(decoded.split("/", 1)[0])
+
+    async def _route_model(self, head: RequestHead, body: bytes) -> "_Forward":
+        """Any other request: proxied to the model its body names (JSON or multipart),
+        else its x-llmux-model header, else its ?model= parameter.  With the model's
+        upstream_model set, the body's ``model`` is rewritten to it (one splice)."""
+        named = self._named_elsewhere(head)
+        content_type = (head.get("content-type") or "").lower()
+        multipart = content_type.startswith("multipart/form-data")
+        try:
+            found = await self._model_member(head, body, multipart)
+        except LLMuxError:
+            if named is None:
+                raise
+            found = None  # the header names the model; the backend judges the body
+        name = found.value if found is not None else None
+        if not isinstance(name, str) or not name:
+            if named is not None:
+                name, found = named, None
+            elif isinstance(name, _NotString):
+                raise LLMuxError(f"request's 'model' field is {name.kind}; expected the name "
+                                 "of a model", status=400, type="invalid_request_error",
+                                 code="missing_model")
+            else:
+                raise LLMuxError("request has no 'model' field; expected the name of a model "
+                                 f"(or an {MODEL_HEADER} header, or ?model=NAME)", status=400,
+                                 type="invalid_request_error", code="missing_model")
+        model = self.config.resolve(name)
+        if model is None:
+            raise self._unknown_model(name)
+        if found is not None and model.upstream_model is not None and name != model.upstream_model:
+            body = _replace_model(found, model.upstream_model, multipart)
+        return _Forward(model, head, body)
+
+    async def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
+        """The configured model a proxied request names."""
+        return (await self._route_model(head, body)).model
+
+    @staticmethod
+    def _named_elsewhere(head: RequestHead) -> Optional[str]:
+        """The model an x-llmux-model header or a ?model= parameter names, or None."""
+        header = head.get(MODEL_HEADER)
+        if header is not None and header.strip():
+            return header.strip()
+        _, question, query = head.target.partition("?")
+        if question:
+            values = [v for k, v in urllib.parse.parse_qsl(query) if k == "model" and v]
+            if values:
+                return values[-1]
+        return None
+
+    async def _model_member(self, head: RequestHead, body: bytes,
+                            multipart: bool) -> Optional[_ModelMember]:
+        """The body's ``model`` member and where it lies, or None when there is none."""
+        if multipart:
+            return _multipart_model_field(head.get("content-type") or "", body)
+        if not body:
+            raise LLMuxError(f"{head.method} {head.target.split('?')[0]} has no body; expected "
+                             f"a JSON object with a 'model' field (or an {MODEL_HEADER} header, "
+                             "or ?model=NAME)", status=400, type="invalid_request_error",
+                             code="missing_model")
+        steps = _json_model_scan(body)
+        try:
+            while True:
+                next(steps)
+                await asyncio.sleep(0)  # a long scan shares the loop
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        except _NotAnObject as e:
+            raise LLMuxError(f"request body is {e}; expected a JSON object with a 'model' field",
+                             status=400, type="invalid_request_error", code="missing_model") from None
+        except ValueError as e:
+            raise LLMuxError(f"request body is not valid JSON: {e}", status=400,
+                             type="invalid_request_error", code="invalid_json") from None
 
     def _authorize(self, head: RequestHead) -> None:
         """Require one of the API keys: ``Authorization: Bearer KEY`` or ``x-api-key``."""
@@ -4511,21 +4880,6 @@ class Server:
                          f"in the config; got a request from {host}", status=403,
                          type="permission_error", code="remote_control_forbidden")
 
-    def _local_route(self, method: str, path: str) -> Optional[Tuple[int, Any]]:
-        """llmux's own routes; None for a request to proxy.  ``path`` is route_path()'s."""
-        if method not in ("GET", "HEAD"):
-            return None
-        if path == "/health":
-            return 200, {"status": "ok", **self.switcher.status()}
-        if path in ("/v1/models", "/models"):
-            return 200, {"object": "list", "data": [self._model_card(m) for m in self.config.models.values()]}
-        if path.startswith("/v1/models/"):
-            m = self.config.resolve(path[len("/v1/models/"):])
-            if m is None:
-                raise self._unknown_model(path[len("/v1/models/"):])
-            return 200, self._model_card(m)
-        return None
-
     def _model_card(self, m: ModelConfig) -> Dict[str, Any]:
         state = self.switcher.models[m.name].state
         return {"id": m.name, "object": "model", "created": self.started, "owned_by": "llmux",
@@ -4538,6 +4892,8 @@ class Server:
         for m in self.switcher.models.values():
             mt.set("llmux_request_queue_depth", m.name, value=len(m.queue))
             mt.set("llmux_model_in_flight", m.name, value=m.in_flight)
+            if m.cfg.max_in_flight is not None:
+                mt.set("llmux_model_max_in_flight", m.name, value=m.cfg.max_in_flight)
             mt.set("llmux_model_active", m.name, value=1 if m.state is ModelState.ACTIVE else 0)
         for (frm, to), secs in self.switcher.costs.items():
             mt.set("llmux_switch_cost_ema_seconds", frm, to, value=secs)
@@ -4592,7 +4948,8 @@ class Server:
                 (r for (mn, h), r in self.hooks.last.items() if not r.ok), None)
             raise LLMuxError(f"{action} of model '{cfg.name}' failed"
                              + (f": {last.describe()}" if last is not None and not last.ok else ""),
-                             status=503, code="hook_failed")
+                             status=503, code="hook_failed",
+                             headers=_retry_after(max(m.backoff_until, sw.clock()), sw.clock()))
         return 200, {"model": cfg.name, "state": m.state.value, "changed": True}
 
     def _unknown_model(self, name: str) -> LLMuxError:
@@ -4601,41 +4958,6 @@ class Server:
             name = name[:MAX_ECHOED_NAME] + f"... ({len(name)} characters)"
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
-
-    async def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
-        """The configured model a proxied request names (JSON or multipart body)."""
-        content_type = (head.get("content-type") or "").lower()
-        name: Union[str, _NotString, None]
-        if content_type.startswith("multipart/form-data"):
-            name = _model_from_multipart(head.get("content-type") or "", body)
-        else:
-            if not body:
-                raise LLMuxError(f"{head.method} {head.target.split('?')[0]} has no body; expected "
-                                 "a JSON object with a 'model' field", status=400,
-                                 type="invalid_request_error", code="missing_model")
-            steps = _json_model_steps(body)
-            try:
-                while True:
-                    next(steps)
-                    await asyncio.sleep(0)  # a long scan shares the loop
-            except StopIteration as done:
-                name = done.value
-            except _NotAnObject as e:
-                raise LLMuxError(f"request body is {e}; expected a JSON object with a 'model' field",
-                                 status=400, type="invalid_request_error", code="missing_model") from None
-            except ValueError as e:
-                raise LLMuxError(f"request body is not valid JSON: {e}", status=400,
-                                 type="invalid_request_error", code="invalid_json") from None
-        if isinstance(name, _NotString):
-            raise LLMuxError(f"request's 'model' field is {name.kind}; expected the name of a model",
-                             status=400, type="invalid_request_error", code="missing_model")
-        if not isinstance(name, str) or not name:
-            raise LLMuxError("request has no 'model' field; expected the name of a model",
-                             status=400, type="invalid_request_error", code="missing_model")
-        model = self.config.resolve(name)
-        if model is None:
-            raise self._unknown_model(name)
-        return model
 
 
 def _internal_error_response() -> bytes:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -681,6 +682,8 @@ def test_defaults() -> None:
     assert llmux.parse_config({**GOOD, "http": {"max_connections_per_peer": None}}).http.max_connections_per_peer is None
     assert cfg.policy == llmux.Policy()
     assert cfg.policy.drain_before_switch is True and cfg.policy.min_active_secs == 0
+    assert cfg.cors_origins == ("*",)
+    assert [(m.upstream_model, m.max_in_flight) for m in cfg.models.values()] == [(None, None)] * len(cfg.models)
     assert llmux.parse_config({**GOOD, "policy": {"request_timeout_secs": None}}).policy.request_timeout_secs is None
 
 
@@ -689,11 +692,22 @@ def test_defaults() -> None:
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
     ([1], ["(top level): expected an object with a 'models' key; got [1]"]),
     ({**GOOD, "extra": 1}, ["extra: unknown key; expected one of models, policy, http, port, host, api_keys, "
-                            "allow_remote_control, blocked_paths, preload"]),
+                            "allow_remote_control, blocked_paths, preload, cors_origins"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
      ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, "
-      "cmd, ready_path, stop_grace_secs"]),
+      "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
+    ({"models": {"a": {"port": 8001, "max_in_flight": 0, "upstream_model": ""}}},
+     ["models.a.upstream_model: expected a non-empty string or null; got \"\" (a string)",
+      "models.a.max_in_flight: expected a whole number > 0 or null; got 0 (a number)"]),
+    ({**GOOD, "cors_origins": "*"},
+     ['cors_origins: expected a list of "*" or an origin like "http://localhost:5173" '
+      '(scheme://host[:port]); got "*" (a string)']),
+    ({**GOOD, "cors_origins": ["http://ok:1", "http://x/path", 3]},
+     ['cors_origins[1]: expected "*" or an origin like "http://localhost:5173" (scheme://host[:port]); '
+      'got "http://x/path" (a string)',
+      'cors_origins[2]: expected "*" or an origin like "http://localhost:5173" (scheme://host[:port]); '
+      'got 3 (a number)']),
     ({"models": {"a": {"port": 70000}}}, ["models.a.port: expected a port number from 1 to 65535; got 70000 (a number)"]),
     ({"models": {"a": {"port": "8001"}}}, ['models.a.port: expected a port number from 1 to 65535; got "8001" (a string)']),
     ({"models": {"a": {"port": True}}}, ["models.a.port: expected a port number from 1 to 65535; got true (a boolean)"]),
@@ -772,7 +786,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
         "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, "
-        "cmd, ready_path, stop_grace_secs"
+        "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight"
         .replace("models.b: x", "models.b.x"),
         "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
 
@@ -1754,7 +1768,9 @@ class CheckedLoop(llmux.VirtualTimeLoop):
 
 
 def random_config(rng: random.Random, names: List[str], capacity: Optional[float],
-                  policy: Dict[str, Any]) -> llmux.Config:
+                  policy: Dict[str, Any], limits: Optional[random.Random] = None) -> llmux.Config:
+    """``limits`` draws max_in_flight, apart from ``rng`` so that seeds found before it
+    existed still replay their scenario."""
     models: Dict[str, Any] = {}
     for i, name in enumerate(names):
         m: Dict[str, Any] = {"port": 9000 + int(name[1:]), "wake": f"wake {rng.random():.3f}",
@@ -1763,6 +1779,8 @@ def random_config(rng: random.Random, names: List[str], capacity: Optional[float
             m["size"] = rng.choice([0.5, 1.0, 1.0, 1.5, capacity])
         if rng.random() < 0.15:
             m["idle_sleep_secs"] = rng.choice([0, 2.0, 8.0])
+        if limits is not None and limits.random() < 0.3:
+            m["max_in_flight"] = limits.choice([1, 1, 2, 3])
         models[name] = m
     return llmux.parse_config({"models": models, "policy": policy})
 
@@ -1788,7 +1806,8 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
     if capacity is not None:
         policy["capacity"] = capacity
     names = [f"m{i}" for i in range(rng.randint(2, 4))]
-    config = random_config(rng, names, capacity, policy)
+    limits = random.Random(f"max_in_flight {seed}")
+    config = random_config(rng, names, capacity, policy, limits)
     fail = rng.choice([0.0, 0.1, 0.3, 0.6])
     loop = CheckedLoop()
     problems: List[Dict[str, Any]] = []
@@ -1796,7 +1815,7 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
     stream = ListStream()
     hooks = FaultHooks(rng, capacity, policy["hook_timeout_secs"], fail)
     counts = {"requests": 0, "served": 0, "errors": 0, "left": 0, "cut": 0, "reloads": 0,
-              "controls": 0, "died": 0}
+              "controls": 0, "died": 0, "limited": 0}
     trace: List[str] = []
     timeout = policy["request_timeout_secs"]
 
@@ -1816,12 +1835,18 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
             assert not hooks.violations, hooks.violations
             models = sw.models
             assert sw.queued == sum(len(m.queue) for m in models.values()), "queued count"
-            if sw.queued and not (sw.busy() or sw.held or sw.closed):
+            # Requests for an ACTIVE model at its max_in_flight wait for a release.
+            for_switch = sum(len(m.queue) for m in models.values() if not m.at_limit())
+            if for_switch < sw.queued:
+                counts["limited"] += 1  # steps with requests waiting for a max_in_flight slot
+            limited = any(m.at_limit() and m.queue for m in models.values())
+            if for_switch and not (sw.busy() or sw.held or sw.closed or limited):
                 # Demand waits and nothing runs: a decision timer must be armed, or the
                 # requests would wait for their timeout although a switch could start.
+                # (Behind a model at its limit, fifo waits for a release instead.)
                 timer = sw._timer
                 assert timer is not None and not timer.cancelled(), \
-                    f"progress: {sw.queued} waiting, no switch running and no timer armed"
+                    f"progress: {for_switch} waiting, no switch running and no timer armed"
             seen = {(id(m), m.transitions): m.in_flight for m in models.values()
                     if m.state is S.DRAINING}
             for key, in_flight in seen.items():
@@ -1834,8 +1859,12 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
             # hold models whose sleep failed; that is the truth, not a violation.
             for m in models.values():
                 assert m.in_flight == len(m.slots) >= 0, f"{m.name}: in_flight {m.in_flight}"
-                if m.state is S.ACTIVE:
-                    assert not m.queue, f"inv 4: {m.name} ACTIVE with {len(m.queue)} waiting"
+                limit = m.cfg.max_in_flight
+                assert limit is None or m.in_flight <= limit, \
+                    f"inv 4: {m.name} has {m.in_flight} in flight, max_in_flight {limit}"
+                if m.state is S.ACTIVE and m.has_room():
+                    assert not m.queue, \
+                        f"inv 4: {m.name} ACTIVE below its limit with {len(m.queue)} waiting"
                 if m.state in (S.ACTIVE, S.DRAINING):
                     assert m.name in hooks.loaded or m.name in hooks.uncertain, \
                         f"inv 9: {m.name} {m.state.value}, not loaded"
@@ -1941,7 +1970,7 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
                 if capacity is not None and rng.random() < 0.3:  # grow or shrink it
                     cap = rng.choice([1.5, 2.0, 3.0])
                 new_policy = {**policy, **({"capacity": cap} if cap is not None else {})}
-                new = random_config(rng, sorted(set(nxt)), cap, new_policy)
+                new = random_config(rng, sorted(set(nxt)), cap, new_policy, limits)
                 # keep some models unchanged, so a reload also leaves models alone
                 keep = {n: m for n, m in current[-1].models.items()
                         if n in new.models and rng.random() < 0.5 and (cap is None or m.size <= cap)}
@@ -2021,6 +2050,7 @@ def test_switcher_explorer(capsys: Any) -> None:
               f"{total['died']} died, {EXPLORE_SCENARIOS / secs:.0f} scenarios/s")
     assert total["served"] and total["errors"] and total["left"] and total["reloads"]
     assert total["died"]
+    assert total["limited"], "no scenario had a request wait for a max_in_flight slot"
 
 
 
@@ -2113,6 +2143,32 @@ def test_reload_re_adding_a_removed_model_still_loaded_keeps_it() -> None:
         with pytest.raises(llmux.HookError):
             await sw.acquire("b")  # a is still loaded, and its sleep still fails
         assert sw.active() == ["a"]
+        await sw.close()
+
+    run_checked(go(), loop)
+
+
+def test_fifo_serves_older_requests_behind_a_limit_before_switching_away() -> None:
+    """A request for b must not drain a (and make a's earlier waiters sit through two
+    switches) while requests that came before it wait for a slot on a."""
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 1}, "b": {"port": 2}}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        first = await sw.acquire("a")
+        second = loop.create_task(sw.acquire("a"))
+        await asyncio.sleep(0.1)
+        other = loop.create_task(sw.acquire("b"))
+        await asyncio.sleep(5.0)
+        assert sw.switching is None and sw.active() == ["a"]  # b waits its turn
+        first.release()
+        slot = await second  # the older request is served, on a ...
+        assert sw.switching == (["a"], "b")  # ... and only then does a drain for b
+        slot.release()
+        (await other).release()
+        assert sw.active() == ["b"]
         await sw.close()
 
     run_checked(go(), loop)
@@ -2437,6 +2493,83 @@ def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
     assert payload["error"]["code"] == "queue_full"
     env.gate("a").touch()
     assert [join(*w)[0] for w in waiters] == [200, 200]
+
+
+def test_max_in_flight_queues_beyond_the_limit_in_arrival_order(env: Env) -> None:
+    lx = env.start({"a": env.model("a", max_in_flight=1)})
+    conn1, resp1 = sse_stream(lx.port, {"model": "a", "stream": True, "n": 2, "hold": str(env.gate("a"))})
+    assert json.loads(resp1.readline()[6:]) == {"backend": "a", "i": 0}  # holds the one slot
+    results: Dict[int, Any] = {}
+
+    def chat(i: int) -> None:
+        results[i] = lx.chat("a")
+    first = threading.Thread(target=chat, args=(1,))
+    first.start()
+    lx.wait_log(r"request\.queued model=a state=active waiting=1")
+    second = threading.Thread(target=chat, args=(2,))
+    second.start()
+    lx.wait_log(r"request\.queued model=a state=active waiting=2")
+    health = lx.health()["models"]["a"]
+    assert health == {"state": "active", "in_flight": 1, "queued": 2, "max_in_flight": 1}
+    assert lx.request("GET", "/llmux/status")[2]["models"]["a"]["max_in_flight"] == 1
+    scrape = lx.request("GET", "/metrics")[2].decode()
+    assert 'llmux_model_max_in_flight{model="a"} 1' in scrape
+    assert 'llmux_request_queue_depth{model="a"} 2' in scrape
+    env.gate("a").touch()
+    resp1.read()
+    conn1.close()
+    first.join(T)
+    second.join(T)
+    assert results[1][0] == results[2][0] == 200
+    assert [line for line in env.lines() if line == "req a"] == ["req a"] * 3
+    lx.wait_log(r"request method=POST .* model=a status=200", count=3)
+    assert lx.health()["models"]["a"] == {"state": "active", "in_flight": 0, "queued": 0,
+                                          "max_in_flight": 1}
+
+
+def test_max_in_flight_grants_in_arrival_order_and_counts_toward_max_queue() -> None:
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 2}, "b": {"port": 2}},
+                              "policy": {"max_queue": 3, "request_timeout_secs": 10}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 0.5}, {"*": 0.5}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        held = [await sw.acquire("a"), await sw.acquire("a")]
+        order: List[int] = []
+
+        async def wait(i: int) -> llmux.Slot:
+            slot = await sw.acquire("a")
+            order.append(i)
+            return slot
+        waiting = [loop.create_task(wait(i)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert sw.status()["models"]["a"] == {"state": "active", "in_flight": 2, "queued": 3,
+                                              "max_in_flight": 2}
+        with pytest.raises(llmux.LLMuxError) as full:  # the queue is full: 3 wait
+            await sw.acquire("a")
+        assert full.value.code == "queue_full" and full.value.headers == [("retry-after", "1")]
+        held.pop().release()  # one release, one grant, in one pass
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert order == [0] and sw.models["a"].in_flight == 2
+        held.pop().release()
+        await asyncio.sleep(0.1)
+        assert order == [0, 1]  # still two in flight: 2 waits
+        (await waiting[0]).release()
+        await asyncio.sleep(0.1)
+        assert order == [0, 1, 2]
+        held = [await t for t in waiting[1:]]
+        # A late one waits its request_timeout_secs, then 504, with the model still ACTIVE.
+        with pytest.raises(llmux.LLMuxError) as late:
+            await sw.acquire("a")
+        assert late.value.status == 504 and loop.time() >= 10
+        for slot in held:
+            slot.release()
+        (await sw.acquire("a")).release()
+        await sw.close()
+
+    run_checked(go(), loop)
 
 
 # ─────────────────────────────── proxy and relay, end to end ────────────────────────────
@@ -3377,6 +3510,341 @@ def test_verbose_adds_detail_but_never_secrets(env: Env) -> None:
     lx.stop()
     lx.assert_clean()
     assert not [line for line in lx.lines if "SECRET" in line]
+
+
+# -- routes for browsers and native engine clients --
+
+
+def test_cors_preflight_is_answered_by_llmux_without_a_key(env: Env) -> None:
+    """Regression: a browser's CORS preflight got 400 missing_model (llama-server answers
+    it), so browser clients that work against an engine broke behind llmux."""
+    lx = env.start({"a": env.model("a")}, api_keys=["k1"])
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert (status, payload) == (204, b"")
+    assert headers["access-control-allow-origin"] == "*"
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "authorization, content-type"
+    assert "content-length" not in headers
+    assert not [line for line in env.lines() if line.startswith(("req ", "wake-start"))]
+    # The real request after it carries the header too, as every answer does.
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"},
+                                    {"Origin": "http://localhost:5173", "Authorization": "Bearer k1"})
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"},
+                                    {"Origin": "http://localhost:5173"})
+    assert status == 401 and headers["access-control-allow-origin"] == "*"
+
+
+def test_body_less_native_routes_are_reachable(env: Env) -> None:
+    """Regression: GET /props, /slots (llama.cpp) had no body to name a model in, and
+    /completion and /tokenize clients never send one: all got 400 missing_model."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    status, _, payload = lx.request("GET", "/props?model=b")
+    assert (status, payload) == (200, {"backend": "b", "path": "/props?model=b"})
+    status, _, payload = lx.request("GET", "/slots", headers={"x-llmux-model": "a"})
+    assert (status, payload) == (200, {"backend": "a", "path": "/slots"})
+    status, _, payload = lx.request("POST", "/completion", {"prompt": "hi"}, {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "b")
+    status, _, payload = lx.request("GET", "/upstream/a/props?fields=x")
+    assert (status, payload) == (200, {"backend": "a", "path": "/props?fields=x"})
+
+
+def test_upstream_passthrough_splits_names_with_slashes_by_the_longest_match(env: Env) -> None:
+    lx = env.start({"org": env.model("org"), "org/m": env.model("org/m", aliases=["meta/x"])})
+    for path, backend, forwarded in [
+            ("/upstream/org/m/v1/models", "org/m", "/v1/models"),  # longest name wins
+            ("/upstream/org%2Fm/props?a=1&b", "org/m", "/props?a=1&b"),  # %2F as /
+            ("/upstream/org/props", "org", "/props"),
+            ("/upstream/meta/x/slots", "org/m", "/slots"),  # an alias
+            ("/upstream/org", "org", "/")]:
+        status, _, payload = lx.request("GET", path)
+        assert (status, payload) == (200, {"backend": backend, "path": forwarded}), path
+    status, _, payload = lx.request("GET", "/upstream/nope/props")
+    assert status == 404 and payload["error"]["code"] == "model_not_found"
+    assert payload["error"]["message"].startswith("model 'nope' does not exist")
+
+
+def test_upstream_passthrough_split_fuzz() -> None:
+    """Seeded: names and aliases with '/', paths with any character percent-encoded (a
+    '/' as %2F too).  The route must pick the longest label the decoded path starts
+    with (followed by '/' or the end), forward the rest with the query, and the decoded
+    label and rest must give back the decoded path."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    parts = ["a", "b", "ab", "é", "x%y"]
+
+    def label() -> str:
+        return "/".join(rng.choice(parts) for _ in range(rng.randint(1, 3)))
+
+    def encode(text: str) -> str:
+        out = []
+        for ch in text:
+            if rng.random() < 0.3 or ch in "%é":
+                out.append(urllib.parse.quote(ch, safe=""))
+            else:
+                out.append(ch)
+        return "".join(out)
+
+    async def go() -> None:
+        for case in range(300):
+            labels = sorted({label() for _ in range(rng.randint(1, 4))})
+            models = {}
+            for i, name in enumerate(labels):
+                if i and rng.random() < 0.3:
+                    models[labels[0]].setdefault("aliases", []).append(name)
+                else:
+                    models[name] = {"port": 9000 + i}
+            cfg = llmux.parse_config({"models": models})
+            server = llmux.Server(cfg, llmux.Log(ListStream()))
+            chosen = rng.choice(labels)
+            rest = "".join("/" + rng.choice(parts + ["props", ""]) for _ in range(rng.randint(0, 3)))
+            query = rng.choice(["", "?", "?a=1&model=b"])
+            target = "/upstream/" + encode(chosen) + encode(rest).replace("%2F", "/") + query
+            head = llmux.RequestHead("GET", target, "HTTP/1.1", [("host", "x")], True, False)
+            path = llmux.route_path(target)
+            where = f"seed {seed} case {case}: {labels} {target!r}"
+            fwd = await server._route(head, b"", path, ("127.0.0.1", 1))
+            decoded = path[len("/upstream/"):]
+            longest = max((n for n in labels if decoded == n or decoded.startswith(n + "/")), key=len)
+            assert fwd.model is cfg.resolve(longest), where
+            got_path, _, got_query = fwd.head.target.partition("?")
+            assert fwd.head.target.endswith(query) and got_path.startswith("/"), where
+            assert longest + urllib.parse.unquote(got_path) == decoded \
+                or (got_path == "/" and decoded == longest), where
+
+    run_checked(go())
+
+
+def test_upstream_passthrough_needs_a_key_like_any_proxied_route(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, api_keys=["k1"])
+    assert lx.request("GET", "/upstream/a/props")[0] == 401
+    status, _, payload = lx.request("GET", "/upstream/a/props", headers={"x-api-key": "k1"})
+    assert (status, payload) == (200, {"backend": "a", "path": "/props"})
+
+
+def test_body_model_wins_over_header_and_query(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    status, _, payload = lx.request("POST", "/v1/chat/completions?model=b", {"model": "a"},
+                                    {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "a")
+    # The header, then the query, when the body names none (or is not JSON).
+    status, _, payload = lx.request("POST", "/tokenize?model=a", {"content": "x"},
+                                    {"x-llmux-model": "b"})
+    assert (status, payload["backend"]) == (200, "b")
+    status, _, payload = lx.request("POST", "/tokenize?model=a", b"not json")
+    assert (status, payload["backend"]) == (200, "a")
+    # Forwarded as sent: header and query stay.
+    status, _, payload = lx.request("POST", "/completion?model=a", {"echo": True},
+                                    {"x-llmux-model": "a"})
+    assert payload["path"] == "/completion?model=a"
+    assert ["x-llmux-model", "a"] in payload["headers"]
+    status, _, payload = lx.request("GET", "/props")
+    assert status == 400 and payload["error"]["message"] == (
+        "GET /props has no body; expected a JSON object with a 'model' field (or an "
+        "x-llmux-model header, or ?model=NAME)")
+
+
+def test_cors_with_an_origin_list_varies_by_origin(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, cors_origins=["http://localhost:5173"])
+    ok = {"Origin": "http://localhost:5173"}
+    status, headers, _ = lx.request("GET", "/v1/models", headers=ok)
+    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+    assert headers["vary"] == "origin"
+    status, headers, _ = lx.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in headers and headers["vary"] == "origin"
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 204 and not [k for k in headers if k.startswith("access-control-")]
+    status, headers, payload = lx.request("OPTIONS", "/v1/chat/completions", headers={
+        **ok, "Access-Control-Request-Method": "POST"})
+    assert status == 204 and headers["access-control-allow-headers"] == llmux.CORS_DEFAULT_HEADERS
+    assert headers["access-control-max-age"] == str(llmux.CORS_MAX_AGE)
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"}, ok)
+    assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:5173"
+    status, headers, _ = lx.request("GET", "/health", headers=ok)
+    assert headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+def test_cors_header_of_the_backend_is_not_duplicated(env: Env) -> None:
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\naccess-control-allow-origin: http://backend\r\n"
+                b"content-length: 2\r\n\r\n{}")
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        conn = lx.conn()
+        conn.request("POST", "/v1/chat/completions", body=b'{"model": "a"}',
+                     headers={"Origin": "http://x"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.headers.get_all("access-control-allow-origin") == ["http://backend"]
+        conn.close()
+    finally:
+        raw.stop()
+
+
+def test_streams_say_x_accel_buffering_no(env: Env) -> None:
+    lx = env.start({"a": env.model("a")})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 1})
+    assert resp.getheader("x-accel-buffering") == "no"
+    resp.read()
+    conn.close()
+    status, headers, _ = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 200 and "x-accel-buffering" not in headers  # a sized body is not a stream
+
+
+def test_failed_wake_503_says_when_to_retry(env: Env) -> None:
+    lx = env.start({"a": env.model("a", wake_extra="exit 3")}, policy={"wake_backoff_secs": 2.5})
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+    assert status == 503 and payload["error"]["code"] == "hook_failed"
+    assert headers["retry-after"] == "3"  # 2.5 s of backoff, rounded up
+    status, headers, payload = lx.request("POST", "/llmux/models/a/wake")
+    assert status == 503 and payload["error"]["code"] == "hook_failed"
+    assert headers["retry-after"] == "3"
+
+
+def test_every_503_the_switcher_makes_has_retry_after() -> None:
+    """Regression: shutting_down, model_removed and switch_failed 503s had no Retry-After."""
+    assert llmux._shutting_down().headers == [("retry-after", str(llmux.RETRY_AFTER_SHUTDOWN))]
+    assert llmux._model_removed("a").headers == [("retry-after", str(llmux.RETRY_AFTER_REMOVED))]
+    assert llmux._retry_after(10.2, 10.0) == [("retry-after", "1")]
+    assert llmux._retry_after(10.0, 10.0) == [("retry-after", "1")]
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
+    loop = CheckedLoop()
+
+    async def go() -> List[llmux.LLMuxError]:
+        def switcher() -> llmux.Switcher:
+            return llmux.Switcher(cfg, llmux.SimHooks({"*": 5.0}, {"*": 0.1}),  # type: ignore[arg-type]
+                                  llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = switcher()
+        waiting = loop.create_task(sw.acquire("a"))
+        await asyncio.sleep(1.0)
+        await sw.close()
+        errors = []
+        for coro in (waiting, sw.acquire("a")):
+            try:
+                await coro
+            except llmux.LLMuxError as e:
+                errors.append(e)
+        sw = switcher()
+        await sw.reconfigure(llmux.parse_config({"models": {"b": {"port": 2}}}))
+        try:
+            await sw.acquire("a")
+        except llmux.LLMuxError as e:
+            errors.append(e)
+        await sw.close()
+        return errors
+
+    errors = run_checked(go(), loop)
+    assert [(e.status, e.code, e.headers) for e in errors] == [
+        (503, "shutting_down", [("retry-after", "5")]),
+        (503, "shutting_down", [("retry-after", "5")]),
+        (503, "model_removed", [("retry-after", "5")])]
+
+
+# -- upstream_model: the name written into forwarded bodies --
+
+
+def forward_for(body: bytes, content_type: str = "application/json",
+                models: Optional[Dict[str, Any]] = None) -> Tuple[str, bytes]:
+    """Server._route_model on a real Server: the model a body goes to, and the body sent."""
+    cfg = llmux.parse_config({"models": models or {
+        "a": {"port": 8001, "upstream_model": "org/Model-A", "aliases": ["alias-a"]},
+        "b": {"port": 8002, "aliases": ["alias-b"]}}})
+    head = llmux.RequestHead("POST", "/v1/chat/completions", "HTTP/1.1",
+                             [("host", "x"), ("content-type", content_type)], True, False)
+
+    async def go() -> Tuple[str, bytes]:
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        fwd = await server._route_model(head, body)
+        return fwd.model.name, fwd.body
+
+    return run_checked(go())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("body, sent", [
+    (b'{"model": "a", "x": 1}', b'{"model": "org/Model-A", "x": 1}'),
+    (b'{"model": "alias-a"}', b'{"model": "org/Model-A"}'),
+    (b'{"model":"\\u0061"}', b'{"model":"org/Model-A"}'),  # an escaped name
+    (b'{"model": "b", "model": "a"}', b'{"model": "b", "model": "org/Model-A"}'),  # last wins
+    (b'\xef\xbb\xbf{"model": "a"}', b'\xef\xbb\xbf{"model": "org/Model-A"}'),  # BOM kept
+    (b'{"m\\u006fdel": "a", "t": "\xc3\xa9\\"model\\": \\"b\\""}',
+     b'{"m\\u006fdel": "org/Model-A", "t": "\xc3\xa9\\"model\\": \\"b\\""}'),
+])
+def test_upstream_model_is_spliced_into_the_json_body(body: bytes, sent: bytes) -> None:
+    assert forward_for(body) == ("a", sent)
+
+
+def test_bodies_are_byte_identical_without_upstream_model() -> None:
+    for body in [b'{"model": "alias-b",  "x" : [1, {"model": "a"}]}', b'{"model":"b"}']:
+        name, sent = forward_for(body)
+        assert name == "b" and sent is body  # not even copied
+
+
+def test_upstream_model_is_spliced_into_a_multipart_field() -> None:
+    form = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+            b"RIFF\x00\xff--\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+            b"alias-a\r\n--B--\r\n")
+    name, sent = forward_for(form, "multipart/form-data; boundary=B")
+    assert name == "a" and sent == form.replace(b"\r\n\r\nalias-a\r\n", b"\r\n\r\norg/Model-A\r\n")
+
+
+def test_upstream_model_rewrite_of_a_20_mb_body() -> None:
+    pad = "é\\\"{[" * 700_000
+    body = json.dumps({"messages": [{"content": pad}], "model": "alias-a", "n": 1},
+                      ensure_ascii=False).encode()
+    assert len(body) > 5_000_000
+    body = body * 1 + b" " * (20_000_000 - len(body))
+    name, sent = forward_for(body)
+    assert name == "a" and len(sent) == len(body) + len("org/Model-A") - len("alias-a")
+    assert json.loads(sent) == {**json.loads(body), "model": "org/Model-A"}
+
+
+def test_upstream_model_rewrite_fuzz() -> None:
+    """Seeded: random JSON objects (nested "model" keys, escapes, unicode, duplicate
+    top-level keys, odd whitespace), rewritten; json.loads of the result must equal the
+    original's with only the top-level model changed, and with no rewrite due, the body
+    must be the very same bytes."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    names = ["a", "alias-a", "b", "alias-b"]
+
+    def text() -> str:
+        return "".join(rng.choice(['"', "\\", "é", "\u2028", "\U0001f600", "{", "]", "model",
+                                   ":", ",", "x", "\x01"]) for _ in range(rng.randint(0, 6)))
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 2 or roll < 0.4:
+            return rng.choice([text(), 1, -2.5e3, True, None])
+        if roll < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["model", text()]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    def ws() -> str:
+        return rng.choice(["", " ", "\n\t ", "\r\n"])
+
+    for case in range(400):
+        members = [(k, value(0)) for k in (text() for _ in range(rng.randint(0, 4)))
+                   if k != "model"]
+        for _ in range(rng.randint(1, 2)):
+            members.insert(rng.randint(0, len(members)), ("model", rng.choice(names)))
+        ascii_only = rng.random() < 0.5
+        parts = [ws() + json.dumps(k, ensure_ascii=ascii_only) + ws() + ":" + ws()
+                 + json.dumps(v, ensure_ascii=ascii_only) + ws() for k, v in members]
+        body = ("{" + ",".join(parts) + "}").encode()
+        original = json.loads(body)
+        name, sent = forward_for(body)
+        target = "a" if original["model"] in ("a", "alias-a") else "b"
+        assert name == target, f"seed {seed} case {case}: routed to {name}: {body!r}"
+        if target == "b":
+            assert sent is body, f"seed {seed} case {case}: body changed: {body!r}"
+        else:
+            assert json.loads(sent) == {**original, "model": "org/Model-A"}, \
+                f"seed {seed} case {case}: {body!r} -> {sent!r}"
 
 
 # ─────────────────────────────── hostile input, faults, load ─────────────────────────────
