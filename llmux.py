@@ -3503,6 +3503,8 @@ class Switcher:
         against the capacity, and the change applies when a later sleep succeeds.
         Requests queued for a removed model are failed.  Returns what changed."""
         async with self._reconfiguring:
+            if self.closed:  # shutting down: a switch it cut may have left a model SLEEPING
+                return {"added": [], "changed": [], "removed": []}
             now = self.clock()
             added = [n for n in config.models if n not in self.models or self.models[n].retired]
             for name in added:  # asleep: harmless, and requests for them can queue now
@@ -3520,14 +3522,14 @@ class Switcher:
                 removed = [n for n in old if n not in config.models]
                 for name in changed + removed:
                     m = self.models[name]
-                    if m.state is ModelState.ASLEEP:  # between switches: ASLEEP or ACTIVE
+                    if m.state is not ModelState.ACTIVE or self.closed:  # idle: ASLEEP or ACTIVE
                         continue
                     if not await self._sleep_for_reload(m, "config reload"):
                         self.log.error("reload.sleep_failed", model=name,
                                        keeping="its old config until a sleep succeeds")
                 # A smaller capacity (or one model at a time again) sleeps what no longer
                 # fits, in eviction order, before the new config takes over.
-                while True:
+                while not self.closed:
                     awake = [m for m in self.models.values() if m.state is ModelState.ACTIVE]
                     capacity = config.policy.capacity
                     if (len(awake) <= 1) if capacity is None else \

@@ -203,7 +203,7 @@ def watchdog() -> Any:
 
     def hang() -> None:
         sys.stderr.write(f"\n*** test exceeded {HARD:g}s; tracebacks follow ***\n")
-        faulthandler.dump_traceback(all_threads=True)
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)  # not pytest's capture
         for p in _children:
             _kill(p)
         os._exit(1)
@@ -2225,6 +2225,27 @@ def test_failed_wake_whose_cleanup_sleep_fails_counts_as_loaded(env: Env) -> Non
     flag.unlink()
     assert lx.chat("c")[1]["backend"] == "c"
     check_residency(env.lines())
+
+
+def test_reload_after_shutdown_cut_a_wake_does_nothing() -> None:
+    """Regression: close() cutting a wake leaves the model SLEEPING (so sleep_on_exit
+    cleans it up); a reload that came then tried to drain it: an illegal transition."""
+    loop = CheckedLoop()
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 10.0}, {"*": 0.1}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        waiting = loop.create_task(sw.acquire("a"))
+        await asyncio.sleep(1.0)
+        await sw.close()
+        with pytest.raises(llmux.LLMuxError):
+            await waiting
+        assert sw.models["a"].state is llmux.ModelState.SLEEPING
+        changed = llmux.parse_config({"models": {"a": {"port": 1, "wake": "other"}}})
+        assert await sw.reconfigure(changed) == {"added": [], "changed": [], "removed": []}
+
+    run_checked(go(), loop)
 
 
 # ─────────────────────────────── switcher, end to end ───────────────────────────────────
