@@ -2019,6 +2019,10 @@ def upstream_request(head: RequestHead, body: bytes, port: int) -> Tuple[bytes, 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body
 
 
+_RESPONSE_DROP = ("content-length", "access-control-allow-origin",
+                  "access-control-allow-credentials")
+
+
 def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
                          cors: Sequence[Tuple[str, str]] = ()) -> Tuple[bytes, bool, bool]:
     """The response head for the client, whether to re-chunk the body, and whether
@@ -2029,7 +2033,9 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
     # forwarded 204 nor 304 a body; a 304's length describes a body nobody sends.
     no_body = resp.status in (204, 304)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
-    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, ("content-length",)))
+    # llmux's cors_origins decide who may read an answer, not the backend's own CORS
+    # headers (llama-server echoes any Origin; vLLM allows "*" by default): they go.
+    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, _RESPONSE_DROP))
     if not (open_ended or no_body):
         # One Content-Length, however the backend wrote it (`3, 3`, twice: RFC 9110 8.6
         # lets a recipient that checked them send one).  The parser checked they agree;
@@ -2038,8 +2044,7 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
         if length is not None:
             lines.append(f"content-length: {length}")
     sent = {k for k, _ in resp.headers}
-    if "access-control-allow-origin" not in sent:
-        lines.extend(f"{k}: {v}" for k, v in cors)
+    lines.extend(f"{k}: {v}" for k, v in cors)
     # A stream (SSE, or any body of unknown length) must not be buffered by an nginx
     # put in front of llmux: it honours this header (proxy_buffering per response).
     if open_ended and not no_body and "x-accel-buffering" not in sent:
@@ -2808,12 +2813,13 @@ def _retry_after(until: float, now: float) -> List[Tuple[str, str]]:
 class Slot:
     """One request's hold on an active model; release() exactly once (extra calls no-op)."""
 
-    __slots__ = ("model", "task", "_switcher", "_released")
+    __slots__ = ("model", "task", "cut", "_switcher", "_released")
 
     def __init__(self, switcher: "Switcher", model: _Model, task: Optional["asyncio.Task[Any]"]) -> None:
         self._switcher = switcher
         self.model = model
         self.task = task
+        self.cut: Optional[str] = None  # why the switcher cancelled its task, if it did
         self._released = False
 
     def release(self) -> None:
@@ -3461,6 +3467,7 @@ class Switcher:
         for slot in slots:  # released now: no slot outlives its model's ACTIVE state
             if slot.task is not None:
                 self.log.warning("request.cut", model=name, reason=reason)
+                slot.cut = f"its model's server died ({reason})"
                 slot.task.cancel()
             slot.release()
         m.backoff_until = self.clock() + self.policy_cfg.wake_backoff_secs
@@ -3596,6 +3603,7 @@ class Switcher:
             for slot in list(v.slots):
                 if slot.task is not None:
                     self.log.warning("request.cut", model=v.name, reason=reason)
+                    slot.cut = reason
                     slot.task.cancel()
 
     def _fail_waiters(self, m: _Model, make_error: Callable[[], BaseException]) -> None:
@@ -3902,16 +3910,41 @@ def _multipart_boundary(content_type: str) -> bytes:
 
 
 def _is_model_field(head: bytes) -> bool:
-    """Whether a part head says ``Content-Disposition: form-data; name="model"``."""
-    for line in head.split(b"\r\n"):
+    """Whether a part head says ``Content-Disposition: form-data; name="model"``, and is
+    not a file (a part with a filename is an upload, whatever its name)."""
+    for line in bytes(head).split(b"\r\n"):  # the body is one bytearray: keys must hash
         name, colon, value = line.partition(b":")
         if not colon or name.strip().lower() != b"content-disposition":
             continue
-        for param in value.split(b";")[1:]:
+        params = {}
+        for param in _split_params(value)[1:]:  # ';' inside quotes is not a split
             key, eq, text = param.partition(b"=")
-            if eq and key.strip().lower() == b"name" and text.strip().strip(b'"') == b"model":
-                return True
+            if eq:
+                text = text.strip()
+                if len(text) >= 2 and text[:1] == text[-1:] == b'"':
+                    text = text[1:-1]
+                params[key.strip().lower()] = text
+        return params.get(b"name") == b"model" and b"filename" not in params
     return False
+
+
+def _split_params(value: bytes) -> List[bytes]:
+    """``value`` split at each ';' outside a quoted string (a part head is at most
+    MULTIPART_MAX_PART_HEAD bytes: a loop over its quotes is cheap)."""
+    pieces, start, quoted, i = [], 0, False, 0
+    while True:
+        j = value.find(b'"' if quoted else b';', i) if quoted else min(
+            (k for k in (value.find(b';', i), value.find(b'"', i)) if k >= 0), default=-1)
+        if j < 0:
+            pieces.append(value[start:])
+            return pieces
+        if quoted:
+            quoted, i = False, j + 1
+        elif value[j:j + 1] == b'"':
+            quoted, i = True, j + 1
+        else:
+            pieces.append(value[start:j])
+            start = i = j + 1
 
 
 def _model_from_multipart(content_type: str, body: bytes) -> Union[str, _NotString, None]:
@@ -3932,7 +3965,7 @@ def _multipart_model_field(content_type: str, body: bytes) -> Optional[_ModelMem
         start = at + len(delimiter)
         if body[start:start + 2] == b"--":
             break  # the close delimiter
-        nxt = body.find(b"\r\n" + delimiter, start)
+        nxt = _next_delimiter(body, delimiter, start)
         end = nxt if nxt >= 0 else len(body)
         parts += 1
         if parts > MULTIPART_MAX_PARTS:
@@ -3946,6 +3979,22 @@ def _multipart_model_field(content_type: str, body: bytes) -> Optional[_ModelMem
                                  head_end + 4, end, body)
         at = nxt + 2 if nxt >= 0 else -1
     return found
+
+
+_DELIMITER_END = re.compile(rb"--|[ \t]*\r\n")  # RFC 2046 5.1.1: close, or LWSP then CRLF
+
+
+def _next_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
+    """Where the next CRLF + delimiter line starts, or -1.  ``--BOUNDARY`` followed by
+    anything else (``--BOUNDARYx`` inside an uploaded file, say) is not a delimiter, as
+    for the engines' parsers.  Each find starts past the last: linear."""
+    at = body.find(b"\r\n" + delimiter, start)
+    while at >= 0:
+        after = at + 2 + len(delimiter)
+        if after >= len(body) or _DELIMITER_END.match(body, after):
+            return at
+        at = body.find(b"\r\n" + delimiter, at + 1)
+    return -1
 
 
 def _replace_model(found: _ModelMember, name: str, multipart: bool) -> bytes:
@@ -4607,6 +4656,7 @@ class Server:
         with a slot; (6) an error becomes a response here, in one place."""
         started = time.monotonic()
         model: Optional[ModelConfig] = None
+        slot: Optional[Slot] = None
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
         bad_path: Optional[HTTPError] = None
@@ -4665,8 +4715,22 @@ class Server:
             self.log.warning("request.cut", model=model.name if model else None, reason=str(e))
             raise
         except asyncio.CancelledError:
-            status = 499  # nginx's code for "client closed request"
-            raise
+            cut = slot.cut if slot is not None else None
+            if cut is None or proto.gone or self.closing:
+                status = 499  # nginx's code for "client closed request"
+                raise
+            # The switcher cut this request (a drain timeout, drain_before_switch false,
+            # its server died), not its client: it gets an answer, and the log the truth.
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()  # 3.11+: this cancellation was handled here
+            status = 503 if not proto.responding else 502
+            if not proto.responding:
+                await self._send(writer, proto, error_response(LLMuxError(
+                    f"the request to model '{model.name if model else '?'}' was cut: {cut}",
+                    status=503, code="request_cut",
+                    headers=[("retry-after", str(RETRY_AFTER_BUSY))]), False, cors))
+            return False
         except ConnectionError:
             raise  # the client went away while we wrote: _serve_connection closes
         except Exception as e:  # a bug: the last-resort boundary of one request
@@ -4821,7 +4885,10 @@ class Server:
         """The model an x-llmux-model header or a ?model= parameter names, or None."""
         header = head.get(MODEL_HEADER)
         if header is not None and header.strip():
-            return header.strip()
+            try:  # header values arrive as bytes, read as latin-1: names are UTF-8
+                return header.strip().encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                return header.strip()
         _, question, query = head.target.partition("?")
         if question:
             values = [v for k, v in urllib.parse.parse_qsl(query) if k == "model" and v]

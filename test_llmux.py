@@ -2436,6 +2436,25 @@ def test_drain_timeout_cuts_what_is_left(env: Env) -> None:
     env.gate("a").touch()
 
 
+def test_a_request_cut_before_its_answer_began_gets_an_error_not_silence(env: Env) -> None:
+    """Regression (attack): a request the switcher cut (a drain timeout, a server that
+    died) before any byte of its answer got a bare close, and was logged as 499, as if
+    its client had left."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_timeout_secs": 0.2})
+    gate = env.gate("stall")
+    t, box = run_bg(lx.request, "POST", f"/fault/stall:{gate}", {"model": "a"})
+    lx.wait_log(r"hook\.exit model=a hook=wake code=0")
+    wait_for(lambda: "req a" in env.lines(), "the request to reach a")
+    assert lx.chat("b")[1]["backend"] == "b"
+    status, headers, payload = join(t, box)
+    assert status == 503 and payload["error"]["code"] == "request_cut", payload
+    assert payload["error"]["message"] == ("the request to model 'a' was cut: drain took "
+                                           "longer than 0.2s (drain_timeout_secs)")
+    assert headers["retry-after"] == "1"
+    lx.wait_log(r"info request method=POST path=/fault/stall:\S+ model=a status=503")
+    gate.touch()
+
+
 def test_failed_sleep_keeps_the_old_model_and_fails_the_waiters(env: Env) -> None:
     flag = env.tmp / "fail"
     flag.touch()
@@ -3677,21 +3696,29 @@ def test_cors_with_an_origin_list_varies_by_origin(env: Env) -> None:
     assert headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
-def test_cors_header_of_the_backend_is_not_duplicated(env: Env) -> None:
+def test_cors_headers_of_the_backend_give_way_to_llmuxs(env: Env) -> None:
+    """Regression (attack): a backend that echoes any Origin (as llama-server does) got
+    its header through, so a page from an origin cors_origins refused could read the
+    answer of a CORS simple request (no preflight)."""
     def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
-        return (b"HTTP/1.1 200 OK\r\naccess-control-allow-origin: http://backend\r\n"
-                b"content-length: 2\r\n\r\n{}")
+        return (b"HTTP/1.1 200 OK\r\naccess-control-allow-origin: http://evil\r\n"
+                b"access-control-allow-credentials: true\r\ncontent-length: 2\r\n\r\n{}")
 
     raw = RawBackend(env.events, answer)
     try:
-        lx = env.start({"a": {"port": raw.port}})
-        conn = lx.conn()
-        conn.request("POST", "/v1/chat/completions", body=b'{"model": "a"}',
-                     headers={"Origin": "http://x"})
-        resp = conn.getresponse()
-        resp.read()
-        assert resp.headers.get_all("access-control-allow-origin") == ["http://backend"]
-        conn.close()
+        for origins, origin, expected in ((None, "http://x", ["*"]),
+                                          (["http://good"], "http://evil", []),
+                                          (["http://good"], "http://good", ["http://good"])):
+            lx = env.start({"a": {"port": raw.port}}, **({"cors_origins": origins} if origins else {}))
+            conn = lx.conn()
+            conn.request("POST", "/v1/chat/completions", body=b'{"model": "a"}',
+                         headers={"Origin": origin, "content-type": "text/plain"})
+            resp = conn.getresponse()
+            resp.read()
+            assert (resp.headers.get_all("access-control-allow-origin") or []) == expected, origin
+            assert resp.getheader("access-control-allow-credentials") is None
+            conn.close()
+            lx.stop()
     finally:
         raw.stop()
 
@@ -4876,7 +4903,8 @@ def test_fuzz_multipart_hostile_part_heads(capsys: Any) -> None:
             ])
             value = rng.choice(["a", "b", "model-b", "x" * rng.randint(0, 50)])
             parts.append(f"--{boundary}\r\n{head}\r\n\r\n{value}\r\n")
-            if name == "model" and "X-Junk" not in head and len(head) + 2 <= llmux.MULTIPART_MAX_PART_HEAD:
+            if name == "model" and "X-Junk" not in head and "filename" not in head \
+                    and len(head) + 2 <= llmux.MULTIPART_MAX_PART_HEAD:  # a file is no field
                 expected = value
         body = ("".join(parts) + f"--{boundary}--\r\n").encode()
         if rng.random() < 0.2:
