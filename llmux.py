@@ -2420,10 +2420,13 @@ class HookRunner:
         """Pids of the children llmux waits for itself: hooks and managed servers."""
         return self._running | {s.proc.pid for s in self.servers.values()}
 
-    async def stop_servers(self) -> None:
-        """Stop every managed server (SIGTERM, SIGKILL after its grace): a managed
-        server is llmux's child and never outlives it, whatever sleep_on_exit says."""
-        await asyncio.gather(*(self._stop(s) for s in list(self.servers.values())))
+    async def stop_servers(self, grace: Optional[float] = None) -> None:
+        """Stop every managed server (SIGTERM, SIGKILL after its grace, or after
+        ``grace`` if that is shorter: a shutdown has its own deadline): a managed server
+        is llmux's child and never outlives it, whatever sleep_on_exit says."""
+        await asyncio.gather(*(self._stop(s, None if grace is None else
+                                          min(grace, s.model.stop_grace_secs))
+                               for s in list(self.servers.values())))
 
     async def _start_server(self, model: ModelConfig) -> None:
         """Start ``model``'s server unless it runs, and wait until it is ready; raise
@@ -4507,7 +4510,9 @@ class Server:
                         await self.hooks.run(m.cfg, "sleep")
                     except HookError:
                         pass  # logged
-        await self.hooks.stop_servers()
+        # SIGTERM has come with a deadline (shutdown_grace_secs, a systemd stop timeout):
+        # a server slow to die is killed within it rather than waited for.
+        await self.hooks.stop_servers(self.config.policy.shutdown_grace_secs)
         self.hooks.close()
         self.pool.close_all()
         if self._reaping:
@@ -4841,8 +4846,26 @@ class Server:
                     self._check_not_blocked(route_path(rest))
                     cfg = self.config.resolve(label)
                     assert cfg is not None
+                    await self._check_body_names(cfg, head, body)
                     return _Forward(cfg, head._replace(target=rest + question + query), body)
         raise self._unknown_model(decoded.split("/", 1)[0])
+
+    async def _check_body_names(self, cfg: ModelConfig, head: RequestHead, body: bytes) -> None:
+        """/upstream/NAME takes no body naming another model: an engine serving several
+        (Ollama, llama.cpp's router) would load it behind llmux's back."""
+        if not body:
+            return
+        multipart = (head.get("content-type") or "").lower().startswith("multipart/form-data")
+        try:
+            found = await self._model_member(head, body, multipart)
+        except LLMuxError:
+            return  # not a body llmux can read: the backend judges it
+        name = found.value if found is not None else None
+        if isinstance(name, str) and name not in (cfg.name, *cfg.aliases, cfg.upstream_model):
+            raise LLMuxError(f"/upstream/{cfg.name}/... with a body naming model '{name[:MAX_ECHOED_NAME]}'; "
+                             f"expected '{cfg.name}' or no model (send it to /v1/... or "
+                             f"/upstream/{name[:MAX_ECHOED_NAME]}/... instead)", status=400,
+                             type="invalid_request_error", code="model_mismatch")
 
     async def _route_model(self, head: RequestHead, body: bytes) -> "_Forward":
         """Any other request: proxied to the model its body names (JSON or multipart),
@@ -5210,7 +5233,7 @@ class SimHooks:
     def own_pids(self) -> Set[int]:
         return set()
 
-    async def stop_servers(self) -> None:
+    async def stop_servers(self, grace: Optional[float] = None) -> None:
         pass
 
     def close(self) -> None:
@@ -5677,9 +5700,12 @@ def _read_pidfile(path: str) -> Optional[int]:
     """The pid in ``path``, or None when there is none (no file, or not a number)."""
     try:
         with open(path) as f:
-            return int(f.read().split()[0])
+            pid = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    # 0 and negative pids name process groups (kill(0) is our own, kill(-1) everyone's),
+    # and 1 is init: none is a server a pidfile may name.
+    return pid if pid > 1 else None
 
 
 def _stop_pidfile(path: str, grace: float = 10.0) -> int:

@@ -1419,6 +1419,42 @@ def test_managed_server_ignoring_sigterm_is_killed_after_its_grace(env: Env) -> 
     assert pid_gone(pid)
 
 
+def test_shutdown_kills_a_server_slow_to_die_within_its_own_grace(env: Env) -> None:
+    """Regression (attack): a managed server that ignores SIGTERM, with a long
+    stop_grace_secs, held llmux's shutdown past shutdown_grace_secs (and past systemd's
+    stop timeout, which then SIGKILLs llmux)."""
+    lx = env.start({"a": env.managed("a", "--ignore-term", stop_grace_secs=120)},
+                   policy={"shutdown_grace_secs": 0.5})
+    assert lx.chat("a")[0] == 200
+    [pid] = server_pids(lx, "a")
+    lx.stop()  # SIGTERM, then waits T for the exit (and kills llmux if it must)
+    assert lx.proc.returncode == 0, lx.proc.returncode
+    lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"still running 0.5s after SIGTERM" % pid)
+    assert pid_gone(pid)
+
+
+def test_a_pidfile_naming_a_process_group_or_init_names_nothing(tmp_path: Path) -> None:
+    """Regression (attack): `llmux.py stop --pidfile` with 0 in the file signalled its own
+    process group (killing the sleep hook); -1 would have signalled every process."""
+    for text in ("0", "-1", "1", "-4242"):
+        path = tmp_path / "x.pid"
+        path.write_text(text + "\n")
+        assert llmux._read_pidfile(str(path)) is None, text
+        p = subprocess.run([sys.executable, LLMUX, "stop", "--pidfile", str(path)], timeout=T)
+        assert p.returncode == 0  # nothing to stop, and nothing was signalled
+
+
+def test_upstream_takes_no_body_naming_another_model(env: Env) -> None:
+    """Regression (attack): POST /upstream/llama3/api/generate {"model": "mistral"} made
+    an engine that serves several models load mistral behind llmux's back."""
+    lx = env.start({"llama3": env.model("llama3"), "mistral": env.model("mistral")})
+    status, _, payload = lx.request("POST", "/upstream/llama3/api/generate", {"model": "mistral"})
+    assert status == 400 and payload["error"]["code"] == "model_mismatch", payload
+    assert not [line for line in env.lines() if line.startswith("req")]
+    status, _, payload = lx.request("POST", "/upstream/llama3/api/generate", {"model": "llama3"})
+    assert status == 200 and payload["backend"] == "llama3"
+
+
 @pytest.mark.parametrize("how", ["sigterm", "kill -9"])
 def test_no_managed_server_outlives_llmux(env: Env, how: str) -> None:
     lx = env.start({"a": env.managed("a")})
