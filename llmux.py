@@ -2420,6 +2420,13 @@ class HookRunner:
         """Pids of the children llmux waits for itself: hooks and managed servers."""
         return self._running | {s.proc.pid for s in self.servers.values()}
 
+    async def stop_server(self, name: str) -> None:
+        """Stop ``name``'s managed server if one runs (a reload changed or removed a
+        model asleep in sleep mode, whose process its sleep hook left up)."""
+        server = self.servers.get(name)
+        if server is not None and server.running:
+            await self._stop(server)
+
     async def stop_servers(self, grace: Optional[float] = None) -> None:
         """Stop every managed server (SIGTERM, SIGKILL after its grace, or after
         ``grace`` if that is shorter: a shutdown has its own deadline): a managed server
@@ -3532,11 +3539,14 @@ class Switcher:
                 removed = [n for n in old if n not in config.models]
                 for name in changed + removed:
                     m = self.models[name]
-                    if m.state is not ModelState.ACTIVE or self.closed:  # idle: ASLEEP or ACTIVE
-                        continue
-                    if not await self._sleep_for_reload(m, "config reload"):
-                        self.log.error("reload.sleep_failed", model=name,
-                                       keeping="its old config until a sleep succeeds")
+                    if m.state is ModelState.ACTIVE and not self.closed:
+                        if not await self._sleep_for_reload(m, "config reload"):
+                            self.log.error("reload.sleep_failed", model=name,
+                                           keeping="its old config until a sleep succeeds")
+                    if m.state is ModelState.ASLEEP and not self.closed:
+                        # Asleep in sleep mode, its managed server still runs: it is not
+                        # what the new config describes (or there is none), so it goes.
+                        await self.hooks.stop_server(name)
                 # A smaller capacity (or one model at a time again) sleeps what no longer
                 # fits, in eviction order, before the new config takes over.
                 while not self.closed:
@@ -5232,6 +5242,9 @@ class SimHooks:
 
     def own_pids(self) -> Set[int]:
         return set()
+
+    async def stop_server(self, name: str) -> None:
+        pass
 
     async def stop_servers(self, grace: Optional[float] = None) -> None:
         pass

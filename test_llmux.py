@@ -1469,6 +1469,41 @@ def test_no_managed_server_outlives_llmux(env: Env, how: str) -> None:
     wait_for(lambda: pid_gone(pid), f"server pid {pid} gone after llmux's {how}")
 
 
+def test_reload_removing_a_model_asleep_in_sleep_mode_stops_its_server() -> None:
+    """Regression (attack): a model asleep in sleep mode (cmd plus hooks: the process
+    stays up) that a reload removed or changed kept its server running until llmux
+    exited, holding its port, and a model added on that port could never wake."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    raw = {"port": port, "cmd": [sys.executable, __file__, "backend", "--port", "${PORT}", "--name", "a"],
+           "wake": "echo woke-up", "sleep": "echo slept"}
+    stream = ListStream()
+
+    async def go() -> None:
+        log = llmux.Log(stream)
+        runner = llmux.HookRunner(log, T)
+        sw = llmux.Switcher(llmux.parse_config({"models": {"a": raw, "b": {"port": 1}}}),
+                            runner, llmux.FifoPolicy(), log)
+        try:
+            (await sw.acquire("a")).release()
+            pid = runner.servers["a"].proc.pid
+            assert await sw.start_sleep("a", "test") == "ok"  # type: ignore[misc]
+            assert runner.server_running("a")  # sleep mode: the process stays
+            await sw.reconfigure(llmux.parse_config({"models": {"b": {"port": 1}}}))
+            assert pid_gone(pid) and "a" not in runner.servers
+            await sw.close()
+        finally:
+            await runner.stop_servers()
+            runner.close()
+
+    try:
+        run_checked(go())
+    finally:
+        sock.close()
+
+
 def test_managed_server_hooks_run_once_started_in_sleep_mode() -> None:
     """cmd with wake and sleep hooks (vLLM sleep mode): the first wake starts the server
     then runs the wake hook; sleep runs the sleep hook and leaves the process; a wake
