@@ -3514,6 +3514,15 @@ class Switcher:
             self._arm_idle(m)
 
     async def reconfigure(self, config: Config) -> Dict[str, List[str]]:
+        """_reconfigure, then, whatever it raised, one decision pass: a reload that failed
+        half-way must not leave waiting demand without a switch or a timer."""
+        try:
+            return await self._reconfigure(config)
+        finally:
+            if not self.closed:
+                self._schedule()
+
+    async def _reconfigure(self, config: Config) -> Dict[str, List[str]]:
         """Apply a reloaded config.  Unchanged models are not touched.  A changed or
         removed model that is loaded is drained and put to sleep (with its old hooks)
         first; if its sleep fails it keeps running with its old config, still counted
@@ -3585,6 +3594,8 @@ class Switcher:
                 self.policy = POLICIES[config.policy.name]()
             self._schedule()
             return {"added": added, "changed": changed, "removed": removed}
+
+
 
     async def _sleep_for_reload(self, m: _Model, reason: str) -> bool:
         """Drain and sleep ``m`` while a reload holds the switcher; True if it is asleep."""

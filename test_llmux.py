@@ -1577,7 +1577,7 @@ def test_llmux_as_subreaper_reaps_orphans_but_not_its_own_children(env: Env) -> 
     status, payload = lx.chat("b")  # a's sleep hook fails with its real code, not 255
     assert status == 503 and payload["error"]["message"] == "hook 'sleep' for model 'a' exited 7"
     lx.request("POST", "/llmux/models/a/sleep")  # once more, to see the code in the log
-    assert lx.log_count(r"hook\.exit model=a hook=sleep code=7") == 2
+    lx.wait_log(r"hook\.exit model=a hook=sleep code=7", count=2)  # the log may lag the answer
     assert lx.log_count(r"Unknown child process") == 0
 
 
@@ -1808,6 +1808,9 @@ class FaultHooks:
 
     async def alive(self, model: llmux.ModelConfig) -> bool:
         return model.name in self.loaded
+
+    async def stop_server(self, name: str) -> None:
+        pass  # no managed servers here
 
     def close(self) -> None:
         pass
@@ -4425,6 +4428,7 @@ def test_full_connection_table_evicts_the_longest_idle_connection(env: Env) -> N
         assert idle[0].recv(65536) == b""
         idle[1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle[1].recv(65536).startswith(b"HTTP/1.1 200 ")
+        lx.wait_log(r"connection\.evicted reason=max_connections")  # the log may lag
         assert lx.log_count(r"connection\.evicted reason=max_connections") == 1
         gate.touch()
         assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
@@ -4609,6 +4613,7 @@ def test_hook_faults_give_503_one_log_line_and_recovery(env: Env, wake: str, mes
     assert lx.chat("a")[0] == 200
     status, payload = lx.chat("b")
     assert status == 503 and payload["error"]["message"].startswith(message)
+    lx.wait_log(r"error hook\.exit model=b hook=wake")  # the log may lag the answer
     assert lx.log_count(r"error hook\.exit model=b hook=wake") == 1
     ok.touch()
     assert lx.chat("b")[1]["backend"] == "b"
