@@ -182,6 +182,7 @@ STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 
 MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF included.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
+UPSTREAM_JOIN_BYTES = 256 * 1024  # a request up to this size is sent in one write.
 # An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
 # serve through uvicorn, which closes a keep-alive connection after 5 s of silence; a POST
 # written just as it does so may or may not have been acted on, and RFC 9110 9.2.2 forbids
@@ -264,8 +265,8 @@ RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retri
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
 LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 # Connections accepted per wake-up of the listening socket, and at most this many being
-# set up or refused at once (then accepting pauses ACCEPT_PAUSE_SECS: a connect flood
-# waits in the kernel's backlog instead of taking fds).
+# refused at once (then accepting pauses ACCEPT_PAUSE_SECS: a connect flood waits in the
+# kernel's backlog instead of taking fds).
 ACCEPT_BATCH = 32
 ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
 
@@ -1773,9 +1774,14 @@ class _Upstream(asyncio.Protocol):
         self.timeout = timeout
         self._touch()
         # No drain: a backend that never reads the body must not stop us from reading
-        # its answer; the timeout bounds the whole exchange.
-        for piece in request:
-            self.transport.write(piece)
+        # its answer; the timeout bounds the whole exchange.  A small request goes in one
+        # write (one segment): head and body apart cost a 40 ms delayed-ACK stall per
+        # request against some backends.  A large body is not copied to join it.
+        if sum(len(p) for p in request) <= UPSTREAM_JOIN_BYTES:
+            self.transport.write(b"".join(request))
+        else:
+            for piece in request:
+                self.transport.write(piece)
         return self.waiter
 
     def pipe(self, client: asyncio.WriteTransport, chunked: bool, head: bytes) -> "asyncio.Future[Any]":
@@ -4265,8 +4271,11 @@ class Server:
     def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
-            if len(self._accepting) + self._refusing >= ACCEPT_BATCH:
-                self._pause_accepting("too many connections being set up or refused")
+            # With the table full, what is accepted now will be refused: at most
+            # ACCEPT_BATCH of those at once.  With room, a burst is accepted at full speed.
+            busy = self._refusing + (len(self._accepting) if self._open >= self.connection_limit() else 0)
+            if busy >= ACCEPT_BATCH:
+                self._pause_accepting("too many connections being refused")
                 return
             try:
                 conn, _ = sock.accept()
