@@ -1373,6 +1373,7 @@ def test_managed_server_exiting_before_ready_fails_the_wake_at_once_with_its_out
         "server for model 'b' could not start: no such file or directory")
     assert lx.health()["active"] == []
     assert lx.chat("a")[0] == 503  # the next request tries again
+    lx.wait_log(r"server\.started model=a ", count=2)  # the log may lag the answer
     assert len(server_pids(lx, "a")) == 2
 
 
