@@ -183,6 +183,8 @@ MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF i
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
 UPSTREAM_JOIN_BYTES = 256 * 1024  # a request up to this size is sent in one write.
+MAX_ERROR_BODY = 64 * 1024  # a backend's error answer to a held stream: read this much of it
+MAX_ECHOED_ERROR = 1024  # characters of a backend's non-JSON error text passed on
 # An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
 # serve through uvicorn, which closes a keep-alive connection after 5 s of silence; a POST
 # written just as it does so may or may not have been acted on, and RFC 9110 9.2.2 forbids
@@ -262,6 +264,11 @@ READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers 
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
+EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
+EVENTS_MAX_SUBSCRIBERS = 64  # 503: /llmux/events streams open at once
+EVENTS_PING_SECS = 15.0  # an idle event stream gets an SSE comment this often (proxies, LBs)
+TIMELINE_LEN = 256  # model state changes kept for the snapshot (the dashboard's timeline)
+DEFAULT_PROGRESS_INTERVAL = 5.0  # a held stream gets a loading-status comment this often
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
 LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 # Connections accepted per wake-up of the listening socket, and at most this many being
@@ -367,6 +374,9 @@ class Log:
         # each event per second; the rest are counted and reported once a second.
         self._burst: Dict[str, int] = {}
         self._suppressed: Dict[str, int] = {}
+        # Called with (level, event, fields) for every line written at info or above:
+        # the Server's EventBus, so /llmux/events carries what the log says.
+        self.listener: Optional[Callable[[str, str, Dict[str, Any]], None]] = None
 
     def enabled(self, level: str) -> bool:
         return self.LEVELS[level] >= self.threshold
@@ -390,6 +400,12 @@ class Log:
             if seen > LOG_BURST and event != "log.suppressed":
                 self._suppressed[event] = self._suppressed.get(event, 0) + 1
                 return
+        if self.listener is not None and level != "debug":
+            try:
+                self.listener(level, event, fields)
+            except Exception as e:  # a bug there: said once, and the log goes on without it
+                self.listener = None
+                log_internal_error(self, None, "events", e)
         stamp = "%s.%03dZ" % (self._prefix, int(now % 1 * 1000))
         if self.fmt == "json":
             record = {"ts": stamp, "level": level, "event": event}
@@ -542,6 +558,18 @@ def llmux_metrics() -> Metrics:
              "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
     m.define("counter", "llmux_accept_paused_total",
              "Times accepting paused because llmux was out of file descriptors.")
+    m.define("histogram", "llmux_request_wait_seconds",
+             "Time a queued request waited, by why: switch (its model was woken for it), "
+             "max_in_flight (a slot was released), drain (a drain of its model was undone).",
+             ("model", "reason"))
+    m.define("histogram", "llmux_eta_error_seconds",
+             "How far the ETA a request was given when it queued was from its actual wait "
+             "(absolute), for requests that waited for a switch.", ("model",))
+    m.define("counter", "llmux_stream_progress_total",
+             "Streaming requests held with loading status (SSE comments) while they waited.",
+             ("model",))
+    m.define("counter", "llmux_events_dropped_subscribers_total",
+             "/llmux/events readers dropped for reading too slowly.")
     return m
 
 
@@ -565,6 +593,7 @@ class ModelConfig:
     stop_grace_secs: float = DEFAULT_STOP_GRACE
     upstream_model: Optional[str] = None  # written into forwarded bodies' "model" field
     max_in_flight: Optional[int] = None  # requests at once; more wait in the queue
+    stream_progress: Optional[str] = None  # overrides policy.stream_progress
 
 
 @dataclass(frozen=True)
@@ -587,6 +616,8 @@ class Policy:
     capacity: Optional[float] = None  # None: one model awake at a time
     max_wait_secs: float = DEFAULT_MAX_WAIT  # policy "cost": the starvation bound
     cost_factor: float = 3.0  # policy "cost": serve this many switch costs before switching
+    stream_progress: str = "comments"  # what a held stream gets while it waits (STREAM_PROGRESS)
+    progress_interval_secs: float = DEFAULT_PROGRESS_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -683,6 +714,13 @@ class _Checker:
         self.bad(path, "a non-empty string" + (" or null" if nullable else ""), value)
         return None
 
+    def choice(self, path: str, value: Any, choices: Sequence[str], *, nullable: bool = False) -> Any:
+        if (value is None and nullable) or (isinstance(value, str) and value in choices):
+            return value
+        self.bad(path, "one of " + ", ".join(f'"{v}"' for v in choices)
+                 + (" or null" if nullable else ""), value)
+        return None
+
     def port(self, path: str, value: Any, *, allow_zero: bool = False) -> Any:
         low = 0 if allow_zero else 1
         if isinstance(value, int) and not isinstance(value, bool) and low <= value <= 65535:
@@ -713,10 +751,16 @@ _POLICY_NUMBERS = {
     "capacity": (True, True),
     "max_wait_secs": (False, True),
     "cost_factor": (False, False),
+    "progress_interval_secs": (False, True),
 }
+# What a streaming request that waits for a switch gets (README, "Loading status"):
+# "comments": its 200 head at once, then SSE comments (ignored by clients) until the model
+# serves; "reasoning": those, and a reasoning_content delta a chat UI shows; "off": nothing
+# until the backend answers (its own status code then).
+STREAM_PROGRESS = ("comments", "reasoning", "off")
 _HTTP_NUMBERS = ("header_timeout_secs", "body_timeout_secs", "idle_timeout_secs", "send_timeout_secs")
 _MODEL_KEYS = ("port", "wake", "sleep", "alive", "aliases", "idle_sleep_secs", "size", "cmd",
-               "ready_path", "stop_grace_secs", "upstream_model", "max_in_flight")
+               "ready_path", "stop_grace_secs", "upstream_model", "max_in_flight", "stream_progress")
 _TOP_KEYS = ("models", "policy", "http", "port", "host", "api_keys", "allow_remote_control",
              "blocked_paths", "preload", "cors_origins")
 # An origin as browsers send it (RFC 6454 section 6.1): scheme://host[:port], no path.
@@ -823,7 +867,10 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         c.bad("policy", "an object", policy_raw)
         policy_raw = {}
     c.unknown("policy", policy_raw, ["name", "drain_before_switch", "max_queue", "sleep_on_exit",
-                                     *_POLICY_NUMBERS])
+                                     "stream_progress", *_POLICY_NUMBERS])
+    if "stream_progress" in policy_raw:
+        policy_args["stream_progress"] = c.choice("policy.stream_progress",
+                                                  policy_raw["stream_progress"], STREAM_PROGRESS)
     for key, (nullable, positive) in _POLICY_NUMBERS.items():
         if key in policy_raw:
             policy_args[key] = c.number(f"policy.{key}", policy_raw[key], nullable=nullable,
@@ -922,10 +969,12 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         upstream_model = c.text(f"{where}.upstream_model", m.get("upstream_model"))
         max_in_flight = c.number(f"{where}.max_in_flight", m["max_in_flight"], integer=True,
                                  positive=True, nullable=True) if "max_in_flight" in m else None
+        progress = c.choice(f"{where}.stream_progress", m["stream_progress"], STREAM_PROGRESS,
+                            nullable=True) if "stream_progress" in m else None
         models[name] = ModelConfig(name=name, port=mport or 0, aliases=tuple(aliases),
                                    idle_sleep_secs=idle, size=size or 1.0,
                                    upstream_model=upstream_model, max_in_flight=max_in_flight,
-                                   **hooks, **managed)
+                                   stream_progress=progress, **hooks, **managed)
 
     preload = raw.get("preload")
     if preload is not None and preload not in models:
@@ -1650,6 +1699,24 @@ def error_response(e: LLMuxError, keep_alive: bool = False,
                          headers=[*e.headers, *headers])
 
 
+def error_event(e: LLMuxError) -> bytes:
+    """An error as an SSE event, for a stream whose 200 head was already sent: the shape
+    the openai client raises on (a ``data:`` event whose object has ``error``)."""
+    return b"data: " + json.dumps(e.to_json(), separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_head(chunked: bool, keep_alive: bool, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
+    """The head of an event stream llmux writes itself (/llmux/events, a held request);
+    an HTTP/1.0 client (not ``chunked``) reads it until the connection closes."""
+    lines = ["HTTP/1.1 200 OK", "content-type: text/event-stream", "cache-control: no-cache",
+             "x-accel-buffering: no", *(f"{k}: {v}" for k, v in headers)]
+    if chunked:
+        lines.append("transfer-encoding: chunked")
+    if not (chunked and keep_alive):
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def cors_headers(origins: Sequence[str], origin: Optional[str]) -> List[Tuple[str, str]]:
     """The CORS headers of any response to a request from ``origin`` (its Origin header,
     or None): Access-Control-Allow-Origin when the origin is allowed, and Vary: Origin
@@ -2070,13 +2137,53 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
 class RelayResult(NamedTuple):
     status: int
     keep_alive: bool  # whether the client connection may carry another request
+    error: Optional[LLMuxError] = None  # a held stream's backend said no (see relay)
+
+
+class _Sink:
+    """Stands in for a client transport to keep the first ``limit`` bytes of a body."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: List[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.size < self.limit:
+            self.parts.append(data[:self.limit - self.size])
+            self.size += len(self.parts[-1])
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def backend_error(model: str, status: int, body: bytes) -> LLMuxError:
+    """A backend's error answer as an LLMuxError with its status, keeping its OpenAI
+    error object (or Ollama's and llama.cpp's {"error": "text"}) when it has one."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        code = err.get("code")
+        return LLMuxError(err["message"], status=status, type=str(err.get("type") or "upstream_error"),
+                          code=code if isinstance(code, str) else str(code or "upstream_error"))
+    message = err if isinstance(err, str) else text[:MAX_ECHOED_ERROR]
+    return UpstreamError(f"model '{model}' backend answered {status}: {message}", status=status)
 
 
 async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, body: bytes,
                 writer: asyncio.StreamWriter, timeout: Optional[float],
                 flow: Optional["_ClientProtocol"] = None,
-                cors: Sequence[Tuple[str, str]] = ()) -> RelayResult:
+                cors: Sequence[Tuple[str, str]] = (), opened: Optional[bool] = None) -> RelayResult:
     """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
+
+    ``opened`` (not None) says the client already has a 200 event-stream head, chunked
+    if True (a held stream, Server._hold_stream): a 2xx answer's body follows it as it
+    comes; any other answer is read (up to MAX_ERROR_BODY) and returned as the
+    RelayResult's error, for the caller to send as an SSE error event.
 
     Raises UpstreamError if the backend failed before anything reached the client, _Cut
     if it failed afterwards.  An idempotent request (IDEMPOTENT_METHODS) on a reused
@@ -2089,8 +2196,21 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
         started = False
         try:
             resp = await conn.begin(head.method, request, timeout)
-            data, chunked, keep_client = client_response_head(
-                resp, head.version == "HTTP/1.0", head.keep_alive, cors)
+            error: Optional[LLMuxError] = None
+            if opened is None:
+                data, chunked, keep_client = client_response_head(
+                    resp, head.version == "HTTP/1.0", head.keep_alive, cors)
+            elif 200 <= resp.status < 300:
+                data, chunked, keep_client = b"", opened, opened and head.keep_alive
+            else:
+                sink = _Sink(MAX_ERROR_BODY)
+                await conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
+                if resp.keep_alive and conn.in_sync and not conn.closed:
+                    pool.put(port, conn)
+                else:
+                    conn.close()
+                return RelayResult(resp.status, opened and head.keep_alive,
+                                   backend_error(model, resp.status, b"".join(sink.parts)))
             started = True
             if flow is not None:
                 flow.responding = True
@@ -2707,6 +2827,102 @@ def _expand(arg: str, model: ModelConfig) -> str:
     return arg.replace("${PORT}", str(model.port)).replace("${MODEL}", model.name)
 
 
+# ──────────────────────────────────────── events ────────────────────────────────────────
+
+
+class _Subscriber:
+    """One /llmux/events client: its transport, written to directly (no queue, no task)."""
+
+    __slots__ = ("transport", "chunked", "done", "dropped")
+
+    def __init__(self, transport: asyncio.WriteTransport, chunked: bool,
+                 done: "asyncio.Future[str]") -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.done = done  # resolves to why the stream ends (dropped, shutdown)
+        self.dropped = False
+
+    def frame(self, data: bytes) -> bytes:
+        return encode_chunk(data) if self.chunked else data
+
+
+class EventBus:
+    """llmux's events, fanned out as SSE to the subscribers of GET /llmux/events.
+
+    Every info-or-worse log event is published (Log.listener), plus a few that are not
+    logged because they come once per request or queue change.  publish() never awaits
+    and never blocks: it writes each subscriber's transport directly.  A subscriber with
+    more than EVENTS_MAX_BUFFERED bytes still unsent is dropped (its stream ends, and it
+    may reconnect for a fresh snapshot): a slow reader can cost llmux memory up to that
+    bound, never time.  Nothing is serialized while nobody listens.
+    """
+
+    def __init__(self, log: Optional[Log] = None, metrics: Optional[Metrics] = None) -> None:
+        self.log = log
+        self.metrics = metrics
+        self.seq = 0  # events published so far (the SSE id; a gap means events were missed)
+        self.subscribers: List[_Subscriber] = []
+
+    def __len__(self) -> int:
+        return len(self.subscribers)
+
+    def publish(self, event: str, fields: Dict[str, Any], level: str = "info") -> None:
+        """Send one event to every subscriber: ``{"seq", "ts", "event", "level", ...}``."""
+        self.seq += 1
+        if not self.subscribers:
+            return
+        record: Dict[str, Any] = {"seq": self.seq, "ts": round(time.time(), 3), "event": event}
+        if level != "info":
+            record["level"] = level
+        for k, v in fields.items():
+            if v is not None:
+                record[k.rstrip("_")] = v
+        self.send(record)
+
+    def send(self, record: Dict[str, Any], only: Optional[_Subscriber] = None) -> None:
+        data = b"id: %d\ndata: %s\n\n" % (record.get("seq", self.seq), json.dumps(
+            record, default=str, separators=(",", ":")).encode())
+        for sub in ([only] if only is not None else list(self.subscribers)):
+            self._write(sub, sub.frame(data))
+
+    def ping(self, sub: _Subscriber) -> None:
+        self._write(sub, sub.frame(b": ping\n\n"))
+
+    def _write(self, sub: _Subscriber, frame: bytes) -> None:
+        transport = sub.transport
+        if transport.is_closing():
+            self.end(sub, "gone")
+            return
+        if transport.get_write_buffer_size() + len(frame) > EVENTS_MAX_BUFFERED:
+            sub.dropped = True
+            if self.metrics is not None:
+                self.metrics.inc("llmux_events_dropped_subscribers_total")
+            self.end(sub, f"it read too slowly (over {EVENTS_MAX_BUFFERED} bytes unsent)")
+            transport.abort()  # what it has not read is lost anyway: free it now
+            return
+        transport.write(frame)
+
+    def subscribe(self, transport: asyncio.WriteTransport, chunked: bool) -> _Subscriber:
+        sub = _Subscriber(transport, chunked, asyncio.get_running_loop().create_future())
+        self.subscribers.append(sub)
+        return sub
+
+    def end(self, sub: _Subscriber, why: str) -> None:
+        """Take ``sub`` off the list; its stream's task sees ``why`` and ends it."""
+        try:
+            self.subscribers.remove(sub)
+        except ValueError:
+            pass
+        if not sub.done.done():
+            sub.done.set_result(why)
+
+    def close(self, why: str) -> None:
+        """End every stream (shutdown): each gets a last event saying why."""
+        self.publish("events.end", {"reason": why})
+        for sub in list(self.subscribers):
+            self.end(sub, why)
+
+
 # ───────────────────────────────── policies and switcher ────────────────────────────────
 
 
@@ -2761,13 +2977,20 @@ class IllegalTransition(AssertionError):
 
 
 class _Waiter:
-    __slots__ = ("model", "future", "enqueued_at", "task")
+    """A request in a model's queue.  ``eta`` is what the switcher predicted, when it
+    queued, for its wait (None: unknown), so that the prediction can be judged."""
+
+    __slots__ = ("model", "future", "enqueued_at", "task", "eta", "handle", "seq")
 
     def __init__(self, model: "_Model", future: "asyncio.Future[Slot]", now: float) -> None:
         self.model = model
         self.future = future
         self.enqueued_at = now
         self.task = asyncio.current_task()
+        self.eta: Optional[float] = None
+        self.handle: Optional[asyncio.TimerHandle] = None  # its request_timeout_secs
+        model.enqueued += 1
+        self.seq = model.enqueued  # its place in the model's arrival order
 
 
 class _Model:
@@ -2792,6 +3015,9 @@ class _Model:
         # capacity, with its old config until a later sleep succeeds.
         self.retired = False
         self.pending_cfg: Optional[ModelConfig] = None
+        self.woken_by: Optional[str] = None  # the last switch that woke it ("a->b")
+        self.undrained_at = -math.inf  # when a drain of it was last undone
+        self.enqueued = 0  # requests ever queued for it (_Waiter.seq)
 
     def recent_demand(self, now: float) -> float:
         """Requests lately, each counting less as it ages (half-life DEMAND_HALF_LIFE)."""
@@ -2809,6 +3035,15 @@ class _Model:
     def at_limit(self) -> bool:
         """ACTIVE with max_in_flight slots taken: its waiters wait for a release."""
         return self.state is ModelState.ACTIVE and not self.has_room()
+
+
+# What a model's server is: a reload that changes one of these sleeps a loaded model
+# first (with its old hooks).  Any other key changes in place.
+_RESTART_FIELDS = ("port", "wake", "sleep", "cmd", "ready_path")
+
+
+def _needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
+    return any(getattr(old, f) != getattr(new, f) for f in _RESTART_FIELDS)
 
 
 def _shutting_down() -> LLMuxError:
@@ -2829,13 +3064,16 @@ def _retry_after(until: float, now: float) -> List[Tuple[str, str]]:
 class Slot:
     """One request's hold on an active model; release() exactly once (extra calls no-op)."""
 
-    __slots__ = ("model", "task", "cut", "_switcher", "_released")
+    __slots__ = ("model", "task", "cut", "waited", "waited_for", "eta", "_switcher", "_released")
 
     def __init__(self, switcher: "Switcher", model: _Model, task: Optional["asyncio.Task[Any]"]) -> None:
         self._switcher = switcher
         self.model = model
         self.task = task
         self.cut: Optional[str] = None  # why the switcher cancelled its task, if it did
+        self.waited = 0.0  # seconds in the queue
+        self.waited_for: Optional[str] = None  # why: "switch a->b", "max_in_flight"
+        self.eta: Optional[float] = None  # the wait predicted when it queued
         self._released = False
 
     def release(self) -> None:
@@ -2998,9 +3236,10 @@ class Switcher:
     def __init__(self, config: Config, hooks: HookRunner, policy: SchedulingPolicy, log: Log,
                  clock: Optional[Callable[[], float]] = None,
                  on_sleep: Callable[[ModelConfig], None] = lambda cfg: None,
-                 metrics: Optional[Metrics] = None) -> None:
+                 metrics: Optional[Metrics] = None, events: Optional[EventBus] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.metrics = metrics or llmux_metrics()
+        self.events = events if events is not None else EventBus()
         self.clock = clock or self.loop.time
         self.config = config
         self.policy_cfg = config.policy
@@ -3013,11 +3252,21 @@ class Switcher:
         self.queued = 0
         self.switching: Optional[Tuple[List[str], str]] = None  # (victims, target)
         self.costs: Dict[Tuple[str, str], float] = {}  # (from, to) -> EMA seconds
+        # Each hook's own time, EMA seconds by model: a pair never measured is estimated
+        # from its parts (the victims' sleeps, the target's wake).
+        self.hook_costs: Dict[Tuple[str, str], float] = {}  # (model, "wake" | "sleep")
         self.drains: Deque[float] = collections.deque(maxlen=8)  # recent drain times
         self.history: Deque[Dict[str, Any]] = collections.deque(maxlen=32)
         self.switch_log: Optional[List[Dict[str, Any]]] = None  # every switch, when a list
         self.closed = False
         self.held = False  # a config reload is being applied: start no new switch
+        # The switch in progress, for ETAs and status: its phase ("draining", "sleeping",
+        # "waking"), the model that phase works on, when the switch and the phase began,
+        # when its drain ended, and the cost (sleep + wake) expected for it (None: unknown).
+        self.phase: Optional[Dict[str, Any]] = None
+        # Model state changes, newest last, with wall-clock times: the dashboard's timeline.
+        self.timeline: Deque[Dict[str, Any]] = collections.deque(maxlen=TIMELINE_LEN)
+        self._depths: Optional[Tuple[int, ...]] = None  # queue depths last published
         self._switch_task: Optional["asyncio.Task[str]"] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._idle_timers: Dict[str, asyncio.TimerHandle] = {}
@@ -3057,6 +3306,10 @@ class Switcher:
         exact = self.costs.get((",".join(victims), target))
         if exact is not None:
             return exact
+        parts = [self.hook_costs.get((v, "sleep")) for v in victims]
+        parts.append(self.hook_costs.get((target, "wake")))
+        if all(p is not None for p in parts):
+            return sum(p for p in parts if p is not None)
         to_target = [v for (f, t), v in self.costs.items() if t == target]
         pool = to_target or list(self.costs.values())
         return sum(pool) / len(pool) if pool else 0.0
@@ -3095,6 +3348,143 @@ class Switcher:
                                  for (frm, to), secs in self.costs.items()},
         }
 
+    def detail(self) -> Dict[str, Any]:
+        """status(), and what the dashboard and /llmux/status add: each model's size, since
+        when (wall clock) it is in its state and its ETA; the phase of the switch in
+        progress; the measured costs of each hook."""
+        out = self.status()
+        now = self.clock()
+        wall = time.time()
+        for m in self.models.values():
+            eta = self.eta(m.name)
+            out["models"][m.name].update(size=m.cfg.size, since=round(wall - (now - m.state_since), 3),
+                                         eta_secs=None if eta is None else round(eta, 3))
+        if out["switching"] is not None:
+            out["switching"].update(self._phase_status(now, wall))
+        out["hook_cost_secs"] = {f"{model} {hook}": round(secs, 6)
+                                 for (model, hook), secs in self.hook_costs.items()}
+        return out
+
+    def _phase_status(self, now: float, wall: float) -> Dict[str, Any]:
+        """The switch in progress: its phase, on which model, since when (wall clock),
+        and the seconds it is expected to take yet (None: never measured)."""
+        p = self.phase
+        if p is None:
+            return {}
+        left = self._switch_left(now)
+        return {"phase": p["phase"], "phase_model": p["model"] or None,
+                "phase_since": round(wall - (now - p["since"]), 3),
+                "started": round(wall - (now - p["started"]), 3),
+                "eta_secs": None if left is None else round(left, 3)}
+
+    def _measured(self, model: str, hook: str) -> None:
+        """A wake or sleep of a switch has just exited 0: fold its time into hook_costs."""
+        assert self.phase is not None
+        secs = self.clock() - self.phase["since"]
+        old = self.hook_costs.get((model, hook))
+        self.hook_costs[(model, hook)] = secs if old is None else old + SWITCH_COST_EMA_ALPHA * (secs - old)
+
+    def _enter_phase(self, phase: str, model: str) -> None:
+        assert self.phase is not None
+        self.phase["phase"], self.phase["model"], self.phase["since"] = phase, model, self.clock()
+        self.events.publish("switch.phase", {"phase": phase, "model": model})
+
+    def _publish_depths(self) -> None:
+        depths = tuple(len(m.queue) for m in self.models.values())
+        if depths != self._depths:
+            self._depths = depths
+            self.events.publish("queue", {"queued": self.queued, "models": {
+                m.name: len(m.queue) for m in self.models.values()}})
+
+    # -- ETAs: predicted from the measured costs, and judged (llmux_eta_error_seconds) --
+
+    def known_cost(self, victims: List[str], target: str) -> Optional[float]:
+        """cost_estimate, or None while no switch at all has been measured."""
+        return self.cost_estimate(victims, target) if self.costs else None
+
+    def drain_estimate(self) -> float:
+        """What a drain is expected to take: the mean of the last few."""
+        return sum(self.drains) / len(self.drains) if self.drains else 0.0
+
+    def _switch_left(self, now: float) -> Optional[float]:
+        """Seconds the switch in progress is expected to take yet: the rest of its drain
+        (expected as the recent mean), then its measured cost less what has run of it.
+        0 when none runs, and when it takes longer than expected; None if never measured."""
+        p = self.phase
+        if p is None:
+            return 0.0
+        cost = p["cost"]
+        if cost is None:
+            return None
+        if p["drained"] is None:
+            victims = self.switching[0] if self.switching else []
+            busy = any(self.models[v].in_flight for v in victims if v in self.models)
+            drain = max(0.0, self.drain_estimate() - (now - p["started"])) if busy else 0.0
+            return drain + cost
+        return max(0.0, cost - (now - p["drained"]))
+
+    def eta(self, name: str, waiter: Optional[_Waiter] = None) -> Optional[float]:
+        """Seconds until ``name`` is expected to serve a request queued now (or ``waiter``):
+        the rest of the switch in progress, then one drain and measured switch for each
+        model whose waiting requests are older (fifo order), then its own.  0 if it
+        serves now; None if unknown: nothing measured yet, or it is up but at its
+        max_in_flight (that depends on how long the requests in flight generate)."""
+        m = self.models.get(name)
+        if m is None:
+            return None
+        if m.state is ModelState.ACTIVE:
+            return 0.0 if m.has_room() and (not m.queue or m.queue[0] is waiter) else None
+        now = self.clock()
+        if not self.costs:
+            return None
+        left = self._switch_left(now)
+        if left is None:
+            return None
+        if self.switching and self.switching[1] == name:
+            return left
+        if self.switching:
+            awake = [self.switching[1]] if self.switching[1] else []
+        else:
+            awake = [a.name for a in self.models.values() if a.state is ModelState.ACTIVE]
+        mine = m.oldest_wait() if waiter is None or not m.queue else waiter.enqueued_at
+        ahead = sorted((c for c in self.models.values()
+                        if c is not m and c.queue and c.state is ModelState.ASLEEP
+                        and c.name not in (self.switching or ([], ""))[0]
+                        and (mine is None or c.queue[0].enqueued_at < mine)),
+                       key=lambda c: c.queue[0].enqueued_at)
+        drain = self.drain_estimate()
+        t = left
+        if awake and self.policy_cfg.capacity is None:
+            # The model up now serves at least min_active_secs before it can be switched out.
+            since = [t0 for t0 in (self.models[a].active_since for a in awake if a in self.models)
+                     if t0 is not None]
+            if since:
+                t = max(t, max(since) + self.policy_cfg.min_active_secs - now)
+        for c in ahead:
+            t += drain + self.cost_estimate(awake if self.policy_cfg.capacity is None else [], c.name)
+            awake = [c.name]
+        busy = not self.switching and any(self.models[a].in_flight for a in awake if a in self.models)
+        t += (drain if busy or ahead else 0.0)
+        t += self.cost_estimate(awake if self.policy_cfg.capacity is None else [], name)
+        return max(t, m.backoff_until - now)
+
+    def wait_info(self, waiter: _Waiter) -> Dict[str, Any]:
+        """What a queued request waits for, for its loading status (Server._hold_stream):
+        its place in the queue (at most that many are ahead: some may have left), the
+        switch in progress and its phase, and the ETA.  O(models): no queue is scanned."""
+        m = waiter.model
+        now = self.clock()
+        ahead = waiter.seq - m.queue[0].seq if m.queue else 0
+        info: Dict[str, Any] = {"model": m.name, "state": m.state.value,
+                                "position": max(1, ahead + 1), "queued": len(m.queue),
+                                "waited_secs": now - waiter.enqueued_at,
+                                "eta_secs": self.eta(m.name, waiter)}
+        if self.switching and self.phase is not None:
+            info.update(switch=f"{','.join(self.switching[0])}->{self.switching[1]}",
+                        phase=self.phase["phase"], phase_model=self.phase["model"],
+                        phase_secs=now - self.phase["since"])
+        return info
+
     # -- requests --
 
     async def acquire(self, name: str) -> Slot:
@@ -3103,6 +3493,16 @@ class Switcher:
         Raises LLMuxError 503 when the queue is full, 504 after request_timeout_secs,
         HookError when the switch to ``name`` failed.
         """
+        ticket = self.enqueue(name)
+        if isinstance(ticket, Slot):
+            return ticket
+        slot = await self.wait(ticket)
+        assert slot is not None
+        return slot
+
+    def enqueue(self, name: str) -> Union[Slot, _Waiter]:
+        """A slot on ``name`` at once, or the request's place in its queue: then wait()
+        for it, or leave() it.  Raises as acquire() does when it cannot queue."""
         m = self.models.get(name)
         if m is None or m.retired:
             raise _model_removed(name)
@@ -3123,21 +3523,46 @@ class Switcher:
         waiter = _Waiter(m, self.loop.create_future(), self.clock())
         m.queue.append(waiter)
         self.queued += 1
-        self.log.info("request.queued", model=name, state=m.state.value, waiting=len(m.queue))
         timeout = self.policy_cfg.request_timeout_secs
-        handle = self.loop.call_later(timeout, self._expire, waiter) if timeout is not None else None
+        if timeout is not None:
+            waiter.handle = self.loop.call_later(timeout, self._expire, waiter)
         try:
             self._schedule()
+            waiter.eta = self.eta(name, waiter)  # after the pass: the switch it started counts
+        except BaseException:
+            self.leave(waiter)
+            raise
+        self.log.info("request.queued", model=name, state=m.state.value, waiting=len(m.queue),
+                      eta_secs=None if waiter.eta is None else round(waiter.eta, 3))
+        return waiter
+
+    async def wait(self, waiter: _Waiter, timeout: Optional[float] = None) -> Optional[Slot]:
+        """The slot ``waiter`` waits for; None if ``timeout`` seconds pass first (it stays
+        queued: wait again, or leave()).  Cancelled or failed, it leaves the queue."""
+        try:
+            if timeout is not None and not waiter.future.done():
+                done, _ = await asyncio.wait([waiter.future], timeout=timeout)
+                if not done:
+                    return None
             slot = await waiter.future
         except BaseException:
-            self._forget(waiter)  # cancelled (client gone), or it failed: off the queue
+            self.leave(waiter)  # cancelled (client gone), or it failed: off the queue
             raise
-        finally:
-            if handle is not None:
-                handle.cancel()
-        self.metrics.observe("llmux_request_queue_wait_seconds", name,
-                             value=self.clock() - waiter.enqueued_at)
+        if waiter.handle is not None:
+            waiter.handle.cancel()
+        name = waiter.model.name
+        self.metrics.observe("llmux_request_queue_wait_seconds", name, value=slot.waited)
+        self.metrics.observe("llmux_request_wait_seconds", name,
+                             (slot.waited_for or "switch").split(" ", 1)[0], value=slot.waited)
+        if slot.eta is not None and (slot.waited_for or "").startswith("switch"):
+            self.metrics.observe("llmux_eta_error_seconds", name, value=abs(slot.waited - slot.eta))
         return slot
+
+    def leave(self, waiter: _Waiter) -> None:
+        """The request behind ``waiter`` no longer waits (its client left, or its wait failed)."""
+        if waiter.handle is not None:
+            waiter.handle.cancel()
+        self._forget(waiter)
 
     def _new_slot(self, m: _Model, task: Optional["asyncio.Task[Any]"]) -> Slot:
         assert m.state is ModelState.ACTIVE and m.has_room()  # invariants 2 and 4
@@ -3191,6 +3616,8 @@ class Switcher:
         for m in self.models.values():
             if m.queue and m.state is ModelState.ACTIVE:
                 self._grant(m)  # invariant 4
+        if self.events.subscribers:
+            self._publish_depths()
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         if self._switch_task is not None or self.closed or self.held:
@@ -3222,16 +3649,30 @@ class Switcher:
         for v in victims:
             self._fire(v, ModelEvent.DRAIN, why)
         self.switching = ([v.name for v in victims], target.name if target is not None else "")
+        now = self.clock()
+        frm = ",".join(v.name for v in victims)
+        self.phase = {"phase": "draining" if victims else "starting", "model": frm,
+                      "started": now, "since": now,
+                      "drained": None,
+                      "cost": self.known_cost([v.name for v in victims], target.name) if target else 0.0}
         task = self.loop.create_task(self._run_switch(target, victims, forced, reason))
         self._switch_task = task
         return task
 
     def _grant(self, m: _Model) -> None:
+        now = self.clock()
         while m.queue and m.has_room():
             waiter = m.queue.popleft()
             self.queued -= 1
             if not waiter.future.done():
-                waiter.future.set_result(self._new_slot(m, waiter.task))
+                slot = self._new_slot(m, waiter.task)
+                slot.waited = now - waiter.enqueued_at
+                slot.eta = waiter.eta
+                if m.active_since is not None and m.active_since >= waiter.enqueued_at:
+                    slot.waited_for = f"switch {m.woken_by or '?'}"  # it was woken meanwhile
+                else:  # it was already up: a slot was released, or a drain was undone
+                    slot.waited_for = "drain" if m.undrained_at >= waiter.enqueued_at else "max_in_flight"
+                waiter.future.set_result(slot)
 
     def _set_timer(self, when: Optional[float]) -> None:
         if self._timer is not None:
@@ -3251,9 +3692,13 @@ class Switcher:
         self.log.info("model.state", model=m.name, from_=m.state.value, to=state.value,
                       after_secs=round(now - m.state_since, 3), reason=reason or None,
                       on=event.value)
+        self.timeline.append({"at": round(time.time(), 3), "model": m.name, "from": m.state.value,
+                              "to": state.value, "on": event.value, "reason": reason or None})
         m.state = state
         m.state_since = now
         m.transitions += 1
+        if event is ModelEvent.UNDRAIN:
+            m.undrained_at = now
         if state is ModelState.ACTIVE:
             if m.active_since is None:
                 m.active_since = now
@@ -3314,15 +3759,22 @@ class Switcher:
                     return result
                 drain_secs = self.clock() - started
                 self.drains.append(drain_secs)
+            if self.phase is not None:
+                self.phase["drained"] = self.clock()
             # Phase 2: sleep each victim.  A failure stops here (_restore undrains the rest).
             for v in victims:
+                self._enter_phase("sleeping", v.name)
                 self._fire(v, ModelEvent.SLEEP, reason)
                 await self.hooks.run(v.cfg, "sleep")
+                self._measured(v.name, "sleep")
                 self._fire(v, ModelEvent.SLEPT)
             # Phase 3: wake.
             if target is not None:
+                self._enter_phase("waking", to)
                 self._fire(target, ModelEvent.WAKE)
                 await self.hooks.run(target.cfg, "wake")
+                self._measured(to, "wake")
+                target.woken_by = f"{frm}->{to}"
                 self._fire(target, ModelEvent.WOKE)
                 secs = self.clock() - started - drain_secs
                 old = self.costs.get((frm, to))
@@ -3352,6 +3804,7 @@ class Switcher:
             self.metrics.observe("llmux_switch_drain_duration_seconds", frm, to, value=drain_secs)
             self._switch_task = None
             self.switching = None
+            self.phase = None
             if not self.closed:
                 try:
                     self._schedule()
@@ -3536,7 +3989,7 @@ class Switcher:
         Requests queued for a removed model are failed.  Returns what changed."""
         async with self._reconfiguring:
             if self.closed:  # shutting down: a switch it cut may have left a model SLEEPING
-                return {"added": [], "changed": [], "removed": []}
+                return {"added": [], "changed": [], "updated": [], "removed": []}
             now = self.clock()
             added = [n for n in config.models if n not in self.models or self.models[n].retired]
             for name in added:  # asleep: harmless, and requests for them can queue now
@@ -3550,8 +4003,15 @@ class Switcher:
                 await self.wait_idle()
                 old = {n: m.cfg for n, m in self.models.items()
                        if not m.retired and n not in added}
-                changed = [n for n in old if n in config.models and old[n] != config.models[n]]
+                changed = [n for n in old if n in config.models
+                           and _needs_restart(old[n], config.models[n])]
                 removed = [n for n in old if n not in config.models]
+                # A change that does not touch what runs (aliases, limits, progress...)
+                # applies at once, to a loaded model too: a reload does not stop it.
+                updated = [n for n in old if n in config.models and n not in changed
+                           and old[n] != config.models[n] and self.models[n].pending_cfg is None]
+                for name in updated:
+                    self.models[name].cfg = config.models[name]
                 for name in changed + removed:
                     m = self.models[name]
                     if m.state is ModelState.ACTIVE and not self.closed:
@@ -3599,7 +4059,7 @@ class Switcher:
             if self.policy.name != config.policy.name:
                 self.policy = POLICIES[config.policy.name]()
             self._schedule()
-            return {"added": added, "changed": changed, "removed": removed}
+            return {"added": added, "changed": changed, "updated": updated, "removed": removed}
 
 
 
@@ -3757,8 +4217,15 @@ _JSON_MODEL_TEXT = (rb'(?:m|\\u006[dD])(?:o|\\u006[fF])(?:d|\\u0064)(?:e|\\u0065
 # except "model" (key or value: Python looks at those).  The string alternative matches
 # exactly one string, so the repetition never backtracks; a window edge inside a
 # string stops the run at its opening quote.
-_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_TEXT + rb')[^"\\]*(?:\\[\s\S][^"\\]*)*")*')
+# The same for "stream" (at most 37 bytes): a top-level "stream": true asks for SSE, and a
+# request that has to wait for a switch then gets its loading status (stream_progress).
+_JSON_STREAM_TEXT = (rb'(?:s|\\u0073)(?:t|\\u0074)(?:r|\\u0072)(?:e|\\u0065)(?:a|\\u0061)'
+                     rb'(?:m|\\u006[dD])"')
+_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_TEXT + rb'|' + _JSON_STREAM_TEXT
+                       + rb')[^"\\]*(?:\\[\s\S][^"\\]*)*")*')
 _JSON_MODEL_TEXT_RE = re.compile(_JSON_MODEL_TEXT)
+_JSON_STREAM_TEXT_RE = re.compile(_JSON_STREAM_TEXT)
+_JSON_TRUE = re.compile(rb"true(?![A-Za-z0-9])")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*"')
 _JSON_STRING_BODY = re.compile(rb'[^"\\]*(?:\\[\s\S][^"\\]*)*')
 _JSON_KINDS = {**{c: "a number" for c in b"-0123456789"}, ord("{"): "an object",
@@ -3812,6 +4279,7 @@ class _ModelMember(NamedTuple):
     start: int
     end: int
     body: bytes
+    stream: bool = False  # the object also has a top-level "stream": true
 
 
 def _json_model_steps(body: bytes) -> Generator[None, None, Union[str, _NotString, None]]:
@@ -3851,6 +4319,7 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
     pos += 1
     depth = 1
     model: Optional[_ModelMember] = None
+    stream = False
     steps = 0
     stops = 0
     stops_allowed = MAX_JSON_MODEL_STRINGS + n // JSON_SCAN_WINDOW + 1
@@ -3875,7 +4344,7 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
         # window's edge cut.
         stops += 1
         if stops > stops_allowed:
-            raise ValueError(f"more than {MAX_JSON_MODEL_STRINGS} \"model\" strings; expected "
+            raise ValueError(f"more than {MAX_JSON_MODEL_STRINGS} \"model\" or \"stream\" strings; expected "
                              "a request body, not a list of them")
         end = yield from _json_string_end(body, pos)
         if depth <= 0:
@@ -3885,6 +4354,10 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
             if colon < n and body[colon] == 0x3A:  # a member of the top-level object
                 is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
                 value = _match_end(_JSON_WS_RUN, body, colon + 1, n)
+                if not is_model and end - pos <= 37 and _JSON_STREAM_TEXT_RE.match(body, pos + 1, end + 1):
+                    stream = _JSON_TRUE.match(body, value) is not None  # the last one wins
+                    pos = value
+                    continue
                 if value < n and body[value] == 0x22:
                     value_end = yield from _json_string_end(body, value)
                     if is_model:
@@ -3902,7 +4375,7 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
         pos = end + 1
     if depth != 0:
         raise ValueError("the top-level object is not closed")
-    return model
+    return model._replace(stream=True) if model is not None and stream else model
 
 
 def _json_model_name(body: bytes, start: int, end: int) -> Union[str, _NotString]:
@@ -4175,18 +4648,28 @@ class _Local(NamedTuple):
         return cls(status, json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
 
+class _Stream(NamedTuple):
+    """A route's answer that llmux streams itself until it ends: serve(head, writer,
+    proto, cors) writes it and returns the status to log."""
+
+    serve: Callable[[RequestHead, asyncio.StreamWriter, "_ClientProtocol", List[Tuple[str, str]]],
+                    Awaitable[int]]
+
+
 class _Forward(NamedTuple):
     """A route's answer to proxy: to which model, with which head and body."""
 
     model: ModelConfig
     head: RequestHead
     body: bytes
+    stream: bool = False  # its JSON body asks for SSE ("stream": true)
 
 
 class _Route(NamedTuple):
     methods: Optional[FrozenSet[str]]  # None: any method (the handler says which)
     pattern: "re.Pattern[str]"  # matched against the whole decoded path
-    handler: Callable[[RequestHead, bytes, "re.Match[str]", Any], Awaitable[Union[_Local, _Forward]]]
+    handler: Callable[[RequestHead, bytes, "re.Match[str]", Any],
+                      Awaitable[Union[_Local, _Forward, _Stream]]]
 
 
 class Server:
@@ -4200,9 +4683,11 @@ class Server:
         self.metrics = llmux_metrics()
         self.hooks = hooks or HookRunner(log, config.policy.hook_timeout_secs, cwd, self.metrics)
         self.pool = UpstreamPool(log)
+        self.events = EventBus(log, self.metrics)
+        log.listener = lambda level, event, fields: self.events.publish(event, fields, level)
         self.switcher = Switcher(config, self.hooks, policy or POLICIES[config.policy.name](),
                                  log, on_sleep=lambda cfg: self.pool.close_port(cfg.port),
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, events=self.events)
         self.started = int(time.time())
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._routes = self._route_table()
@@ -4504,6 +4989,7 @@ class Server:
         self.closing = True
         self._stop_listening()
         self.log.info("shutdown", grace_secs=self.config.policy.shutdown_grace_secs)
+        self.events.close("llmux is shutting down")  # event streams do not hold it up
         for proto, busy in list(self._busy.items()):
             if not busy and proto._llmux_task is not None:
                 proto._llmux_task.cancel()  # idle keep-alive connections go now
@@ -4519,6 +5005,7 @@ class Server:
         """Stop accepting, fail the queue, cut what is left, kill running hooks."""
         self.closing = True
         self._stop_listening()
+        self.events.close("llmux is shutting down")
         for task in self._accepting:
             task.cancel()
         for task in self._background:
@@ -4692,6 +5179,7 @@ class Server:
         started = time.monotonic()
         model: Optional[ModelConfig] = None
         slot: Optional[Slot] = None
+        held: Optional[bool] = None  # a held stream's head was sent (chunked if True)
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
         bad_path: Optional[HTTPError] = None
@@ -4708,13 +5196,19 @@ class Server:
                 status = 204
                 await self._send(writer, proto, preflight_response(head, self.config.cors_origins))
                 return head.keep_alive
-            # Only GET and HEAD of /health, answered here, go without a key.
-            public = bad_path is None and path == "/health" and head.method in ("GET", "HEAD")
+            # Only GET and HEAD of /health and of the dashboard's page (no data in it: what
+            # it shows it fetches with the key it asks for) go without a key.
+            public = bad_path is None and head.method in ("GET", "HEAD") and (
+                path in ("/health", "/llmux/ui", "/llmux/ui/") or _wants_dashboard(head, path))
             if self._keys and not public:
                 self._authorize(head)
             if bad_path is not None:
                 raise bad_path
             answer = await self._route(head, body, path, writer.get_extra_info("peername"))
+            if isinstance(answer, _Stream):
+                status = 200
+                status = await answer.serve(head, writer, proto, cors)
+                return False
             if isinstance(answer, _Local):
                 status = answer.status
                 await self._send(writer, proto, local_response(
@@ -4727,14 +5221,30 @@ class Server:
                 self.log.debug("request.head", method=head.method, target=head.target,
                                version=head.version, model=model.name, body_bytes=len(body),
                                headers=[k for k, _ in head.headers])  # names only: no secrets
-            slot = await self.switcher.acquire(model.name)
+            if self.events.subscribers:
+                self.events.publish("request.start", {"model": model.name, "method": head.method,
+                                                      "path": raw_path})
+            ticket = self.switcher.enqueue(model.name)
+            if isinstance(ticket, Slot):
+                slot = ticket
+            else:
+                progress = model.stream_progress or self.config.policy.stream_progress
+                if answer.stream and progress != "off" and head.method == "POST":
+                    held = head.version != "HTTP/1.0"  # chunked; else read until close
+                    slot = await self._hold_stream(ticket, head, path, writer, proto, cors,
+                                                   progress, held)
+                else:
+                    slot = await self.switcher.wait(ticket)
+                assert slot is not None
             try:  # the switcher's config: a reload may have left the old one running
                 result = await relay(self.pool, model.name, slot.model.cfg.port, answer.head,
                                      answer.body, writer, self.config.policy.upstream_timeout_secs,
-                                     proto, cors)
+                                     proto, cors, held)
             finally:
                 slot.release()
             status = result.status
+            if result.error is not None:
+                raise result.error
             return result.keep_alive
         except LLMuxError as e:
             status = e.status
@@ -4743,6 +5253,10 @@ class Server:
                                  status=e.status, reason=e.message)
             if model is not None and e.code == "upstream_unavailable":
                 self._backend_failed(model.name)  # refused or reset: is it down?
+            if held is not None:  # its 200 head is out: the error ends the stream instead
+                event = error_event(e)
+                await self._send(writer, proto, encode_chunk(event) + b"0\r\n\r\n" if held else event)
+                return held and head.keep_alive
             await self._send(writer, proto, error_response(e, head.keep_alive, cors))
             return head.keep_alive
         except _Cut as e:
@@ -4777,11 +5291,74 @@ class Server:
             return False  # the connection may be out of step: close it
         finally:
             secs = time.monotonic() - started
+            waited = slot is not None and slot.waited_for is not None
             self.log.info("request", method=head.method, path=raw_path,
-                          model=model.name if model else None, status=status, secs=round(secs, 4))
+                          model=model.name if model else None, status=status, secs=round(secs, 4),
+                          waited_secs=round(slot.waited, 3) if waited and slot else None,
+                          waited_for=slot.waited_for if slot else None,
+                          eta_secs=round(slot.eta, 3) if slot and slot.eta is not None else None,
+                          held=True if held is not None else None)
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
                 self.metrics.observe("llmux_request_duration_seconds", model.name, value=secs)
+
+    async def _hold_stream(self, waiter: _Waiter, head: RequestHead, path: str,
+                           writer: asyncio.StreamWriter, proto: _ClientProtocol,
+                           cors: List[Tuple[str, str]], progress: str, chunked: bool) -> Slot:
+        """A streaming request that has to wait for its model: its 200 event-stream head
+        at once, then a loading-status SSE comment every progress_interval_secs until
+        its slot comes (with stream_progress "reasoning", on chat completions, also a
+        reasoning_content delta a chat UI shows).  Client timeouts see bytes, so a long
+        wake does not fail them.  Raises what the wait raises (the caller ends the stream
+        with an error event); the waiter leaves the queue whatever happens."""
+        sw = self.switcher
+        name = waiter.model.name
+        visible = progress == "reasoning" and path.endswith("/chat/completions")
+        self.metrics.inc("llmux_stream_progress_total", name)
+
+        def frame(data: bytes) -> bytes:
+            return encode_chunk(data) if chunked else data
+
+        try:
+            await self._send(writer, proto, sse_head(chunked, head.keep_alive, cors)
+                             + frame(self._progress(sw.wait_info(waiter), visible, True)))
+            while True:
+                slot = await sw.wait(waiter, self.config.policy.progress_interval_secs)
+                if slot is not None:
+                    break
+                await self._send(writer, proto, frame(self._progress(sw.wait_info(waiter), visible)))
+        except BaseException:
+            sw.leave(waiter)
+            raise
+        if visible:
+            await self._send(writer, proto, frame(_reasoning_delta(
+                name, f"Model '{name}' is ready (waited {slot.waited:.1f}s).\n\n")))
+        return slot
+
+    @staticmethod
+    def _progress(info: Dict[str, Any], visible: bool, first: bool = False) -> bytes:
+        """One loading status: an SSE comment, and with ``visible`` a reasoning delta."""
+        name = info["model"]
+        eta = info["eta_secs"]
+        if eta is None:
+            until = "eta unknown " + ("(no switch measured yet)" if info["state"] != "active"
+                                      else "(it waits for one of the max_in_flight slots)")
+        elif eta <= 0:
+            until = "eta any moment (later than measured)"
+        else:
+            until = f"eta {eta:.0f}s"
+        doing = ""
+        if "phase" in info:
+            doing = f"; switch {info['switch']}: {info['phase']} {info['phase_model'] or ''}".rstrip() \
+                    + f" for {info['phase_secs']:.1f}s"
+        text = (f"llmux: waiting {info['waited_secs']:.1f}s for model '{name}' ({info['state']}), "
+                f"{info['position']} of {info['queued']} in its queue{doing}; {until}")
+        out = b": " + text.encode("utf-8") + b"\n\n"
+        if visible:
+            line = (f"Loading model '{name}'" if first else "Still loading") + \
+                   (f", about {eta:.0f}s left" if eta else "") + "...\n"
+            out += _reasoning_delta(name, line)
+        return out
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, proto: _ClientProtocol, data: bytes) -> None:
@@ -4802,18 +5379,22 @@ class Server:
             _Route(read, re.compile(r"/health"), self._route_health),
             _Route(read, re.compile(r"/(?:v1/)?models"), self._route_models),
             _Route(read, re.compile(r"/v1/models/(.+)", re.DOTALL), self._route_model_card),
+            _Route(read, re.compile(r"/llmux/events"), self._route_events),
+            _Route(read, re.compile(r"/llmux/ui/?"), self._route_ui),
             _Route(None, re.compile(r"/llmux(?:/.*)?", re.DOTALL), self._route_control),
             _Route(None, re.compile(r"/upstream/.+", re.DOTALL), self._route_upstream),
         ]
 
     async def _route(self, head: RequestHead, body: bytes, path: str,
-                     peer: Any) -> Union["_Local", "_Forward"]:
+                     peer: Any) -> Union["_Local", "_Forward", "_Stream"]:
         for route in self._routes:
             if route.methods is not None and head.method not in route.methods:
                 continue
             match = route.pattern.fullmatch(path)
             if match is not None:
                 return await route.handler(head, body, match, peer)
+        if _wants_dashboard(head, path):
+            return _Local(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
         self._check_not_blocked(path)
         return await self._route_model(head, body)
 
@@ -4844,6 +5425,49 @@ class Server:
         if m is None:
             raise self._unknown_model(match.group(1))
         return _Local.json(200, self._model_card(m))
+
+    async def _route_events(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                            peer: Any) -> "_Stream":
+        self._check_control_peer(peer)
+        if len(self.events) >= EVENTS_MAX_SUBSCRIBERS:
+            raise LLMuxError(f"too many /llmux/events streams open; expected at most "
+                             f"{EVENTS_MAX_SUBSCRIBERS}; retry later", status=503,
+                             code="too_many_subscribers", headers=[("retry-after", "5")])
+        return _Stream(self._serve_events)
+
+    async def _serve_events(self, head: RequestHead, writer: asyncio.StreamWriter,
+                            proto: _ClientProtocol, cors: List[Tuple[str, str]]) -> int:
+        """GET /llmux/events: a snapshot (``"event": "snapshot"``: what /llmux/status
+        says, plus the timeline of state changes), then every event as it happens, a
+        ping comment every EVENTS_PING_SECS, until the client leaves, it is dropped for
+        reading too slowly, or llmux shuts down (``events.end``)."""
+        chunked = head.version != "HTTP/1.0"
+        if head.method == "HEAD":
+            await self._send(writer, proto, sse_head(chunked, False, cors))
+            return 200
+        proto.responding = True
+        writer.write(sse_head(chunked, False, cors))
+        # Subscribed in the same step as the snapshot is written: no event falls between.
+        sub = self.events.subscribe(writer.transport, chunked)
+        try:
+            self.events.send({"seq": self.events.seq, "ts": round(time.time(), 3),
+                              "event": "snapshot", **self.status(),
+                              "timeline": list(self.switcher.timeline)}, only=sub)
+            while not sub.done.done():
+                done, _ = await asyncio.wait([sub.done], timeout=EVENTS_PING_SECS)
+                if not done:
+                    self.events.ping(sub)
+            if not sub.dropped and not writer.transport.is_closing():
+                writer.write(b"0\r\n\r\n" if chunked else b"")
+            elif sub.dropped:
+                self.log.warning("events.dropped", peer=_peer(writer), reason=sub.done.result())
+        finally:
+            self.events.end(sub, "gone")
+        return 200
+
+    async def _route_ui(self, head: RequestHead, body: bytes, match: "re.Match[str]",
+                        peer: Any) -> "_Local":
+        return _Local(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
 
     async def _route_control(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                              peer: Any) -> "_Local":
@@ -4927,7 +5551,7 @@ class Server:
             raise self._unknown_model(name)
         if found is not None and model.upstream_model is not None and name != model.upstream_model:
             body = _replace_model(found, model.upstream_model, multipart)
-        return _Forward(model, head, body)
+        return _Forward(model, head, body, found is not None and found.stream)
 
     async def _model_for(self, head: RequestHead, body: bytes) -> ModelConfig:
         """The configured model a proxied request names."""
@@ -5004,9 +5628,13 @@ class Server:
 
     def _model_card(self, m: ModelConfig) -> Dict[str, Any]:
         state = self.switcher.models[m.name].state
+        eta = self.switcher.eta(m.name)
         return {"id": m.name, "object": "model", "created": self.started, "owned_by": "llmux",
                 "aliases": list(m.aliases), "loaded": state is ModelState.ACTIVE,
-                "state": state.value}
+                "state": state.value,
+                # llama.cpp's router mode and llama-swap clients read status.value.
+                "status": {"value": _STATUS_VALUE[state],
+                           "eta_secs": None if eta is None else round(eta, 3)}}
 
     def _scrape(self) -> str:
         """Refresh the gauges read from the switcher, then render every metric."""
@@ -5028,7 +5656,7 @@ class Server:
             hooks.setdefault(model, {})[hook] = {
                 "ok": r.ok, "exit_code": r.exit_code, "secs": round(r.duration, 6),
                 "error": None if r.ok else r.describe()}
-        return {**self.switcher.status(), "version": __version__,
+        return {**self.switcher.detail(), "version": __version__,
                 "policy": self.config.policy.name,
                 "switches": list(self.switcher.history), "hooks": hooks}
 
@@ -5080,6 +5708,28 @@ class Server:
             name = name[:MAX_ECHOED_NAME] + f"... ({len(name)} characters)"
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
+
+
+def _wants_dashboard(head: RequestHead, path: str) -> bool:
+    """GET / from a browser (it asks for HTML): the dashboard, not a proxied request."""
+    return path == "/" and head.method in ("GET", "HEAD") and \
+        "text/html" in (head.get("accept") or "").lower()
+
+
+# A model's state as llama.cpp's router mode says it in /models (status.value).
+_STATUS_VALUE = {ModelState.ASLEEP: "unloaded", ModelState.WAKING: "loading",
+                 ModelState.ACTIVE: "loaded", ModelState.DRAINING: "loaded",
+                 ModelState.SLEEPING: "unloading"}
+
+
+def _reasoning_delta(model: str, text: str) -> bytes:
+    """A chat.completion.chunk whose delta is ``text`` as reasoning_content (what chat
+    UIs such as Open WebUI show as the model's thinking), as an SSE event."""
+    chunk = {"id": "llmux-loading", "object": "chat.completion.chunk", "created": int(time.time()),
+             "model": model, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                "reasoning_content": text},
+                                          "finish_reason": None}]}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _internal_error_response() -> bytes:
@@ -5195,6 +5845,16 @@ def _request_timeout(part: str) -> HTTPError:
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+# ─────────────────────────────────────── dashboard ──────────────────────────────────────
+# GET /llmux/ui (and / from a browser): one page, no external assets, live through
+# /llmux/events.  Its data needs the API key when keys are set; it asks for it.
+
+DASHBOARD_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>llmux</title></head>
+<body><h1>llmux</h1><div id="models"></div></body></html>
+"""
 
 
 # ─────────────────────────────────────── simulator ──────────────────────────────────────

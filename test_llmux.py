@@ -554,6 +554,15 @@ def sse_stream(port: int, body: Dict[str, Any]) -> Tuple[http.client.HTTPConnect
     return conn, conn.getresponse()
 
 
+def data_line(resp: http.client.HTTPResponse) -> bytes:
+    """The next SSE data line, past llmux's loading-status comments (a stream that waited
+    for its model gets them first) and blank lines: what an SSE client sees."""
+    while True:
+        line = resp.readline()
+        if not line or line.startswith(b"data:"):
+            return line
+
+
 def hang_up(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
     """Close a client connection for real (the response object holds the socket too)."""
     conn.sock.shutdown(socket.SHUT_RDWR)
@@ -696,7 +705,7 @@ def test_defaults() -> None:
                             "allow_remote_control, blocked_paths, preload, cors_origins"]),
     ({"models": {"a": {"port": 8001, "wakeup": "x"}}},
      ["models.a.wakeup: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, "
-      "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight"]),
+      "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight, stream_progress"]),
     ({"models": {"a": {"wake": "x"}}}, ["models.a.port: missing; expected a port number from 1 to 65535"]),
     ({"models": {"a": {"port": 8001, "max_in_flight": 0, "upstream_model": ""}}},
      ["models.a.upstream_model: expected a non-empty string or null; got \"\" (a string)",
@@ -726,10 +735,16 @@ def test_defaults() -> None:
     ({**GOOD, "policy": {"name": "lifo"}}, ['policy.name: expected one of cost, fifo; got "lifo" (a string)']),
     ({**GOOD, "policy": {"max_queue": 1.5}}, ["policy.max_queue: expected a whole number > 0; got 1.5 (a number)"]),
     ({**GOOD, "policy": {"speed": 1}}, ["policy.speed: unknown key; expected one of name, drain_before_switch, max_queue, "
-                                        "sleep_on_exit, request_timeout_secs, min_active_secs, hook_timeout_secs, "
-                                        "drain_timeout_secs, upstream_timeout_secs, wake_backoff_secs, "
-                                        "alive_interval_secs, idle_sleep_secs, shutdown_grace_secs, capacity, "
-                                        "max_wait_secs, cost_factor"]),
+                                        "sleep_on_exit, stream_progress, request_timeout_secs, min_active_secs, "
+                                        "hook_timeout_secs, drain_timeout_secs, upstream_timeout_secs, "
+                                        "wake_backoff_secs, alive_interval_secs, idle_sleep_secs, "
+                                        "shutdown_grace_secs, capacity, max_wait_secs, cost_factor, "
+                                        "progress_interval_secs"]),
+    ({**GOOD, "policy": {"stream_progress": "loud", "progress_interval_secs": 0}},
+     ['policy.stream_progress: expected one of "comments", "reasoning", "off"; got "loud" (a string)',
+      "policy.progress_interval_secs: expected a number > 0; got 0 (a number)"]),
+    ({"models": {"a": {"port": 8001, "stream_progress": True}}},
+     ['models.a.stream_progress: expected one of "comments", "reasoning", "off" or null; got true (a boolean)']),
     ({"models": {"a": {"port": 8001, "size": 3}}, "policy": {"capacity": 2}},
      ["models.a.size: 3 is more than policy.capacity 2; expected a size that fits"]),
     ({**GOOD, "preload": "zz"}, ['preload: expected null or the name of a model in \'models\'; got "zz" (a string)']),
@@ -787,7 +802,7 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert p.stderr.splitlines() == [
         "llmux: config error: models.b: x: unknown key; expected one of port, wake, sleep, alive, aliases, idle_sleep_secs, size, "
-        "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight"
+        "cmd, ready_path, stop_grace_secs, upstream_model, max_in_flight, stream_progress"
         .replace("models.b: x", "models.b.x"),
         "llmux: config error: models.b.port: 8001 is already used by model 'a'; expected a port of its own"]
 
@@ -1392,7 +1407,7 @@ def test_managed_server_killed_while_active_is_noticed_at_once_and_rewoken(env: 
     gate = env.gate("a")
     lx = env.start({"a": env.managed("a")}, policy={"alive_interval_secs": 0})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 3, "hold": str(gate)})
-    assert b"data:" in resp.readline()
+    assert b"data:" in data_line(resp)
     [pid] = server_pids(lx, "a")
     os.kill(pid, signal.SIGKILL)
     lx.wait_log(r"error server\.exit model=a pid=%d code=-9" % pid)
@@ -2319,7 +2334,7 @@ def test_reload_after_shutdown_cut_a_wake_does_nothing() -> None:
             await waiting
         assert sw.models["a"].state is llmux.ModelState.SLEEPING
         changed = llmux.parse_config({"models": {"a": {"port": 1, "wake": "other"}}})
-        assert await sw.reconfigure(changed) == {"added": [], "changed": [], "removed": []}
+        assert await sw.reconfigure(changed) == {"added": [], "changed": [], "updated": [], "removed": []}
 
     run_checked(go(), loop)
 
@@ -2374,7 +2389,7 @@ def test_drain_waits_for_a_long_stream_then_switches(env: Env) -> None:
     gate = env.gate("a")
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(gate)})
     assert resp.status == 200
-    assert json.loads(resp.readline()[len(b"data: "):])["i"] == 0  # the stream is in flight
+    assert json.loads(data_line(resp)[len(b"data: "):])["i"] == 0  # the stream is in flight
     t, box = run_bg(lx.chat, "b")
     lx.wait_log(r"model\.state model=a from=active to=draining")
     # Strict drain: a new request for a queues instead of joining the draining model.
@@ -2412,7 +2427,7 @@ def test_waiting_requests_are_served_before_the_next_switch(env: Env) -> None:
 def test_client_disconnect_releases_the_slot(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
-    resp.readline()
+    data_line(resp)
     assert lx.health()["models"]["a"]["in_flight"] == 1
     hang_up(conn, resp)  # the client goes away mid-stream
     lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=499")
@@ -2614,7 +2629,7 @@ def test_queue_full_gives_503_with_retry_after(env: Env) -> None:
 def test_max_in_flight_queues_beyond_the_limit_in_arrival_order(env: Env) -> None:
     lx = env.start({"a": env.model("a", max_in_flight=1)})
     conn1, resp1 = sse_stream(lx.port, {"model": "a", "stream": True, "n": 2, "hold": str(env.gate("a"))})
-    assert json.loads(resp1.readline()[6:]) == {"backend": "a", "i": 0}  # holds the one slot
+    assert json.loads(data_line(resp1)[6:]) == {"backend": "a", "i": 0}  # holds the one slot
     results: Dict[int, Any] = {}
 
     def chat(i: int) -> None:
@@ -2698,7 +2713,7 @@ def test_sse_events_reach_the_client_before_the_stream_ends(env: Env) -> None:
     assert resp.getheader("content-type") == "text/event-stream"
     assert resp.getheader("transfer-encoding") == "chunked"
     # The backend is blocked on the gate after its first event: that event is here anyway.
-    assert json.loads(resp.readline()[6:]) == {"backend": "a", "i": 0}
+    assert json.loads(data_line(resp)[6:]) == {"backend": "a", "i": 0}
     assert "stream-end a" not in env.lines()
     env.gate("a").touch()
     assert resp.read() == (b'\ndata: {"backend": "a", "i": 1}\n\n'
@@ -2908,6 +2923,7 @@ def test_expect_100_continue(env: Env) -> None:
 
 def test_http10_client_streaming_reads_until_close(env: Env) -> None:
     lx = env.start({"a": env.model("a")})
+    assert lx.chat("a")[0] == 200  # awake: the stream is the backend's alone
     body = b'{"model": "a", "stream": true, "n": 2}'
     reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(body), body))
@@ -3206,7 +3222,7 @@ def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path)
         assert payload["choices"][0]["message"]["content"] == "Hello from llama! You said: hi"
         conn, resp = sse_stream(lx.port, {"model": "qwen", "stream": True,
                                           "messages": [{"role": "user", "content": "yo"}]})
-        events = [line for line in resp.read().split(b"\n\n") if line]
+        events = [line for line in resp.read().split(b"\n\n") if line.startswith(b"data:")]
         conn.close()
         assert events[-1] == b"data: [DONE]"
         text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
@@ -4244,7 +4260,7 @@ def test_a_body_of_model_strings_is_refused_after_a_bounded_number() -> None:
     """Regression (attack): the scanner stopped in Python at every "model" string at any
     depth: a 16 MB body of them cost 15 s of loop time."""
     body = b"{" + b'"model":"a",' * 5000 + b'"x":1}'
-    with pytest.raises(ValueError, match='more than 1024 "model" strings'):
+    with pytest.raises(ValueError, match='more than 1024 "model" or "stream" strings'):
         llmux._json_model(body)
     assert llmux._json_model(b'{"a":[' + b'{"model":"x"},' * 1000 + b'1],"model":"b"}') == "b"
 
@@ -5248,7 +5264,7 @@ def test_control_and_status_answer_this_host_without_keys(env: Env) -> None:
 def test_control_sleep_drains_first_and_409_while_switching(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
-    resp.readline()
+    data_line(resp)
     t, box = run_bg(lx.request, "POST", "/llmux/models/a/sleep")
     lx.wait_log(r"model\.state model=a from=active to=draining .*control API")
     status, _, payload = lx.request("POST", "/llmux/models/b/wake")

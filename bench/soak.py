@@ -109,6 +109,10 @@ async def one_request(port: int, rng: random.Random, conn: Dict[str, Any]) -> st
         writer.close()
         conn["writer"] = None
     if status == 200:
+        if stream and text.endswith(b"\n\n") and text.rsplit(b"\n\n", 2)[-2].startswith(b'data: {"error"'):
+            # A held stream whose wait failed: its error ends it as an SSE event.
+            error = json.loads(text.rsplit(b"\n\n", 2)[-2][6:])["error"]
+            return f"error (in stream) {error.get('code')}" if error.get("message") else "BROKEN: 200 error"
         complete = text.endswith(b"data: [DONE]\n\n") if stream else b'"choices"' in text
         return "ok" if complete else "BROKEN: incomplete 200"
     error = json.loads(text).get("error", {})
