@@ -16,10 +16,12 @@ import faulthandler
 import http.client
 import http.server
 import json
+import math
 import os
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import socketserver
@@ -1969,6 +1971,16 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
                 assert slot.model.name in hooks.loaded or slot.model.name in hooks.uncertain \
                     or slot._released, \
                     f"inv 2: slot on unloaded {slot.model.name}"
+            # What clients and the dashboard are told is always computable and sane
+            # (checked every few steps: it is the costliest check).
+            for m in models.values() if loop.steps % 5 == 0 else ():
+                eta = sw.eta(m.name)
+                assert eta is None or 0 <= eta < math.inf, f"eta of {m.name}: {eta}"
+                if m.queue:
+                    info = sw.wait_info(m.queue[-1])
+                    assert 1 <= info["position"] and info["queued"] == len(m.queue), info
+            if loop.steps % 50 == 0:
+                json.dumps(sw.detail())
 
         loop.check = check
 
@@ -1988,6 +2000,9 @@ def explore(seed: int, verbose: bool = False) -> Dict[str, int]:
             waited = loop.time() - asked
             assert timeout is None or waited <= timeout + 1e-6, \
                 f"inv 6: request {i} served after {waited:.3f}s > {timeout}s"
+            assert abs(slot.waited - waited) < 1e-6, f"request {i} waited {waited}, slot says {slot.waited}"
+            assert (slot.waited_for is None) == (waited == 0 and slot.eta is None) or waited == 0, \
+                f"request {i}: waited {waited}s, waited_for {slot.waited_for}"
             assert slot.model.name in hooks.loaded or slot.model.name in hooks.uncertain, \
                 f"inv 2: {name} granted while not loaded"
             holders[i] = slot
@@ -5539,6 +5554,486 @@ def test_json_log_format_is_one_object_per_line(env: Env) -> None:
     assert switch["to"] == "a" and switch["result"] == "ok" and isinstance(switch["secs"], float)
     hook = next(e for e in events if e["event"] == "hook.exit")
     assert hook == {**hook, "model": "a", "hook": "wake", "code": 0}
+
+
+# ─────────────────────────── visibility: loading status, events, ETA ────────────────────
+# A streaming request that waits for a switch is held: 200 and SSE comments at once, the
+# backend's stream after, an SSE error event if the wait fails.  /llmux/events streams a
+# snapshot and then every event.  ETAs come from measured costs and are judged.
+
+
+def test_stream_flag_is_found_at_the_top_level_only() -> None:
+    cases = [
+        (b'{"model": "a", "stream": true}', True),
+        (b'{"stream":true,"model":"a"}', True),
+        (b'{"model": "a", "stream": false}', False),
+        (b'{"model": "a", "stream": "true"}', False),
+        (b'{"model": "a", "stream": truex}', False),
+        (b'{"model": "a", "x": {"stream": true}}', False),
+        (b'{"model": "a", "\\u0073tre\\u0061m" : true }', True),
+        (b'{"model": "a", "stream": true, "stream": false}', False),  # the last one wins
+        (b'{"model": "a", "streams": true}', False),
+        (b'{"model": "a", "text": "stream", "stream": 1}', False),
+        (b'{"model": "a", "messages": [{"content": "\\"stream\\": true"}]}', False),
+    ]
+    for body, stream in cases:
+        steps = llmux._json_model_scan(body)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                found = done.value
+                break
+        assert found is not None and found.value == "a" and found.stream is stream, body
+
+
+def test_eta_is_exact_once_each_hook_was_measured() -> None:
+    """With hooks that take fixed (virtual) times, the ETA a request is given when it
+    queues is its wait to the microsecond once each model's wake and sleep were measured,
+    also behind another model's switch; before any measurement there is none."""
+    cfg = llmux.parse_config({"models": {n: {"port": i + 1} for i, n in enumerate("abc")}})
+    loop = CheckedLoop()
+    hooks = llmux.SimHooks({"a": 2.0, "b": 3.0, "c": 4.0}, {"*": 1.0})
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, hooks, llmux.FifoPolicy(), llmux.Log(ListStream()))  # type: ignore[arg-type]
+
+        async def use(name: str) -> llmux.Slot:
+            slot = await sw.acquire(name)
+            slot.release()
+            return slot
+        first = await use("a")
+        assert first.eta is None and first.waited == 2.0 and first.waited_for == "switch ->a"
+        assert sw.eta("a") == 0.0
+        for name in "bca":  # measures every wake and sleep
+            await use(name)
+        assert sw.hook_costs == {("a", "wake"): 2.0, ("b", "wake"): 3.0, ("c", "wake"): 4.0,
+                                 ("a", "sleep"): 1.0, ("b", "sleep"): 1.0, ("c", "sleep"): 1.0}
+        # a is active: c queues first (a's sleep + c's wake), then b behind it (+ c's sleep
+        # + b's wake); neither pair was measured as such.
+        c = loop.create_task(use("c"))
+        await asyncio.sleep(0)
+        b = loop.create_task(use("b"))
+        await asyncio.sleep(0)
+        assert [w.eta for w in sw.models["c"].queue] == [5.0]
+        assert [w.eta for w in sw.models["b"].queue] == [9.0]
+        info = sw.wait_info(sw.models["b"].queue[0])
+        assert info == {**info, "model": "b", "state": "asleep", "position": 1, "queued": 1,
+                        "eta_secs": 9.0, "switch": "a->c", "phase": "sleeping", "phase_model": "a"}
+        slot_c, slot_b = await c, await b
+        assert (slot_c.waited, slot_c.eta, slot_c.waited_for) == (5.0, 5.0, "switch a->c")
+        assert (slot_b.waited, slot_b.eta, slot_b.waited_for) == (9.0, 9.0, "switch c->b")
+        # b's first wait was predicted from a's wake alone (2 s for 1 + 3): 2 s off; the
+        # second one was exact.
+        errors = sw.metrics.render()
+        assert 'llmux_eta_error_seconds_sum{model="b"} 2\nllmux_eta_error_seconds_count{model="b"} 2' in errors
+        assert 'llmux_request_wait_seconds_count{model="b",reason="switch"} 2' in errors
+
+    run_checked(go(), loop)
+
+
+def test_eta_counts_min_active_backoff_and_is_unknown_at_max_in_flight() -> None:
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 1}, "b": {"port": 2}},
+                              "policy": {"min_active_secs": 30, "wake_backoff_secs": 0}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 2.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        held = await sw.acquire("a")  # woken at t=2: held by min_active_secs until t=32
+        assert sw.eta("a") is None  # at its max_in_flight: it depends on the generation
+        # min_active_secs holds a 30 s more; then the switch: a's sleep was never measured,
+        # so the cost is the mean of the switches measured (the wake of a, 2 s).
+        assert sw.eta("b") == 32.0
+        held.release()
+
+    run_checked(go(), loop)
+
+
+def sse_events(data: bytes) -> List[Tuple[str, str]]:
+    """An SSE body as (kind, text) in order: ("comment", text) for ': ...' lines and
+    ("data", text) for each event's data, as an SSE client splits them."""
+    out: List[Tuple[str, str]] = []
+    for line in data.decode("utf-8").split("\n"):
+        if line.startswith(":"):
+            out.append(("comment", line[1:].strip()))
+        elif line.startswith("data:"):
+            out.append(("data", line[5:].strip()))
+    return out
+
+
+def openai_decode(data: bytes) -> List[Any]:
+    """What the openai client does with a stream: skip comments, stop at [DONE], raise on
+    a data object with "error" (openai/_streaming.py), else yield the chunks."""
+    chunks = []
+    for kind, text in sse_events(data):
+        if kind != "data":
+            continue
+        if text.startswith("[DONE]"):
+            break
+        obj = json.loads(text)
+        if isinstance(obj, dict) and obj.get("error"):
+            raise RuntimeError(obj["error"]["message"])
+        chunks.append(obj)
+    return chunks
+
+
+def gated(env: Env, name: str) -> str:
+    return f"while [ ! -e {env.gate(name)} ]; do sleep 0.01; done"
+
+
+def test_a_held_stream_outlives_client_read_timeouts(env: Env) -> None:
+    """A wake lasting twice the clients' read timeout: a stdlib client with a socket read
+    timeout and curl with a low-speed limit both get the answer, because the head and
+    then a loading-status comment every progress_interval_secs keep bytes coming.  A
+    model with stream_progress "off" makes the same client time out: the test can fail."""
+    read_timeout = 1.5
+    lx = env.start({"a": env.model("a"), "b": env.model("b", wake_extra=gated(env, "b")),
+                    "c": env.model("c", wake_extra=gated(env, "b"), stream_progress="off")},
+                   policy={"progress_interval_secs": 0.1})
+    assert lx.chat("a")[0] == 200
+    body = json.dumps({"model": "b", "stream": True, "n": 2})
+    curl = None
+    if shutil.which("curl"):
+        curl = spawn(["curl", "-sS", "-N", "--speed-time", str(int(read_timeout)), "--speed-limit", "1",
+                      "-H", "content-type: application/json", "-d", body,
+                      f"http://127.0.0.1:{lx.port}/v1/chat/completions"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    conn = http.client.HTTPConnection("127.0.0.1", lx.port, timeout=read_timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()  # at once: the head does not wait for the wake
+        assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+        lx.wait_log(r"request\.queued model=b", count=2 if curl else 1)
+        held_since = time.monotonic()
+        comments = 0
+        while time.monotonic() - held_since < 2 * read_timeout:  # the wake outlasts the timeout
+            line = resp.readline()
+            assert line == b"\n" or line.startswith(b": llmux: waiting"), line
+            comments += line.startswith(b":")
+        env.gate("b").touch()
+        rest = resp.read()
+    finally:
+        conn.close()
+    assert comments >= 2 * read_timeout / 0.1 / 2  # about one per interval, not a trickle
+    assert [t for k, t in sse_events(rest) if k == "data"] == [
+        '{"backend": "b", "i": 0}', '{"backend": "b", "i": 1}', "[DONE]"]
+    if curl is not None:
+        out, err = curl.communicate(timeout=T)
+        assert curl.returncode == 0, err
+        assert b": llmux: waiting" in out and out.endswith(b"data: [DONE]\n\n")
+    lx.wait_log(r'request method=POST path=/v1/chat/completions model=b status=200 .*'
+                r'waited_for="switch a->b" .*held=true', count=2 if curl else 1)
+    # The same wait without progress: the client's read timeout fires.
+    conn = http.client.HTTPConnection("127.0.0.1", lx.port, timeout=read_timeout)
+    try:
+        env.gate("b").unlink()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "c", "stream": True}),
+                     headers={"content-type": "application/json"})
+        with pytest.raises(socket.timeout):
+            conn.getresponse()
+    finally:
+        conn.close()
+        env.gate("b").touch()
+
+
+def test_a_failed_wake_ends_a_held_stream_with_an_error_event(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b", wake_extra="echo 'CUDA out of memory' >&2; exit 3")},
+                   policy={"progress_interval_secs": 0.05, "wake_backoff_secs": 0})
+    assert lx.chat("a")[0] == 200
+    conn, resp = sse_stream(lx.port, {"model": "b", "stream": True})
+    assert resp.status == 200
+    data = resp.read()  # the stream ends: a clean chunked end, no IncompleteRead
+    events = sse_events(data)
+    assert events[0][0] == "comment" and events[-1][0] == "data"
+    assert json.loads(events[-1][1]) == {"error": {
+        "message": "hook 'wake' for model 'b' exited 3: CUDA out of memory",
+        "type": "server_error", "code": "hook_failed"}}
+    assert not any(t == "[DONE]" for _, t in events)
+    with pytest.raises(RuntimeError, match=r"hook 'wake' for model 'b' exited 3: CUDA out of memory"):
+        openai_decode(data)
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=b status=503 .*held=true")
+    # The stream was framed to its end: the connection carries the next request.
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "a"}),
+                 headers={"content-type": "application/json"})
+    again = conn.getresponse()
+    assert again.status == 200 and json.loads(again.read())["backend"] == "a"
+    conn.close()
+    assert 'llmux_requests_total{model="b",status="503"} 1' in lx.request("GET", "/metrics")[2].decode()
+
+
+def test_a_held_stream_passes_on_the_backends_error(env: Env) -> None:
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return http_reply({"error": {"message": "context length exceeded", "type": "invalid_request_error",
+                                     "code": "context_length_exceeded"}}, status="400 Bad Request")
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}})
+        assert lx.chat("a")[0] == 200
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})
+        events = sse_events(resp.read())
+        conn.close()
+        assert json.loads(events[-1][1]) == {"error": {"message": "context length exceeded",
+                                                       "type": "invalid_request_error",
+                                                       "code": "context_length_exceeded"}}
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=400 .*held=true")
+    finally:
+        raw.stop()
+
+
+def test_held_stream_over_http10_and_the_other_progress_modes(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b", stream_progress="reasoning")},
+                   policy={"progress_interval_secs": 30})
+    # HTTP/1.0: no chunking; the answer is read until the connection closes.
+    body = b'{"model": "b", "stream": true, "n": 1}'
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    kinds = sse_events(rest)
+    assert kinds[0][0] == "comment" and kinds[-1] == ("data", "[DONE]")
+    # "reasoning": a chat UI sees the loading as the model's thinking, then the answer.
+    assert lx.chat("a")[0] == 200
+    conn, resp = sse_stream(lx.port, {"model": "b", "stream": True, "n": 1})
+    chunks = openai_decode(resp.read())
+    conn.close()
+    thinking = [c["choices"][0]["delta"]["reasoning_content"] for c in chunks[:-1]]
+    assert thinking[0].startswith("Loading model 'b'") and thinking[-1].startswith("Model 'b' is ready")
+    assert chunks[-1] == {"backend": "b", "i": 0}
+    # Not on other routes (they have no reasoning field); and no hold without "stream".
+    assert lx.chat("a")[0] == 200
+    status, _, raw = lx.request("POST", "/v1/completions", {"model": "b", "stream": True, "n": 1})
+    assert status == 200 and b"reasoning_content" not in raw and raw.startswith(b": llmux: waiting")
+    assert lx.chat("a")[0] == 200
+    status, headers, payload = lx.request("POST", "/v1/chat/completions", {"model": "b"})
+    assert status == 200 and headers["content-type"] == "application/json" and payload["backend"] == "b"
+
+
+HELD_SEEDS = [int(s) for s in os.environ.get("LLMUX_HELD_SEEDS", "1,2").split(",")]
+
+
+@pytest.mark.parametrize("seed", HELD_SEEDS)
+def test_held_streams_under_random_faults_end_in_success_or_one_error(env: Env, seed: int) -> None:
+    """Exploring, seeded: wake hooks that work, exit non-zero, work slowly or hang past
+    hook_timeout_secs (killed), picked per wake from a plan; clients that stream or not,
+    and some that hang up while held.  After every batch: each streamed 200 ends with the
+    backend's [DONE] and no error, or with exactly one error event as its last event and
+    nothing of the backend's; comments come only before the backend's data; a plain
+    request gets JSON; the log says the real status of each; nothing stays queued or in
+    flight.  A failure names its seed (LLMUX_HELD_SEEDS=N to replay)."""
+    rng = random.Random(seed)
+    names = ["a", "b", "c"]
+    plans = {n: env.tmp / f"plan-{n}" for n in names}
+    for n in names:
+        plans[n].write_text("\n".join(rng.choice(["ok", "ok", "ok", "slow", "exit", "hang"])
+                                      for _ in range(40)) + "\n")
+    act = ('n=$(cat {c} 2>/dev/null | wc -l); echo x >> {c}; a=$(sed -n "$((n+1))p" {p}); '
+           'case "$a" in exit) echo "plan says fail" >&2; exit 7;; hang) sleep 30;; '
+           'slow) sleep 0.2;; esac')
+    lx = env.start({n: env.model(n, wake_extra=act.format(c=env.tmp / f"count-{n}", p=plans[n]))
+                    for n in names},
+                   policy={"progress_interval_secs": 0.05, "hook_timeout_secs": 0.5,
+                           "request_timeout_secs": 3, "wake_backoff_secs": 0})
+    sent = 0
+    seen: Dict[str, int] = {}
+
+    def one(i: int, model: str, stream: bool, leave: bool) -> Tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", lx.port, timeout=T)
+        try:
+            conn.request("POST", "/v1/chat/completions", headers={"content-type": "application/json"},
+                         body=json.dumps({"model": model, "stream": stream, "n": 2}))
+            resp = conn.getresponse()
+            if leave:
+                resp.readline()
+                return resp.status, b"<left>"
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    for batch in range(4):
+        jobs = []
+        for _ in range(rng.randint(2, 5)):
+            model, stream, leave = rng.choice(names), rng.random() < 0.7, rng.random() < 0.15
+            jobs.append(((model, stream, leave), run_bg(one, sent, model, stream, leave)))
+            sent += 1
+        for (model, stream, leave), (t, box) in jobs:
+            status, body = join(t, box)
+            where = f"seed {seed} batch {batch}: {model} stream={stream}: {status} {body[:300]!r}"
+            if leave:
+                seen["left"] = seen.get("left", 0) + 1
+                continue
+            kind = "held" if stream and status == 200 and body.startswith(b":") else "plain"
+            kind += " ok" if body.endswith(b"[DONE]\n\n") or b'"backend"' in body else " error"
+            seen[kind] = seen.get(kind, 0) + 1
+            if not stream or status != 200 or not body.startswith(b":"):
+                if status == 200 and stream:  # served at once: the backend's stream alone
+                    assert body.endswith(b"data: [DONE]\n\n"), where
+                elif status == 200:
+                    assert json.loads(body)["backend"] == model, where
+                else:
+                    assert status in (503, 504) and set(json.loads(body)["error"]) == {
+                        "message", "type", "code"}, where
+                continue
+            events = sse_events(body)
+            data = [text for kind, text in events if kind == "data"]
+            first_data = next(i for i, (kind, _) in enumerate(events) if kind == "data")
+            assert all(kind == "data" for kind, _ in events[first_data:]), where
+            if data[-1] == "[DONE]":
+                assert not any(t.startswith('{"error"') for t in data), where
+                assert data[:-1] == [json.dumps({"backend": model, "i": i}) for i in range(2)], where
+            else:
+                assert data == [data[-1]] and set(json.loads(data[-1])["error"]) == {
+                    "message", "type", "code"}, where
+        lx.wait_log(r"info request method=POST", count=sent)
+        health = lx.health()
+        assert health["queued"] == 0 and all(m["in_flight"] == 0 for m in health["models"].values()), \
+            f"seed {seed} batch {batch}: {health}"
+    check_residency(env.lines())
+    print(f"[explore] held streams, seed {seed}: {sent} requests, {dict(sorted(seen.items()))}")
+
+
+def read_event(resp: http.client.HTTPResponse) -> Dict[str, Any]:
+    """The next /llmux/events event (pings skipped)."""
+    while True:
+        line = resp.readline()
+        assert line, "the event stream ended"
+        if line.startswith(b"data: "):
+            return json.loads(line[6:])  # type: ignore[no-any-return]
+
+
+def test_events_stream_a_snapshot_then_a_whole_switch_in_order(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    assert lx.chat("a")[0] == 200
+    conn = lx.conn()
+    conn.request("GET", "/llmux/events")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+    snap = read_event(resp)
+    assert snap["event"] == "snapshot" and snap["active"] == ["a"]
+    assert snap["models"]["b"] == {**snap["models"]["b"], "state": "asleep", "size": 1.0}
+    assert [(t["model"], t["to"]) for t in snap["timeline"]] == [("a", "waking"), ("a", "active")]
+    assert [s["to"] for s in snap["switches"]] == ["a"]
+    assert lx.chat("b")[0] == 200
+    seen = [snap]
+    while not (seen[-1]["event"] == "request" and seen[-1].get("model") == "b"):
+        seen.append(read_event(resp))
+    conn.close()
+    assert [e["seq"] for e in seen[1:]] == list(range(snap["seq"] + 1, snap["seq"] + len(seen)))
+
+    def brief(e: Dict[str, Any]) -> str:
+        extra = {"model.state": lambda: f"{e['model']} {e['from']}->{e['to']}",
+                 "switch.phase": lambda: f"{e['phase']} {e['model']}",
+                 "hook.start": lambda: f"{e['model']} {e['hook']}",
+                 "hook.exit": lambda: f"{e['model']} {e['hook']} {e['code']}",
+                 "switch.start": lambda: f"{e.get('from')}->{e['to']}",
+                 "switch.end": lambda: f"{e.get('from')}->{e['to']} {e['result']}",
+                 "queue": lambda: str(e["models"]["b"]),
+                 "request": lambda: f"{e['model']} {e['status']} {e['waited_for']}"}.get(e["event"])
+        return e["event"] + (" " + extra() if extra else "")
+    assert [brief(e) for e in seen[1:] if e["event"] != "hook.output"] == [
+        "request.start", "queue 1", "model.state a active->draining", "request.queued",
+        "switch.start a->b", "switch.phase sleeping a", "model.state a draining->sleeping",
+        "hook.start a sleep", "hook.exit a sleep 0", "model.state a sleeping->asleep",
+        "switch.phase waking b", "model.state b asleep->waking", "hook.start b wake",
+        "hook.exit b wake 0", "model.state b waking->active", "switch.end a->b ok", "queue 0",
+        "request b 200 switch a->b"]
+
+
+def test_events_need_a_key_are_bounded_and_end_at_shutdown(env: Env) -> None:
+    lx = env.start({"a": env.model("a")}, api_keys=["k1"], policy={"shutdown_grace_secs": 300})
+    assert lx.request("GET", "/llmux/events")[0] == 401
+    streams = []
+    for _ in range(llmux.EVENTS_MAX_SUBSCRIBERS):
+        conn = lx.conn()
+        conn.request("GET", "/llmux/events", headers={"authorization": "Bearer k1"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and read_event(resp)["event"] == "snapshot"
+        streams.append((conn, resp))
+    status, headers, payload = lx.request("GET", "/llmux/events", headers={"authorization": "Bearer k1"})
+    assert status == 503 and payload["error"]["code"] == "too_many_subscribers" and headers["retry-after"]
+    lx.proc.send_signal(signal.SIGTERM)  # open streams do not hold shutdown for its grace
+    for conn, resp in streams:
+        event = read_event(resp)
+        while event["event"] != "events.end":
+            event = read_event(resp)
+        assert event["reason"] == "llmux is shutting down"
+        assert resp.read() == b"\n"  # the event's blank line, then a clean chunked end
+        conn.close()
+    assert lx.proc.wait(T) == 0
+    lx.wait_log(r"shutdown\.drained requests_cut=0")
+
+
+def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
+    """A subscriber that reads nothing costs at most EVENTS_MAX_BUFFERED bytes, then is
+    dropped; a reader that keeps up gets every event.  Real sockets, a real transport."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow_t, _ = await loop.create_connection(asyncio.Protocol, sock=pairs[0][0])
+        fast_t, _ = await loop.create_connection(asyncio.Protocol, sock=pairs[1][0])
+        fast_r, _ = await asyncio.open_connection(sock=pairs[1][1])
+        metrics = llmux.llmux_metrics()
+        bus = llmux.EventBus(metrics=metrics)
+        slow = bus.subscribe(slow_t, True)  # type: ignore[arg-type]
+        fast = bus.subscribe(fast_t, True)  # type: ignore[arg-type]
+        most = 0
+        sent = 0
+        while not slow.done.done():
+            bus.publish("x", {"i": sent, "pad": "y" * 200})
+            sent += 1
+            most = max(most, slow_t.get_write_buffer_size())
+            if sent % 64 == 0:
+                await asyncio.sleep(0)  # the fast reader's turn
+            assert sent < 100_000, "never dropped"
+        assert slow.dropped and slow.done.result().startswith("it read too slowly")
+        assert most <= llmux.EVENTS_MAX_BUFFERED and bus.subscribers == [fast]
+        assert "llmux_events_dropped_subscribers_total 1" in metrics.render()
+        got = 0
+        while got < sent:
+            line = await asyncio.wait_for(fast_r.readline(), T)
+            got += line.startswith(b"data: ")
+        assert not fast.done.done()
+        bus.close("test over")
+        for t in (slow_t, fast_t):
+            t.close()
+        for a, b in pairs:
+            b.close()
+        await asyncio.sleep(0)
+
+    run_checked(go())
+
+
+def test_models_list_says_loaded_loading_unloaded_with_an_eta(env: Env) -> None:
+    lx = env.start({"a": env.model("a"), "b": env.model("b", wake_extra=gated(env, "b"))})
+    assert lx.chat("a")[0] == 200
+    t, box = run_bg(lx.chat, "b")
+    lx.wait_log(r"hook\.start model=b hook=wake")
+    cards = {m["id"]: m for m in lx.request("GET", "/v1/models")[2]["data"]}
+    assert cards["a"]["status"]["value"] == "unloaded" and cards["a"]["state"] == "asleep"
+    assert cards["b"]["status"]["value"] == "loading" and cards["b"]["state"] == "waking"
+    assert cards["b"]["status"]["eta_secs"] is not None  # a's wake was measured
+    env.gate("b").touch()
+    assert join(t, box)[0] == 200
+    card = lx.request("GET", "/v1/models/b")[2]
+    assert card["status"] == {"value": "loaded", "eta_secs": 0.0} and card["loaded"] is True
+
+
+def test_reload_changing_only_soft_keys_keeps_the_active_model_running(env: Env) -> None:
+    """Regression: any change to a loaded model's entry (an alias, a limit) slept it."""
+    models = {"a": env.model("a"), "b": env.model("b")}
+    lx = env.start(models)
+    assert lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    config["models"]["a"].update(aliases=["alpha"], max_in_flight=4, stream_progress="off")
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done updated=a")
+    assert lx.chat("alpha")[1]["backend"] == "a"
+    assert "sleep-start a" not in env.lines() and lx.health()["models"]["a"]["max_in_flight"] == 4
 
 
 # ─────────────────────────────── co-residency, policies, simulator ──────────────────────
