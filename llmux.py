@@ -13,14 +13,15 @@ the request to ``127.0.0.1:<model port>`` and streams the answer back::
                            │                      ▼                           release slot)
                            │                 hooks: sh -c wake / sleep / alive
                            └── /v1/models, /health, /metrics, /llmux/status, /llmux/models/*,
+                               /llmux/events (SSE), /llmux/ui (the dashboard),
                                CORS preflights (the route table in Server._route_table)
 
 One file, standard library only, CPython 3.8 to 3.13.  Run ``python3 llmux.py -h``.
 Every limit is a named constant below, with the status it maps to.
 
 Reading order (leaves first): limits → errors → logging → metrics → config → HTTP wire
-(sans-I/O) → relay → hooks → policies and switcher → server → simulator → demo backend
-and probe → CLI.
+(sans-I/O) → relay → hooks → events → policies and switcher → server → dashboard →
+simulator → demo backend and probe → CLI.
 """
 
 from __future__ import annotations

@@ -3059,7 +3059,7 @@ def test_json_model_scan_keeps_memory_bounded() -> None:
     # Regression: json.loads, run only to read `model`, built the whole document: a body
     # of many small objects peaked at ~27 times its size.
     import tracemalloc
-    body = json.dumps({"data": [{"a": 1, "b": [2]} for _ in range(400_000)], "model": "b"}).encode()
+    body = json.dumps({"data": [{"a": 1, "b": [2]} for _ in range(100_000)], "model": "b"}).encode()
     tracemalloc.start()
     try:
         assert model_for(body) == "b"
@@ -5087,12 +5087,17 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     return {"count": total, "rate": rate, "statuses": dict(sorted(statuses.items()))}
 
 
+SOAK_SECS = int(os.environ.get("LLMUX_SOAK_SECS", "12"))  # CI: 0 on the other Pythons (time)
+
+
+@pytest.mark.skipif(SOAK_SECS == 0, reason="LLMUX_SOAK_SECS=0")
 def test_soak_12_seconds() -> None:
     """bench/soak.py, short: mixed traffic, disconnects, failing wakes, hostile bodies and
     connection floods under a low fd limit; it checks that every request was answered or
     failed with a status, slots are zero, RSS and fds are back near their baseline, no
     hook failed for lack of fds and the log is clean, and exits non-zero otherwise."""
-    p = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", "12", "--clients", "8"],
+    p = subprocess.run([sys.executable, str(HERE / "bench" / "soak.py"), "--seconds", str(SOAK_SECS),
+                        "--clients", "8"],
                        capture_output=True, text=True, timeout=HARD - 5)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 6, p.stdout
