@@ -5226,10 +5226,10 @@ class Server:
                 self.events.publish("request.start", {"model": model.name, "method": head.method,
                                                       "path": raw_path})
             ticket = self.switcher.enqueue(model.name)
+            progress = model.stream_progress or self.config.policy.stream_progress
             if isinstance(ticket, Slot):
                 slot = ticket
             else:
-                progress = model.stream_progress or self.config.policy.stream_progress
                 if answer.stream and progress != "off" and head.method == "POST":
                     held = head.version != "HTTP/1.0"  # chunked; else read until close
                     slot = await self._hold_stream(ticket, head, path, writer, proto, cors,
@@ -5238,6 +5238,10 @@ class Server:
                     slot = await self.switcher.wait(ticket)
                 assert slot is not None
             try:  # the switcher's config: a reload may have left the old one running
+                if held is not None and progress == "reasoning" and path.endswith("/chat/completions"):
+                    ready = _reasoning_delta(model.name, f"Model '{model.name}' is ready "
+                                                         f"(waited {slot.waited:.1f}s).\n\n")
+                    await self._send(writer, proto, encode_chunk(ready) if held else ready)
                 result = await relay(self.pool, model.name, slot.model.cfg.port, answer.head,
                                      answer.body, writer, self.config.policy.upstream_timeout_secs,
                                      proto, cors, held)
@@ -5331,9 +5335,6 @@ class Server:
         except BaseException:
             sw.leave(waiter)
             raise
-        if visible:
-            await self._send(writer, proto, frame(_reasoning_delta(
-                name, f"Model '{name}' is ready (waited {slot.waited:.1f}s).\n\n")))
         return slot
 
     @staticmethod
