@@ -3108,6 +3108,11 @@ class SchedulingPolicy:
         recently used first."""
         return sorted(awake, key=lambda m: (not m.retired, m.in_flight > 0, m.last_used))
 
+    def start_at(self, switcher: "Switcher", m: "_Model", now: float) -> float:
+        """When this policy would start a switch to the waited-for model ``m`` if nothing
+        else changed (for ETAs).  Default: at once."""
+        return now
+
 
 class FifoPolicy(SchedulingPolicy):
     """Switch to the model whose oldest waiting request arrived first."""
@@ -3151,38 +3156,37 @@ class CostAwarePolicy(SchedulingPolicy):
     name = "cost"
 
     def choose(self, switcher: "Switcher", now: float) -> Tuple[Optional[str], Optional[float]]:
-        policy = switcher.policy_cfg
         due: List[_Model] = []
         again: Optional[float] = None
         for m in switcher.candidates():
-            victims = switcher.victims_for(m, now)
-            if victims is None:  # held by min_active_secs: the switcher will wait anyway
-                due.append(m)
-                continue
-            if not victims:  # it fits: waking it costs nobody anything
-                due.append(m)
-                continue
-            cost = switcher.cost_estimate([v.name for v in victims], m.name)
-            quantum = policy.cost_factor * cost
-            oldest = m.queue[0].enqueued_at
-            bound = oldest + max(0.0, policy.max_wait_secs - cost - max(switcher.drains, default=0.0))
-            in_flight = any(v.in_flight for v in victims)
-            quiet_at = max(v.last_used + cost for v in victims)
-            if not in_flight and quiet_at <= now:
-                due.append(m)  # the victims have no demand left
-                continue
-            served_until = max((v.active_since or now) + quantum for v in victims)
-            ready = max(served_until, oldest + quantum)
-            when = min(ready, bound)
+            when = self.start_at(switcher, m, now)
             if when <= now:
                 due.append(m)
-                continue
-            if not in_flight:
-                when = min(when, quiet_at)
-            again = when if again is None else min(again, when)
+            else:
+                again = when if again is None else min(again, when)
         if due:
             return min(due, key=lambda m: m.queue[0].enqueued_at).name, None
         return None, again
+
+    def start_at(self, switcher: "Switcher", m: "_Model", now: float) -> float:
+        policy = switcher.policy_cfg
+        victims = switcher.victims_for(m, now)
+        if not victims:  # it fits (waking it costs nobody anything), or None: held by
+            return now   # min_active_secs, which the switcher waits for anyway
+        cost = switcher.cost_estimate([v.name for v in victims], m.name)
+        quantum = policy.cost_factor * cost
+        oldest = m.queue[0].enqueued_at if m.queue else now
+        bound = oldest + max(0.0, policy.max_wait_secs - cost - max(switcher.drains, default=0.0))
+        in_flight = any(v.in_flight for v in victims)
+        quiet_at = max(v.last_used + cost for v in victims)
+        if not in_flight and quiet_at <= now:
+            return now  # the victims have no demand left
+        served_until = max((v.active_since or now) + quantum for v in victims)
+        ready = max(served_until, oldest + quantum)
+        when = min(ready, bound)
+        if when > now and not in_flight:
+            when = min(when, quiet_at)
+        return when
 
     def eviction_order(self, switcher: "Switcher", awake: List["_Model"], now: float) -> List["_Model"]:
         def worth(m: _Model) -> Tuple[bool, bool, float, float]:
@@ -3455,6 +3459,10 @@ class Switcher:
                        key=lambda c: c.queue[0].enqueued_at)
         drain = self.drain_estimate()
         t = left
+        if not self.switching:  # the policy may keep what is up a while yet (cost: its quantum)
+            first = ahead[0] if ahead else m
+            if first.state is ModelState.ASLEEP:
+                t = max(t, self.policy.start_at(self, first, now) - now)
         if awake and self.policy_cfg.capacity is None:
             # The model up now serves at least min_active_secs before it can be switched out.
             since = [t0 for t0 in (self.models[a].active_since for a in awake if a in self.models)

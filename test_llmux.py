@@ -5637,6 +5637,31 @@ def test_eta_is_exact_once_each_hook_was_measured() -> None:
     run_checked(go(), loop)
 
 
+def test_eta_counts_the_quantum_the_cost_policy_keeps_a_busy_model() -> None:
+    """Regression: with policy "cost" a busy model keeps the GPU for cost_factor times the
+    switch's cost; the ETA said only the switch's cost (4 s where 16 s was due)."""
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}},
+                              "policy": {"name": "cost", "cost_factor": 3, "max_wait_secs": 60}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"a": 2.0, "b": 3.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.CostAwarePolicy(), llmux.Log(ListStream()))
+        for name in "aba":
+            (await sw.acquire(name)).release()
+        await asyncio.sleep(100)  # no demand left: the quantum does not hold it any more
+        held = await sw.acquire("a")  # a is busy now
+        b = loop.create_task(sw.acquire("b"))
+        await asyncio.sleep(0)
+        # a may keep the GPU for 3 x 4 s (its sleep and b's wake): then b's switch, 4 s.
+        assert [w.eta for w in sw.models["b"].queue] == [16.0]
+        await asyncio.sleep(5)
+        held.release()
+        (await b).release()
+
+    run_checked(go(), loop)
+
+
 def test_eta_counts_min_active_backoff_and_is_unknown_at_max_in_flight() -> None:
     cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 1}, "b": {"port": 2}},
                               "policy": {"min_active_secs": 30, "wake_backoff_secs": 0}})
