@@ -3404,8 +3404,19 @@ class Switcher:
     # -- ETAs: predicted from the measured costs, and judged (llmux_eta_error_seconds) --
 
     def known_cost(self, victims: List[str], target: str) -> Optional[float]:
-        """cost_estimate, or None while no switch at all has been measured."""
-        return self.cost_estimate(victims, target) if self.costs else None
+        """What sleeping ``victims`` and waking ``target`` is measured to cost, for ETAs:
+        the moving average for that pair, else the target's own wake plus each victim's
+        sleep (a sleep never measured counts as the mean of those that were).  None while
+        the target's wake was never measured: another model's cost says nothing of it."""
+        exact = self.costs.get((",".join(victims), target))
+        if exact is not None:
+            return exact
+        wake = self.hook_costs.get((target, "wake"))
+        if wake is None:
+            return None
+        sleeps = [secs for (_, hook), secs in self.hook_costs.items() if hook == "sleep"]
+        usual = sum(sleeps) / len(sleeps) if sleeps else 0.0
+        return wake + sum(self.hook_costs.get((v, "sleep"), usual) for v in victims)
 
     def drain_estimate(self) -> float:
         """What a drain is expected to take: the mean of the last few."""
@@ -3430,9 +3441,10 @@ class Switcher:
 
     def eta(self, name: str, waiter: Optional[_Waiter] = None) -> Optional[float]:
         """Seconds until ``name`` is expected to serve a request queued now (or ``waiter``):
-        the rest of the switch in progress, then one drain and measured switch for each
-        model whose waiting requests are older (fifo order), then its own.  0 if it
-        serves now; None if unknown: nothing measured yet, or it is up but at its
+        the rest of the switch in progress, then one drain and one switch for each model
+        whose oldest waiting request is older than ``name``'s (fifo order: a model's
+        waiters are served together), then its own.  0 if it serves now; None if unknown:
+        a switch on the way was never measured (known_cost), or ``name`` is up but at its
         max_in_flight (that depends on how long the requests in flight generate)."""
         m = self.models.get(name)
         if m is None:
@@ -3440,21 +3452,23 @@ class Switcher:
         if m.state is ModelState.ACTIVE:
             return 0.0 if m.has_room() and (not m.queue or m.queue[0] is waiter) else None
         now = self.clock()
-        if not self.costs:
-            return None
         left = self._switch_left(now)
         if left is None:
             return None
-        if self.switching and self.switching[1] == name:
+        target = self.switching[1] if self.switching else None
+        if target == name:
             return left
         if self.switching:
-            awake = [self.switching[1]] if self.switching[1] else []
+            awake = [target] if target else []
         else:
             awake = [a.name for a in self.models.values() if a.state is ModelState.ACTIVE]
-        mine = m.oldest_wait() if waiter is None or not m.queue else waiter.enqueued_at
+        mine = m.oldest_wait()
+        # Ahead: every other model waited for since before, that a switch must wake
+        # (asleep, or being put to sleep by the switch in progress); not the target of
+        # that switch (its wake is in ``left``), not an awake one (served without one).
         ahead = sorted((c for c in self.models.values()
-                        if c is not m and c.queue and c.state is ModelState.ASLEEP
-                        and c.name not in (self.switching or ([], ""))[0]
+                        if c is not m and c.name != target and c.queue
+                        and c.state not in (ModelState.ACTIVE, ModelState.WAKING)
                         and (mine is None or c.queue[0].enqueued_at < mine)),
                        key=lambda c: c.queue[0].enqueued_at)
         drain = self.drain_estimate()
@@ -3469,12 +3483,18 @@ class Switcher:
                      if t0 is not None]
             if since:
                 t = max(t, max(since) + self.policy_cfg.min_active_secs - now)
+        one_at_a_time = self.policy_cfg.capacity is None
         for c in ahead:
-            t += drain + self.cost_estimate(awake if self.policy_cfg.capacity is None else [], c.name)
+            cost = self.known_cost(awake if one_at_a_time else [], c.name)
+            if cost is None:
+                return None
+            t += drain + cost
             awake = [c.name]
+        cost = self.known_cost(awake if one_at_a_time else [], name)
+        if cost is None:
+            return None
         busy = not self.switching and any(self.models[a].in_flight for a in awake if a in self.models)
-        t += (drain if busy or ahead else 0.0)
-        t += self.cost_estimate(awake if self.policy_cfg.capacity is None else [], name)
+        t += (drain if busy or ahead else 0.0) + cost
         return max(t, m.backoff_until - now)
 
     def wait_info(self, waiter: _Waiter) -> Dict[str, Any]:
@@ -5351,12 +5371,12 @@ class Server:
         name = info["model"]
         eta = info["eta_secs"]
         if eta is None:
-            until = "eta unknown " + ("(no switch measured yet)" if info["state"] != "active"
+            until = "eta unknown " + ("(a wake on the way was never measured)" if info["state"] != "active"
                                       else "(it waits for one of the max_in_flight slots)")
         elif eta <= 0:
             until = "eta any moment (later than measured)"
         else:
-            until = f"eta {eta:.0f}s"
+            until = f"eta {eta:.0f}s" if eta >= 1 else "eta <1s"
         doing = ""
         if "phase" in info:
             doing = f"; switch {info['switch']}: {info['phase']} {info['phase_model'] or ''}".rstrip() \
@@ -5366,7 +5386,7 @@ class Server:
         out = b": " + text.encode("utf-8") + b"\n\n"
         if visible:
             line = (f"Loading model '{name}'" if first else "Still loading") + \
-                   (f", about {eta:.0f}s left" if eta else "") + "...\n"
+                   (f", about {eta:.0f}s left" if eta and eta >= 1 else "") + "...\n"
             out += _reasoning_delta(name, line)
         return out
 

@@ -5628,11 +5628,46 @@ def test_eta_is_exact_once_each_hook_was_measured() -> None:
         slot_c, slot_b = await c, await b
         assert (slot_c.waited, slot_c.eta, slot_c.waited_for) == (5.0, 5.0, "switch a->c")
         assert (slot_b.waited, slot_b.eta, slot_b.waited_for) == (9.0, 9.0, "switch c->b")
-        # b's first wait was predicted from a's wake alone (2 s for 1 + 3): 2 s off; the
-        # second one was exact.
+        # b's first wait had no ETA (its wake was never measured); the second was exact.
         errors = sw.metrics.render()
-        assert 'llmux_eta_error_seconds_sum{model="b"} 2\nllmux_eta_error_seconds_count{model="b"} 2' in errors
+        assert 'llmux_eta_error_seconds_sum{model="b"} 0\nllmux_eta_error_seconds_count{model="b"} 1' in errors
         assert 'llmux_request_wait_seconds_count{model="b",reason="switch"} 2' in errors
+
+    run_checked(go(), loop)
+
+
+@pytest.mark.parametrize("arrivals, judged", [
+    # Regression (bench/loading.py part 4): the target of the switch in progress was
+    # counted again while its victim slept (2 s too high).
+    ([(0.0, "x"), (0.3, "y")], 1),
+    # ... a victim of the switch in progress with an older waiter was left out (2 s low).
+    ([(0.0, "x"), (1.3, "w"), (1.5, "y")], 2),
+    # ... a model's later waiter was ranked by its own arrival, not its model's oldest
+    # (fifo serves a model's waiters together): z counted ahead (2 s too high).
+    ([(0.0, "x"), (1.2, "y"), (1.3, "z"), (1.4, "y")], 3),
+])
+def test_eta_follows_fifo_order_around_a_switch_in_progress(arrivals: List[Tuple[float, str]],
+                                                           judged: int) -> None:
+    """Every hook takes 1 s, all measured: each request's ETA is its wait, exactly."""
+    cfg = llmux.parse_config({"models": {n: {"port": i + 1} for i, n in enumerate("wxyz")}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        for name in "xyzw":  # measures every wake and sleep; w is up
+            (await sw.acquire(name)).release()
+        start = loop.time()
+
+        async def client(at: float, name: str) -> Tuple[Optional[float], float]:
+            await asyncio.sleep(at)
+            slot = await sw.acquire(name)
+            slot.release()
+            return slot.eta, slot.waited
+        results = await asyncio.gather(*(client(at, n) for at, n in arrivals))
+        assert loop.time() > start
+        eta, waited = results[judged]
+        assert eta == pytest.approx(waited), results
 
     run_checked(go(), loop)
 
@@ -5672,8 +5707,10 @@ def test_eta_counts_min_active_backoff_and_is_unknown_at_max_in_flight() -> None
                             llmux.FifoPolicy(), llmux.Log(ListStream()))
         held = await sw.acquire("a")  # woken at t=2: held by min_active_secs until t=32
         assert sw.eta("a") is None  # at its max_in_flight: it depends on the generation
-        # min_active_secs holds a 30 s more; then the switch: a's sleep was never measured,
-        # so the cost is the mean of the switches measured (the wake of a, 2 s).
+        assert sw.eta("b") is None  # b's wake was never measured: nothing to say
+        sw.hook_costs[("b", "wake")] = 2.0  # as if it had been
+        # min_active_secs holds a 30 s more; then the switch: a's sleep was never measured
+        # (no sleep was: it counts 0), b's wake 2 s.
         assert sw.eta("b") == 32.0
         held.release()
 
@@ -6045,7 +6082,7 @@ def test_models_list_says_loaded_loading_unloaded_with_an_eta(env: Env) -> None:
     cards = {m["id"]: m for m in lx.request("GET", "/v1/models")[2]["data"]}
     assert cards["a"]["status"]["value"] == "unloaded" and cards["a"]["state"] == "asleep"
     assert cards["b"]["status"]["value"] == "loading" and cards["b"]["state"] == "waking"
-    assert cards["b"]["status"]["eta_secs"] is not None  # a's wake was measured
+    assert cards["b"]["status"]["eta_secs"] is None  # b's wake was never measured
     env.gate("b").touch()
     assert join(t, box)[0] == 200
     card = lx.request("GET", "/v1/models/b")[2]
