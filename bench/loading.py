@@ -437,8 +437,8 @@ def describe(lines: List[Dict[str, Any]]) -> str:
 # ────────────────────────────────── part 1: long switch ─────────────────────────────────
 
 
-def part1(args: argparse.Namespace, notes: List[str]) -> Dict[str, List[Result]]:
-    which = clients(notes)
+def part1(args: argparse.Namespace, which: List[Tuple[str, Callable[[int, str, str, float], Result]]],
+          notes: List[str]) -> Dict[str, List[Result]]:
     out: Dict[str, List[Result]] = {}
     etas: List[Tuple[float, float]] = []  # (waited, eta) of b's requests that got b
     footer: List[str] = []
@@ -498,8 +498,8 @@ def part1(args: argparse.Namespace, notes: List[str]) -> Dict[str, List[Result]]
 # ──────────────────────────────── part 2: a failed wake ─────────────────────────────────
 
 
-def part2(args: argparse.Namespace, notes: List[str]) -> Dict[str, List[Result]]:
-    which = clients([])
+def part2(args: argparse.Namespace,
+          which: List[Tuple[str, Callable[[int, str, str, float], Result]]]) -> Dict[str, List[Result]]:
     out: Dict[str, List[Result]] = {}
     footer: List[str] = []
     wake = ("sleep 3; echo 'loading /models/c.gguf' >&2; "
@@ -818,8 +818,9 @@ def main() -> int:
     notes: List[str] = []
     print(f"llmux.py loading bench, Python {sys.version.split()[0]} ({PY}), {os.cpu_count()} cores\n")
     try:
-        p1 = part1(args, notes) if "1" in parts else None
-        p2 = part2(args, notes) if "2" in parts else None
+        which = clients(notes)
+        p1 = part1(args, which, notes) if "1" in parts else None
+        p2 = part2(args, which) if "2" in parts else None
         p3 = part3(args) if "3" in parts else None
         p4 = part4(args) if "4" in parts else None
         summary(args, p1, p2, p3, p4, notes)
