@@ -185,6 +185,8 @@ MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
 UPSTREAM_JOIN_BYTES = 256 * 1024  # a request up to this size is sent in one write.
 MAX_ERROR_BODY = 64 * 1024  # a backend's error answer to a held stream: read this much of it
+MAX_ERROR_BODY_SECS = 5.0  # ... for this long at most (then what came is its message)
+MAX_WRAPPED_BODY = 8 * 1024 * 1024  # a held stream's non-SSE 2xx answer, sent as one event
 MAX_ECHOED_ERROR = 1024  # characters of a backend's non-JSON error text passed on
 # An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
 # serve through uvicorn, which closes a keep-alive connection after 5 s of silence; a POST
@@ -213,6 +215,9 @@ MAX_MODEL_NAME_BYTES = 1024
 # 400: "model" strings (at any depth) the JSON scanner stops at, beyond one per window:
 # each stop is a step in Python, and a body of nothing but "model" strings was 1 µs a byte.
 MAX_JSON_MODEL_STRINGS = 1024
+# ... and one more per this many bytes: a tool list whose schemas name a "stream"
+# parameter a thousand times is a real request; at ~1 µs a stop, 16 ns a byte at worst.
+JSON_STOP_BYTES = 64
 # Browsers may call llmux from any page, as llama-server and vLLM allow by default: a
 # client that works against the engine works behind llmux (README, "Browsers and CORS").
 DEFAULT_CORS_ORIGINS: Tuple[str, ...] = ("*",)
@@ -394,7 +399,7 @@ class Log:
             if self._suppressed:
                 suppressed, self._suppressed = self._suppressed, {}
                 for name, count in suppressed.items():
-                    self.emit("warning", "log.suppressed", {"event": name, "lines": count,
+                    self.emit("warning", "log.suppressed", {"of": name, "lines": count,
                                                             "limit_per_sec": LOG_BURST})
         if level in ("warning", "error"):
             seen = self._burst[event] = self._burst.get(event, 0) + 1
@@ -1706,6 +1711,12 @@ def error_event(e: LLMuxError) -> bytes:
     return b"data: " + json.dumps(e.to_json(), separators=(",", ":")).encode() + b"\n\n"
 
 
+def held_error(e: LLMuxError, chunked: bool) -> bytes:
+    """The end of a held stream that failed: its error event, then (chunked) the body's end."""
+    event = error_event(e)
+    return encode_chunk(event) + b"0\r\n\r\n" if chunked else event
+
+
 def sse_head(chunked: bool, keep_alive: bool, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
     """The head of an event stream llmux writes itself (/llmux/events, a held request);
     an HTTP/1.0 client (not ``chunked``) reads it until the connection closes."""
@@ -2142,20 +2153,53 @@ class RelayResult(NamedTuple):
 
 
 class _Sink:
-    """Stands in for a client transport to keep the first ``limit`` bytes of a body."""
+    """Stands in for a client transport to keep the first ``limit`` bytes of a body;
+    ``full`` resolves when it has them (the reader stops there: the rest is not read)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.parts: List[bytes] = []
         self.size = 0
+        self.full: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:
         if self.size < self.limit:
             self.parts.append(data[:self.limit - self.size])
             self.size += len(self.parts[-1])
+        if self.size >= self.limit and not self.full.done():
+            self.full.set_result(None)
 
     def is_closing(self) -> bool:
         return False
+
+
+def _is_sse(resp: ResponseHead) -> bool:
+    return "text/event-stream" in "".join(v for k, v in resp.headers if k == "content-type").lower()
+
+
+async def _relay_as_event(pool: "UpstreamPool", port: int, model: str, conn: "_Upstream",
+                          resp: ResponseHead, writer: asyncio.StreamWriter, chunked: bool,
+                          keep: bool) -> RelayResult:
+    """A held stream whose backend answered 2xx but not with SSE (an engine that ignores
+    "stream"): its body, up to MAX_WRAPPED_BODY, goes as one SSE event (one data: line
+    per line), so an SSE client sees the answer instead of an empty stream."""
+    sink = _Sink(MAX_WRAPPED_BODY)
+    body_done = conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
+    await asyncio.wait([body_done, sink.full], return_when=asyncio.FIRST_COMPLETED)
+    if not body_done.done():
+        conn.close()
+        return RelayResult(502, keep, UpstreamError(
+            f"model '{model}' backend answered a streaming request with more than "
+            f"{MAX_WRAPPED_BODY} bytes that are not an event stream"))
+    body_done.result()
+    if resp.keep_alive and conn.in_sync and not conn.closed:
+        pool.put(port, conn)
+    else:
+        conn.close()
+    body = b"".join(sink.parts).replace(b"\r\n", b"\n").strip(b"\n")
+    event = b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
+    writer.write(encode_chunk(event) + b"0\r\n\r\n" if chunked else event)
+    return RelayResult(resp.status, keep)
 
 
 def backend_error(model: str, status: int, body: bytes) -> LLMuxError:
@@ -2201,12 +2245,21 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
             if opened is None:
                 data, chunked, keep_client = client_response_head(
                     resp, head.version == "HTTP/1.0", head.keep_alive, cors)
+            elif 200 <= resp.status < 300 and not _is_sse(resp):
+                return await _relay_as_event(pool, port, model, conn, resp, writer, opened,
+                                             opened and head.keep_alive)
             elif 200 <= resp.status < 300:
                 data, chunked, keep_client = b"", opened, opened and head.keep_alive
             else:
+                # Its error answer: read MAX_ERROR_BODY of it at most, for at most
+                # MAX_ERROR_BODY_SECS (an endless or trickling body is not waited for).
                 sink = _Sink(MAX_ERROR_BODY)
-                await conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
-                if resp.keep_alive and conn.in_sync and not conn.closed:
+                body_done = conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
+                await asyncio.wait([body_done, sink.full], timeout=MAX_ERROR_BODY_SECS,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if body_done.done():
+                    body_done.result()  # a broken body raises here (HTTPError: 502)
+                if body_done.done() and resp.keep_alive and conn.in_sync and not conn.closed:
                     pool.put(port, conn)
                 else:
                     conn.close()
@@ -2215,6 +2268,7 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
             started = True
             if flow is not None:
                 flow.responding = True
+                flow.relayed = True
                 flow.upstream = conn
                 if flow.write_paused:
                     conn.pause()
@@ -2863,6 +2917,10 @@ class EventBus:
         self.metrics = metrics
         self.seq = 0  # events published so far (the SSE id; a gap means events were missed)
         self.subscribers: List[_Subscriber] = []
+        # Events of this loop iteration, written in one piece per subscriber at its end:
+        # a burst of N events costs each reader one write, not N.
+        self._pending: List[bytes] = []
+        self._flush_handle: Optional[asyncio.Handle] = None
 
     def __len__(self) -> int:
         return len(self.subscribers)
@@ -2881,9 +2939,27 @@ class EventBus:
         self.send(record)
 
     def send(self, record: Dict[str, Any], only: Optional[_Subscriber] = None) -> None:
+        """Queue ``record`` for every subscriber (written when this loop iteration ends),
+        or write it to ``only`` at once (its snapshot)."""
         data = b"id: %d\ndata: %s\n\n" % (record.get("seq", self.seq), json.dumps(
             record, default=str, separators=(",", ":")).encode())
-        for sub in ([only] if only is not None else list(self.subscribers)):
+        if only is not None:
+            self._write(only, only.frame(data))
+            return
+        self._pending.append(data)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the queued events to every subscriber, one write each."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        for sub in list(self.subscribers):
             self._write(sub, sub.frame(data))
 
     def ping(self, sub: _Subscriber) -> None:
@@ -2896,14 +2972,23 @@ class EventBus:
             return
         if transport.get_write_buffer_size() + len(frame) > EVENTS_MAX_BUFFERED:
             sub.dropped = True
+            why = f"it read too slowly (over {EVENTS_MAX_BUFFERED} bytes unsent)"
             if self.metrics is not None:
                 self.metrics.inc("llmux_events_dropped_subscribers_total")
-            self.end(sub, f"it read too slowly (over {EVENTS_MAX_BUFFERED} bytes unsent)")
+            if self.log is not None:  # soon, not now: we may be inside a log call
+                log = self.log
+                peer = transport.get_extra_info("peername")
+                asyncio.get_running_loop().call_soon(
+                    lambda: log.warning("events.dropped", peer=peer, reason=why))
+            self.end(sub, why)
             transport.abort()  # what it has not read is lost anyway: free it now
             return
         transport.write(frame)
 
     def subscribe(self, transport: asyncio.WriteTransport, chunked: bool) -> _Subscriber:
+        """A new subscriber; what was published before reaches only the earlier ones (its
+        snapshot, sent next, already shows it)."""
+        self.flush()
         sub = _Subscriber(transport, chunked, asyncio.get_running_loop().create_future())
         self.subscribers.append(sub)
         return sub
@@ -2920,6 +3005,7 @@ class EventBus:
     def close(self, why: str) -> None:
         """End every stream (shutdown): each gets a last event saying why."""
         self.publish("events.end", {"reason": why})
+        self.flush()
         for sub in list(self.subscribers):
             self.end(sub, why)
 
@@ -3505,7 +3591,8 @@ class Switcher:
         now = self.clock()
         ahead = waiter.seq - m.queue[0].seq if m.queue else 0
         info: Dict[str, Any] = {"model": m.name, "state": m.state.value,
-                                "position": max(1, ahead + 1), "queued": len(m.queue),
+                                "position": max(1, min(ahead + 1, len(m.queue))),
+                                "queued": len(m.queue),
                                 "waited_secs": now - waiter.enqueued_at,
                                 "eta_secs": self.eta(m.name, waiter)}
         if self.switching and self.phase is not None:
@@ -4169,6 +4256,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.upstream: Optional[_Upstream] = None  # the backend piping into us now
         self.model: Optional[str] = None  # of the request being served, for the log
         self.responding = False  # a byte of the current request's answer was written
+        self.relayed = False  # a byte of the backend's answer was written (held streams)
         self.refused = False  # answered 503 at admission; counted in Server._refusing
         self.idle_since: Optional[float] = None  # waiting for a request, nothing buffered
         self.peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
@@ -4351,7 +4439,7 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
     stream = False
     steps = 0
     stops = 0
-    stops_allowed = MAX_JSON_MODEL_STRINGS + n // JSON_SCAN_WINDOW + 1
+    stops_allowed = MAX_JSON_MODEL_STRINGS + n // JSON_STOP_BYTES
     while pos < n:
         steps += 1
         if steps % JSON_SCAN_SLICE == 0:
@@ -4373,8 +4461,9 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
         # window's edge cut.
         stops += 1
         if stops > stops_allowed:
-            raise ValueError(f"more than {MAX_JSON_MODEL_STRINGS} \"model\" or \"stream\" strings; expected "
-                             "a request body, not a list of them")
+            raise ValueError(f"more than {stops_allowed} \"model\" or \"stream\" strings ("
+                             f"{MAX_JSON_MODEL_STRINGS} and one per {JSON_STOP_BYTES} bytes); "
+                             "expected a request body, not a list of them")
         end = yield from _json_string_end(body, pos)
         if depth <= 0:
             raise ValueError(f"data after the top-level object at byte {pos}")
@@ -5211,19 +5300,22 @@ class Server:
         held: Optional[bool] = None  # a held stream's head was sent (chunked if True)
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
+        proto.relayed = False
         bad_path: Optional[HTTPError] = None
         raw_path = head.target.split("?", 1)[0]  # logged: visible ASCII, unlike the decoded one
-        cors = cors_headers(self.config.cors_origins, head.get("origin"))
         try:
             path = route_path(head.target)
         except HTTPError as e:
             path, bad_path = raw_path, e
+        origins = _control_origins(self.config.cors_origins) if _is_control(path) \
+            else self.config.cors_origins
+        cors = cors_headers(origins, head.get("origin"))
         try:
             if is_preflight(head):
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
                 status = 204
-                await self._send(writer, proto, preflight_response(head, self.config.cors_origins))
+                await self._send(writer, proto, preflight_response(head, origins))
                 return head.keep_alive
             # Only GET and HEAD of /health and of the dashboard's page (no data in it: what
             # it shows it fetches with the key it asks for) go without a key.
@@ -5258,7 +5350,9 @@ class Server:
             if isinstance(ticket, Slot):
                 slot = ticket
             else:
-                if answer.stream and progress != "off" and head.method == "POST":
+                # Ollama's own API (/api/*) streams NDJSON, not SSE: comments would break it.
+                if answer.stream and progress != "off" and head.method == "POST" \
+                        and not path.startswith("/api/"):
                     held = head.version != "HTTP/1.0"  # chunked; else read until close
                     slot = await self._hold_stream(ticket, head, path, writer, proto, cors,
                                                    progress, held)
@@ -5287,8 +5381,7 @@ class Server:
             if model is not None and e.code == "upstream_unavailable":
                 self._backend_failed(model.name)  # refused or reset: is it down?
             if held is not None:  # its 200 head is out: the error ends the stream instead
-                event = error_event(e)
-                await self._send(writer, proto, encode_chunk(event) + b"0\r\n\r\n" if held else event)
+                await self._send(writer, proto, held_error(e, held))
                 return held and head.keep_alive
             await self._send(writer, proto, error_response(e, head.keep_alive, cors))
             return head.keep_alive
@@ -5307,7 +5400,12 @@ class Server:
             if task is not None and hasattr(task, "uncancel"):
                 task.uncancel()  # 3.11+: this cancellation was handled here
             status = 503 if not proto.responding else 502
-            if not proto.responding:
+            if held is not None and not proto.relayed:  # the backend had sent nothing yet
+                status = 503
+                await self._send(writer, proto, held_error(LLMuxError(
+                    f"the request to model '{model.name if model else '?'}' was cut: {cut}",
+                    status=503, code="request_cut"), held))
+            elif not proto.responding:
                 await self._send(writer, proto, error_response(LLMuxError(
                     f"the request to model '{model.name if model else '?'}' was cut: {cut}",
                     status=503, code="request_cut",
@@ -5459,6 +5557,7 @@ class Server:
     async def _route_events(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                             peer: Any) -> "_Stream":
         self._check_control_peer(peer)
+        self._check_control_origin(head)
         if len(self.events) >= EVENTS_MAX_SUBSCRIBERS:
             raise LLMuxError(f"too many /llmux/events streams open; expected at most "
                              f"{EVENTS_MAX_SUBSCRIBERS}; retry later", status=503,
@@ -5489,8 +5588,6 @@ class Server:
                     self.events.ping(sub)
             if not sub.dropped and not writer.transport.is_closing():
                 writer.write(b"0\r\n\r\n" if chunked else b"")
-            elif sub.dropped:
-                self.log.warning("events.dropped", peer=_peer(writer), reason=sub.done.result())
         finally:
             self.events.end(sub, "gone")
         return 200
@@ -5502,6 +5599,7 @@ class Server:
     async def _route_control(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                              peer: Any) -> "_Local":
         self._check_control_peer(peer)  # /llmux/* is never proxied
+        self._check_control_origin(head)
         return _Local.json(*await self._control(head.method, match.group(0)))
 
     async def _route_upstream(self, head: RequestHead, body: bytes, match: "re.Match[str]",
@@ -5644,6 +5742,22 @@ class Server:
                              status=401, type="authentication_error", code="invalid_api_key",
                              headers=[("www-authenticate", "Bearer")])
 
+    def _check_control_origin(self, head: RequestHead) -> None:
+        """A browser page of another origin may not use /llmux/* (a page on this host is a
+        loopback peer: with cors_origins "*" it could read hook output and, with a plain
+        form POST that needs no preflight, wake and sleep models).  Same-origin pages (the
+        dashboard), origins listed by name in cors_origins, and clients that send no
+        Origin (curl, SDKs) may."""
+        origin = head.get("origin")
+        if origin is None or origin.lower() in _control_origins(self.config.cors_origins):
+            return
+        if urllib.parse.urlsplit(origin.strip()).netloc.lower() == (head.get("host") or "").strip().lower():
+            return
+        raise LLMuxError(f"/llmux/ does not answer pages of other origins; expected a request "
+                         f"from the dashboard's own origin or one listed by name in cors_origins "
+                         f"(\"*\" does not count here); got Origin {origin[:MAX_ECHOED_NAME]}",
+                         status=403, type="permission_error", code="cross_origin_control")
+
     def _check_control_peer(self, peer: Any) -> None:
         """/llmux/* can wake and sleep models and shows hook output: without api_keys it
         answers only this host, unless allow_remote_control says otherwise.  With keys,
@@ -5738,6 +5852,15 @@ class Server:
             name = name[:MAX_ECHOED_NAME] + f"... ({len(name)} characters)"
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
+
+
+def _is_control(path: str) -> bool:
+    return path == "/llmux" or path.startswith("/llmux/")
+
+
+def _control_origins(origins: Sequence[str]) -> Tuple[str, ...]:
+    """cors_origins as they apply to /llmux/*: only origins named; never "*"."""
+    return tuple(o for o in origins if o != "*")
 
 
 def _wants_dashboard(head: RequestHead, path: str) -> bool:

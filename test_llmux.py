@@ -4275,9 +4275,14 @@ def test_a_body_of_model_strings_is_refused_after_a_bounded_number() -> None:
     """Regression (attack): the scanner stopped in Python at every "model" string at any
     depth: a 16 MB body of them cost 15 s of loop time."""
     body = b"{" + b'"model":"a",' * 5000 + b'"x":1}'
-    with pytest.raises(ValueError, match='more than 1024 "model" or "stream" strings'):
+    with pytest.raises(ValueError, match=r'more than 1961 "model" or "stream" strings \(1024 and one per 64 bytes\)'):
         llmux._json_model(body)
     assert llmux._json_model(b'{"a":[' + b'{"model":"x"},' * 1000 + b'1],"model":"b"}') == "b"
+    # Regression (attack): a real request, 1100 tools each with a "stream" parameter, was
+    # refused as "not valid JSON".
+    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": {
+        "type": "object", "properties": {"stream": {"type": "boolean"}}}}} for i in range(1100)]
+    assert llmux._json_model(json.dumps({"model": "b", "tools": tools}).encode()) == "b"
 
 
 def test_engine_control_routes_are_not_proxied(env: Env) -> None:
