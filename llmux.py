@@ -273,6 +273,7 @@ RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retri
 EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
 EVENTS_MAX_SUBSCRIBERS = 64  # 503: /llmux/events streams open at once
 EVENTS_PING_SECS = 15.0  # an idle event stream gets an SSE comment this often (proxies, LBs)
+EVENTS_FLUSH_SECS = 0.01  # events are written to readers in batches this far apart at most
 TIMELINE_LEN = 256  # model state changes kept for the snapshot (the dashboard's timeline)
 DEFAULT_PROGRESS_INTERVAL = 5.0  # a held stream gets a loading-status comment this often
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
@@ -2917,10 +2918,10 @@ class EventBus:
         self.metrics = metrics
         self.seq = 0  # events published so far (the SSE id; a gap means events were missed)
         self.subscribers: List[_Subscriber] = []
-        # Events of this loop iteration, written in one piece per subscriber at its end:
-        # a burst of N events costs each reader one write, not N.
+        # Events of the last EVENTS_FLUSH_SECS, written in one piece per subscriber: under
+        # load, each reader costs llmux one write per interval, not one per event.
         self._pending: List[bytes] = []
-        self._flush_handle: Optional[asyncio.Handle] = None
+        self._flush_handle: Optional[asyncio.TimerHandle] = None
 
     def __len__(self) -> int:
         return len(self.subscribers)
@@ -2939,8 +2940,8 @@ class EventBus:
         self.send(record)
 
     def send(self, record: Dict[str, Any], only: Optional[_Subscriber] = None) -> None:
-        """Queue ``record`` for every subscriber (written when this loop iteration ends),
-        or write it to ``only`` at once (its snapshot)."""
+        """Queue ``record`` for every subscriber (written within EVENTS_FLUSH_SECS), or
+        write it to ``only`` at once (its snapshot)."""
         data = b"id: %d\ndata: %s\n\n" % (record.get("seq", self.seq), json.dumps(
             record, default=str, separators=(",", ":")).encode())
         if only is not None:
@@ -2948,7 +2949,7 @@ class EventBus:
             return
         self._pending.append(data)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(EVENTS_FLUSH_SECS, self.flush)
 
     def flush(self) -> None:
         """Write the queued events to every subscriber, one write each."""
