@@ -5858,6 +5858,8 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 DASHBOARD_HTML = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>llmux</title><link rel="icon" href="data:,">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline';
+  style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'">
 <style>
 :root { --bg: #101318; --panel: #181c23; --fg: #dde3ec; --dim: #8b95a7; --line: #2a303b; --well: #12151b;
   --waking: #e5c07b; --active: #98c379; --draining: #d19a66; --sleeping: #61afef; --bad: #e06c75; }

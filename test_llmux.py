@@ -5452,7 +5452,7 @@ def save_screenshot(page: Chromium, tmp: Path) -> None:
 
 def test_dashboard_shows_state_switches_and_controls_in_a_browser(env: Env, page: Chromium,
                                                                    tmp_path: Path) -> None:
-    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    lx = env.start({"a": env.model("a", wake_extra="echo '<b>weights</b> loaded'"), "b": env.model("b")})
     page.open(f"http://127.0.0.1:{lx.port}/llmux/ui")
     page.wait('document.querySelector(\'[data-model="a"][data-state="asleep"]\')')
     assert lx.chat("a")[0] == 200 and lx.chat("b")[0] == 200
@@ -5464,6 +5464,9 @@ def test_dashboard_shows_state_switches_and_controls_in_a_browser(env: Env, page
     assert page.js('document.querySelectorAll(\'[data-lane="a"] [data-state="active"]\').length') == 1
     assert page.js('document.querySelector(\'[data-switch="-->a"]\').dataset.result') == "ok"
     page.wait('document.getElementById("costs").textContent.includes("a → b")')
+    # Hook output is text, never markup.
+    assert "<b>weights</b> loaded" in page.js('document.getElementById("output").textContent')
+    assert page.js('document.querySelector("#output b")') is None
     save_screenshot(page, tmp_path)
     page.click('[data-model="b"] button[data-action="sleep"]')
     page.wait('document.querySelector(\'[data-model="b"][data-state="asleep"]\') && '
@@ -5472,9 +5475,10 @@ def test_dashboard_shows_state_switches_and_controls_in_a_browser(env: Env, page
     assert env.lines()[-2:] == ["sleep-start b", "sleep-end b"]
 
 
-def test_dashboard_asks_for_the_api_key_and_escapes_names(env: Env, page: Chromium,
-                                                           tmp_path: Path) -> None:
-    lx = env.start({"a": env.model("a"), "<i>b</i>": env.model("b")}, api_keys=["k"])
+def test_dashboard_asks_for_the_api_key_and_shows_a_failed_wake(env: Env, page: Chromium,
+                                                                 tmp_path: Path) -> None:
+    lx = env.start({"a": env.model("a"), "<i>b</i>": env.model(
+        "b", wake_extra="echo 'out of <i>memory</i>' >&2; exit 3")}, api_keys=["k"])
     page.open(f"http://127.0.0.1:{lx.port}/llmux/ui")  # the page itself needs no key
     page.wait('!document.getElementById("keyform").hidden')
     page.js('document.getElementById("key").value = "wrong"; '
@@ -5490,6 +5494,16 @@ def test_dashboard_asks_for_the_api_key_and_escapes_names(env: Env, page: Chromi
     assert page.js('document.querySelector("#models i")') is None
     assert page.js('document.querySelectorAll("[data-model]")[1].dataset.model') == "<i>b</i>"
     assert page.js('document.querySelectorAll("[data-model]")[1].cells[0].textContent') == "<i>b</i>"
+    status, _, _ = lx.request("POST", "/v1/chat/completions", {"model": "<i>b</i>", "messages": []},
+                              {"authorization": "Bearer k"})
+    assert status == 503
+    failed = 'document.querySelector(\'[data-switch="--><i>b</i>"][data-result="failed"]\')'
+    page.wait(failed)
+    assert page.js(failed + ".textContent").endswith(
+        "hook 'wake' for model '<i>b</i>' exited 3: out of <i>memory</i>")
+    assert page.js('document.querySelector(\'[data-hook="<i>b</i> wake"]\').dataset.ok') == "false"
+    assert page.js('document.querySelector("main i:not(.waking):not(.active):not(.draining)'
+                   ':not(.sleeping):not(.failed)")') is None
     save_screenshot(page, tmp_path)
 
 
