@@ -56,7 +56,7 @@ def in_background(port: int, model: str, stream: bool = False) -> threading.Thre
     return t
 
 
-def config(tmp: Path, procs: List[subprocess.Popen]) -> Dict[str, Any]:
+def config(procs: List[subprocess.Popen]) -> Dict[str, Any]:
     models: Dict[str, Any] = {}
     for name, (size, wake) in MODELS.items():
         sock = socket.create_server(("127.0.0.1", 0))
@@ -82,17 +82,19 @@ def main() -> int:
     procs: List[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "config.json").write_text(json.dumps(config(tmp, procs)))
+        (tmp / "config.json").write_text(json.dumps(config(procs)))
         log = open(tmp / "llmux.log", "w")
         procs.append(subprocess.Popen([sys.executable, LLMUX, "-c", str(tmp / "config.json"), "-p", "0",
                                        "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT))
         try:
             deadline = time.monotonic() + 15
-            while not re.search(r"listening url=http://127\.0\.0\.1:(\d+)", (tmp / "llmux.log").read_text()):
+            while True:
+                listening = re.search(r"listening url=http://127\.0\.0\.1:(\d+)", (tmp / "llmux.log").read_text())
+                if listening:
+                    break
                 assert time.monotonic() < deadline, "llmux did not start"
                 time.sleep(0.05)
-            port = int(re.search(r"listening url=http://127\.0\.0\.1:(\d+)",
-                                 (tmp / "llmux.log").read_text()).group(1))
+            port = int(listening.group(1))
             with Chromium(tmp) as page:
                 page.open(f"http://127.0.0.1:{port}/llmux/ui")
                 page.wait('document.querySelector("[data-model]")')
