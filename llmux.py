@@ -6003,11 +6003,367 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 # ─────────────────────────────────────── dashboard ──────────────────────────────────────
 # GET /llmux/ui (and / from a browser): one page, no external assets, live through
-# /llmux/events.  Its data needs the API key when keys are set; it asks for it.
+# /llmux/events.  Its data needs the API key when keys are set; it asks for it.  Hooks
+# the tests (and scripts) read: model rows carry data-model and data-state; #active lists
+# the active models; each switch is an li with data-switch="a->b" (or "-->b", "b->-")
+# and data-result; timeline lanes are data-lane=NAME holding data-state segments;
+# hook results carry data-hook="NAME wake" and data-ok; the key form is #keyform.
 
-DASHBOARD_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>llmux</title></head>
-<body><h1>llmux</h1><div id="models"></div></body></html>
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>llmux</title><link rel="icon" href="data:,">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline';
+  style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'">
+<style>
+:root { --bg: #101318; --panel: #181c23; --fg: #dde3ec; --dim: #8b95a7; --line: #2a303b; --well: #12151b;
+  --waking: #e5c07b; --active: #98c379; --draining: #d19a66; --sleeping: #61afef; --bad: #e06c75; }
+body { margin: 0; font: 13px/1.45 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: baseline; padding: 8px 16px;
+  border-bottom: 1px solid var(--line); }
+header h1 { font-size: 17px; margin: 0; }
+#conn { margin-left: auto; }
+main { display: grid; grid-template-columns: repeat(6, 1fr); gap: 10px; padding: 10px 16px; }
+section { grid-column: span 2; background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+  padding: 6px 12px 8px; min-width: 0; }
+.wide { grid-column: 1 / -1; } .two { grid-column: span 4; }
+h2 { font-size: 11px; text-transform: uppercase; letter-spacing: .06em; color: var(--dim); margin: 0 0 4px; font-weight: 600; }
+#now h2 { display: inline; margin-right: 12px; }
+table { border-collapse: collapse; width: 100%; }
+td, th { text-align: left; padding: 2px 8px 2px 0; border-bottom: 1px solid var(--line); white-space: nowrap; }
+th { color: var(--dim); font-weight: normal; }
+td.err { white-space: normal; }
+.n { font-variant-numeric: tabular-nums; }
+.dim, #active:empty::after { color: var(--dim); }
+#active:empty::after { content: "none"; font-weight: normal; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 3px; color: #111; background: var(--line); }
+.badge.asleep { color: var(--dim); }
+.waking { background: var(--waking); } .active { background: var(--active); }
+.draining { background: var(--draining); } .sleeping { background: var(--sleeping); }
+.ok { color: var(--active); } .failed, .abandoned, .err, .error, .stderr { color: var(--bad); }
+.warning { color: var(--waking); }
+button { background: #262c37; color: var(--fg); border: 1px solid var(--line); border-radius: 4px; padding: 0 8px;
+  cursor: pointer; }
+button:disabled { opacity: .35; cursor: default; }
+#keyform { margin: 10px 16px 0; padding: 8px 12px; border: 1px solid var(--waking); border-radius: 6px; }
+#keyform[hidden] { display: none; }
+#keyform input { background: var(--bg); color: var(--fg); border: 1px solid var(--line); padding: 2px 6px; width: 22em; }
+.lanes { display: grid; grid-template-columns: max-content 1fr; gap: 4px 10px; align-items: center; }
+.lane, .bar { position: relative; height: 16px; background: var(--well); border-radius: 3px; overflow: hidden; }
+.seg { position: absolute; top: 0; bottom: 0; min-width: 2px; }
+.seg.failed { background: repeating-linear-gradient(135deg, var(--bad) 0 4px, #5a2a2e 4px 8px); }
+.bar { display: flex; margin-top: 4px; }
+.bar div { border-right: 2px solid var(--panel); color: #111; font-size: 11px; padding-left: 4px; overflow: hidden;
+  white-space: nowrap; }
+.axis { display: flex; justify-content: space-between; color: var(--dim); font-size: 11px; }
+.legend i { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; border-radius: 2px; }
+ol, ul { margin: 0; padding: 0; list-style: none; max-height: 240px; overflow: auto; }
+li { padding: 2px 0; border-bottom: 1px solid var(--line); }
+#output { font: 12px/1.4 ui-monospace, monospace; max-height: 240px; overflow: auto; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+#notices { max-height: 120px; }
+#notices:empty::after, #output:empty::after { content: "none"; color: var(--dim); }
+</style></head>
+<body>
+<header><h1>llmux</h1><span>active: <b id="active"></b></span><span id="state" class="dim"></span>
+  <span id="policy" class="dim"></span><span id="conn" class="dim">connecting</span></header>
+<form id="keyform" hidden><label>API key <input id="key" type="password" autocomplete="off"></label>
+  <button>connect</button> <span id="keymsg" class="warning"></span></form>
+<main>
+<section id="now" class="wide"><h2>switch in progress</h2><span id="switching" class="dim">none</span></section>
+<section class="two"><h2>models</h2><table><thead><tr><th>model</th><th>state</th><th>for</th><th>in flight</th>
+  <th>queued</th><th>size</th><th>eta</th><th></th></tr></thead><tbody id="models"></tbody></table>
+  <div id="capacity" class="dim"></div></section>
+<section><h2>switch costs (measured)</h2><table><tbody id="costs"></tbody></table></section>
+<section class="wide"><h2>timeline</h2><div id="lanes" class="lanes"></div>
+  <div class="legend dim"><i class="waking"></i>waking <i class="active"></i>active <i class="draining"></i>draining
+  <i class="sleeping"></i>sleeping <i class="seg failed" style="position: static"></i>failed</div></section>
+<section><h2>switches</h2><ol id="switches"></ol></section>
+<section><h2>hooks: last run (average)</h2><table><tbody id="hooks"></tbody></table></section>
+<section><h2>hook output (newest first)</h2><div id="output"></div></section>
+<section class="wide"><h2>warnings and errors</h2><ul id="notices"></ul></section>
+</main>
+<script>
+"use strict";
+const KEY = "llmux-key", SHOWN = ["waking", "active", "draining", "sleeping"];
+const FAILS = ["wake_failed", "sleep_failed", "died"];  // a lane segment that ended this way is red
+let S = null;  // the last snapshot, kept up to date by the events that follow it
+let skew = 0;  // server clock minus ours, in seconds: every time in the stream is the server's
+let pending = {}, outputs = [], notices = [], hookError = null;
+let stream = null, lastData = 0, keyWaiter = null, timer = null;
+const $ = (id) => document.getElementById(id);
+const now = () => Date.now() / 1000 + skew;
+
+// Every text goes in as a text node: model names and hook output are never parsed as HTML.
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v != null) e.setAttribute(k, v);
+  e.append(...kids.filter((k) => k != null).map((k) => (k instanceof Node ? k : String(k))));
+  return e;
+}
+function secs(s) {
+  if (s == null) return "";
+  s = Math.max(0, s);
+  return s < 10 ? s.toFixed(2) + " s" : s < 120 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
+}
+const clock = (ts) => new Date((ts - skew) * 1000).toLocaleTimeString();
+const key = (from, to) => (Array.isArray(from) ? from.join(",") : from || "-") + "->" + (to || "-");
+const label = (from, to) => (Array.isArray(from) ? from.join(", ") : from || "(none)") + " → " + (to || "(asleep)");
+const left = (eta, at) => (eta == null ? null : Math.max(0, eta - (now() - at)));
+const trim = (list, n) => list.splice(0, Math.max(0, list.length - n));
+
+function headers() {
+  const k = sessionStorage.getItem(KEY);
+  return k ? { Authorization: "Bearer " + k } : {};
+}
+async function errorText(r) {
+  try { return (await r.json()).error.message; } catch (e) { return "HTTP " + r.status; }
+}
+function askKey() {
+  $("keymsg").textContent = sessionStorage.getItem(KEY) ? "that key was refused" : "this llmux needs an API key";
+  $("keyform").hidden = false;
+  $("key").focus();
+  setConn("waiting for the API key", "warning");
+  return new Promise((resolve) => { keyWaiter = resolve; });
+}
+$("keyform").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("key").value = "";
+  $("keyform").hidden = true;
+  if (keyWaiter) keyWaiter();
+});
+function setConn(text, cls) { $("conn").textContent = text; $("conn").className = cls || "dim"; }
+function notice(level, text, ts) { notices.push({ ts: ts || now(), level, text }); trim(notices, 30); schedule(); }
+function hooksOf(model, create) {
+  if (create && !S.hooks[model]) S.hooks[model] = {};
+  return S.hooks[model] || {};
+}
+
+async function control(name, action) {
+  const r = await fetch("/llmux/models/" + encodeURIComponent(name) + "/" + action,
+                        { method: "POST", headers: headers() });
+  if (r.status === 401) askKey();
+  else if (!r.ok) notice("error", action + " " + name + ": " + (await errorText(r)));
+}
+
+// One /llmux/events stream at a time (fetch, not EventSource: it can send the key); when
+// it ends, wait a little and open another: its snapshot replaces everything.
+async function connect() {
+  for (let backoff = 500; ; backoff = Math.min(backoff * 2, 8000)) {
+    stream = new AbortController();
+    lastData = Date.now();
+    try {
+      const r = await fetch("/llmux/events", { headers: headers(), signal: stream.signal, cache: "no-store" });
+      if (r.status === 401) { await askKey(); backoff = 250; continue; }
+      if (!r.ok) throw new Error(await errorText(r));
+      const reader = r.body.getReader(), dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        lastData = Date.now();
+        buf += dec.decode(value, { stream: true }).replace(/\r/g, "");
+        for (let i; (i = buf.indexOf("\n\n")) >= 0; buf = buf.slice(i + 2)) {
+          const data = buf.slice(0, i).split("\n").filter((l) => l.startsWith("data:"))
+            .map((l) => l.slice(5).trim()).join("\n");
+          if (data) { handle(JSON.parse(data)); backoff = 500; }
+        }
+      }
+      setConn("stream ended; reconnecting", "warning");
+    } catch (e) {
+      setConn("disconnected (" + e.message + "); retrying", "error");
+    }
+    await new Promise((resolve) => setTimeout(resolve, backoff));
+  }
+}
+
+function snapshot(ev) {
+  S = ev;
+  skew = ev.ts - Date.now() / 1000;
+  pending = {};
+  for (const [n, m] of Object.entries(S.models)) { pending[n] = m.in_flight + m.queued; m.eta_at = ev.ts; }
+  if (S.switching) S.switching.eta_at = ev.ts;
+  // A switch's record does not say why it failed; its target's failed wake hook does.
+  const failed = S.switches.filter((s) => s.result === "failed" && hooksOf(s.to).wake && !hooksOf(s.to).wake.ok);
+  if (failed.length) failed[failed.length - 1].error = hooksOf(failed[failed.length - 1].to).wake.error;
+  $("keyform").hidden = true;
+  setConn("live", "ok");
+}
+
+function handle(ev) {
+  if (ev.event === "snapshot") snapshot(ev);
+  if (!S) return;
+  const m = S.models[ev.model];
+  switch (ev.event) {
+    case "model.state":
+      if (m) { m.state = ev.to; m.since = ev.ts; if (ev.to === "active") m.eta_secs = null; }
+      S.timeline.push({ at: ev.ts, model: ev.model, from: ev.from, to: ev.to, on: ev.on, reason: ev.reason });
+      trim(S.timeline, 256);
+      S.active = Object.keys(S.models).filter((n) => S.models[n].state === "active");
+      S.capacity_used = Object.values(S.models).reduce((sum, x) => sum + (x.state === "asleep" ? 0 : x.size), 0);
+      break;
+    case "switch.start": {
+      // Its ETA: llmux's own for the request that started it (request.queued, just before).
+      const to = S.models[ev.to] || {}, known = to.eta_secs != null;
+      hookError = null;
+      S.state = "switching";
+      S.switching = { from: ev.from ? ev.from.split(",") : [], to: ev.to || null, started: ev.ts,
+                      phase: ev.from ? "draining" : "starting", phase_model: ev.from || null, phase_since: ev.ts,
+                      eta_secs: known ? to.eta_secs : S.switch_cost_secs[key(ev.from, ev.to)],
+                      eta_at: known ? to.eta_at : ev.ts };
+      break;
+    }
+    case "switch.phase":
+      if (S.switching) Object.assign(S.switching, { phase: ev.phase, phase_model: ev.model, phase_since: ev.ts });
+      break;
+    case "switch.end":
+      S.state = "idle";
+      S.switching = null;
+      S.switches.push({ from: ev.from, to: ev.to, result: ev.result, secs: ev.secs, drain_secs: ev.drain_secs,
+                        at: ev.ts, error: ev.result === "ok" ? null : hookError });
+      trim(S.switches, 32);
+      refreshCosts();
+      break;
+    case "hook.start": hooksOf(ev.model, true)[ev.hook] = { running: true }; break;
+    case "hook.exit":
+      hooksOf(ev.model, true)[ev.hook] = { ok: ev.code === 0 && !ev.error, exit_code: ev.code, secs: ev.secs,
+                                          error: ev.error || null };
+      if (ev.error) hookError = ev.error;
+      break;
+    case "hook.output": outputs.push(ev); trim(outputs, 80); break;
+    case "queue":
+      S.queued = ev.queued;
+      for (const [n, d] of Object.entries(ev.models)) {
+        if (S.models[n]) S.models[n].queued = d;
+        if (S.models[n] && !d) S.models[n].eta_secs = null;
+      }
+      break;
+    case "request.queued": if (m) { m.eta_secs = ev.eta_secs; m.eta_at = ev.ts; } break;
+    case "request.start": pending[ev.model] = (pending[ev.model] || 0) + 1; break;
+    case "request": if (ev.model in pending) pending[ev.model] = Math.max(0, pending[ev.model] - 1); break;
+    case "reload.done": stream.abort(); break;  // models may have come or gone: start from a new snapshot
+  }
+  if (ev.level === "warning" || ev.level === "error") {
+    const fields = Object.entries(ev).filter(([k]) => !["seq", "ts", "event", "level"].includes(k));
+    notice(ev.level, ev.event + " " + fields.map(([k, v]) => k + "=" + JSON.stringify(v)).join(" "), ev.ts);
+  }
+  schedule();
+}
+
+async function refreshCosts() {  // llmux averages the costs: ask for them after a switch
+  const r = await fetch("/llmux/status", { headers: headers(), cache: "no-store" });
+  if (!r.ok || !S) return;
+  const st = await r.json();
+  Object.assign(S, { switch_cost_secs: st.switch_cost_secs, hook_cost_secs: st.hook_cost_secs });
+  schedule();
+}
+
+function schedule() { if (!timer) timer = setTimeout(render, 30); }
+const rows = (list, empty) => (list.length ? list : [el("tr", {}, el("td", { class: "dim" }, empty))]);
+
+function render() {
+  timer = null;
+  if (!S) return;
+  const t = now(), sw = S.switching;
+  $("active").textContent = S.active.join(", ");
+  $("state").textContent = S.state + (S.queued ? ", " + S.queued + " queued" : "");
+  $("policy").textContent = "policy " + S.policy + " · llmux " + S.version;
+  $("switching").className = sw ? "" : "dim";
+  $("switching").textContent = !sw ? "none" : label(sw.from, sw.to) + ": " + sw.phase + " " + (sw.phase_model || "") +
+    " for " + secs(t - sw.phase_since) + " (switch running " + secs(t - sw.started) + "), eta " +
+    (sw.eta_secs == null ? "unknown: never measured" : secs(left(sw.eta_secs, sw.eta_at)));
+  renderModels(t);
+  renderLanes(t);
+  $("switches").replaceChildren(...S.switches.slice().reverse().map((s) => el("li",
+    { "data-switch": key(s.from, s.to), "data-result": s.result },
+    el("span", { class: "dim" }, clock(s.at) + " "), label(s.from, s.to), " ", el("b", { class: s.result }, s.result),
+    " in " + secs(s.secs) + (s.drain_secs ? " (drain " + secs(s.drain_secs) + ")" : ""),
+    s.reason ? el("span", { class: "dim" }, " · " + s.reason) : null,
+    s.error ? el("div", { class: "err" }, s.error) : null)));
+  $("costs").replaceChildren(...rows(Object.entries(S.switch_cost_secs).map(([k, v]) => el("tr", {},
+    el("td", {}, label(...k.split("->").map((n) => (n === "-" ? null : n)))), el("td", { class: "n" }, secs(v)))),
+    "nothing measured yet"));
+  const hooks = [];
+  for (const [model, hs] of Object.entries(S.hooks)) {
+    for (const [hook, h] of Object.entries(hs)) {
+      const avg = S.hook_cost_secs[model + " " + hook], result = h.running ? "running" : h.ok ? "ok" : "failed";
+      hooks.push(el("tr", { "data-hook": model + " " + hook, "data-ok": h.running ? "running" : String(h.ok) },
+        el("td", {}, model), el("td", {}, hook),
+        el("td", { class: result }, result === "failed" ? "exit " + h.exit_code : result),
+        el("td", { class: "n" }, secs(h.secs), avg != null ? el("span", { class: "dim" }, " (" + secs(avg) + ")") : null)));
+      if (h.error) hooks.push(el("tr", {}, el("td", { class: "err", colspan: 4 }, h.error)));
+    }
+  }
+  $("hooks").replaceChildren(...rows(hooks, "no hook has run yet"));
+  $("output").replaceChildren(...outputs.slice().reverse().map((o) => el("div", { class: o.stream },
+    el("span", { class: "dim" }, clock(o.ts) + " " + o.model + " " + o.hook + ": "), o.text)));
+  $("notices").replaceChildren(...notices.slice().reverse().map((n) =>
+    el("li", { class: n.level }, el("span", { class: "dim" }, clock(n.ts) + " "), n.text)));
+}
+
+function renderModels(t) {
+  const body = $("models"), names = Object.keys(S.models);
+  if (body.dataset.names !== JSON.stringify(names)) {  // rows are kept, so a click is never lost to a redraw
+    body.dataset.names = JSON.stringify(names);
+    body.replaceChildren(...names.map((name) => {
+      const buttons = ["wake", "sleep"].map((a) => el("button", { "data-action": a }, a));
+      buttons.forEach((b) => b.addEventListener("click", () => control(name, b.dataset.action)));
+      return el("tr", { "data-model": name }, el("td", {}, el("b", {}, name)), el("td", {}, el("span", {})),
+        ...[0, 1, 2, 3, 4].map(() => el("td", { class: "n" })), el("td", {}, ...buttons));
+    }));
+  }
+  for (const tr of body.children) {
+    const name = tr.dataset.model, m = S.models[name], c = tr.children;
+    tr.dataset.state = m.state;
+    c[1].firstChild.className = "badge " + m.state;
+    c[1].firstChild.textContent = m.state;
+    c[2].textContent = secs(t - m.since);
+    // Requests started and not yet answered, less those queued: llmux does not publish slots.
+    c[3].textContent = Math.max(0, (pending[name] || 0) - m.queued) +
+      (m.max_in_flight != null ? " / " + m.max_in_flight : "");
+    c[4].textContent = m.queued;
+    c[5].textContent = m.size + (S.capacity != null ? " / " + S.capacity : "");
+    c[6].textContent = secs(left(m.eta_secs, m.eta_at));
+    c[7].children[0].disabled = m.state === "active" || !!S.switching;
+    c[7].children[1].disabled = m.state === "asleep" || !!S.switching;
+  }
+  if (S.capacity == null) return $("capacity").replaceChildren("capacity: one model at a time");
+  $("capacity").replaceChildren("capacity: " + S.capacity_used + " of " + S.capacity + " in use",
+    el("div", { class: "bar" }, ...names.filter((n) => S.models[n].state !== "asleep").map((n) => el("div",
+      { class: S.models[n].state, style: "width:" + (100 * S.models[n].size / S.capacity) + "%" }, n))));
+}
+
+// Per model, the states it was in over the last minutes, from the timeline of changes.
+function renderLanes(t) {
+  const first = S.timeline.length ? S.timeline[0].at : t;
+  const span = Math.min(900, Math.max(30, (t - first) * 1.05)), t0 = t - span;
+  const lanes = [];
+  for (const name of Object.keys(S.models)) {
+    const lane = el("div", { class: "lane", "data-lane": name });
+    const changes = S.timeline.filter((e) => e.model === name);
+    let state = changes.length ? changes[0].from : S.models[name].state, start = t0;
+    const add = (end, failed) => {
+      if (!SHOWN.includes(state) || end < t0) return;
+      const a = Math.max(start, t0);
+      lane.append(el("div", { class: "seg " + state + (failed ? " failed" : ""), "data-state": state,
+        title: name + " " + state + " at " + clock(start) + " for " + secs(end - start),
+        style: "left:" + (100 * (a - t0) / span) + "%;width:" + (100 * (end - a) / span) + "%" }));
+    };
+    for (const e of changes) { add(e.at, FAILS.includes(e.on)); state = e.to; start = e.at; }
+    add(t, false);
+    lanes.push(el("span", {}, name), lane);
+  }
+  lanes.push(el("span"), el("div", { class: "axis" }, el("span", {}, "−" + secs(span)), el("span", {}, "now")));
+  $("lanes").replaceChildren(...lanes);
+}
+
+setInterval(() => {
+  schedule();
+  if (stream && Date.now() - lastData > 45000) stream.abort();  // no ping for 45 s: the stream is dead
+}, 1000);
+connect();
+</script>
+</body></html>
 """
 
 

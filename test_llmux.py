@@ -10,6 +10,7 @@ hung test (and its child processes) outright.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import faulthandler
@@ -5302,6 +5303,232 @@ def test_control_sleep_drains_first_and_409_while_switching(env: Env) -> None:
     assert join(t, box)[0] == 200
     lines = env.lines()
     assert lines.index("stream-end a") < lines.index("sleep-start a")
+
+
+# The dashboard in a real browser: headless Chromium driven over the DevTools protocol
+# on a pipe (--remote-debugging-pipe: JSON messages ending in NUL, commands read from its
+# fd 3, answers written to its fd 4), so no websocket client is needed.
+
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-default-apps", "--disable-domain-reliability", "--metrics-recording-only",
+                  "--hide-scrollbars", "--mute-audio",
+                  # Loopback bypasses a proxy; anything else the browser tries goes nowhere.
+                  "--proxy-server=127.0.0.1:9")
+
+
+# Puts the pipes on fds 3 and 4 and execs the browser (sh cannot name fds above 9).  The
+# copies come first (dup2(r, 3) would close w if w were 3); a copy already on 3 or 4 is
+# left as it is by dup2, close-on-exec included, hence set_inheritable.
+_FDS_3_AND_4 = """import os, sys
+r, w = int(sys.argv[1]), int(sys.argv[2])
+a, b = os.dup(r), os.dup(w)
+os.dup2(a, 3)
+os.dup2(b, 4)
+for fd in {r, w, a, b} - {3, 4}:
+    os.close(fd)
+os.set_inheritable(3, True)
+os.set_inheritable(4, True)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def chromium_binary() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium or chromium-browser binary on PATH: the dashboard is not tried in a browser")
+
+
+class DevToolsError(AssertionError):
+    """A DevTools command answered with an error."""
+
+
+class Chromium:
+    """One headless Chromium with one page, for a test; ``with`` kills it and its group."""
+
+    def __init__(self, tmp: Path, size: Tuple[int, int] = (1200, 800)) -> None:
+        binary = chromium_binary()
+        self.tmp = tmp
+        cmd_r, self._cmd_w = os.pipe()
+        self._ans_r, ans_w = os.pipe()
+        self.log = open(tmp / "chromium.log", "wb")
+        self.proc = spawn([sys.executable, "-c", _FDS_3_AND_4, str(cmd_r), str(ans_w), binary,
+                           *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}",
+                           "--remote-debugging-pipe", f"--window-size={size[0]},{size[1]}", "about:blank"],
+                          pass_fds=(cmd_r, ans_w), stdin=subprocess.DEVNULL, stdout=self.log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(cmd_r)
+        os.close(ans_w)
+        self._buf = b""
+        self._id = 0
+        self.session: Optional[str] = None
+        try:
+            target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.send("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1],
+                                                             "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "Chromium":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # renderers and helpers too
+        except ProcessLookupError:
+            pass
+        _kill(self.proc)
+        os.close(self._cmd_w)
+        os.close(self._ans_r)
+        self.log.close()
+
+    def send(self, method: str, params: Optional[Dict[str, Any]] = None, timeout: float = T) -> Dict[str, Any]:
+        """Send one command (to the page, once attached); return its result."""
+        self._id += 1
+        msg: Dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if self.session is not None:
+            msg["sessionId"] = self.session
+        data = json.dumps(msg).encode() + b"\0"
+        while data:
+            data = data[os.write(self._cmd_w, data):]
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline, method)
+            if reply.get("id") == self._id:  # anything else is an event: not needed here
+                if "error" in reply:
+                    raise DevToolsError(f"chromium: {method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def _read(self, deadline: float, method: str) -> Dict[str, Any]:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._ans_r], [], [], left)[0]:
+                raise AssertionError(f"chromium: no answer to {method} in time")
+            data = os.read(self._ans_r, 1 << 20)
+            if not data:
+                raise AssertionError(f"chromium exited; its log:\n{(self.tmp / 'chromium.log').read_text()[-3000:]}")
+            self._buf += data
+        msg, _, self._buf = self._buf.partition(b"\0")
+        return json.loads(msg)
+
+    def open(self, url: str) -> None:
+        self.send("Page.navigate", {"url": url})
+
+    def js(self, expression: str, timeout: float = T) -> Any:
+        """The value of a JavaScript expression in the page (a promise is awaited)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                "awaitPromise": True}, timeout + 1)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"chromium: {expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait(self, condition: str, timeout: float = T) -> None:
+        """Wait until a JavaScript condition holds in the page: checked in the page on every
+        change to its DOM, so nothing here sleeps."""
+        waiter = ("new Promise((resolve) => { const check = () => { try { return !!(%s); } "
+                  "catch (e) { return false; } }; if (check()) return resolve(true); "
+                  "const seen = new MutationObserver(() => { if (check()) { seen.disconnect(); resolve(true); } }); "
+                  "seen.observe(document, {subtree: true, childList: true, attributes: true, characterData: true}); "
+                  "setTimeout(() => { seen.disconnect(); resolve(false); }, %d); })") % (condition, timeout * 1000)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.js(waiter, max(0.0, deadline - time.monotonic())):
+                    return
+                break
+            except DevToolsError as e:
+                # A navigation destroys the document the check ran in: check the new one.
+                if "context" not in str(e) or time.monotonic() > deadline:
+                    raise
+        self.screenshot(self.tmp / "timed-out.png")
+        raise AssertionError(f"the page never showed {condition}; it shows:\n"
+                             + str(self.js("document.body ? document.body.innerText : ''")))
+
+    def click(self, selector: str) -> None:
+        assert self.js(f"(() => {{ const b = document.querySelector({json.dumps(selector)}); "
+                       "if (!b || b.disabled) return false; b.click(); return true; })()"), selector
+
+    def screenshot(self, path: Path) -> None:
+        png = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        Path(path).write_bytes(base64.b64decode(png))
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Any:
+    """A headless Chromium page (the test is skipped when there is no chromium)."""
+    with Chromium(tmp_path) as browser:
+        yield browser
+
+
+def save_screenshot(page: Chromium, tmp: Path) -> None:
+    page.screenshot(tmp / "dashboard.png")
+    if os.environ.get("LLMUX_SCREENSHOT"):
+        page.screenshot(Path(os.environ["LLMUX_SCREENSHOT"]))
+
+
+def test_dashboard_shows_state_switches_and_controls_in_a_browser(env: Env, page: Chromium,
+                                                                   tmp_path: Path) -> None:
+    lx = env.start({"a": env.model("a", wake_extra="echo '<b>weights</b> loaded'"), "b": env.model("b")})
+    page.open(f"http://127.0.0.1:{lx.port}/llmux/ui")
+    page.wait('document.querySelector(\'[data-model="a"][data-state="asleep"]\')')
+    assert lx.chat("a")[0] == 200 and lx.chat("b")[0] == 200
+    page.wait('document.querySelector(\'[data-model="b"][data-state="active"]\') && '
+              'document.querySelector(\'[data-switch="a->b"][data-result="ok"]\')')
+    assert page.js('document.getElementById("active").textContent') == "b"
+    assert page.js('document.querySelector(\'[data-model="a"]\').dataset.state') == "asleep"
+    # a's lane shows it was awake; the costs of both switches are listed.
+    assert page.js('document.querySelectorAll(\'[data-lane="a"] [data-state="active"]\').length') == 1
+    assert page.js('document.querySelector(\'[data-switch="-->a"]\').dataset.result') == "ok"
+    page.wait('document.getElementById("costs").textContent.includes("a → b")')
+    # Hook output is text, never markup.
+    assert "<b>weights</b> loaded" in page.js('document.getElementById("output").textContent')
+    assert page.js('document.querySelector("#output b")') is None
+    save_screenshot(page, tmp_path)
+    page.click('[data-model="b"] button[data-action="sleep"]')
+    page.wait('document.querySelector(\'[data-model="b"][data-state="asleep"]\') && '
+              'document.querySelector(\'[data-switch="b->-"][data-result="ok"]\')')
+    assert page.js('document.getElementById("active").textContent') == ""
+    assert env.lines()[-2:] == ["sleep-start b", "sleep-end b"]
+
+
+def test_dashboard_asks_for_the_api_key_and_shows_a_failed_wake(env: Env, page: Chromium,
+                                                                 tmp_path: Path) -> None:
+    lx = env.start({"a": env.model("a"), "<i>b</i>": env.model(
+        "b", wake_extra="echo 'out of <i>memory</i>' >&2; exit 3")}, api_keys=["k"])
+    page.open(f"http://127.0.0.1:{lx.port}/llmux/ui")  # the page itself needs no key
+    page.wait('!document.getElementById("keyform").hidden')
+    page.js('document.getElementById("key").value = "wrong"; '
+            'document.getElementById("keyform").requestSubmit()')
+    page.wait('!document.getElementById("keyform").hidden && '
+              'document.getElementById("keymsg").textContent.includes("refused")')
+    page.js('document.getElementById("key").value = "k"; '
+            'document.getElementById("keyform").requestSubmit()')
+    page.wait('document.querySelectorAll("[data-model]").length == 2')
+    assert page.js('sessionStorage.getItem("llmux-key")') == "k"
+    assert page.js('document.getElementById("keyform").hidden') is True
+    # A model's name is text, never markup.
+    assert page.js('document.querySelector("#models i")') is None
+    assert page.js('document.querySelectorAll("[data-model]")[1].dataset.model') == "<i>b</i>"
+    assert page.js('document.querySelectorAll("[data-model]")[1].cells[0].textContent') == "<i>b</i>"
+    status, _, _ = lx.request("POST", "/v1/chat/completions", {"model": "<i>b</i>", "messages": []},
+                              {"authorization": "Bearer k"})
+    assert status == 503
+    failed = 'document.querySelector(\'[data-switch="--><i>b</i>"][data-result="failed"]\')'
+    page.wait(failed)
+    assert page.js(failed + ".textContent").endswith(
+        "hook 'wake' for model '<i>b</i>' exited 3: out of <i>memory</i>")
+    assert page.js('document.querySelector(\'[data-hook="<i>b</i> wake"]\').dataset.ok') == "false"
+    assert page.js('document.querySelector("main i:not(.waking):not(.active):not(.draining)'
+                   ':not(.sleeping):not(.failed)")') is None
+    save_screenshot(page, tmp_path)
 
 
 # ─────────────────────────────── lifecycle ──────────────────────────────────────────────
