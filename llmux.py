@@ -2174,6 +2174,12 @@ class _Sink:
         return False
 
 
+def _abandon(fut: "asyncio.Future[Any]") -> None:
+    """A body read we stopped waiting for: closing its connection ends it, maybe with an
+    error that nobody wants (retrieved here, so it is not reported as lost)."""
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def _is_sse(resp: ResponseHead) -> bool:
     return "text/event-stream" in "".join(v for k, v in resp.headers if k == "content-type").lower()
 
@@ -2189,6 +2195,7 @@ async def _relay_as_event(pool: "UpstreamPool", port: int, model: str, conn: "_U
     await asyncio.wait([body_done, sink.full], return_when=asyncio.FIRST_COMPLETED)
     if not body_done.done():
         conn.close()
+        _abandon(body_done)
         return RelayResult(502, keep, UpstreamError(
             f"model '{model}' backend answered a streaming request with more than "
             f"{MAX_WRAPPED_BODY} bytes that are not an event stream"))
@@ -2264,6 +2271,7 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
                     pool.put(port, conn)
                 else:
                     conn.close()
+                    _abandon(body_done)
                 return RelayResult(resp.status, opened and head.keep_alive,
                                    backend_error(model, resp.status, b"".join(sink.parts)))
             started = True
@@ -3866,6 +3874,7 @@ class Switcher:
                       waiting=len(target.queue) if target else None, reason=reason or None)
         result = "failed"
         drain_secs = 0.0
+        failure: Optional[str] = None  # why it failed, for the log and /llmux/status
         try:
             # Phase 1: drain.
             if victims:
@@ -3902,6 +3911,7 @@ class Switcher:
             self._restore(target, victims, None)
             raise
         except Exception as e:
+            failure = _reason(e)
             if not isinstance(e, HookError):
                 self._internal_error("switch", e)
             await self._restore_and_clean(target, victims, e)
@@ -3909,10 +3919,10 @@ class Switcher:
         finally:
             secs = self.clock() - started
             self.log.info("switch.end", from_=frm or None, to=to or None, result=result,
-                          secs=round(secs, 3), drain_secs=round(drain_secs, 3))
+                          secs=round(secs, 3), drain_secs=round(drain_secs, 3), error=failure)
             record = {"from": frm or None, "to": to or None, "result": result,
                       "reason": reason or None, "secs": round(secs, 6),
-                      "drain_secs": round(drain_secs, 6), "at": time.time()}
+                      "drain_secs": round(drain_secs, 6), "at": time.time(), "error": failure}
             self.history.append(record)
             if self.switch_log is not None:
                 self.switch_log.append(record)

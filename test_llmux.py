@@ -6059,6 +6059,8 @@ def test_a_failed_wake_ends_a_held_stream_with_an_error_event(env: Env) -> None:
     assert again.status == 200 and json.loads(again.read())["backend"] == "a"
     conn.close()
     assert 'llmux_requests_total{model="b",status="503"} 1' in lx.request("GET", "/metrics")[2].decode()
+    assert lx.request("GET", "/llmux/status")[2]["switches"][-1]["error"] == \
+        "hook 'wake' for model 'b' exited 3: CUDA out of memory"
 
 
 def test_a_held_stream_passes_on_the_backends_error(env: Env) -> None:
@@ -6276,7 +6278,8 @@ def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
         fast_t, _ = await loop.create_connection(asyncio.Protocol, sock=pairs[1][0])
         fast_r, _ = await asyncio.open_connection(sock=pairs[1][1])
         metrics = llmux.llmux_metrics()
-        bus = llmux.EventBus(metrics=metrics)
+        stream = ListStream()
+        bus = llmux.EventBus(llmux.Log(stream), metrics)
         slow = bus.subscribe(slow_t, True)  # type: ignore[arg-type]
         fast = bus.subscribe(fast_t, True)  # type: ignore[arg-type]
         most = 0
@@ -6291,6 +6294,8 @@ def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
         assert slow.dropped and slow.done.result().startswith("it read too slowly")
         assert most <= llmux.EVENTS_MAX_BUFFERED and bus.subscribers == [fast]
         assert "llmux_events_dropped_subscribers_total 1" in metrics.render()
+        await asyncio.sleep(0)  # logged soon after, not inside the publish that dropped it
+        assert any(" events.dropped " in line and "it read too slowly" in line for line in stream.lines)
         got = 0
         while got < sent:
             line = await asyncio.wait_for(fast_r.readline(), T)
@@ -6304,6 +6309,155 @@ def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
         await asyncio.sleep(0)
 
     run_checked(go())
+
+
+def test_a_held_streams_endless_error_body_is_not_waited_for(env: Env) -> None:
+    """Regression (attack): a backend's non-2xx answer to a held stream was read to its
+    end, and one that never ended held the stream (and the slot) for ever."""
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
+                b"content-length: 1000000000\r\n\r\n" + b"x" * (256 * 1024))
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}})
+        assert lx.chat("a")[0] == 200
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})
+        events = sse_events(resp.read())
+        conn.close()
+        error = json.loads(events[-1][1])["error"]
+        assert error["message"].startswith("model 'r' backend answered 500: xxxx")
+        assert len(error["message"]) < 1200  # MAX_ECHOED_ERROR characters of it
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=500 .*held=true")
+    finally:
+        raw.stop()
+
+
+def test_a_held_stream_answered_with_json_gets_it_as_an_event(env: Env) -> None:
+    """Regression (attack): an engine that ignored "stream" answered JSON under llmux's
+    event-stream head: an SSE client saw an empty, successful stream."""
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        return http_reply({"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]})
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}})
+        assert lx.chat("a")[0] == 200
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})
+        data = resp.read()
+        conn.close()
+        chunks = openai_decode(data)
+        assert chunks == [{"object": "chat.completion", "choices": [{"message": {"content": "hi"}}]}]
+    finally:
+        raw.stop()
+
+
+def test_a_held_stream_cut_before_its_backend_answered_ends_with_an_error_event(env: Env) -> None:
+    """Regression (attack): a held stream whose request the switcher cut after its slot
+    was granted, before the backend said a word, was closed with no error event."""
+    stop = threading.Event()
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> Optional[bytes]:
+        stop.wait(T)  # never answers while the test runs
+        return None
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}},
+                       policy={"drain_before_switch": False})
+        assert lx.chat("a")[0] == 200
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})
+        lx.wait_log(r"raw 0 POST|request\.queued model=r")
+        wait_for(lambda: raw.requests(), "the request reached the backend")
+        assert lx.chat("a")[0] == 200  # the switch back to a cuts r's request
+        events = sse_events(resp.read())
+        conn.close()
+        assert json.loads(events[-1][1])["error"]["code"] == "request_cut"
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=503 .*held=true")
+    finally:
+        stop.set()
+        raw.stop()
+
+
+def test_ollama_native_streams_are_not_held(env: Env) -> None:
+    """Regression (attack): /api/chat streams NDJSON; SSE comments corrupted it."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    assert lx.chat("a")[0] == 200
+    status, headers, payload = lx.request("POST", "/api/chat", {"model": "b", "stream": True, "n": 1},
+                                          {"content-type": "application/json"})
+    assert status == 200 and not payload.startswith(b":") and b"llmux: waiting" not in payload
+    lx.wait_log(r"request method=POST path=/api/chat model=b status=200")
+    assert lx.log_count(r"path=/api/chat .*held=true") == 0
+
+
+def test_control_routes_answer_no_other_origin(env: Env) -> None:
+    """Regression (attack): with the default cors_origins "*", any page open in a browser
+    on this host (a loopback peer) could read /llmux/events and /llmux/status, hook
+    stderr included, and wake or sleep models with a form POST needing no preflight."""
+    lx = env.start({"a": env.model("a")})
+    assert lx.chat("a")[0] == 200
+    evil = {"origin": "https://evil.example"}
+    for method, path in (("GET", "/llmux/status"), ("GET", "/llmux/events"),
+                         ("POST", "/llmux/models/a/sleep")):
+        status, headers, payload = lx.request(method, path, b"", {**evil, "content-type": "text/plain"})
+        assert status == 403 and payload["error"]["code"] == "cross_origin_control", (path, payload)
+        assert "access-control-allow-origin" not in headers
+    assert lx.health()["active"] == ["a"]
+    pre = lx.request("OPTIONS", "/llmux/models/a/sleep", None,
+                     {**evil, "access-control-request-method": "POST"})
+    assert pre[0] == 204 and "access-control-allow-origin" not in pre[1]
+    # The dashboard's own origin may; a client without Origin may; model routes keep "*".
+    same = {"origin": f"http://127.0.0.1:{lx.port}", "host": f"127.0.0.1:{lx.port}"}
+    assert lx.request("GET", "/llmux/status", None, same)[0] == 200
+    assert lx.request("GET", "/llmux/status")[0] == 200
+    assert lx.request("GET", "/v1/models", None, evil)[1]["access-control-allow-origin"] == "*"
+    lx.stop()
+    named = env.start({"a": env.model("a")}, cors_origins=["https://evil.example"])
+    status, headers, _ = named.request("GET", "/llmux/status", None, evil)
+    assert status == 200 and headers["access-control-allow-origin"] == "https://evil.example"
+
+
+def test_queue_position_never_exceeds_the_queue() -> None:
+    """Regression (attack): "10 of 2 in its queue" once most waiters ahead had left."""
+    cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 10.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        tasks = [loop.create_task(sw.acquire("a")) for _ in range(10)]
+        await asyncio.sleep(1)
+        for t in tasks[1:9]:
+            t.cancel()
+        await asyncio.sleep(0)
+        last = sw.models["a"].queue[-1]
+        assert sw.wait_info(last)["position"] == 2 and sw.wait_info(last)["queued"] == 2
+        for t in (tasks[0], tasks[9]):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sw.close()
+
+    run_checked(go(), loop)
+
+
+def test_log_suppressed_names_what_it_counted_apart_from_its_own_name() -> None:
+    """Regression (attack): its "event" field overwrote the record's event name, so JSON
+    logs and /llmux/events showed a fake request.failed."""
+    stream = ListStream()
+    log = llmux.Log(stream, fmt="json")
+    second = int(time.time())
+    for _ in range(llmux.LOG_BURST + 5):
+        log.warning("request.failed", status=503)
+    if int(time.time()) != second:  # the second turned while we wrote: try once more
+        second = int(time.time())
+        for _ in range(llmux.LOG_BURST + 5):
+            log.warning("request.failed", status=503)
+    while int(time.time()) == second:
+        time.sleep(0.01)  # the report comes with the first line of the next second
+    log.info("tick")
+    records = [json.loads(line) for line in stream.lines]
+    report = next(r for r in records if r["event"] == "log.suppressed")
+    assert report["of"] == "request.failed" and report["lines"] >= 5
 
 
 def test_models_list_says_loaded_loading_unloaded_with_an_eta(env: Env) -> None:
