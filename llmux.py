@@ -3490,11 +3490,13 @@ class Switcher:
         self.events.publish("switch.phase", {"phase": phase, "model": model})
 
     def _publish_depths(self) -> None:
-        depths = tuple(len(m.queue) for m in self.models.values())
+        """A ``queue`` event when a queue's depth or a model's requests in flight changed."""
+        depths = tuple(n for m in self.models.values() for n in (len(m.queue), m.in_flight))
         if depths != self._depths:
             self._depths = depths
-            self.events.publish("queue", {"queued": self.queued, "models": {
-                m.name: len(m.queue) for m in self.models.values()}})
+            self.events.publish("queue", {
+                "queued": self.queued, "models": {m.name: len(m.queue) for m in self.models.values()},
+                "in_flight": {m.name: m.in_flight for m in self.models.values()}})
 
     # -- ETAs: predicted from the measured costs, and judged (llmux_eta_error_seconds) --
 
@@ -3638,7 +3640,10 @@ class Switcher:
         # slots go in arrival order.
         if m.state is ModelState.ACTIVE and m.has_room() and not m.queue:
             self.metrics.observe("llmux_request_queue_wait_seconds", name, value=0.0)
-            return self._new_slot(m, asyncio.current_task())
+            slot = self._new_slot(m, asyncio.current_task())
+            if self.events.subscribers:
+                self._publish_depths()
+            return slot
         if self.closed:
             raise _shutting_down()
         if self.queued >= self.policy_cfg.max_queue:
@@ -3703,8 +3708,11 @@ class Switcher:
         m.last_used = self.clock()
         if self.queued or self.switching:
             self._schedule()
-        elif m.in_flight == 0:
-            self._arm_idle(m)
+        else:
+            if self.events.subscribers:
+                self._publish_depths()
+            if m.in_flight == 0:
+                self._arm_idle(m)
 
     def _forget(self, waiter: _Waiter) -> None:
         """A queued request left (client gone): drop it, or release what it was given."""
@@ -6246,6 +6254,7 @@ function handle(ev) {
       for (const [n, d] of Object.entries(ev.models)) {
         if (S.models[n]) S.models[n].queued = d;
         if (S.models[n] && !d) S.models[n].eta_secs = null;
+        if (S.models[n] && ev.in_flight) pending[n] = ev.in_flight[n] + d;  // exact, not counted
       }
       break;
     case "request.queued": if (m) { m.eta_secs = ev.eta_secs; m.eta_at = ev.ts; } break;

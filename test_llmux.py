@@ -6229,16 +6229,16 @@ def test_events_stream_a_snapshot_then_a_whole_switch_in_order(env: Env) -> None
                  "hook.exit": lambda: f"{e['model']} {e['hook']} {e['code']}",
                  "switch.start": lambda: f"{e.get('from')}->{e['to']}",
                  "switch.end": lambda: f"{e.get('from')}->{e['to']} {e['result']}",
-                 "queue": lambda: str(e["models"]["b"]),
+                 "queue": lambda: f"{e['models']['b']} waiting, {e['in_flight']['b']} in flight",
                  "request": lambda: f"{e['model']} {e['status']} {e['waited_for']}"}.get(e["event"])
         return e["event"] + (" " + extra() if extra else "")
     assert [brief(e) for e in seen[1:] if e["event"] != "hook.output"] == [
-        "request.start", "queue 1", "model.state a active->draining", "request.queued",
+        "request.start", "queue 1 waiting, 0 in flight", "model.state a active->draining", "request.queued",
         "switch.start a->b", "switch.phase sleeping a", "model.state a draining->sleeping",
         "hook.start a sleep", "hook.exit a sleep 0", "model.state a sleeping->asleep",
         "switch.phase waking b", "model.state b asleep->waking", "hook.start b wake",
-        "hook.exit b wake 0", "model.state b waking->active", "switch.end a->b ok", "queue 0",
-        "request b 200 switch a->b"]
+        "hook.exit b wake 0", "model.state b waking->active", "switch.end a->b ok",
+        "queue 0 waiting, 1 in flight", "queue 0 waiting, 0 in flight", "request b 200 switch a->b"]
 
 
 def test_events_need_a_key_are_bounded_and_end_at_shutdown(env: Env) -> None:
