@@ -6059,8 +6059,8 @@ def test_a_failed_wake_ends_a_held_stream_with_an_error_event(env: Env) -> None:
     assert again.status == 200 and json.loads(again.read())["backend"] == "a"
     conn.close()
     assert 'llmux_requests_total{model="b",status="503"} 1' in lx.request("GET", "/metrics")[2].decode()
-    assert lx.request("GET", "/llmux/status")[2]["switches"][-1]["error"] == \
-        "hook 'wake' for model 'b' exited 3: CUDA out of memory"
+    failed = [r for r in lx.request("GET", "/llmux/status")[2]["switches"] if r["result"] == "failed"]
+    assert [r["error"] for r in failed] == ["hook 'wake' for model 'b' exited 3: CUDA out of memory"]
 
 
 def test_a_held_stream_passes_on_the_backends_error(env: Env) -> None:
