@@ -1712,9 +1712,9 @@ def error_event(e: LLMuxError) -> bytes:
     return b"data: " + json.dumps(e.to_json(), separators=(",", ":")).encode() + b"\n\n"
 
 
-def held_error(e: LLMuxError, chunked: bool) -> bytes:
+def held_error(e: LLMuxError, chunked: bool, prefix: bytes = b"") -> bytes:
     """The end of a held stream that failed: its error event, then (chunked) the body's end."""
-    event = error_event(e)
+    event = prefix + error_event(e)
     return encode_chunk(event) + b"0\r\n\r\n" if chunked else event
 
 
@@ -3152,6 +3152,11 @@ def _model_removed(name: str) -> LLMuxError:
                       code="model_removed", headers=[("retry-after", str(RETRY_AFTER_REMOVED))])
 
 
+def _request_cut(model: Optional[ModelConfig], cut: str) -> LLMuxError:
+    return LLMuxError(f"the request to model '{model.name if model else '?'}' was cut: {cut}",
+                      status=503, code="request_cut", headers=[("retry-after", str(RETRY_AFTER_BUSY))])
+
+
 def _retry_after(until: float, now: float) -> List[Tuple[str, str]]:
     """Retry-After for a wait that ends at clock time ``until``: whole seconds, at least 1."""
     return [("retry-after", str(max(1, math.ceil(until - now))))]
@@ -3675,8 +3680,20 @@ class Switcher:
                 if not done:
                     return None
             slot = await waiter.future
+        except asyncio.CancelledError:
+            fut = waiter.future
+            given = fut.result() if fut.done() and not fut.cancelled() and fut.exception() is None else None
+            self.leave(waiter)  # off the queue, or the slot it was given released
+            if given is None or given.cut is None:
+                raise  # its client left, or shutdown
+            # The slot it was given was cut (its model died) before its task resumed: that
+            # is the switcher's doing, not the client's, and the client is told so.
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()  # 3.11+: this cancellation was handled here
+            raise _request_cut(given.model.cfg, given.cut) from None
         except BaseException:
-            self.leave(waiter)  # cancelled (client gone), or it failed: off the queue
+            self.leave(waiter)  # it failed: off the queue
             raise
         if waiter.handle is not None:
             waiter.handle.cancel()
@@ -5317,6 +5334,7 @@ class Server:
         model: Optional[ModelConfig] = None
         slot: Optional[Slot] = None
         held: Optional[bool] = None  # a held stream's head was sent (chunked if True)
+        ticket: Union[Slot, _Waiter, None] = None
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
         proto.relayed = False
@@ -5407,11 +5425,25 @@ class Server:
         except _Cut as e:
             status = 502
             self.log.warning("request.cut", model=model.name if model else None, reason=str(e))
+            if held is not None:  # llmux frames a held stream: it ends with the error, not
+                # torn (the blank lines end whatever event the backend left half-written)
+                writer.write(held_error(UpstreamError(str(e)), held, b"\n\n"))
             raise
         except asyncio.CancelledError:
             cut = slot.cut if slot is not None else None
-            if cut is None or proto.gone or self.closing:
+            if proto.gone:
                 status = 499  # nginx's code for "client closed request"
+                raise
+            if cut is None:
+                if not self.closing:
+                    status = 499
+                    raise
+                # Shutdown cut it after shutdown_grace_secs: the client is told, once.
+                status = 503
+                if held is not None and not proto.relayed:
+                    writer.write(held_error(_shutting_down(), held))
+                elif not proto.responding:
+                    writer.write(error_response(_shutting_down(), False, cors))
                 raise
             # The switcher cut this request (a drain timeout, drain_before_switch false,
             # its server died), not its client: it gets an answer, and the log the truth.
@@ -5421,14 +5453,9 @@ class Server:
             status = 503 if not proto.responding else 502
             if held is not None and not proto.relayed:  # the backend had sent nothing yet
                 status = 503
-                await self._send(writer, proto, held_error(LLMuxError(
-                    f"the request to model '{model.name if model else '?'}' was cut: {cut}",
-                    status=503, code="request_cut"), held))
+                await self._send(writer, proto, held_error(_request_cut(model, cut), held))
             elif not proto.responding:
-                await self._send(writer, proto, error_response(LLMuxError(
-                    f"the request to model '{model.name if model else '?'}' was cut: {cut}",
-                    status=503, code="request_cut",
-                    headers=[("retry-after", str(RETRY_AFTER_BUSY))]), False, cors))
+                await self._send(writer, proto, error_response(_request_cut(model, cut), False, cors))
             return False
         except ConnectionError:
             raise  # the client went away while we wrote: _serve_connection closes
@@ -5441,12 +5468,17 @@ class Server:
             return False  # the connection may be out of step: close it
         finally:
             secs = time.monotonic() - started
-            waited = slot is not None and slot.waited_for is not None
+            waited: Optional[float] = None
+            eta: Optional[float] = None
+            if slot is not None and slot.waited_for is not None:
+                waited, eta = slot.waited, slot.eta
+            elif isinstance(ticket, _Waiter):  # it queued and never got a slot
+                waited, eta = self.switcher.clock() - ticket.enqueued_at, ticket.eta
             self.log.info("request", method=head.method, path=raw_path,
                           model=model.name if model else None, status=status, secs=round(secs, 4),
-                          waited_secs=round(slot.waited, 3) if waited and slot else None,
+                          waited_secs=None if waited is None else round(waited, 3),
                           waited_for=slot.waited_for if slot else None,
-                          eta_secs=round(slot.eta, 3) if slot and slot.eta is not None else None,
+                          eta_secs=None if eta is None else round(eta, 3),
                           held=True if held is not None else None)
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
@@ -5890,7 +5922,7 @@ def _wants_dashboard(head: RequestHead, path: str) -> bool:
 
 # A model's state as llama.cpp's router mode says it in /models (status.value).
 _STATUS_VALUE = {ModelState.ASLEEP: "unloaded", ModelState.WAKING: "loading",
-                 ModelState.ACTIVE: "loaded", ModelState.DRAINING: "loaded",
+                 ModelState.ACTIVE: "loaded", ModelState.DRAINING: "unloading",
                  ModelState.SLEEPING: "unloading"}
 
 

@@ -2522,7 +2522,7 @@ def test_min_active_secs_holds_the_model_before_switching(env: Env) -> None:
 def test_drain_before_switch_false_cuts_in_flight_requests(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_before_switch": False})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
-    resp.readline()
+    data_line(resp)  # the backend's stream has begun: a cut now tears it
     assert lx.chat("b")[1]["backend"] == "b"
     with pytest.raises(http.client.IncompleteRead):
         resp.read()
@@ -2533,7 +2533,7 @@ def test_drain_before_switch_false_cuts_in_flight_requests(env: Env) -> None:
 def test_drain_timeout_cuts_what_is_left(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_timeout_secs": 0.2})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
-    resp.readline()
+    data_line(resp)
     assert lx.chat("b")[1]["backend"] == "b"
     lx.wait_log(r"request\.cut model=a reason=\"drain took longer than 0\.2s")
     with pytest.raises(http.client.IncompleteRead):
@@ -3211,6 +3211,7 @@ def test_backend_reset_before_answering_gives_502(env: Env) -> None:
 
 def test_backend_dying_mid_stream_cuts_the_client_stream(env: Env) -> None:
     lx = env.start({"a": env.model("a")})
+    assert lx.chat("a")[0] == 200  # up: the stream is the backend's own, and it is torn
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 5, "die_after": 2})
     assert resp.status == 200
     with pytest.raises(http.client.IncompleteRead):
@@ -3219,6 +3220,20 @@ def test_backend_dying_mid_stream_cuts_the_client_stream(env: Env) -> None:
     lx.wait_log(r"request\.cut model=a")
     assert lx.health()["models"]["a"]["in_flight"] == 0
     assert lx.chat("a")[0] == 200
+
+
+def test_backend_dying_mid_stream_ends_a_held_stream_with_an_error_event(env: Env) -> None:
+    """Regression (attack): llmux frames a held stream, yet a backend that failed after its
+    head (a reset, a stall past upstream_timeout_secs) left it torn with no error event."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")})
+    assert lx.chat("b")[0] == 200
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "n": 5, "die_after": 2})
+    data = resp.read()  # a clean end of the chunked body: no IncompleteRead
+    conn.close()
+    events = sse_events(data)
+    assert [t for k, t in events if k == "data"][:2] == ['{"backend": "a", "i": 0}', '{"backend": "a", "i": 1}']
+    assert json.loads(events[-1][1])["error"]["message"].startswith("model 'a' backend failed mid-response")
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=502 .*held=true")
 
 
 def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path) -> None:
@@ -6051,7 +6066,8 @@ def test_a_failed_wake_ends_a_held_stream_with_an_error_event(env: Env) -> None:
     assert not any(t == "[DONE]" for _, t in events)
     with pytest.raises(RuntimeError, match=r"hook 'wake' for model 'b' exited 3: CUDA out of memory"):
         openai_decode(data)
-    lx.wait_log(r"request method=POST path=/v1/chat/completions model=b status=503 .*held=true")
+    # A wait that failed is logged with how long it was and the ETA it had been given.
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=b status=503 .*waited_secs=[0-9.]+ .*held=true")
     # The stream was framed to its end: the connection carries the next request.
     conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "a"}),
                  headers={"content-type": "application/json"})
@@ -6458,6 +6474,61 @@ def test_log_suppressed_names_what_it_counted_apart_from_its_own_name() -> None:
     records = [json.loads(line) for line in stream.lines]
     report = next(r for r in records if r["event"] == "log.suppressed")
     assert report["of"] == "request.failed" and report["lines"] >= 5
+
+
+def test_a_slot_cut_before_its_task_resumed_is_a_cut_not_a_client_leaving() -> None:
+    """Regression (attack): a model died right after a release handed its slot to a
+    waiting request whose task had not resumed yet: the cut cancelled it inside wait(),
+    the slot was dropped, and the request looked like a client that left (499, no answer)."""
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, "max_in_flight": 1}}})
+    loop = CheckedLoop()
+
+    async def go() -> None:
+        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
+                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        first = await sw.acquire("a")
+        second = loop.create_task(sw.acquire("a"))
+        await asyncio.sleep(0)
+        first.release()  # the slot goes to the second request...
+        assert sw.died("a", "its server exited")  # ... and is cut before its task resumed
+        with pytest.raises(llmux.LLMuxError) as cut:
+            await second
+        assert cut.value.code == "request_cut" and cut.value.status == 503
+        assert "its model's server died (its server exited)" in cut.value.message
+        assert sw.models["a"].in_flight == 0 and sw.queued == 0
+        await sw.close()
+
+    run_checked(go(), loop)
+
+
+def test_shutdown_tells_requests_it_cuts_after_the_grace(env: Env) -> None:
+    """Regression (attack): requests still waiting for their backend when the shutdown
+    grace ran out were closed with no answer, and logged as 499 (client closed)."""
+    stop = threading.Event()
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> Optional[bytes]:
+        stop.wait(T)
+        return None
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}},
+                       policy={"shutdown_grace_secs": 0.2})
+        assert lx.chat("a")[0] == 200
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})  # held
+        plain = run_bg(lx.chat, "r")
+        wait_for(lambda: len(raw.requests()) == 2, "both requests reached the backend")
+        lx.proc.send_signal(signal.SIGTERM)
+        events = sse_events(resp.read())
+        conn.close()
+        assert json.loads(events[-1][1])["error"]["code"] == "shutting_down"
+        status, payload = join(*plain)
+        assert status == 503 and payload["error"]["code"] == "shutting_down"
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=503 .*held=true")
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=503 secs")
+    finally:
+        stop.set()
+        raw.stop()
 
 
 def test_models_list_says_loaded_loading_unloaded_with_an_eta(env: Env) -> None:
