@@ -274,6 +274,7 @@ EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: b
 EVENTS_MAX_SUBSCRIBERS = 64  # 503: /llmux/events streams open at once
 EVENTS_PING_SECS = 15.0  # an idle event stream gets an SSE comment this often (proxies, LBs)
 EVENTS_FLUSH_SECS = 0.01  # events are written to readers in batches this far apart at most
+EVENTS_BATCH_BYTES = 64 * 1024  # ... or as soon as a batch is this large
 TIMELINE_LEN = 256  # model state changes kept for the snapshot (the dashboard's timeline)
 DEFAULT_PROGRESS_INTERVAL = 5.0  # a held stream gets a loading-status comment this often
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
@@ -2929,6 +2930,7 @@ class EventBus:
         # Events of the last EVENTS_FLUSH_SECS, written in one piece per subscriber: under
         # load, each reader costs llmux one write per interval, not one per event.
         self._pending: List[bytes] = []
+        self._pending_bytes = 0
         self._flush_handle: Optional[asyncio.TimerHandle] = None
 
     def __len__(self) -> int:
@@ -2956,7 +2958,10 @@ class EventBus:
             self._write(only, only.frame(data))
             return
         self._pending.append(data)
-        if self._flush_handle is None:
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= EVENTS_BATCH_BYTES:
+            self.flush()  # a burst goes in pieces: no one write is near a reader's bound
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(EVENTS_FLUSH_SECS, self.flush)
 
     def flush(self) -> None:
@@ -2968,6 +2973,7 @@ class EventBus:
             return
         data = b"".join(self._pending)
         self._pending.clear()
+        self._pending_bytes = 0
         for sub in list(self.subscribers):
             self._write(sub, sub.frame(data))
 
@@ -7097,6 +7103,14 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
         return await _serve(server, stop, early_reload, reloads, host, port)
     finally:
         server.hooks.close()  # an exception on the way out leaves no hook or server behind
+        # asyncio.run closes the loop's self-pipe before it removes its signal handlers:
+        # a signal in between (a child's SIGCHLD, a second SIGTERM) printed "Exception
+        # ignored ... signal wakeup fd ... Bad file descriptor".  They go now, while the
+        # loop is open, and the rest of the way out ignores them.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            loop.remove_signal_handler(signum)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 async def _serve(server: Server, stop: asyncio.Event, early_reload: asyncio.Event,

@@ -1415,9 +1415,9 @@ def test_managed_server_killed_while_active_is_noticed_at_once_and_rewoken(env: 
     os.kill(pid, signal.SIGKILL)
     lx.wait_log(r"error server\.exit model=a pid=%d code=-9" % pid)
     lx.wait_log(r"error model\.died model=a reason=\"its server was killed by signal 9 \(SIGKILL\)")
-    with pytest.raises((http.client.IncompleteRead, OSError)):  # the stream was cut
-        while resp.read(1):
-            pass
+    # The stream waited for the wake (it was held): llmux ends it with the error.
+    # (Cut by the switcher, or torn by the dead server first: either is said.)
+    assert json.loads(sse_events(resp.read())[-1][1])["error"]["code"] in ("request_cut", "upstream_error")
     conn.close()
     assert lx.health()["active"] == []
     status, payload = lx.chat("a")  # the next request starts a new server
