@@ -6281,6 +6281,32 @@ def test_events_need_a_key_are_bounded_and_end_at_shutdown(env: Env) -> None:
     lx.wait_log(r"shutdown\.drained requests_cut=0")
 
 
+def test_a_burst_of_events_larger_than_a_readers_bound_drops_nobody() -> None:
+    """Regression: events are batched for 10 ms; a burst of over 1 MiB in one loop step
+    (thousands of held streams ending at once) was one write above every reader's bound,
+    and dropped them all."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+        reader, _ = await asyncio.open_connection(sock=b)
+        bus = llmux.EventBus()
+        sub = bus.subscribe(transport, False)  # type: ignore[arg-type]
+        for i in range(2000):  # ~2 MiB at once, without yielding
+            bus.publish("request", {"i": i, "pad": "y" * 1000})
+            if i % 100 == 99:  # the reader keeps up between pieces, as a live one does
+                while transport.get_write_buffer_size():
+                    await reader.read(1 << 20)
+        bus.flush()  # what the 10 ms timer does
+        assert not sub.dropped and bus.subscribers == [sub]
+        bus.close("test over")
+        transport.close()
+        b.close()
+        await asyncio.sleep(0)
+
+    run_checked(go())
+
+
 def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
     """A subscriber that reads nothing costs at most EVENTS_MAX_BUFFERED bytes, then is
     dropped; a reader that keeps up gets every event.  Real sockets, a real transport."""
