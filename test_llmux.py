@@ -29,6 +29,7 @@ import socketserver
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -3236,11 +3237,21 @@ def test_backend_dying_mid_stream_ends_a_held_stream_with_an_error_event(env: En
     lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=502 .*held=true")
 
 
-def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path) -> None:
-    for port in (8001, 8002):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.skip(f"port {port} is in use here")
+@pytest.fixture
+def example_ports() -> Any:
+    """The example config's fixed ports, held by this test run alone: CI runs two Pythons'
+    suites at once, and their example tests would otherwise race for 8001 and 8002."""
+    import fcntl
+    with open(Path(tempfile.gettempdir()) / "llmux-test-example-ports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for port in (8001, 8002):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    pytest.skip(f"port {port} is in use here")
+        yield
+
+
+def test_example_config_runs_a_real_switch_with_the_demo_backend(tmp_path: Path, example_ports: None) -> None:
     config = json.loads((HERE / "example-config.json").read_text())
     for m in config["models"].values():  # same hooks, with this test's pid files and llmux.py
         for hook in ("wake", "sleep", "alive"):
