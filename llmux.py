@@ -186,7 +186,7 @@ UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microse
 UPSTREAM_JOIN_BYTES = 256 * 1024  # a request up to this size is sent in one write.
 MAX_ERROR_BODY = 64 * 1024  # a backend's error answer to a held stream: read this much of it
 MAX_ERROR_BODY_SECS = 5.0  # ... for this long at most (then what came is its message)
-MAX_WRAPPED_BODY = 8 * 1024 * 1024  # a held stream's non-SSE 2xx answer, sent as one event
+MAX_WRAPPED_BODY = 1024 * 1024  # a held stream's non-SSE 2xx answer, sent as one event
 MAX_ECHOED_ERROR = 1024  # characters of a backend's non-JSON error text passed on
 # An idle backend connection older than this is closed instead of reused.  vLLM and SGLang
 # serve through uvicorn, which closes a keep-alive connection after 5 s of silence; a POST
@@ -2205,9 +2205,11 @@ async def _relay_as_event(pool: "UpstreamPool", port: int, model: str, conn: "_U
         pool.put(port, conn)
     else:
         conn.close()
+    # One pass each, no object per line: a body of newlines is not a million lines.
     body = b"".join(sink.parts).replace(b"\r\n", b"\n").strip(b"\n")
-    event = b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
+    event = b"data: " + body.replace(b"\n", b"\ndata: ") + b"\n\n"
     writer.write(encode_chunk(event) + b"0\r\n\r\n" if chunked else event)
+    await writer.drain()
     return RelayResult(resp.status, keep)
 
 
@@ -4802,6 +4804,7 @@ class _Local(NamedTuple):
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: Tuple[Tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, status: int, obj: Any) -> "_Local":
@@ -5377,7 +5380,7 @@ class Server:
                 status = answer.status
                 await self._send(writer, proto, local_response(
                     answer.status, answer.body, answer.content_type, keep_alive=head.keep_alive,
-                    headers=cors, head_only=head.method == "HEAD"))
+                    headers=[*cors, *answer.headers], head_only=head.method == "HEAD"))
                 return head.keep_alive
             model = answer.model
             proto.model = model.name
@@ -5446,8 +5449,8 @@ class Server:
                     raise
                 # Shutdown cut it after shutdown_grace_secs: the client is told, once.
                 status = 503
-                if held is not None and not proto.relayed:
-                    writer.write(held_error(_shutting_down(), held))
+                if held is not None:  # the blank lines end an event the backend left open
+                    writer.write(held_error(_shutting_down(), held, b"\n\n" if proto.relayed else b""))
                 elif not proto.responding:
                     writer.write(error_response(_shutting_down(), False, cors))
                 raise
@@ -5457,9 +5460,10 @@ class Server:
             if task is not None and hasattr(task, "uncancel"):
                 task.uncancel()  # 3.11+: this cancellation was handled here
             status = 503 if not proto.responding else 502
-            if held is not None and not proto.relayed:  # the backend had sent nothing yet
-                status = 503
-                await self._send(writer, proto, held_error(_request_cut(model, cut), held))
+            if held is not None:  # llmux frames it: it ends with the error, not torn
+                status = 503 if not proto.relayed else 502
+                await self._send(writer, proto, held_error(_request_cut(model, cut), held,
+                                                           b"\n\n" if proto.relayed else b""))
             elif not proto.responding:
                 await self._send(writer, proto, error_response(_request_cut(model, cut), False, cors))
             return False
@@ -5579,7 +5583,7 @@ class Server:
             if match is not None:
                 return await route.handler(head, body, match, peer)
         if _wants_dashboard(head, path):
-            return _Local(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
+            return _dashboard()
         self._check_not_blocked(path)
         return await self._route_model(head, body)
 
@@ -5613,7 +5617,7 @@ class Server:
 
     async def _route_events(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                             peer: Any) -> "_Stream":
-        self._check_control_peer(peer)
+        self._check_control_peer(peer, head)
         self._check_control_origin(head)
         if len(self.events) >= EVENTS_MAX_SUBSCRIBERS:
             raise LLMuxError(f"too many /llmux/events streams open; expected at most "
@@ -5651,11 +5655,11 @@ class Server:
 
     async def _route_ui(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                         peer: Any) -> "_Local":
-        return _Local(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8")
+        return _dashboard()
 
     async def _route_control(self, head: RequestHead, body: bytes, match: "re.Match[str]",
                              peer: Any) -> "_Local":
-        self._check_control_peer(peer)  # /llmux/* is never proxied
+        self._check_control_peer(peer, head)  # /llmux/* is never proxied
         self._check_control_origin(head)
         return _Local.json(*await self._control(head.method, match.group(0)))
 
@@ -5815,12 +5819,22 @@ class Server:
                          f"(\"*\" does not count here); got Origin {origin[:MAX_ECHOED_NAME]}",
                          status=403, type="permission_error", code="cross_origin_control")
 
-    def _check_control_peer(self, peer: Any) -> None:
+    def _check_control_peer(self, peer: Any, head: Optional[RequestHead] = None) -> None:
         """/llmux/* can wake and sleep models and shows hook output: without api_keys it
         answers only this host, unless allow_remote_control says otherwise.  With keys,
-        _authorize has already required one from every peer."""
-        if self._keys or self.config.allow_remote_control or is_loopback_peer(peer):
+        _authorize has already required one from every peer.  Answering this host alone,
+        it also wants a Host that names this host: a web page whose name an attacker
+        re-points at 127.0.0.1 (DNS rebinding) is a loopback peer of the same origin."""
+        if self._keys or self.config.allow_remote_control:
             return
+        if is_loopback_peer(peer):
+            host = (head.get("host") if head is not None else None) or "localhost"
+            if head is None or _is_loopback_host(host):
+                return
+            raise LLMuxError(f"the control API answers only requests for this host; expected a "
+                             f"Host of localhost or a loopback address (or set api_keys); got "
+                             f"Host {host[:MAX_ECHOED_NAME]}", status=403,
+                             type="permission_error", code="remote_control_forbidden")
         host = peer[0] if isinstance(peer, tuple) and peer else "an unknown address"
         raise LLMuxError("the control API answers only loopback clients; expected a request "
                          f"from this host, or set api_keys (or allow_remote_control: true) "
@@ -5909,6 +5923,30 @@ class Server:
             name = name[:MAX_ECHOED_NAME] + f"... ({len(name)} characters)"
         return LLMuxError(f"model '{name}' does not exist; available models: {names}",
                           status=404, type="invalid_request_error", code="model_not_found")
+
+
+def _dashboard() -> "_Local":
+    """The dashboard's page.  It may not be framed: in a frame over a decoy, one click on
+    another site's page would press its sleep button with the dashboard's own origin."""
+    return _Local(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                  (("x-frame-options", "DENY"), ("content-security-policy", "frame-ancestors 'none'"),
+                   ("cache-control", "no-cache")))
+
+
+def _is_loopback_host(host: str) -> bool:
+    """A Host header naming this machine: localhost (or a name under it) or a loopback
+    address, with or without a port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:3000
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_control(path: str) -> bool:
@@ -6144,7 +6182,7 @@ const KEY = "llmux-key", SHOWN = ["waking", "active", "draining", "sleeping"];
 const FAILS = ["wake_failed", "sleep_failed", "died"];  // a lane segment that ended this way is red
 let S = null;  // the last snapshot, kept up to date by the events that follow it
 let skew = 0;  // server clock minus ours, in seconds: every time in the stream is the server's
-let pending = {}, outputs = [], notices = [], hookError = null;
+let pending = Object.create(null), outputs = [], notices = [], hookError = null;
 let stream = null, lastData = 0, keyWaiter = null, timer = null;
 const $ = (id) => document.getElementById(id);
 const now = () => Date.now() / 1000 + skew;
@@ -6233,15 +6271,16 @@ async function connect() {
   }
 }
 
+const dict = (o) => Object.assign(Object.create(null), o);  // keys are names: "__proto__" too
+
 function snapshot(ev) {
   S = ev;
+  S.models = dict(S.models);
+  S.hooks = dict(S.hooks);
   skew = ev.ts - Date.now() / 1000;
-  pending = {};
+  pending = Object.create(null);
   for (const [n, m] of Object.entries(S.models)) { pending[n] = m.in_flight + m.queued; m.eta_at = ev.ts; }
   if (S.switching) S.switching.eta_at = ev.ts;
-  // A switch's record does not say why it failed; its target's failed wake hook does.
-  const failed = S.switches.filter((s) => s.result === "failed" && hooksOf(s.to).wake && !hooksOf(s.to).wake.ok);
-  if (failed.length) failed[failed.length - 1].error = hooksOf(failed[failed.length - 1].to).wake.error;
   $("keyform").hidden = true;
   setConn("live", "ok");
 }
@@ -6276,7 +6315,7 @@ function handle(ev) {
       S.state = "idle";
       S.switching = null;
       S.switches.push({ from: ev.from, to: ev.to, result: ev.result, secs: ev.secs, drain_secs: ev.drain_secs,
-                        at: ev.ts, error: ev.result === "ok" ? null : hookError });
+                        at: ev.ts, error: ev.error || (ev.result === "ok" ? null : hookError) });
       trim(S.switches, 32);
       refreshCosts();
       break;

@@ -2522,6 +2522,7 @@ def test_min_active_secs_holds_the_model_before_switching(env: Env) -> None:
 
 def test_drain_before_switch_false_cuts_in_flight_requests(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_before_switch": False})
+    assert lx.chat("a")[0] == 200  # up: the stream is the backend's own
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
     data_line(resp)  # the backend's stream has begun: a cut now tears it
     assert lx.chat("b")[1]["backend"] == "b"
@@ -2531,8 +2532,24 @@ def test_drain_before_switch_false_cuts_in_flight_requests(env: Env) -> None:
     env.gate("a").touch()
 
 
+def test_a_held_stream_cut_while_relaying_ends_with_an_error_event(env: Env) -> None:
+    """Regression (attack): llmux frames a held stream, yet a cut of its own (drain timeout,
+    drain_before_switch false, shutdown) once the backend's stream had begun tore it."""
+    lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_before_switch": False})
+    assert lx.chat("b")[0] == 200
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    data_line(resp)  # held, and the backend's stream has begun
+    assert lx.chat("b")[1]["backend"] == "b"
+    events = sse_events(resp.read())  # no IncompleteRead: a clean end
+    conn.close()
+    env.gate("a").touch()
+    assert json.loads(events[-1][1])["error"]["code"] == "request_cut"
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=502 .*held=true")
+
+
 def test_drain_timeout_cuts_what_is_left(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")}, policy={"drain_timeout_secs": 0.2})
+    assert lx.chat("a")[0] == 200  # up: the stream is the backend's own
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
     data_line(resp)
     assert lx.chat("b")[1]["backend"] == "b"
@@ -5528,7 +5545,8 @@ def test_dashboard_shows_state_switches_and_controls_in_a_browser(env: Env, page
 def test_dashboard_asks_for_the_api_key_and_shows_a_failed_wake(env: Env, page: Chromium,
                                                                  tmp_path: Path) -> None:
     lx = env.start({"a": env.model("a"), "<i>b</i>": env.model(
-        "b", wake_extra="echo 'out of <i>memory</i>' >&2; exit 3")}, api_keys=["k"])
+        "b", wake_extra="echo 'out of <i>memory</i>' >&2; exit 3"), "__proto__": env.model("p")},
+        api_keys=["k"])
     page.open(f"http://127.0.0.1:{lx.port}/llmux/ui")  # the page itself needs no key
     page.wait('!document.getElementById("keyform").hidden')
     page.js('document.getElementById("key").value = "wrong"; '
@@ -5537,7 +5555,7 @@ def test_dashboard_asks_for_the_api_key_and_shows_a_failed_wake(env: Env, page: 
               'document.getElementById("keymsg").textContent.includes("refused")')
     page.js('document.getElementById("key").value = "k"; '
             'document.getElementById("keyform").requestSubmit()')
-    page.wait('document.querySelectorAll("[data-model]").length == 2')
+    page.wait('document.querySelectorAll("[data-model]").length == 3')
     assert page.js('sessionStorage.getItem("llmux-key")') == "k"
     assert page.js('document.getElementById("keyform").hidden') is True
     # A model's name is text, never markup.
@@ -5554,6 +5572,13 @@ def test_dashboard_asks_for_the_api_key_and_shows_a_failed_wake(env: Env, page: 
     assert page.js('document.querySelector(\'[data-hook="<i>b</i> wake"]\').dataset.ok') == "false"
     assert page.js('document.querySelector("main i:not(.waking):not(.active):not(.draining)'
                    ':not(.sleeping):not(.failed)")') is None
+    # Regression (attack): a model named "__proto__" wrote its hooks onto Object.prototype.
+    status, _, _ = lx.request("POST", "/v1/chat/completions", {"model": "__proto__", "messages": []},
+                              {"authorization": "Bearer k"})
+    assert status == 200
+    page.wait('document.querySelector(\'[data-hook="__proto__ wake"][data-ok="true"]\')')
+    assert page.js('Object.prototype.wake === undefined && ({}).wake === undefined') is True
+    page.wait('document.querySelector(\'[data-model="__proto__"][data-state="active"]\')')
     save_screenshot(page, tmp_path)
 
 
@@ -6565,6 +6590,66 @@ def test_shutdown_tells_requests_it_cuts_after_the_grace(env: Env) -> None:
         lx.wait_log(r"request method=POST path=/v1/chat/completions model=r status=503 secs")
     finally:
         stop.set()
+        raw.stop()
+
+
+def test_control_routes_refuse_a_rebound_host_name(env: Env) -> None:
+    """Regression (attack): a web page whose name an attacker re-points at 127.0.0.1 (DNS
+    rebinding) is a loopback peer whose Origin matches its Host: without keys it could
+    read /llmux/events and sleep models."""
+    lx = env.start({"a": env.model("a")})
+    assert lx.chat("a")[0] == 200
+    evil = {"host": "rebind.test:80", "origin": "http://rebind.test:80"}
+    for method, path in (("GET", "/llmux/status"), ("GET", "/llmux/events"),
+                         ("POST", "/llmux/models/a/sleep")):
+        status, _, payload = lx.request(method, path, b"", evil)
+        assert status == 403 and payload["error"]["code"] == "remote_control_forbidden", (path, payload)
+        assert "Host rebind.test:80" in payload["error"]["message"]
+    assert lx.health()["active"] == ["a"]
+    for host in ("localhost:3000", "127.0.0.1", "[::1]:8080", "app.localhost"):
+        assert lx.request("GET", "/llmux/status", None, {"host": host})[0] == 200, host
+    lx.stop()
+    keyed = env.start({"a": env.model("a")}, api_keys=["k"])  # a key is what counts then
+    assert keyed.request("GET", "/llmux/status", None, {**evil, "authorization": "Bearer k"})[0] == 200
+    assert keyed.request("GET", "/llmux/status", None, {"host": "gpu-node.lan",
+                                                        "authorization": "Bearer k"})[0] == 200
+
+
+def test_the_dashboard_may_not_be_framed(env: Env) -> None:
+    """Regression (attack): framed under a decoy on another site, one click pressed its
+    sleep button with the dashboard's own origin."""
+    lx = env.start({"a": env.model("a")})
+    for path, headers in (("/llmux/ui", {}), ("/", {"accept": "text/html"})):
+        status, got, body = lx.request("GET", path, None, headers)
+        assert status == 200 and b"<html" in body
+        assert got["x-frame-options"] == "DENY" and got["content-security-policy"] == "frame-ancestors 'none'"
+
+
+def test_a_held_streams_json_answer_of_many_lines_costs_no_object_per_line(env: Env) -> None:
+    """Regression (attack): the body was split into one bytes object per line: an 8 MiB
+    body of newlines took 600 MiB and froze the loop for 1.5 s."""
+    body = b"x\n" * 500_000  # just under MAX_WRAPPED_BODY
+
+    def answer(conn: int, n: int, method: str, target: str, req: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                % len(body)) + body
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": env.model("a"), "r": {"port": raw.port, "wake": "true"}})
+        assert lx.chat("a")[0] == 200
+
+        def peak_kib() -> int:
+            with open(f"/proc/{lx.proc.pid}/status") as f:
+                return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
+        before = peak_kib()
+        conn, resp = sse_stream(lx.port, {"model": "r", "stream": True})
+        data = resp.read()
+        conn.close()
+        assert data.count(b"data: x\n") == 500_000 and data.endswith(b"data: x\n\n")
+        grew = peak_kib() - before
+        assert grew < 32 * 1024, f"peak RSS grew {grew} KiB for a 1 MB answer"  # ~200 MiB before
+    finally:
         raw.stop()
 
 
