@@ -1748,6 +1748,13 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
 # progress (virtual time advances; no busy loop).  A failure names its seed; replay it
 # with LLMUX_EXPLORE_SEED=N (add LLMUX_EXPLORE_VERBOSE=1 for the trace).
 
+def sim_switcher(cfg: llmux.Config, wake: Dict[str, float], sleep: Dict[str, float],
+                 policy: Optional[llmux.SchedulingPolicy] = None) -> llmux.Switcher:
+    """The real Switcher over SimHooks (hooks as virtual durations), logging to a list."""
+    return llmux.Switcher(cfg, llmux.SimHooks(wake, sleep), policy or llmux.FifoPolicy(),  # type: ignore[arg-type]
+                          llmux.Log(ListStream()))
+
+
 EXPLORE_SCENARIOS = int(os.environ.get("LLMUX_EXPLORE_SCENARIOS", "2000"))
 BUSY_STEPS = 5000  # loop steps at one virtual instant beyond which the loop is spinning
 
@@ -2180,8 +2187,7 @@ def test_min_active_deadline_does_not_spin() -> None:
                               "policy": {"min_active_secs": 10, "request_timeout_secs": 60}})
 
     async def go() -> float:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 0.01}, {"*": 0.2}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 0.01}, {"*": 0.2})
         await asyncio.sleep(30.016)  # an active_since whose sum with 10 is inexact
         (await sw.acquire("a")).release()
         (await sw.acquire("b")).release()
@@ -2263,8 +2269,7 @@ def test_fifo_serves_older_requests_behind_a_limit_before_switching_away() -> No
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 1.0}, {"*": 1.0})
         first = await sw.acquire("a")
         second = loop.create_task(sw.acquire("a"))
         await asyncio.sleep(0.1)
@@ -2342,8 +2347,7 @@ def test_reload_after_shutdown_cut_a_wake_does_nothing() -> None:
     cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 10.0}, {"*": 0.1}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 10.0}, {"*": 0.1})
         waiting = loop.create_task(sw.acquire("a"))
         await asyncio.sleep(1.0)
         await sw.close()
@@ -2698,8 +2702,7 @@ def test_max_in_flight_grants_in_arrival_order_and_counts_toward_max_queue() -> 
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 0.5}, {"*": 0.5}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 0.5}, {"*": 0.5})
         held = [await sw.acquire("a"), await sw.acquire("a")]
         order: List[int] = []
 
@@ -3904,8 +3907,7 @@ def test_every_503_the_switcher_makes_has_retry_after() -> None:
 
     async def go() -> List[llmux.LLMuxError]:
         def switcher() -> llmux.Switcher:
-            return llmux.Switcher(cfg, llmux.SimHooks({"*": 5.0}, {"*": 0.1}),  # type: ignore[arg-type]
-                                  llmux.FifoPolicy(), llmux.Log(ListStream()))
+            return sim_switcher(cfg, {"*": 5.0}, {"*": 0.1})
         sw = switcher()
         waiting = loop.create_task(sw.acquire("a"))
         await asyncio.sleep(1.0)
@@ -5936,8 +5938,7 @@ def test_eta_follows_fifo_order_around_a_switch_in_progress(arrivals: List[Tuple
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 1.0}, {"*": 1.0})
         for name in "xyzw":  # measures every wake and sleep; w is up
             (await sw.acquire(name)).release()
         start = loop.time()
@@ -5986,8 +5987,7 @@ def test_eta_counts_min_active_backoff_and_is_unknown_at_max_in_flight() -> None
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 2.0}, {"*": 1.0}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 2.0}, {"*": 1.0})
         held = await sw.acquire("a")  # woken at t=2: held by min_active_secs until t=32
         assert sw.eta("a") is None  # at its max_in_flight: it depends on the generation
         assert sw.eta("b") is None  # b's wake was never measured: nothing to say
@@ -6501,8 +6501,7 @@ def test_queue_position_never_exceeds_the_queue() -> None:
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 10.0}, {"*": 1.0}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 10.0}, {"*": 1.0})
         tasks = [loop.create_task(sw.acquire("a")) for _ in range(10)]
         await asyncio.sleep(1)
         for t in tasks[1:9]:
@@ -6546,8 +6545,7 @@ def test_a_slot_cut_before_its_task_resumed_is_a_cut_not_a_client_leaving() -> N
     loop = CheckedLoop()
 
     async def go() -> None:
-        sw = llmux.Switcher(cfg, llmux.SimHooks({"*": 1.0}, {"*": 1.0}),  # type: ignore[arg-type]
-                            llmux.FifoPolicy(), llmux.Log(ListStream()))
+        sw = sim_switcher(cfg, {"*": 1.0}, {"*": 1.0})
         first = await sw.acquire("a")
         second = loop.create_task(sw.acquire("a"))
         await asyncio.sleep(0)

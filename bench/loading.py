@@ -68,6 +68,19 @@ CURL = shutil.which("curl")
 SCRATCH: List[str] = []  # temp dirs (configs, llmux logs): removed at exit unless --keep
 
 
+
+def stop_all(lx: Any, backends: List["subprocess.Popen[Any]"]) -> None:
+    """Stop llmux, then the backends (TERM, then KILL after 10 s)."""
+    if lx is not None:
+        lx.stop()
+    for p in backends:
+        p.terminate()
+    for p in backends:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
 def scratch(prefix: str) -> str:
     SCRATCH.append(tempfile.mkdtemp(prefix=prefix))
     return SCRATCH[-1]
@@ -609,15 +622,7 @@ def part3(args: argparse.Namespace) -> Dict[str, Any]:
         metrics = lx.get("/metrics")
         log = lx.lines()
     finally:
-        if lx is not None:
-            lx.stop()
-        for p in backends:
-            p.terminate()
-        for p in backends:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(lx, backends)
     return analyse3(args, means, plan, waits, log, metrics, elapsed)
 
 
@@ -755,12 +760,7 @@ def part4(args: argparse.Namespace) -> List[Tuple[str, float, float, float]]:
                          e["waited_secs"], expected))
             post_json(lx.port, dict(ask, model="w"))  # w up again for the next case
     finally:
-        if lx is not None:
-            lx.stop()
-        for p in backends:
-            p.terminate()
-        for p in backends:
-            p.wait(10)
+        stop_all(lx, backends)
     print("## 4. ETA in three hand-checked cases (policy fifo; every hook 1s, so a switch "
           "costs 2s; w active)\n")
     print("| case | requests (s: model) | judged | llmux eta s | actual wait s | fifo reading s |")
