@@ -5440,32 +5440,25 @@ class Server:
             raise
         except asyncio.CancelledError:
             cut = slot.cut if slot is not None else None
-            if proto.gone:
+            if proto.gone or (cut is None and not self.closing):
                 status = 499  # nginx's code for "client closed request"
                 raise
+            # Cut by shutdown (after shutdown_grace_secs) or by the switcher (a drain
+            # timeout, drain_before_switch false, its server died), not by its client: it
+            # is told once, and the log says the truth.  A held stream is llmux's to frame:
+            # it ends with the error, not torn (blank lines end an event left half-written).
+            told = _shutting_down() if cut is None else _request_cut(model, cut)
+            began = proto.relayed if held is not None else proto.responding
+            status = 502 if began and cut is not None else 503
+            if held is not None:
+                writer.write(held_error(told, held, b"\n\n" if proto.relayed else b""))
+            elif not proto.responding:
+                writer.write(error_response(told, False, cors))
             if cut is None:
-                if not self.closing:
-                    status = 499
-                    raise
-                # Shutdown cut it after shutdown_grace_secs: the client is told, once.
-                status = 503
-                if held is not None:  # the blank lines end an event the backend left open
-                    writer.write(held_error(_shutting_down(), held, b"\n\n" if proto.relayed else b""))
-                elif not proto.responding:
-                    writer.write(error_response(_shutting_down(), False, cors))
-                raise
-            # The switcher cut this request (a drain timeout, drain_before_switch false,
-            # its server died), not its client: it gets an answer, and the log the truth.
+                raise  # the shutdown goes on
             task = asyncio.current_task()
             if task is not None and hasattr(task, "uncancel"):
                 task.uncancel()  # 3.11+: this cancellation was handled here
-            status = 503 if not proto.responding else 502
-            if held is not None:  # llmux frames it: it ends with the error, not torn
-                status = 503 if not proto.relayed else 502
-                await self._send(writer, proto, held_error(_request_cut(model, cut), held,
-                                                           b"\n\n" if proto.relayed else b""))
-            elif not proto.responding:
-                await self._send(writer, proto, error_response(_request_cut(model, cut), False, cors))
             return False
         except ConnectionError:
             raise  # the client went away while we wrote: _serve_connection closes
