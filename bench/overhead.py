@@ -161,6 +161,43 @@ async def streams(port: int, count: int, chunks: int, gap: float) -> Dict[str, f
             "lat99": pct(lat, 99), "chunks": len(lat)}
 
 
+async def streams_under_uploads(port: int, count: int, chunks: int, gap: float,
+                                body_mb: int, every: float) -> Dict[str, float]:
+    """Paced streams while a client uploads a body_mb MB chat request (an image as base64,
+    "model" last, as clients write it) every ``every`` seconds through the same port."""
+    blob = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + "A" * (body_mb * 1024 * 1024)}}]}], "model": "a"}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(blob))
+    done = asyncio.Event()
+    uploads = 0
+
+    async def uploader() -> None:
+        nonlocal uploads
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while not done.is_set():
+                started = time.perf_counter()
+                writer.write(head + blob)
+                await writer.drain()
+                answer = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", answer).group(1))
+                await reader.readexactly(length)
+                uploads += 1
+                await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
+        finally:
+            writer.close()
+
+    task = asyncio.get_running_loop().create_task(uploader())
+    try:
+        result = await streams(port, count, chunks, gap)
+    finally:
+        done.set()
+        await task
+    result["uploads"] = uploads
+    return result
+
+
 # ─────────────────────────────────────── processes ──────────────────────────────────────
 
 
@@ -253,6 +290,11 @@ async def run(quick: bool) -> None:
             before = cpu_seconds(lx.pid)
             results["sse"]["llmux"] = await streams(lport, nstreams, nchunks, 0.02)
             sse_cpu = cpu_seconds(lx.pid) - before
+            # Issue 11's big-body case: 100 streams at 10 ms a chunk, alone and while a
+            # 20 MB body arrives once a second, both through llmux.
+            paced = 200 if quick else 500
+            results["paced"] = {"direct": await streams(lport, nstreams, paced, 0.01),
+                                "llmux": await streams_under_uploads(lport, nstreams, paced, 0.01, 20, 1.0)}
         finally:
             stop(lx, backend)
         switch = await switch_overhead(tmp, 10 if quick else 40)
@@ -271,6 +313,14 @@ async def run(quick: bool) -> None:
     print(row(f"{nstreams} SSE streams: time to first byte p99", d["ttfb99"], v["ttfb99"], "ms", 1e3))
     print(row(f"{nstreams} SSE streams: chunk latency p50", d["lat50"], v["lat50"], "ms", 1e3))
     print(row(f"{nstreams} SSE streams: chunk latency p99", d["lat99"], v["lat99"], "ms", 1e3))
+    print()
+    alone, loaded = results["paced"]["direct"], results["paced"]["llmux"]
+    print(f"| via llmux, {nstreams} streams at 10 ms a chunk       | alone | 20 MB bodies 1/s | rise |")
+    print("|-----------------------------------------------|------:|-----------------:|-----:|")
+    for key, title in (("lat50", "chunk latency p50 (ms)"), ("lat99", "chunk latency p99 (ms)")):
+        print(f"| {title:<45} | {alone[key] * 1e3:>5.2f} | {loaded[key] * 1e3:>16.2f} | "
+              f"{(loaded[key] - alone[key]) * 1e3:>4.2f} |")
+    print(f"| {'uploads while they ran':<45} |       | {int(loaded['uploads']):>16} |      |")
     print()
     chunks = results["sse"]["llmux"]["chunks"]
     per_chunk = (sse_cpu - nstreams * cpu["c1"]) / chunks
