@@ -3077,6 +3077,24 @@ def test_json_model_is_found_across_the_scanner_window_edges() -> None:
             assert model_for(body) == "b"
 
 
+def test_a_long_string_is_scanned_in_bounded_steps() -> None:
+    """Regression (bench/overhead.py, issue 11): a 20 MB base64 image string was searched
+    for its closing quote in one step of the scanner, which runs on the event loop: ~6 ms
+    added to every stream's next chunk.  Now one step covers JSON_STRING_STEP bytes."""
+    size = 8 * llmux.JSON_STRING_STEP
+    body = json.dumps({"messages": [{"content": "A" * size}], "model": "a"}).encode()
+    steps = llmux._json_model_steps(body)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+            yields += 1
+        except StopIteration as done:
+            assert done.value == "a"
+            break
+    assert yields >= size // llmux.JSON_STRING_STEP, yields
+
+
 def test_json_model_scan_keeps_memory_bounded() -> None:
     # Regression: json.loads, run only to read `model`, built the whole document: a body
     # of many small objects peaked at ~27 times its size.
