@@ -2163,9 +2163,12 @@ class _Sink:
         self.limit = limit
         self.parts: List[bytes] = []
         self.size = 0
+        self.over = False
         self.full: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:
+        if self.size + len(data) > self.limit:
+            self.over = True  # some of it was not kept
         if self.size < self.limit:
             self.parts.append(data[:self.limit - self.size])
             self.size += len(self.parts[-1])
@@ -2174,6 +2177,26 @@ class _Sink:
 
     def is_closing(self) -> bool:
         return False
+
+
+async def _read_answer(pool: "UpstreamPool", port: int, conn: "_Upstream", resp: ResponseHead,
+                       limit: int, timeout: Optional[float]) -> Tuple[bytes, bool]:
+    """A backend's body that llmux reads itself instead of relaying it: up to ``limit``
+    bytes, for up to ``timeout`` seconds.  Returns what came and whether it was all of it.
+    A connection left mid-body is closed; one that ended in step goes back to the pool.
+    A broken body raises (HTTPError)."""
+    sink = _Sink(limit)
+    body_done = conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
+    await asyncio.wait([body_done, sink.full], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    ended = body_done.done()
+    if ended:
+        body_done.result()
+    if ended and resp.keep_alive and conn.in_sync and not conn.closed:
+        pool.put(port, conn)
+    else:
+        conn.close()
+        _abandon(body_done)
+    return b"".join(sink.parts), ended and not sink.over
 
 
 def _abandon(fut: "asyncio.Future[Any]") -> None:
@@ -2192,22 +2215,13 @@ async def _relay_as_event(pool: "UpstreamPool", port: int, model: str, conn: "_U
     """A held stream whose backend answered 2xx but not with SSE (an engine that ignores
     "stream"): its body, up to MAX_WRAPPED_BODY, goes as one SSE event (one data: line
     per line), so an SSE client sees the answer instead of an empty stream."""
-    sink = _Sink(MAX_WRAPPED_BODY)
-    body_done = conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
-    await asyncio.wait([body_done, sink.full], return_when=asyncio.FIRST_COMPLETED)
-    if not body_done.done():
-        conn.close()
-        _abandon(body_done)
+    body, whole = await _read_answer(pool, port, conn, resp, MAX_WRAPPED_BODY, None)
+    if not whole:
         return RelayResult(502, keep, UpstreamError(
             f"model '{model}' backend answered a streaming request with more than "
             f"{MAX_WRAPPED_BODY} bytes that are not an event stream"))
-    body_done.result()
-    if resp.keep_alive and conn.in_sync and not conn.closed:
-        pool.put(port, conn)
-    else:
-        conn.close()
     # One pass each, no object per line: a body of newlines is not a million lines.
-    body = b"".join(sink.parts).replace(b"\r\n", b"\n").strip(b"\n")
+    body = body.replace(b"\r\n", b"\n").strip(b"\n")
     event = b"data: " + body.replace(b"\n", b"\ndata: ") + b"\n\n"
     writer.write(encode_chunk(event) + b"0\r\n\r\n" if chunked else event)
     await writer.drain()
@@ -2265,19 +2279,9 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
             else:
                 # Its error answer: read MAX_ERROR_BODY of it at most, for at most
                 # MAX_ERROR_BODY_SECS (an endless or trickling body is not waited for).
-                sink = _Sink(MAX_ERROR_BODY)
-                body_done = conn.pipe(cast(asyncio.WriteTransport, sink), False, b"")
-                await asyncio.wait([body_done, sink.full], timeout=MAX_ERROR_BODY_SECS,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if body_done.done():
-                    body_done.result()  # a broken body raises here (HTTPError: 502)
-                if body_done.done() and resp.keep_alive and conn.in_sync and not conn.closed:
-                    pool.put(port, conn)
-                else:
-                    conn.close()
-                    _abandon(body_done)
+                text, _ = await _read_answer(pool, port, conn, resp, MAX_ERROR_BODY, MAX_ERROR_BODY_SECS)
                 return RelayResult(resp.status, opened and head.keep_alive,
-                                   backend_error(model, resp.status, b"".join(sink.parts)))
+                                   backend_error(model, resp.status, text))
             started = True
             if flow is not None:
                 flow.responding = True
