@@ -5060,6 +5060,105 @@ def test_fuzz_json_model_scanner_agrees_with_json_loads(capsys: Any) -> None:
         print(f"\n[fuzz] json scanner: seed {seed}, {checked} agreed with json.loads, {invalid} invalid")
 
 
+def test_fuzz_json_quick_path_agrees_with_the_scanner(capsys: Any) -> None:
+    """Exploring: a small body's model is read by json.loads (_json_model_quick) instead
+    of the scanner.  Wherever the quick path answers, the scanner gives the same member
+    (value and stream flag); it declines (False) for everything else, so errors keep
+    the scanner's words.  Random documents, "stream" members, mutations, deep nesting."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    answered = declined = 0
+    for i in range(3000):
+        top = _fuzz_json_text(rng)
+        if rng.random() < 0.3:
+            top = "{" + top + "}" if top.startswith('"') and rng.random() < 0.5 else '{"x": ' + top + "}"
+        if top.startswith("{") and rng.random() < 0.8:
+            extra = rng.choice(['"model": ' + _fuzz_json_text(rng, 5), '"model": "m"', '"stream": true', '"stream": false',
+                                '"stream": "true"', '"stream": 1', '"model": "m", "stream": true'])
+            top = "{" + extra + ("" if top.rstrip().endswith("{}") else ", ") + top[1:]
+        body = top.encode("utf-8", "surrogatepass")
+        r = rng.random()
+        if r < 0.1:
+            body = b"\xef\xbb\xbf" + body  # a BOM
+        elif r < 0.15:
+            body = top.encode("utf-16")
+        elif r < 0.2:
+            body = b'{"a": ' + b"[" * rng.choice([10, 999, 5000]) + b"]" * 3 + b', "model": "x"}'
+        elif r < 0.3:
+            b = bytearray(body)
+            at = rng.randrange(len(b) + 1)
+            b[at:at + rng.randint(0, 3)] = rng.choice([b"", b'"', b"\\", b"[", b"}", b","])
+            body = bytes(b)
+        where = f"seed {seed} case {i}: {body[:200]!r}"
+        quick = llmux._json_model_quick(body)
+        if quick is False:
+            declined += 1
+            continue
+        answered += 1
+        scanned = _run_steps(llmux._json_model_scan(body))
+        if quick is None:
+            assert scanned is None, where
+        else:
+            assert scanned is not None and (scanned.value, scanned.stream) == (quick.value, quick.stream), where
+    assert answered > 800 and declined > 300, (answered, declined)
+    with capsys.disabled():
+        print(f"\n[fuzz] json quick path: seed {seed}, {answered} agreed with the scanner, {declined} declined")
+
+
+def _run_steps(steps: Any) -> Any:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def test_fuzz_field_block_agrees_with_the_line_parser(capsys: Any) -> None:
+    """Exploring: a header section is parsed whole by two regexes (_field_block) and,
+    when that does not match, line by line (_parse_fields), which names the error.
+    Random lines from a hostile alphabet: both give the same pairs, or the same error.
+    A section of whitespace-only values with a bad line at its end must not backtrack
+    (it would hang here, under the test's timeout)."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "20261201"))
+    rng = random.Random(seed)
+    alphabet = [b"a", b"Z", b"-", b"!", b"~", b":", b" ", b"\t", b"\x00", b"\x01", b"\x7f", b"\x80",
+                b"\xff", b"\r", b"\n", b"v", b"(", b'"']
+    ok = bad = 0
+    for i in range(4000):
+        lines = []
+        for _ in range(rng.choice([0, 1, 2, 5, 30])):
+            r = rng.random()
+            if r < 0.6:
+                lines.append(b"%s:%s%s%s" % (rng.choice([b"a", b"X-Y", b"!#$%&'*+-.^_`|~09"]),
+                                             rng.choice([b"", b" ", b"\t", b" \t "]),
+                                             b"".join(rng.choice(alphabet[6:8] + [b"v", b"\x80", b"\xff", b"("])
+                                                      for _ in range(rng.randint(0, 8))),
+                                             rng.choice([b"", b" ", b"\t\t"])))
+            else:
+                lines.append(b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))))
+        lines = [line for line in lines if b"\r\n" not in line]
+        block = b"".join(line + b"\r\n" for line in lines)
+        if block.count(b"\r\n") != len(lines):
+            continue  # a line ending in CR: the pieces would not be these lines
+        where = f"seed {seed} case {i}: {lines!r}"
+        try:
+            expected: Any = llmux._parse_fields(lines)
+        except llmux.HTTPError as e:
+            expected = ("error", e.status, e.message)
+        try:
+            got: Any = llmux._field_block(block)
+        except llmux.HTTPError as e:
+            got = ("error", e.status, e.message)
+        assert got == expected, where
+        ok, bad = (ok, bad + 1) if isinstance(expected, tuple) else (ok + 1, bad)
+    assert ok > 500 and bad > 500, (ok, bad)
+    hostile = b"a: \t \t \t \t \t \t \t\r\n" * llmux.MAX_HEADER_COUNT + b"b: \x01\r\n"
+    with pytest.raises(llmux.HTTPError, match="invalid character in header"):
+        llmux._field_block(hostile)
+    with capsys.disabled():
+        print(f"\n[fuzz] field block: seed {seed}, {ok} parsed alike, {bad} refused alike")
+
+
 def test_fuzz_multipart_hostile_part_heads(capsys: Any) -> None:
     """Exploring: random forms with hostile part heads (repeated or broken
     Content-Disposition, oversized heads, stray delimiters); the model field found is the
