@@ -387,6 +387,27 @@ class Log:
         # Called with (level, event, fields) for every line written at info or above:
         # the Server's EventBus, so /llmux/events carries what the log says.
         self.listener: Optional[Callable[[str, str, Dict[str, Any]], None]] = None
+        # With a loop (batch()), lines are written once per loop iteration, in one write:
+        # a busy proxy logs a line per request, and a write per line was a syscall each.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._pending: List[str] = []
+
+    def batch(self, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        """Write lines at the end of each iteration of ``loop`` (None: at once, as
+        before; what is pending is written first)."""
+        self.flush()
+        self._loop = loop
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the proxy down
 
     def enabled(self, level: str) -> bool:
         return self.LEVELS[level] >= self.threshold
@@ -427,17 +448,24 @@ class Log:
             for key, value in fields.items():
                 if value is None:
                     continue
-                if type(value) is not str:
-                    value = str(value) if type(value) in (int, float) else json.dumps(value, default=str)
-                if not value or _NEEDS_QUOTES(value):
-                    value = json.dumps(value)
+                kind = type(value)
+                if kind is int or kind is float:
+                    value = str(value)  # never needs quotes
+                else:
+                    if kind is not str:
+                        value = json.dumps(value, default=str)
+                    if not value or _NEEDS_QUOTES(value):
+                        value = json.dumps(value)
                 parts.append(f"{key.rstrip('_')}={value}")
             line = " ".join(parts) + (f" | {text}" if text is not None else "")
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed stderr must not take the proxy down
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            if not self._pending:
+                loop.call_soon(self.flush)
+            self._pending.append(line + "\n")
+            return
+        self._pending.append(line + "\n")
+        self.flush()
 
     def debug(self, event: str, **fields: Any) -> None:
         self.emit("debug", event, fields)
@@ -1101,6 +1129,7 @@ _REQUEST_LINE_BAD = re.compile(rb"[^\x21-\x7e ]")  # a request line is visible A
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
+_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,%d})\r\n" % MAX_CHUNK_SIZE_DIGITS)  # no extension: the usual
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
@@ -1115,7 +1144,10 @@ def _header_tokens(headers: List[Tuple[str, str]], name: str) -> List[str]:
     out: List[str] = []
     for key, value in headers:
         if key == name:
-            out.extend(t.strip().lower() for t in value.split(","))
+            if "," in value:
+                out.extend(t.strip().lower() for t in value.split(","))
+            else:
+                out.append(value.strip().lower())
     return out
 
 
@@ -1400,6 +1432,24 @@ class _Parser:
         return line
 
     def _read_chunk_size(self) -> Any:
+        buf = self._buf
+        plain = _CHUNK_HEAD.match(buf) if not self._checked else None
+        if plain is not None:  # the usual line, and often its whole chunk: one step for both
+            size = int(plain.group(1), 16)
+            self._on_chunk(size)
+            start = plain.end()
+            end = start + size
+            if size and buf[end:end + 2] == b"\r\n":
+                data = bytes(buf[start:end])
+                del buf[:end + 2]
+                return Body(data)  # and the next size line is due: the state stays
+            del buf[:start]
+            if size == 0:
+                self._state = self._TRAILER
+            else:
+                self._remaining = size
+                self._state = self._CHUNK_DATA
+            return _AGAIN
         line = self._line(MAX_CHUNK_LINE,
                           f"chunk size line too long; expected at most {MAX_CHUNK_LINE} bytes")
         if line is None:
@@ -1528,6 +1578,7 @@ class RequestParser(_Parser):
         super().__init__()
         self.max_body = max_body
         self._body_total = 0
+        self.framing: Union[str, int] = 0  # the last head's (request_framing)
 
     def _start_line(self) -> Any:
         # The request line is checked as it arrives: bytes that are not HTTP (a TLS
@@ -1602,6 +1653,7 @@ class RequestParser(_Parser):
         if expect and (expect != ["100-continue"]):
             raise self._fail("unsupported expectation", 417, code="expectation_failed")
         self._body_total = 0
+        self.framing = framing
         self._start_body(framing)
         return RequestHead(method.decode("ascii"), target.decode("ascii"), ver, headers,
                            keep_alive, bool(expect) and ver == "HTTP/1.1")
@@ -1808,8 +1860,57 @@ class _Timeout(Exception):
     """A read deadline passed."""
 
 
+class _ReadDeadline:
+    """One connection's read timeout, without a timer call per read: arm() moves a
+    deadline, and the one timer, when it fires early, sleeps on to it (as
+    _Upstream._touch does).  Only a deadline earlier than the timer's replaces it.  At
+    the deadline, if still armed, the reader is poisoned with the exception given."""
+
+    __slots__ = ("loop", "reader", "when", "exc", "timer", "timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
+        self.loop = loop
+        self.reader = reader
+        self.when = 0.0
+        self.exc: Optional[Exception] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timer_at = 0.0
+
+    def arm(self, timeout: float, exc: Exception) -> None:
+        self.when = when = self.loop.time() + timeout
+        self.exc = exc
+        if self.timer is not None and self.timer_at > when:
+            self.timer.cancel()
+            self.timer = None
+        if self.timer is None:
+            self.timer = self.loop.call_at(when, self._fire)
+            self.timer_at = when
+
+    def disarm(self) -> None:
+        self.exc = None
+
+    def close(self) -> None:
+        self.exc = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        exc = self.exc
+        if exc is None:
+            return
+        if self.loop.time() < self.when:
+            self.timer = self.loop.call_at(self.when, self._fire)
+            self.timer_at = self.when
+            return
+        self.exc = None
+        self.reader.set_exception(exc)
+
+
 async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
-                      exc: Exception, n: int = READ_SIZE) -> bytes:
+                      exc: Exception, n: int = READ_SIZE,
+                      deadline: Optional[_ReadDeadline] = None) -> bytes:
     """``reader.read(n)``, raising ``exc`` if nothing arrives within ``timeout`` seconds.
 
     On timeout the reader is poisoned with ``exc``: the caller is expected to give up
@@ -1820,6 +1921,12 @@ async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
     # without it every read just arms the timer.)
     if timeout is None or getattr(reader, "_buffer", None):
         return await reader.read(n)
+    if deadline is not None:  # the connection's own: no timer call (see _ReadDeadline)
+        deadline.arm(timeout, exc)
+        try:
+            return await reader.read(n)
+        finally:
+            deadline.disarm()
     handle = asyncio.get_running_loop().call_later(timeout, reader.set_exception, exc)
     try:
         return await reader.read(n)
@@ -2150,7 +2257,8 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
         # One Content-Length, however the backend wrote it (`3, 3`, twice: RFC 9110 8.6
         # lets a recipient that checked them send one).  The parser checked they agree;
         # for HEAD it is the length of the body a GET would have, so it is the backend's.
-        length = _content_length(resp.headers, 502)
+        length = resp.framing if type(resp.framing) is int and resp.framing else \
+            _content_length(resp.headers, 502)  # (a HEAD's, or 0)
         if length is not None:
             lines.append(f"content-length: {length}")
     sent = {k for k, _ in resp.headers}
@@ -4334,6 +4442,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self.counted = False  # in Server's connection table (admitted, not yet forgotten)
         self._stall: Optional[asyncio.TimerHandle] = None
         self._llmux_writer: Optional[asyncio.StreamWriter] = None
+        self.deadline: Optional[_ReadDeadline] = None  # its reads' timeout (read_request)
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
 
     def pause_writing(self) -> None:
@@ -4362,6 +4471,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
 
     def _llmux_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._llmux_writer = writer
+        self.deadline = _ReadDeadline(asyncio.get_running_loop(), reader)
         self._llmux_task = asyncio.get_running_loop().create_task(
             self._llmux_server._serve_connection(reader, writer, self))
 
@@ -4381,6 +4491,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         return bool(super().eof_received())
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.deadline is not None:
+            self.deadline.close()
         if self._stall is not None:
             self._stall.cancel()
         if self.refused:  # its fd is closed now: one fewer being refused
@@ -6061,6 +6173,7 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     """
     loop = asyncio.get_running_loop()
     deadline = None
+    lazy = conn.deadline if conn is not None else None
     # Idle time counts from the end of the last request, not from the last byte: the
     # empty lines RFC 9112 2.2 lets a client send before a request are skipped without a
     # trace, and must not keep an idle connection open for ever.
@@ -6071,7 +6184,8 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if conn is not None:
                 conn.idle_since = idle_until - http.idle_timeout_secs  # eviction: oldest first
             try:
-                data = await read_within(reader, max(0.0, idle_until - loop.time()), _Idle())
+                data = await read_within(reader, max(0.0, idle_until - loop.time()), _Idle(),
+                                         deadline=lazy)
             finally:
                 if conn is not None:
                     conn.idle_since = None
@@ -6079,19 +6193,19 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if deadline is None:
                 deadline = loop.time() + http.header_timeout_secs
             data = await read_within(reader, max(0.0, deadline - loop.time()),
-                                     _request_timeout("head"))
+                                     _request_timeout("head"), deadline=lazy)
         parser.feed(data) if data else parser.feed_eof()
         event = parser.next_event()
     if event is None:
         return None
     head: RequestHead = event
-    framing = request_framing(head.version, head.headers)  # checked by the parser already
+    framing = parser.framing
     if claim is not None and isinstance(framing, int):
         claim.check(framing)  # before any body byte, and before 100 Continue
     if head.expect_continue and parser.expecting_body and not parser.buffered:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = bytearray()
-    pieces = 0
+    body: Union[bytes, bytearray] = b""
+    pieces = size = 0
     started = loop.time()
     rate = http.min_body_rate_bytes_per_sec
     event = parser.next_event()
@@ -6099,23 +6213,29 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         if event is NEED_DATA:
             timeout, error = http.body_timeout_secs, _request_timeout("body")
             if rate:  # mod_reqtimeout's rule: the grace, plus a second per `rate` bytes
-                left = started + http.body_timeout_secs + len(body) / rate - loop.time()
+                left = started + http.body_timeout_secs + size / rate - loop.time()
                 if left < timeout:
                     timeout = max(0.0, left)
-                    error = _body_too_slow(len(body), left + loop.time() - started, http)
-            data = await read_within(reader, timeout, error)
+                    error = _body_too_slow(size, left + loop.time() - started, http)
+            data = await read_within(reader, timeout, error, deadline=lazy)
             parser.feed(data) if data else parser.feed_eof()
         else:
-            body += event.data
+            if not pieces:
+                body = event.data  # a body that came in one piece is not copied again
+            else:
+                if pieces == 1:
+                    body = bytearray(body)
+                body += event.data  # one buffer grown in place: no second copy of it all
             pieces += 1
-            if pieces > BODY_PIECES_FREE + len(body) // MIN_BODY_PIECE_AVG:
+            size += len(event.data)
+            if pieces > BODY_PIECES_FREE + size // MIN_BODY_PIECE_AVG:
                 raise HTTPError(f"request body arrives in too many small pieces; expected at most "
                                 f"{BODY_PIECES_FREE} pieces plus one per {MIN_BODY_PIECE_AVG} "
-                                f"bytes; got {pieces} for {len(body)} bytes", code="body_too_fragmented")
+                                f"bytes; got {pieces} for {size} bytes", code="body_too_fragmented")
             if claim is not None:
-                claim.grow_to(len(body))
+                claim.grow_to(size)
         event = parser.next_event()
-    # One buffer, returned as it is: read as bytes everywhere and never changed again.
+    # Read as bytes everywhere and never changed again.
     return head, cast(bytes, body)
 
 
@@ -7198,9 +7318,11 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
     loop.add_signal_handler(signal.SIGHUP, early_reload.set)
     server = Server(config, log)
     server.start_reaper()
+    log.batch(loop)
     try:
         return await _serve(server, stop, early_reload, reloads, host, port)
     finally:
+        log.batch(None)  # what is pending is written now, and the rest at once
         server.hooks.close()  # an exception on the way out leaves no hook or server behind
         # asyncio.run closes the loop's self-pipe before it removes its signal handlers:
         # a signal in between (a child's SIGCHLD, a second SIGTERM) printed "Exception

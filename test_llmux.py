@@ -5113,6 +5113,45 @@ def _run_steps(steps: Any) -> Any:
             return done.value
 
 
+def test_read_deadline_fires_at_the_latest_deadline_set_never_before_and_never_disarmed() -> None:
+    """A connection's read timeout (_ReadDeadline) keeps one timer: a later deadline moves
+    it, an earlier one replaces it, a disarmed one never poisons the reader.  Random
+    arm/disarm sequences in virtual time, checked against the plain rule: the reader is
+    poisoned exactly when an armed deadline passes, at that deadline."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        loop = llmux.VirtualTimeLoop()
+
+        async def go() -> None:
+            reader = asyncio.StreamReader()
+            d = llmux._ReadDeadline(asyncio.get_running_loop(), reader)
+            armed: Optional[float] = None
+            for _ in range(rng.randint(1, 12)):
+                step = rng.choice(["arm", "arm", "disarm", "wait"])
+                now = loop.time()
+                if step == "arm":
+                    timeout = rng.choice([0.5, 1.0, 5.0, 30.0])
+                    d.arm(timeout, TimeoutError(f"t{timeout}"))
+                    armed = now + timeout
+                elif step == "disarm":
+                    d.disarm()
+                    armed = None
+                else:
+                    await asyncio.sleep(rng.choice([0.2, 1.0, 6.0]))
+                    if armed is not None and loop.time() >= armed:
+                        assert reader.exception() is not None, f"seed {seed}: not poisoned at {armed}"
+                        return
+                assert reader.exception() is None, f"seed {seed}: poisoned early"
+            if armed is not None:
+                await asyncio.sleep(armed - loop.time() - 0.01)
+                assert reader.exception() is None, f"seed {seed}: poisoned before {armed}"
+                await asyncio.sleep(0.02)
+                assert reader.exception() is not None, f"seed {seed}: not poisoned at {armed}"
+            d.close()
+
+        run_checked(go(), loop)
+
+
 def test_fuzz_field_block_agrees_with_the_line_parser(capsys: Any) -> None:
     """Exploring: a header section is parsed whole by two regexes (_field_block) and,
     when that does not match, line by line (_parse_fields), which names the error.
