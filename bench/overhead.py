@@ -1,29 +1,63 @@
 #!/usr/bin/env python3
-"""What llmux costs: the same load straight to a backend and through llmux, side by side.
+"""What llmux costs, beside nginx and aiohttp: the same load straight to a backend and
+through each proxy, side by side, as ratios to direct (issue 11: tail latency).
 
-    python3 bench/overhead.py [--quick]
+    python3 bench/overhead.py [--quick] [--runs 2] [--no-pin] [--json FILE]
+                              [--peer-python PY] [--llmux-python PY] [--llmux PATH]
 
-Starts, as child processes, a minimal asyncio backend (this file, `backend` mode) and
-llmux in front of it, then measures from this process:
+Columns (a peer that is not there prints "–" and is named below the table):
 
-  1. small non-streaming requests at 1 and 64 concurrent connections: req/s, p50/p99;
-  2. 100 concurrent SSE streams: time to first byte, per-chunk latency (the backend
-     stamps each event with its send time; latency = arrival - stamp);
-  3. switch overhead: wake hook exit -> the first queued request at the backend;
-  4. llmux's own CPU time (utime+stime from /proc) per proxied request and per chunk.
+  direct             the client talks to the fake backend itself
+  nginx              `nginx` from PATH (or /usr/sbin), 1 worker, config generated below
+  aiohttp + uvloop   bench/aiohttp_peer.py run by --peer-python (default
+                     /tmp/bench-venv/bin/python), when it imports aiohttp and uvloop
+  llmux.py           this interpreter, stdlib asyncio
+  llmux.py + uvloop  --llmux-python (same default) with LLMUX_LOOP=uvloop, when it imports
+                     uvloop and llmux.py really loaded it (checked in /proc/PID/maps)
 
-On a 2-core machine the client, llmux and the backend share the cores, so throughput
-is bounded by the client; CPU time per request is the honest figure.  Traffic stays on
-127.0.0.1.  Nothing here is asserted: it prints a table.
+Rows, each measured from this process with its own asyncio client:
+
+  1. time to first byte p50/p99: 100 new connections, then all 100 POSTs (SSE streams)
+     written in one instant; a warm-up burst first, so the measured burst finds the
+     proxy's upstream pool warm;
+  2. chunk latency p50/p99: 100 streams at 10 ms a chunk (the backend stamps each SSE
+     event with its send time; latency = arrival - stamp), 30,000 chunks (--quick 10,000);
+  3. small non-streaming requests over 64 keep-alive connections: latency, throughput,
+     and the proxy's CPU per request (utime+stime of its process tree from /proc, so
+     nginx's master and worker together);
+  4. CPU per relayed chunk: the proxy's CPU over row 2, less 100 requests' cost (row 3);
+  5. the chunk latency p99 of row 2 again while a 20 MB chat body (a base64 image,
+     "model" as the last key) arrives once a second on another connection, and its rise;
+  6. RSS of the proxy (its process tree): idle (after start and one request), and with
+     1,000 slow streams open (a chunk a second; read once all have their first chunk);
+  7. llmux only: switch overhead, wake hook exit -> the first queued request at a backend.
+
+Pinning (when taskset exists and there are 2+ CPUs; --no-pin turns it off): the proxy
+runs alone on CPU 0, this process and the fake backend share CPU 1.  Throughput is then
+bounded by the client, so CPU time per request is the honest cost figure; and direct is
+no lower bound: its client and backend contend for CPU 1, which a proxy on CPU 0 can
+smooth.  This process and the backend run with the garbage collector off (a collection
+over the recorded events would show up as latency in every column).  --runs N
+repeats everything N times with fresh processes; a cell is the median over runs and
+(min–max).  Traffic stays on 127.0.0.1, every file in one temporary directory, every
+process started is stopped at the end (its whole process group).  Nothing here is
+asserted: it prints a markdown table (and --json writes every raw number).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
+import gc
 import json
+import math
 import os
 import re
+import resource
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -31,10 +65,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-LLMUX = str(ROOT / "llmux.py")
+PEER_SCRIPT = str(Path(__file__).resolve().parent / "aiohttp_peer.py")
+VENV_PYTHON = "/tmp/bench-venv/bin/python"  # has aiohttp and uvloop, when it is there
+
+STREAMS = 100  # rows 1, 2, 4, 5
+PACED_GAP = 0.01  # seconds between a paced stream's chunks
+SMALL_CONNS = 64  # row 3
+BODY_MB, BODY_EVERY = 20, 1.0  # row 5: a 20 MB body each second
+HELD_GAP, HELD_CHUNKS = 1.0, 120  # row 6: a chunk a second; cut once measured
+HELD_OPENING = 100  # row 6: streams being opened at once
+PHASE_TIMEOUT = 300.0  # seconds: a peer that hangs fails its column, not the bench
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    small: int  # row 3: requests
+    burst_chunks: int  # row 1: chunks per stream (short streams)
+    paced_chunks: int  # rows 2, 4, 5: chunks per stream
+    held: int  # row 6: streams open at once
+    switches: int  # row 7
+
+
+FULL = Sizes(small=12800, burst_chunks=5, paced_chunks=300, held=1000, switches=40)
+QUICK = Sizes(small=2000, burst_chunks=5, paced_chunks=100, held=1000, switches=10)
 
 
 # ───────────────────────────── the backend (child process) ──────────────────────────────
@@ -45,15 +101,19 @@ async def _backend_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            body = json.loads(await reader.readexactly(length)) if length else {}
+            match = re.search(rb"(?i)content-length: *(\d+)", head)
+            length = int(match.group(1)) if match else 0
+            data = await reader.readexactly(length)
+            # A big body is an upload (row 5): only its size matters, and parsing 20 MB
+            # here would steal CPU 1 from the client measuring the streams.
+            body = json.loads(data) if 0 < length < 65536 else {}
             if log:
                 with open(log, "a") as f:
                     f.write(f"{time.time():.6f} {name}\n")
             if not body.get("stream"):
-                data = json.dumps({"backend": name, "ok": True}).encode()
+                answer = json.dumps({"backend": name, "ok": True}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(data), data))
+                             b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
                 await writer.drain()
                 continue
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -72,6 +132,8 @@ async def _backend_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 def backend_main(fd: int, name: str, log: Optional[str]) -> None:
+    gc.disable()  # as in the bench: no collector pauses in the baseline (it lives seconds)
+
     async def run() -> None:
         sock = socket.socket(fileno=fd)
         server = await asyncio.start_server(lambda r, w: _backend_conn(r, w, name, log), sock=sock)
@@ -83,43 +145,86 @@ def backend_main(fd: int, name: str, log: Optional[str]) -> None:
 # ─────────────────────────────────────── clients ────────────────────────────────────────
 
 
+def post(body: Dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(data), data))
+
+
+SMALL = post({"model": "a"})
+
+
+def stream_post(chunks: int, gap: float) -> bytes:
+    return post({"model": "a", "stream": True, "n": chunks, "gap": gap})
+
+
+@functools.lru_cache(maxsize=1)
+def big_post() -> bytes:
+    """Row 5's upload: a chat request with a BODY_MB MB base64 image, "model" last."""
+    return post({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + "A" * (BODY_MB * 1024 * 1024)}}]}], "model": "a"})
+
+
+Events = List[Tuple[float, bytes]]  # (arrival time.time(), one SSE event)
+
+
 class Client:
-    """One keep-alive HTTP/1.1 connection with just enough parsing for these replies."""
+    """One keep-alive HTTP/1.1 connection with just enough parsing for these answers."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
+        self.sent = 0.0
 
-    async def request(self, body: Dict[str, Any]) -> Tuple[float, List[Tuple[float, bytes]]]:
-        """Send one POST; return (time to first byte, [(arrival, event)...] for streams)."""
+    async def connect(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    def send(self, request: bytes) -> None:
+        assert self.writer is not None
+        self.sent = time.perf_counter()
+        self.writer.write(request)
+
+    async def answer(self, max_events: Optional[int] = None) -> Tuple[float, Events]:
+        """Read one answer: (time to first byte, [(arrival, event)...] for a stream).
+        With max_events, stop reading a stream once that many events came."""
         assert self.reader is not None
-        data = json.dumps(body).encode()
-        start = time.perf_counter()
-        self.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                          b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
         head = await self.reader.readuntil(b"\r\n\r\n")
-        ttfb = time.perf_counter() - start
+        ttfb = time.perf_counter() - self.sent
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(head.decode(errors="replace"))
         match = re.search(rb"(?i)content-length: *(\d+)", head)
         if match:
             await self.reader.readexactly(int(match.group(1)))
             return ttfb, []
-        events = []
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+        return ttfb, await self._events(max_events)
+
+    async def _events(self, max_events: Optional[int]) -> Events:
+        # A proxy re-chunks as it likes: an event may span chunks, a chunk hold several.
+        assert self.reader is not None
+        events: Events = []
+        pending = b""
+        while max_events is None or len(events) < max_events:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
             if size == 0:
                 await self.reader.readuntil(b"\r\n")
-                return ttfb, events
-            chunk = await self.reader.readexactly(size + 2)
-            events.append((time.time(), chunk[:-2]))
+                break
+            pending += (await self.reader.readexactly(size + 2))[:-2]
+            arrival = time.time()
+            while b"\n\n" in pending:
+                event, _, pending = pending.partition(b"\n\n")
+                events.append((arrival, event))
+        return events
+
+    async def request(self, request: bytes) -> Tuple[float, Events]:
+        await self.connect()
+        self.send(request)
+        return await self.answer()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self.writer.transport.abort()  # the bench is done with it: no FIN handshake
 
 
 def pct(values: List[float], p: float) -> float:
@@ -127,212 +232,654 @@ def pct(values: List[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-async def small_requests(port: int, conns: int, total: int) -> Dict[str, float]:
-    latencies: List[float] = []
-    clients = [Client(port) for _ in range(conns)]
-    per = total // conns
+def latencies(answers: List[Tuple[float, Events]]) -> List[float]:
+    """Arrival minus the backend's send stamp, for every stamped event."""
+    return [arrival - json.loads(event[6:])["t"] for _, events in answers
+            for arrival, event in events if event.startswith(b"data: {")]
+
+
+async def burst(port: int, count: int, chunks: int) -> List[float]:
+    """`count` new connections, then all their POSTs in one instant: each one's TTFB."""
+    clients = [Client(port) for _ in range(count)]
+    try:
+        await asyncio.gather(*(c.connect() for c in clients))
+        request = stream_post(chunks, PACED_GAP)
+        for c in clients:  # no await in between: the POSTs leave together
+            c.send(request)
+        answers = await asyncio.gather(*(c.answer() for c in clients))
+    finally:
+        for c in clients:
+            c.close()
+    return [ttfb for ttfb, _ in answers]
+
+
+async def streams(port: int, count: int, chunks: int, gap: float) -> List[Tuple[float, Events]]:
+    clients = [Client(port) for _ in range(count)]
+    try:
+        return await asyncio.gather(*(c.request(stream_post(chunks, gap)) for c in clients))
+    finally:
+        for c in clients:
+            c.close()
+
+
+async def small_requests(port: int, total: int, meter: "Meter") -> Dict[str, float]:
+    """Row 3: `total` small requests over SMALL_CONNS keep-alive connections."""
+    took: List[float] = []
+    clients = [Client(port) for _ in range(SMALL_CONNS)]
 
     async def worker(c: Client) -> None:
-        for _ in range(per):
+        for _ in range(total // SMALL_CONNS):
             t0 = time.perf_counter()
-            await c.request({"model": "a"})
-            latencies.append(time.perf_counter() - t0)
+            await c.request(SMALL)
+            took.append(time.perf_counter() - t0)
 
-    await asyncio.gather(*(c.request({"model": "a"}) for c in clients))  # connect, warm
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in clients))
-    elapsed = time.perf_counter() - start
-    for c in clients:
-        c.close()
-    return {"rps": len(latencies) / elapsed, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
-            "n": len(latencies)}
-
-
-async def streams(port: int, count: int, chunks: int, gap: float) -> Dict[str, float]:
-    clients = [Client(port) for _ in range(count)]
-    results = await asyncio.gather(*(c.request({"model": "a", "stream": True, "n": chunks, "gap": gap})
-                                     for c in clients))
-    for c in clients:
-        c.close()
-    lat = [arrival - json.loads(ev[6:])["t"] for _, events in results for arrival, ev in events
-           if ev.startswith(b"data: {")]
-    ttfb = [r[0] for r in results]
-    return {"ttfb50": pct(ttfb, 50), "ttfb99": pct(ttfb, 99), "lat50": pct(lat, 50),
-            "lat99": pct(lat, 99), "chunks": len(lat)}
+    try:
+        await asyncio.gather(*(c.request(SMALL) for c in clients))  # connect, warm the pool
+        cpu, start = meter.cpu(), time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients))
+        elapsed, cpu = time.perf_counter() - start, meter.cpu() - cpu
+    finally:
+        for c in clients:
+            c.close()
+    return {"small_p50": pct(took, 50), "small_p99": pct(took, 99),
+            "small_rps": len(took) / elapsed, "cpu_req": cpu / len(took)}
 
 
-async def streams_under_uploads(port: int, count: int, chunks: int, gap: float,
-                                body_mb: int, every: float) -> Dict[str, float]:
-    """Paced streams while a client uploads a body_mb MB chat request (an image as base64,
-    "model" last, as clients write it) every ``every`` seconds through the same port."""
-    blob = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64," + "A" * (body_mb * 1024 * 1024)}}]}], "model": "a"}).encode()
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n" % len(blob))
+async def streams_under_uploads(port: int, chunks: int) -> Tuple[List[float], int]:
+    """Row 5: STREAMS paced streams while big_post() arrives each BODY_EVERY seconds on
+    another connection; (their chunk latencies, uploads answered meanwhile)."""
+    blob = big_post()
     done = asyncio.Event()
     uploads = 0
 
     async def uploader() -> None:
         nonlocal uploads
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        c = Client(port)
         try:
             while not done.is_set():
                 started = time.perf_counter()
-                writer.write(head + blob)
-                await writer.drain()
-                answer = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", answer).group(1))
-                await reader.readexactly(length)
+                await c.request(blob)
                 uploads += 1
-                await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
+                await asyncio.sleep(max(0.0, BODY_EVERY - (time.perf_counter() - started)))
         finally:
-            writer.close()
+            c.close()
 
     task = asyncio.get_running_loop().create_task(uploader())
     try:
-        result = await streams(port, count, chunks, gap)
+        answers = await streams(port, STREAMS, chunks, PACED_GAP)
     finally:
         done.set()
         await task
-    result["uploads"] = uploads
-    return result
+    return latencies(answers), uploads
+
+
+async def held_streams(port: int, count: int, meter: "Meter") -> float:
+    """Row 6: the proxy's RSS once `count` slow streams all have their first chunk."""
+    clients = [Client(port) for _ in range(count)]
+    opening = asyncio.Semaphore(HELD_OPENING)
+    request = stream_post(HELD_CHUNKS, HELD_GAP)
+
+    async def open_one(c: Client) -> None:
+        async with opening:
+            await c.connect()
+            c.send(request)
+            await c.answer(max_events=1)
+
+    try:
+        await asyncio.gather(*(open_one(c) for c in clients))
+        return meter.rss()
+    finally:
+        for c in clients:
+            c.close()
 
 
 # ─────────────────────────────────────── processes ──────────────────────────────────────
 
 
-def start_backend(name: str, log: Optional[str] = None) -> Tuple[subprocess.Popen, int]:
-    sock = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    args = [sys.executable, __file__, "backend", str(sock.fileno()), name] + ([log] if log else [])
-    proc = subprocess.Popen(args, pass_fds=(sock.fileno(),))
-    port = sock.getsockname()[1]
-    sock.close()
-    return proc, port
+class Procs:
+    """Every child this bench starts, each in its own process group, so that stopping one
+    stops what it started too (nginx's worker, llmux's hooks)."""
+
+    def __init__(self) -> None:
+        self.running: List["subprocess.Popen[bytes]"] = []
+
+    def start(self, argv: List[str], log: str, **kw: Any) -> "subprocess.Popen[bytes]":
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, **kw)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, *procs: "Optional[subprocess.Popen[bytes]]") -> None:
+        live = [p for p in procs if p is not None and p in self.running]
+        for p in live:
+            self._signal(p, signal.SIGTERM)
+        for p in live:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._signal(p, signal.SIGKILL)  # whatever is left of its group
+            p.wait()
+            self.running.remove(p)
+
+    def stop_all(self) -> None:
+        self.stop(*reversed(self.running))
+
+    @staticmethod
+    def _signal(p: "subprocess.Popen[bytes]", sig: int) -> None:
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def start_llmux(config: Dict[str, Any], tmp: str) -> Tuple[subprocess.Popen, int]:
-    path = os.path.join(tmp, f"config-{len(os.listdir(tmp))}.json")
+def _proc_tree(root: int) -> List[int]:
+    """root and all its descendants, from the ppid field of /proc/*/stat."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+class Meter:
+    """CPU seconds and RSS bytes of a process tree (NaN for the direct column's None)."""
+
+    def __init__(self, pid: Optional[int]) -> None:
+        self.pid = pid
+
+    def cpu(self) -> float:
+        if self.pid is None:
+            return math.nan
+        total = 0
+        for pid in _proc_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> float:
+        """Summed over the tree: pages a master and its worker share count twice."""
+        if self.pid is None:
+            return math.nan
+        total = 0
+        for pid in _proc_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f
+                                  if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                continue
+        return float(total)
+
+    def has_mapped(self, name: str) -> bool:
+        """Whether the process has a file whose path contains `name` mapped (a .so)."""
+        with open(f"/proc/{self.pid}/maps") as f:
+            return name in f.read()
+
+
+class Unavailable(Exception):
+    """A peer that cannot run here: its column prints "–" and this reason."""
+
+
+@dataclasses.dataclass
+class Bench:
+    tmp: str
+    procs: Procs
+    pin: bool
+    args: argparse.Namespace
+
+    def pinned(self, cpu: int, argv: List[str]) -> List[str]:
+        return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
+
+    def path(self, name: str) -> str:
+        """A fresh path in the temporary directory (runs repeat: names must not clash)."""
+        return os.path.join(tempfile.mkdtemp(prefix=name + "-", dir=self.tmp), name)
+
+
+class Proxy(NamedTuple):
+    proc: "subprocess.Popen[bytes]"
+    port: int
+
+
+def _listener() -> socket.socket:
+    return socket.create_server(("127.0.0.1", 0), backlog=1024)
+
+
+def start_backend(b: Bench, name: str, log: Optional[str] = None) -> Proxy:
+    """The fake backend, on CPU 1 with this process, serving a socket bound here."""
+    sock = _listener()
+    try:
+        argv = [sys.executable, __file__, "backend", str(sock.fileno()), name] + ([log] if log else [])
+        proc = b.procs.start(b.pinned(1, argv), b.path("backend.log"), pass_fds=(sock.fileno(),))
+        return Proxy(proc, sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def _wait_for(what: str, proc: "subprocess.Popen[bytes]", log: str,
+              ready: Callable[[], Optional[int]]) -> int:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        port = ready()
+        if port is not None:
+            return port
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    with open(log, errors="replace") as f:
+        raise RuntimeError(f"{what} did not start: {f.read()[-2000:]}")
+
+
+def llmux_config(backend: int) -> Dict[str, Any]:
+    # Row 6 holds 1,000 streams (plus the bench's spare connections): llmux's default
+    # http.max_connections (1024) is raised, and the per-peer cap is lifted (loopback is
+    # exempt from it today anyway).  policy.max_queue (4096 waiting requests) and a
+    # model's max_in_flight (unset: no cap) already allow 1,000 streams.
+    return {"models": {"a": {"port": backend}},
+            "http": {"max_connections": 4096, "max_connections_per_peer": None}}
+
+
+class LLMux(NamedTuple):
+    """How a llmux column runs llmux.py: which interpreter, with which environment."""
+    python: Callable[[argparse.Namespace], str]
+    env: Dict[str, str]
+
+
+LLMUX_STDLIB = LLMux(lambda a: sys.executable, {})
+LLMUX_UVLOOP = LLMux(lambda a: a.llmux_python, {"LLMUX_LOOP": "uvloop"})
+
+
+def launch_llmux(b: Bench, config: Dict[str, Any], how: LLMux) -> Proxy:
+    """`python llmux.py -c config -p 0`, on CPU 0; its port from its `listening` line."""
+    path = b.path("llmux.json")
     with open(path, "w") as f:
         json.dump(config, f)
-    logpath = path + ".log"
-    log = open(logpath, "w")
-    proc = subprocess.Popen([sys.executable, LLMUX, "-c", path, "-p", "0", "--host", "127.0.0.1"],
-                            stderr=log, stdout=log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        match = re.search(r"listening url=http://127\.0\.0\.1:(\d+)", open(logpath).read())
-        if match:
-            return proc, int(match.group(1))
-        time.sleep(0.01)
-    raise RuntimeError("llmux did not start: " + open(logpath).read())
+    log = path + ".log"
+    argv = [how.python(b.args), b.args.llmux, "-c", path, "-p", "0", "--host", "127.0.0.1"]
+    proc = b.procs.start(b.pinned(0, argv), log, env={**os.environ, **how.env})
+
+    def ready() -> Optional[int]:
+        with open(log, errors="replace") as f:
+            match = re.search(r"listening url=http://127\.0\.0\.1:(\d+)", f.read())
+        return int(match.group(1)) if match else None
+
+    proxy = Proxy(proc, _wait_for("llmux.py", proc, log, ready))
+    # A llmux.py without LLMUX_LOOP would run stdlib asyncio under the uvloop label.
+    if how.env.get("LLMUX_LOOP") == "uvloop" and not Meter(proc.pid).has_mapped("uvloop"):
+        b.procs.stop(proc)
+        raise Unavailable("llmux.py ignored LLMUX_LOOP=uvloop (uvloop not loaded)")
+    return proxy
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-async def switch_overhead(tmp: str, switches: int) -> List[float]:
-    """Wake hook's last act -> the first queued request's arrival at the backend."""
-    arrivals = os.path.join(tmp, "arrivals.log")
-    stamps = os.path.join(tmp, "stamps.log")
-    backends = {n: start_backend(n, arrivals) for n in ("a", "b")}
-    stamp = f"date +%s.%N >> {stamps}"
-    config = {"models": {n: {"port": port, "wake": stamp} for n, (_, port) in backends.items()},
-              "policy": {"request_timeout_secs": 30}}
-    proc, port = start_llmux(config, tmp)
+def start_aiohttp(b: Bench, backend: int) -> Proxy:
+    sock = _listener()
     try:
-        c = Client(port)
+        argv = [b.args.peer_python, PEER_SCRIPT, "--port-fd", str(sock.fileno()),
+                "--upstream", str(backend)]
+        proc = b.procs.start(b.pinned(0, argv), b.path("aiohttp.log"), pass_fds=(sock.fileno(),))
+        return Proxy(proc, sock.getsockname()[1])  # connections wait in the backlog
+    finally:
+        sock.close()
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 64m;   # llmux's default max_body_bytes
+    keepalive_requests 1000000; # llmux closes no keep-alive connection after N requests
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;  # llmux's LISTEN_BACKLOG
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;          # SSE: each piece is sent on as it comes
+            proxy_request_buffering off;  # a body is streamed on as it comes, not spooled
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_path() -> Optional[str]:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def start_nginx(b: Bench, backend: int) -> Proxy:
+    nginx = nginx_path()
+    assert nginx is not None
+    for _ in range(5):
+        # nginx cannot take a passed socket: here alone a port is reserved, released and
+        # handed over, which can race, so EADDRINUSE means another try on another port.
+        with _listener() as s:
+            port = s.getsockname()[1]
+        conf = b.path("nginx.conf")
+        where = os.path.dirname(conf)
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(dir=where, backend=backend, port=port,
+                                      user="user root;\n" if os.geteuid() == 0 else ""))
+        log = os.path.join(where, "error.log")
+        proc = b.procs.start(b.pinned(0, [nginx, "-p", where, "-c", conf, "-e", log]),
+                             os.path.join(where, "stderr.log"))
+        pidfile = os.path.join(where, "nginx.pid")
+        # nginx writes its pid file once its listening sockets are bound.
+        try:
+            return Proxy(proc, _wait_for("nginx", proc, log,
+                                         lambda: port if os.path.exists(pidfile) else None))
+        except RuntimeError as e:
+            b.procs.stop(proc)
+            if "Address already in use" not in str(e):
+                raise
+    raise RuntimeError("nginx: the reserved port was taken 5 times")
+
+
+def _imports(python: str, modules: str) -> Optional[str]:
+    """None when `python` imports the modules, else why not."""
+    if not os.path.exists(python):
+        return f"{python} not found"
+    done = subprocess.run([python, "-c", f"import {modules}"], capture_output=True)
+    return None if done.returncode == 0 else f"{python} cannot import {modules}"
+
+
+def _output(argv: List[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    return (done.stdout + done.stderr).strip()
+
+
+def about_nginx(a: argparse.Namespace) -> str:
+    return _output([nginx_path() or "nginx", "-v"]).replace("nginx version: ", "")
+
+
+def about_aiohttp(a: argparse.Namespace) -> str:
+    return _output([a.peer_python, "-c", "import aiohttp, uvloop, sys; print('aiohttp', "
+                    "aiohttp.__version__, '+ uvloop', uvloop.__version__, 'on Python', "
+                    "sys.version.split()[0])"])
+
+
+def about_llmux(how: LLMux) -> Callable[[argparse.Namespace], str]:
+    def about(a: argparse.Namespace) -> str:
+        python = _output([how.python(a), "-c", "import sys; print(sys.version.split()[0])"])
+        return f"Python {python}, {how.env.get('LLMUX_LOOP', 'stdlib asyncio')}"
+    return about
+
+
+class Peer(NamedTuple):
+    label: str
+    missing: Callable[[argparse.Namespace], Optional[str]]  # None, or why it cannot run
+    start: Optional[Callable[[Bench, int], Proxy]]  # None: the client talks to the backend
+    about: Callable[[argparse.Namespace], str]  # versions, for the table's heading
+    llmux: Optional[LLMux] = None  # llmux columns also get the switch-overhead row
+
+
+def llmux_peer(label: str, how: LLMux, missing: Callable[[argparse.Namespace], Optional[str]]) -> Peer:
+    return Peer(label, missing, lambda b, port: launch_llmux(b, llmux_config(port), how),
+                about_llmux(how), how)
+
+
+# The columns, in order.  Each peer is started the same way: (bench, backend port) -> Proxy.
+PEERS = [
+    Peer("direct", lambda a: None, None, lambda a: "client -> fake backend"),
+    Peer("nginx", lambda a: None if nginx_path() else "nginx not on PATH", start_nginx, about_nginx),
+    Peer("aiohttp + uvloop", lambda a: _imports(a.peer_python, "aiohttp, uvloop"), start_aiohttp,
+         about_aiohttp),
+    llmux_peer("llmux.py", LLMUX_STDLIB, lambda a: None),
+    llmux_peer("llmux.py + uvloop", LLMUX_UVLOOP, lambda a: _imports(a.llmux_python, "uvloop")),
+]
+
+
+# ─────────────────────────────────── one column, one run ────────────────────────────────
+
+T = TypeVar("T")
+
+
+async def phase(coro: Awaitable[T]) -> T:
+    return await asyncio.wait_for(coro, PHASE_TIMEOUT)
+
+
+async def measure(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
+    """Every row for one column, on a fresh backend and a fresh proxy."""
+    backend = start_backend(b, "a")
+    proxy = None
+    try:
+        proxy = peer.start(b, backend.port) if peer.start else None
+        port, meter = (proxy.port, Meter(proxy.proc.pid)) if proxy else (backend.port, Meter(None))
+        out: Dict[str, float] = {}
+        await phase(Client(port).request(SMALL))
+        out["rss_idle"] = meter.rss()
+        await phase(burst(port, STREAMS, sizes.burst_chunks))  # warms the upstream pool
+        await asyncio.sleep(0.2)  # its connections back in the pool
+        ttfb = await phase(burst(port, STREAMS, sizes.burst_chunks))
+        out["ttfb50"], out["ttfb99"] = pct(ttfb, 50), pct(ttfb, 99)
+        out.update(await phase(small_requests(port, sizes.small, meter)))
+        cpu = meter.cpu()
+        lat = latencies(await phase(streams(port, STREAMS, sizes.paced_chunks, PACED_GAP)))
+        cpu = meter.cpu() - cpu
+        out["lat50"], out["lat99"], out["chunks"] = pct(lat, 50), pct(lat, 99), len(lat)
+        out["cpu_chunk"] = (cpu - STREAMS * out["cpu_req"]) / len(lat)
+        loaded, out["uploads"] = await phase(streams_under_uploads(port, sizes.paced_chunks))
+        out["loaded_lat99"] = pct(loaded, 99)
+        out["rise"] = out["loaded_lat99"] - out["lat99"]
+        if proxy:
+            out["rss_held"] = await phase(held_streams(port, sizes.held, meter))
+        return {k: v for k, v in out.items() if not math.isnan(v)}
+    finally:
+        b.procs.stop(proxy.proc if proxy else None, backend.proc)
+
+
+async def switch_overhead(b: Bench, how: LLMux, switches: int) -> List[float]:
+    """Row 7: wake hook's last act -> the first queued request's arrival at the backend."""
+    arrivals, stamps = b.path("arrivals.log"), b.path("stamps.log")
+    backends = {n: start_backend(b, n, arrivals) for n in ("a", "b")}
+    config = {"models": {n: {"port": p.port, "wake": f"date +%s.%N >> {stamps}"}
+                         for n, p in backends.items()},
+              "policy": {"request_timeout_secs": 30}}
+    proxy = None
+    try:
+        proxy = launch_llmux(b, config, how)
+        c = Client(proxy.port)
         for i in range(switches):
-            await c.request({"model": "ab"[i % 2]})
+            await phase(c.request(post({"model": "ab"[i % 2]})))
         c.close()
     finally:
-        stop(proc, *(p for p, _ in backends.values()))
-    woke = [float(x) for x in open(stamps).read().split()]
-    got = [float(line.split()[0]) for line in open(arrivals).read().splitlines()]
+        b.procs.stop(proxy.proc if proxy else None, *(p.proc for p in backends.values()))
+    with open(stamps) as f:
+        woke = [float(x) for x in f.read().split()]
+    with open(arrivals) as f:
+        got = [float(line.split()[0]) for line in f.read().splitlines()]
     return [g - w for w, g in zip(woke, got)]
+
+
+async def column(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
+    out = await measure(b, peer, sizes)
+    if peer.llmux:
+        switch = await switch_overhead(b, peer.llmux, sizes.switches)
+        out["switch50"], out["switchmax"] = statistics.median(switch), max(switch)
+    return out
+
+
+# ─────────────────────────────────────── the table ──────────────────────────────────────
+
+
+class Row(NamedTuple):
+    key: str
+    title: str
+    scale: float
+    ratio: bool = True  # median / direct median (rows direct has)
+    whole: bool = False  # a count: no decimals
+
+
+def rows(sizes: Sizes) -> List[Row]:
+    ms, us, mb = 1e3, 1e6, 1 / 2 ** 20
+    paced = f"{STREAMS} streams at 10 ms a chunk"
+    return [
+        Row("ttfb50", f"time to first byte p50, {STREAMS} new streams at once (ms)", ms),
+        Row("ttfb99", f"time to first byte p99, {STREAMS} new streams at once (ms)", ms),
+        Row("lat50", f"chunk latency p50, {paced} (ms)", ms),
+        Row("lat99", f"chunk latency p99, {paced} (ms)", ms),
+        Row("small_p50", f"small requests, {SMALL_CONNS} keep-alive conns: latency p50 (ms)", ms),
+        Row("small_p99", f"small requests, {SMALL_CONNS} keep-alive conns: latency p99 (ms)", ms),
+        Row("small_rps", f"small requests, {SMALL_CONNS} keep-alive conns: throughput (req/s)", 1),
+        Row("cpu_req", "CPU per proxied request (µs)", us),
+        Row("cpu_chunk", "CPU per relayed chunk (µs, request cost removed)", us),
+        Row("loaded_lat99", f"chunk latency p99, {paced}, {BODY_MB} MB body 1/s (ms)", ms),
+        Row("rise", "rise of that p99 over the streams alone (ms)", ms, ratio=False),
+        Row("uploads", f"{BODY_MB} MB bodies answered meanwhile", 1, ratio=False, whole=True),
+        Row("rss_idle", "RSS idle, after start and one request (MiB)", mb),
+        Row("rss_held", f"RSS with {sizes.held:,} slow streams open (MiB)", mb),
+        Row("switch50", "switch overhead p50, wake exit -> backend (ms)", ms),
+        Row("switchmax", "switch overhead max, wake exit -> backend (ms)", ms),
+    ]
+
+
+def num(x: float) -> str:
+    a = abs(x)
+    return f"{x:.0f}" if a >= 100 else f"{x:.1f}" if a >= 10 else f"{x:.2f}"
+
+
+def summarize(runs: List[Dict[str, Dict[str, float]]], labels: List[str],
+              sizes: Sizes) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{row key: {column: {median, min, max[, ratio]}}}, in the rows' units."""
+    summary: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for row in rows(sizes):
+        cells: Dict[str, Dict[str, float]] = {}
+        for label in labels:
+            values = [r[label][row.key] * row.scale for r in runs if row.key in r.get(label, {})]
+            if values:
+                cells[label] = {"median": statistics.median(values), "min": min(values),
+                                "max": max(values), "n": len(values)}
+        direct = cells.get("direct", {}).get("median")
+        for label, cell in cells.items():
+            if row.ratio and direct and label != "direct":
+                cell["ratio"] = cell["median"] / direct
+        summary[row.key] = cells
+    return summary
+
+
+def cell(c: Optional[Dict[str, float]], whole: bool) -> str:
+    if not c:
+        return "–"
+    show = (lambda x: f"{x:.0f}") if whole else num
+    text = show(c["median"])
+    if c["n"] > 1:
+        text += f" ({show(c['min'])}–{show(c['max'])})"
+    if "ratio" in c:
+        text += f" ×{c['ratio']:.2f}"
+    return text
+
+
+def table(summary: Dict[str, Dict[str, Dict[str, float]]], labels: List[str], sizes: Sizes) -> str:
+    lines = ["| measure | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for row in rows(sizes):
+        cells = summary[row.key]
+        if cells:
+            lines.append(f"| {row.title} | " + " | ".join(cell(cells.get(l), row.whole) for l in labels) + " |")
+    return "\n".join(lines)
 
 
 # ───────────────────────────────────────── main ─────────────────────────────────────────
 
 
-def row(name: str, direct: float, via: float, unit: str, scale: float = 1.0) -> str:
-    ratio = via / direct if direct else float("nan")
-    return f"| {name:<38} | {direct * scale:>10.2f} | {via * scale:>10.2f} | {ratio:>6.2f} | {unit:<5} |"
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; the children inherit it (row 6)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (OSError, ValueError):
+        return soft
 
 
-async def run(quick: bool) -> None:
-    n1, n64, nstreams, nchunks = (500, 3000, 100, 20) if quick else (2000, 12800, 100, 50)
-    with tempfile.TemporaryDirectory() as tmp:
-        backend, bport = start_backend("a")
-        lx, lport = start_llmux({"models": {"a": {"port": bport}}}, tmp)
-        try:
-            await Client(lport).request({"model": "a"})  # wake (no hook): now active
-            results: Dict[str, Dict[str, Dict[str, float]]] = {}
-            cpu: Dict[str, float] = {}
-            for label, conns, total in (("c1", 1, n1), ("c64", 64, n64)):
-                results[label] = {"direct": await small_requests(bport, conns, total)}
-                before = cpu_seconds(lx.pid)
-                results[label]["llmux"] = await small_requests(lport, conns, total)
-                cpu[label] = (cpu_seconds(lx.pid) - before) / (results[label]["llmux"]["n"] + conns)
-            results["sse"] = {"direct": await streams(bport, nstreams, nchunks, 0.02)}
-            before = cpu_seconds(lx.pid)
-            results["sse"]["llmux"] = await streams(lport, nstreams, nchunks, 0.02)
-            sse_cpu = cpu_seconds(lx.pid) - before
-            # Issue 11's big-body case: 100 streams at 10 ms a chunk, alone and while a
-            # 20 MB body arrives once a second, both through llmux.
-            paced = 200 if quick else 500
-            results["paced"] = {"direct": await streams(lport, nstreams, paced, 0.01),
-                                "llmux": await streams_under_uploads(lport, nstreams, paced, 0.01, 20, 1.0)}
-        finally:
-            stop(lx, backend)
-        switch = await switch_overhead(tmp, 10 if quick else 40)
+async def run(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    skipped = {p.label: why for p in PEERS for why in [p.missing(b.args)] if why}
+    failed: Dict[str, str] = {}
+    runs: List[Dict[str, Dict[str, float]]] = []
+    for n in range(b.args.runs):
+        runs.append({})
+        for peer in PEERS:
+            if peer.label in skipped or peer.label in failed:
+                continue
+            started = time.monotonic()
+            try:
+                runs[-1][peer.label] = await column(b, peer, sizes)
+            except Unavailable as e:
+                skipped[peer.label] = str(e)
+                continue
+            except Exception as e:  # a peer that breaks fails alone
+                failed[peer.label] = f"run {n + 1}: {type(e).__name__}: {e}"[:500]
+                continue
+            print(f"run {n + 1}/{b.args.runs}: {peer.label}: {time.monotonic() - started:.1f} s",
+                  file=sys.stderr, flush=True)
+    return {"runs": runs, "skipped": skipped, "failed": failed}
 
-    print(f"llmux.py overhead, Python {sys.version.split()[0]}, {os.cpu_count()} cores"
-          f"{' (quick)' if quick else ''}\n")
-    print("| measure                                |     direct |  via llmux |  ratio | unit  |")
-    print("|----------------------------------------|-----------:|-----------:|-------:|-------|")
-    for label, title in (("c1", "1 connection"), ("c64", "64 connections")):
-        d, v = results[label]["direct"], results[label]["llmux"]
-        print(row(f"small requests, {title}: throughput", d["rps"], v["rps"], "req/s"))
-        print(row(f"small requests, {title}: p50", d["p50"], v["p50"], "ms", 1e3))
-        print(row(f"small requests, {title}: p99", d["p99"], v["p99"], "ms", 1e3))
-    d, v = results["sse"]["direct"], results["sse"]["llmux"]
-    print(row(f"{nstreams} SSE streams: time to first byte p50", d["ttfb50"], v["ttfb50"], "ms", 1e3))
-    print(row(f"{nstreams} SSE streams: time to first byte p99", d["ttfb99"], v["ttfb99"], "ms", 1e3))
-    print(row(f"{nstreams} SSE streams: chunk latency p50", d["lat50"], v["lat50"], "ms", 1e3))
-    print(row(f"{nstreams} SSE streams: chunk latency p99", d["lat99"], v["lat99"], "ms", 1e3))
-    print()
-    alone, loaded = results["paced"]["direct"], results["paced"]["llmux"]
-    print(f"| via llmux, {nstreams} streams at 10 ms a chunk       | alone | 20 MB bodies 1/s | rise |")
-    print("|-----------------------------------------------|------:|-----------------:|-----:|")
-    for key, title in (("lat50", "chunk latency p50 (ms)"), ("lat99", "chunk latency p99 (ms)")):
-        print(f"| {title:<45} | {alone[key] * 1e3:>5.2f} | {loaded[key] * 1e3:>16.2f} | "
-              f"{(loaded[key] - alone[key]) * 1e3:>4.2f} |")
-    print(f"| {'uploads while they ran':<45} |       | {int(loaded['uploads']):>16} |      |")
-    print()
-    chunks = results["sse"]["llmux"]["chunks"]
-    per_chunk = (sse_cpu - nstreams * cpu["c1"]) / chunks
-    print("| llmux alone                                          |      value |")
-    print("|------------------------------------------------------|-----------:|")
-    print(f"| CPU per proxied request, 1 connection (µs)           | {cpu['c1'] * 1e6:>10.1f} |")
-    print(f"| CPU per proxied request, 64 connections (µs)         | {cpu['c64'] * 1e6:>10.1f} |")
-    print(f"| CPU per relayed SSE chunk (µs, request cost removed) | {per_chunk * 1e6:>10.1f} |")
-    print(f"| added chunk latency p50 (ms)                         | {(v['lat50'] - d['lat50']) * 1e3:>10.3f} |")
-    print(f"| added chunk latency p99 (ms)                         | {(v['lat99'] - d['lat99']) * 1e3:>10.3f} |")
-    print(f"| switch overhead p50, wake exit -> backend (ms)       | {statistics.median(switch) * 1e3:>10.2f} |")
-    print(f"| switch overhead max (ms)                             | {max(switch) * 1e3:>10.2f} |")
+
+NOTES = """
+- Time to first byte: {streams} new connections, then all their POSTs in one instant.  The
+  burst measured is the second, so the proxy's upstream pool is warm (nginx keeps 64 idle
+  connections of the {streams}, aiohttp and llmux.py all of them).
+- CPU: utime+stime of the proxy's process tree from /proc (10 ms ticks); per chunk, the
+  streams' CPU less {streams} requests at the cost measured over {conns} keep-alive connections.
+- direct: client and backend share CPU 1, and that contention is in every column; a proxy
+  alone on CPU 0 can smooth it, so a ratio under 1 is possible (it is no lower bound).
+- nginx: proxy_request_buffering off (a body is streamed on, not spooled), proxy_buffering
+  off; it reads no "model" from a body.  llmux.py writes its log line per request (to a
+  file; it has no switch for that), nginx and aiohttp log none."""
+
+
+def report(b: Bench, sizes: Sizes, result: Dict[str, Any], secs: float) -> Dict[str, Any]:
+    labels = [p.label for p in PEERS]
+    summary = summarize(result["runs"], labels, sizes)
+    pinning = ("pinned: the proxy alone on CPU 0, bench and backend on CPU 1" if b.pin
+               else "not pinned")
+    print(f"llmux.py overhead (issue 11), {os.cpu_count()} cores, {pinning}, "
+          f"{b.args.runs} run(s){', quick' if b.args.quick else ''}, {secs:.0f} s\n")
+    described = {}
+    for p in PEERS:
+        if p.label not in result["skipped"]:
+            described[p.label] = p.about(b.args)
+            print(f"- {p.label}: {described[p.label]}")
+    for label, why in {**result["skipped"], **result["failed"]}.items():
+        print(f"- {label}: – ({why})")
+    print("\nA cell is the median over runs (min–max); ×: median / direct median.\n")
+    print(table(summary, labels, sizes))
+    print(NOTES.format(streams=STREAMS, conns=SMALL_CONNS))
+    return {"meta": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "pinned": b.pin,
+                     "runs": b.args.runs, "quick": b.args.quick, "seconds": secs,
+                     "sizes": dataclasses.asdict(sizes), "columns": described},
+            "skipped": result["skipped"], "failed": result["failed"],
+            "runs": result["runs"], "summary": summary}
 
 
 def main() -> None:
@@ -340,10 +887,41 @@ def main() -> None:
         backend_main(int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests (about 15 s)")
+    ap.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    ap.add_argument("--runs", type=int, default=2, help="repeat everything N times (default 2)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    ap.add_argument("--json", metavar="FILE", help="write every raw number here")
+    ap.add_argument("--peer-python", default=VENV_PYTHON,
+                    help=f"runs the aiohttp + uvloop peer (default {VENV_PYTHON})")
+    ap.add_argument("--llmux-python", default=VENV_PYTHON,
+                    help=f"runs llmux.py with LLMUX_LOOP=uvloop (default {VENV_PYTHON})")
+    ap.add_argument("--llmux", default=str(ROOT / "llmux.py"), help="the llmux.py to measure")
     args = ap.parse_args()
-    asyncio.run(run(args.quick))
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    if pin:
+        os.sched_setaffinity(0, {1})
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
+    sizes = QUICK if args.quick else FULL
+    # A full collection over the client's 30,000 recorded events takes milliseconds: it
+    # would show up as chunk latency in every column.  The bench lives minutes.
+    gc.disable()
+    procs = Procs()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llmux-overhead-") as tmp:
+        bench = Bench(tmp, procs, pin, args)
+        try:
+            result = asyncio.run(run(bench, sizes))
+        finally:  # also on Ctrl-C and errors, and before the directory goes
+            procs.stop_all()
+        raw = report(bench, sizes, result, time.monotonic() - started)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # every child is stopped by now
+        sys.exit(130)
