@@ -72,6 +72,7 @@ import collections
 import dataclasses
 import enum
 import errno
+import gc
 import hmac
 import http.client
 import ipaddress
@@ -118,8 +119,9 @@ try:  # Linux: prctl(2) for PR_SET_PDEATHSIG (no orphaned model servers) and the
     import ctypes
     _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     _PRCTL: Any = getattr(_LIBC, "prctl", None)
+    _MALLOC_TRIM: Any = getattr(_LIBC, "malloc_trim", None)  # glibc's; musl has none
 except (ImportError, OSError):  # pragma: no cover - no ctypes, or no libc to load
-    _PRCTL = None
+    _PRCTL = _MALLOC_TRIM = None
 
 try:  # Optional: YAML configs. Without PyYAML a .yaml config gets a clear error.
     import yaml  # type: ignore
@@ -1364,11 +1366,15 @@ class _Parser:
             upto = min(len(buf), limit)
             if buf[upto - 1:upto] == b"\r":
                 upto -= 1  # maybe the start of a CRLF: judged when the next byte comes
-        bad = _BARE_CR_LF.search(buf, self._checked, upto)
-        if bad:
-            byte = bad.group()
-            raise self._fail(_bad_byte(byte) + " in message head" +
-                             ("; expected CRLF line endings" if byte != b"\x00" else ""))
+        checked = self._checked
+        crlf = buf.count(b"\r\n", checked, upto)  # three counts at C speed say "all clean"
+        if buf.count(b"\r", checked, upto) != crlf or buf.count(b"\n", checked, upto) != crlf \
+                or buf.find(b"\x00", checked, upto) >= 0:
+            bad = _BARE_CR_LF.search(buf, checked, upto)  # which byte, and where
+            if bad:
+                byte = bad.group()
+                raise self._fail(_bad_byte(byte) + " in message head" +
+                                 ("; expected CRLF line endings" if byte != b"\x00" else ""))
         self._checked = upto
         if end < 0:
             if len(buf) >= limit:
@@ -1988,7 +1994,7 @@ class _Upstream(asyncio.Protocol):
         # its answer; the timeout bounds the whole exchange.  A small request goes in one
         # write (one segment): head and body apart cost a 40 ms delayed-ACK stall per
         # request against some backends.  A large body is not copied to join it.
-        if sum(len(p) for p in request) <= UPSTREAM_JOIN_BYTES:
+        if len(request[0]) + len(request[1]) <= UPSTREAM_JOIN_BYTES:
             self.transport.write(b"".join(request))
         else:
             for piece in request:
@@ -7357,7 +7363,8 @@ async def _serve(server: Server, stop: asyncio.Event, early_reload: asyncio.Even
         await server.stop()
         return 1
     log.info("listening", url=f"http://{host}:{bound}", models=",".join(config.models),
-             policy=config.policy.name, version=__version__, pid=os.getpid())
+             policy=config.policy.name, version=__version__, pid=os.getpid(),
+             loop=type(loop).__module__.split(".")[0])
     server.start_background()
 
     def reload() -> None:
@@ -7401,7 +7408,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = Log(verbose=args.verbose, fmt=args.log_format)
     host = args.host or config.host
     port = config.port if args.port is None else args.port
+    loop_name = os.environ.get("LLMUX_LOOP", "asyncio")
+    if loop_name not in ("asyncio", "uvloop"):
+        print(f"llmux: LLMUX_LOOP: expected asyncio or uvloop; got {loop_name!r}", file=sys.stderr)
+        return 2
+    if loop_name == "uvloop":
+        try:  # optional, like PyYAML: only when asked for, and the default is the stdlib's
+            import uvloop  # type: ignore
+        except ImportError:
+            print("llmux: LLMUX_LOOP=uvloop, but uvloop is not installed; expected it importable "
+                  "(pip install uvloop), or LLMUX_LOOP unset", file=sys.stderr)
+            return 2
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    _trim_heap()
     return asyncio.run(serve(config, log, host, port))
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free memory back to the system before serving.  Run as a script,
+    this file is compiled at every start (scripts are never cached), and the compiler's
+    freed memory stayed in the heap: an idle llmux held 42 MiB instead of about 27."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 if __name__ == "__main__":
