@@ -495,13 +495,16 @@ def llmux_config(backend: int) -> Dict[str, Any]:
 
 
 class LLMux(NamedTuple):
-    """How a llmux column runs llmux.py: which interpreter, with which environment."""
+    """How a llmux column runs llmux.py: which interpreter, with which environment, and
+    which llmux.py (--llmux, or --baseline for a before/after column)."""
     python: Callable[[argparse.Namespace], str]
     env: Dict[str, str]
+    script: Callable[[argparse.Namespace], str] = lambda a: a.llmux
 
 
 LLMUX_STDLIB = LLMux(lambda a: sys.executable, {})
 LLMUX_UVLOOP = LLMux(lambda a: a.llmux_python, {"LLMUX_LOOP": "uvloop"})
+LLMUX_BASELINE = LLMux(lambda a: sys.executable, {}, lambda a: a.baseline)
 
 
 def launch_llmux(b: Bench, config: Dict[str, Any], how: LLMux) -> Proxy:
@@ -510,7 +513,7 @@ def launch_llmux(b: Bench, config: Dict[str, Any], how: LLMux) -> Proxy:
     with open(path, "w") as f:
         json.dump(config, f)
     log = path + ".log"
-    argv = [how.python(b.args), b.args.llmux, "-c", path, "-p", "0", "--host", "127.0.0.1"]
+    argv = [how.python(b.args), how.script(b.args), "-c", path, "-p", "0", "--host", "127.0.0.1"]
     proc = b.procs.start(b.pinned(0, argv), log, env={**os.environ, **how.env})
 
     def ready() -> Optional[int]:
@@ -631,7 +634,7 @@ def about_aiohttp(a: argparse.Namespace) -> str:
 def about_llmux(how: LLMux) -> Callable[[argparse.Namespace], str]:
     def about(a: argparse.Namespace) -> str:
         python = _output([how.python(a), "-c", "import sys; print(sys.version.split()[0])"])
-        return f"Python {python}, {how.env.get('LLMUX_LOOP', 'stdlib asyncio')}"
+        return f"Python {python}, {how.env.get('LLMUX_LOOP', 'stdlib asyncio')}, {how.script(a)}"
     return about
 
 
@@ -656,6 +659,8 @@ PEERS = [
          about_aiohttp),
     llmux_peer("llmux.py", LLMUX_STDLIB, lambda a: None),
     llmux_peer("llmux.py + uvloop", LLMUX_UVLOOP, lambda a: _imports(a.llmux_python, "uvloop")),
+    llmux_peer("baseline llmux.py", LLMUX_BASELINE,
+               lambda a: None if a.baseline else "no --baseline given"),
 ]
 
 
@@ -824,6 +829,10 @@ def raise_fd_limit() -> int:
 
 async def run(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     skipped = {p.label: why for p in PEERS for why in [p.missing(b.args)] if why}
+    if b.args.only:
+        wanted = [w.strip() for w in b.args.only.split(",")]
+        skipped.update({p.label: "not in --only" for p in PEERS
+                        if p.label not in wanted and p.label not in skipped})
     failed: Dict[str, str] = {}
     runs: List[Dict[str, Dict[str, float]]] = []
     for n in range(b.args.runs):
@@ -896,6 +905,10 @@ def main() -> None:
     ap.add_argument("--llmux-python", default=VENV_PYTHON,
                     help=f"runs llmux.py with LLMUX_LOOP=uvloop (default {VENV_PYTHON})")
     ap.add_argument("--llmux", default=str(ROOT / "llmux.py"), help="the llmux.py to measure")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another llmux.py (an earlier version, say) as one more column")
+    ap.add_argument("--only", metavar="LABELS",
+                    help="comma-separated column labels to run, e.g. 'direct,llmux.py'")
     args = ap.parse_args()
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     if pin:
