@@ -192,6 +192,7 @@ UPSTREAM_JOIN_BYTES = 256 * 1024  # a request up to this size is sent in one wri
 # pause_writing/resume_writing): one write of 20 MB copied what the socket did not take
 # into the transport's buffer in one step, 17-21 ms during which no stream moved.
 UPSTREAM_SLICE = 256 * 1024
+MAX_DRAIN_BYTES = 4 * 1024 * 1024  # read from a reset backend socket before it closes
 MAX_ERROR_BODY = 64 * 1024  # a backend's error answer to a held stream: read this much of it
 MAX_ERROR_BODY_SECS = 5.0  # ... for this long at most (then what came is its message)
 MAX_WRAPPED_BODY = 1024 * 1024  # a held stream's non-SSE 2xx answer, sent as one event
@@ -275,6 +276,7 @@ DEFAULT_STOP_GRACE = 10.0  # SIGTERM, then SIGKILL after this (stop_grace_secs).
 DEFAULT_READY_PATH = "/health"  # GET this on the model's port; 2xx means ready (ready_path).
 READY_POLL_SECS = 0.05  # readiness is probed this often while the server starts.
 READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers is not ready.
+REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
@@ -1851,8 +1853,10 @@ def preflight_response(head: RequestHead, origins: Sequence[str]) -> bytes:
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
     """Headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
     skip = HOP_BY_HOP.union(drop) if drop else HOP_BY_HOP
-    if any(k == "connection" for k, _ in headers):
-        skip = skip.union(_header_tokens(headers, "connection"))
+    for k, _ in headers:
+        if k == "connection":
+            skip = skip.union(_header_tokens(headers, "connection"))
+            break
     return [(k, v) for k, v in headers if k not in skip]
 
 
@@ -2014,6 +2018,9 @@ class _Upstream(asyncio.Protocol):
         (pause_writing, called from within write) or the body is all written."""
         while self._body is not None and not self._write_paused and not self.closed:
             assert self.transport is not None
+            if self.transport.is_closing():
+                self._body = None  # a write failed: connection_lost is on its way
+                return
             piece, rest = self._body[:UPSTREAM_SLICE], self._body[UPSTREAM_SLICE:]
             self._body = rest if rest else None
             self.transport.write(piece)
@@ -2074,12 +2081,33 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        self._body = None
         self._stop_timer()
+        if self.parser is not None and exc is not None:
+            self._drain_socket()
         if self.parser is not None:
             self.parser.feed_eof()
             self._pump()
 
     # -- internals --
+
+    def _drain_socket(self) -> None:
+        """A write failed (the backend reset the connection as it answered without reading
+        all of the body): the transport stops reading at once, but what the backend said
+        first may still wait in the kernel.  It is read now (the socket is still open
+        while connection_lost runs), up to MAX_DRAIN_BYTES, so its answer is not lost."""
+        sock, left = self.sock, MAX_DRAIN_BYTES
+        while sock is not None and left > 0 and self.parser is not None:
+            try:
+                data = sock.recv(min(left, READ_SIZE))
+            except OSError:  # nothing more (BlockingIOError), or the reset itself
+                return
+            if not data:
+                return
+            left -= len(data)
+            self.received = True
+            self.parser.feed(data)
+            self._pump()
 
     def _pump(self, prefix: bytes = b"") -> None:
         parser = self.parser
@@ -2090,6 +2118,8 @@ class _Upstream(asyncio.Protocol):
             return
         try:
             while True:
+                if self.client is None and self.head is not None:
+                    return  # the body waits in the parser until pipe() (an EOF too)
                 event = parser.next_event()
                 if event is NEED_DATA:
                     return
@@ -2136,8 +2166,8 @@ class _Upstream(asyncio.Protocol):
                 waiter.set_result(result)
 
     def _end(self, error: Optional[BaseException]) -> None:
-        self.parser = None
-        self._stop_timer()
+        self.parser = None  # the timer, when it fires, sees no exchange and stops (_check_timer):
+        # left running, the next exchange on this connection moves its deadline, not a timer
         self._settle(error if error is not None else None)
 
     def _touch(self) -> None:
@@ -2151,8 +2181,8 @@ class _Upstream(asyncio.Protocol):
 
     def _check_timer(self) -> None:
         self._timer = None
-        if self.parser is None or self._paused:
-            return
+        if self.parser is None or self._paused or self.timeout is None:
+            return  # idle (a timer left from the last exchange), paused, or no timeout now
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._check_timer)
             return
@@ -5076,6 +5106,7 @@ class Server:
         self._checking: Set[str] = set()  # models whose backend failed, being checked now
         self._reaping = False  # PID 1 or a subreaper: SIGCHLD reaps orphans (start_reaper)
         self._reap_timer: Optional[asyncio.TimerHandle] = None
+        self._reap_poll: Optional[float] = None  # seconds between looks, without SIGCHLD (uvloop)
 
     async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
         """Listen (on ``sock`` if given); return the bound port.  Also makes this
@@ -5236,8 +5267,13 @@ class Server:
         if not reaps_orphans():
             return
         self._reaping = True
-        asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, self._reap)
-        self.log.info("reaper.on", pid=os.getpid(), reason="orphans are reparented to llmux")
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, self._reap)
+            self._reap_poll = None
+        except RuntimeError:  # uvloop keeps SIGCHLD for its own children: look every so often
+            self._reap_poll = REAP_POLL_SECS
+        self.log.info("reaper.on", pid=os.getpid(), reason="orphans are reparented to llmux",
+                      poll_secs=self._reap_poll)
         self._reap()
 
     def _reap(self) -> None:
@@ -5252,6 +5288,8 @@ class Server:
                 self.log.info("reaper.reaped", pid=pid, status=status)
         except Exception as e:
             log_internal_error(self.log, self.metrics, "reaper", e)
+        if self._reap_poll is not None:
+            self._reap_timer = asyncio.get_running_loop().call_later(self._reap_poll, self._reap)
 
     def _server_exited(self, name: str, why: str) -> None:
         """A managed server exited by itself: if its model was ACTIVE, it died."""
@@ -5402,7 +5440,8 @@ class Server:
         self.pool.close_all()
         if self._reaping:
             self._reaping = False
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+            if self._reap_poll is None:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
             if self._reap_timer is not None:
                 self._reap_timer.cancel()
 
@@ -7362,7 +7401,10 @@ async def serve(config: Config, log: Log, host: str, port: int) -> int:
         # ignored ... signal wakeup fd ... Bad file descriptor".  They go now, while the
         # loop is open, and the rest of the way out ignores them.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            loop.remove_signal_handler(signum)
+            try:
+                loop.remove_signal_handler(signum)
+            except RuntimeError:  # uvloop: SIGCHLD is its own
+                pass
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
 

@@ -2854,6 +2854,66 @@ def test_post_is_never_resent_after_a_reused_connection_closed_without_answer(en
         raw.stop()
 
 
+def _upstream_pair(loop: asyncio.AbstractEventLoop) -> Any:
+    """An _Upstream on one end of a connected loopback pair; the other end is the backend."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(lsock.getsockname())
+    theirs, _ = lsock.accept()
+    lsock.close()
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def test_upstream_answer_before_a_reset_is_read_though_a_write_failed() -> None:
+    """Regression: a backend that answered without reading the body and reset the
+    connection: when llmux's next write of the body failed first, the transport closed
+    without reading, and the answer waiting in the kernel was lost (502, "connection
+    closed before a response head"; about half the runs of
+    test_backend_that_never_reads_the_body_still_answers).  Here the order is forced:
+    reading is paused, so only the failed write can end the connection."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        conn.transport.pause_reading()
+        waiter = conn.begin("POST", (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 8000000\r\n\r\n",
+                                     b"x" * 8_000_000), T)
+        theirs.recv(65536)
+        theirs.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nno-read!")
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        theirs.close()  # a reset: the body it never read is still coming
+        resp = await asyncio.wait_for(waiter, T)
+        assert resp.status == 200
+        sink = llmux._Sink(100)
+        await asyncio.wait_for(conn.pipe(sink, False, b""), T)
+        assert b"".join(sink.parts) == b"no-read!" and conn.closed
+
+    run_checked(main())
+
+
+def test_upstream_body_waits_for_pipe_when_the_backend_closes_first() -> None:
+    """Regression: head, body and EOF all arriving before relay() called pipe(): the EOF
+    ran the parser on, dropped the body (no client yet), and pipe()'s future never
+    resolved: the request hung."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        waiter = conn.begin("POST", (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", b""), T)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+        conn.eof_received()
+        conn.connection_lost(None)  # before relay() runs again
+        assert (await asyncio.wait_for(waiter, T)).status == 200
+        sink = llmux._Sink(100)
+        await asyncio.wait_for(conn.pipe(sink, False, b"H"), T)
+        assert b"".join(sink.parts) == b"Hhello"
+        theirs.close()
+
+    run_checked(main())
+
+
 def test_pool_hands_out_only_connections_in_sync_and_young() -> None:
     """An idle connection the backend closed, reset or wrote to, before the loop has
     seen it, is not reused; nor one idle longer than UPSTREAM_IDLE_REUSE_SECS, nor one

@@ -374,6 +374,18 @@ class Procs:
             pass
 
 
+def stop(*procs: "subprocess.Popen[bytes]") -> None:
+    """Terminate children that are not in a Procs (bench/soak.py's), then kill what is left."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _proc_tree(root: int) -> List[int]:
     """root and all its descendants, from the ppid field of /proc/*/stat."""
     children: Dict[int, List[int]] = {}
