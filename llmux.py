@@ -65,6 +65,14 @@ __all__ = [
     "main",
 ]
 
+import sys
+
+if __name__ == "__main__" and "ssl" not in sys.modules:
+    # llmux speaks plain HTTP (clients, backends and hooks' probes alike) and never TLS:
+    # asyncio's optional TLS support is not loaded (libssl and libcrypto were 4 MiB of
+    # an idle llmux's 43).  Only when run as the program, never under an importer.
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+
 import argparse
 import asyncio
 import bisect
@@ -73,8 +81,6 @@ import dataclasses
 import enum
 import errno
 import gc
-import hmac
-import http.client
 import ipaddress
 import json
 import math
@@ -86,10 +92,10 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 import traceback
 import urllib.parse
+from _operator import _compare_digest  # hmac.compare_digest without hashlib's OpenSSL
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -101,6 +107,7 @@ from typing import (
     Generator,
     Iterable,
     List,
+    Literal,
     NamedTuple,
     Optional,
     Sequence,
@@ -4563,6 +4570,12 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
             self._llmux_server._refusing -= 1
         self._llmux_gone()
         super().connection_lost(exc)
+        # StreamReaderProtocol keeps the reset in a future that only its own __del__
+        # retrieves; the garbage collector may finalize the future first, and asyncio then
+        # reported "Future exception was never retrieved" (an internal.error, under load).
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
 
 
 # Reading ``model`` from a body.  The body may be 64 MB: nothing here builds the document,
@@ -4753,7 +4766,7 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
     return model._replace(stream=True) if model is not None and stream else model
 
 
-def _json_model_quick(body: bytes) -> Union[_ModelMember, None, bool]:
+def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
     """For a small body (JSON_QUICK_BYTES), its ``model`` member by json.loads, without
     where it lies (start and end are -1); False when only the scanner can say (invalid
     JSON, not an object, a model that is not a short string): it then gives the
@@ -5225,6 +5238,8 @@ class Server:
         e = context.get("exception")
         if not isinstance(e, BaseException):
             e = RuntimeError(str(context.get("message")))
+        elif context.get("message"):  # what asyncio says of it ("... never retrieved")
+            e = RuntimeError(f"{context['message']}: {type(e).__name__}: {e}").with_traceback(e.__traceback__)
         log_internal_error(self.log, self.metrics, "loop", e)
 
     async def adopt(self) -> None:
@@ -6041,7 +6056,7 @@ class Server:
         raw = given.encode("latin-1")
         ok = False
         for key in self._keys:  # every key compared, in constant time
-            ok |= hmac.compare_digest(raw, key)
+            ok |= _compare_digest(raw, key)
         if not ok:
             raise LLMuxError("missing or invalid API key; send 'Authorization: Bearer <key>'",
                              status=401, type="authentication_error", code="invalid_api_key",
@@ -7338,6 +7353,7 @@ def probe_main(argv: Sequence[str]) -> int:
                   file=sys.stderr)
             return 1
         try:
+            import http.client  # here: only this subcommand speaks HTTP as a client
             conn = http.client.HTTPConnection(host, port, timeout=args.timeout)
             conn.request("GET", path)
             status = conn.getresponse().status
@@ -7498,6 +7514,7 @@ def _trim_heap() -> None:
     this file is compiled at every start (scripts are never cached), and the compiler's
     freed memory stayed in the heap: an idle llmux held 42 MiB instead of about 27."""
     gc.collect()
+    gc.freeze()  # what start-up made lives for ever: full collections skip it (3.7+)
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

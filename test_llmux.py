@@ -16,6 +16,7 @@ import dataclasses
 import faulthandler
 import http.client
 import http.server
+import gc
 import json
 import math
 import os
@@ -2888,6 +2889,32 @@ def test_upstream_answer_before_a_reset_is_read_though_a_write_failed() -> None:
         sink = llmux._Sink(100)
         await asyncio.wait_for(conn.pipe(sink, False, b""), T)
         assert b"".join(sink.parts) == b"no-read!" and conn.closed
+
+    run_checked(main())
+
+
+def test_a_reset_client_connection_leaves_no_unretrieved_future() -> None:
+    """Regression (seen once under load, test_a_connect_flood_is_refused_without_taking_every_fd):
+    a client's reset lives on in StreamReaderProtocol's closed-future, which only the
+    protocol's __del__ retrieved; when the collector finalized the future first, asyncio
+    logged "Future exception was never retrieved" and llmux an internal.error.  Here
+    the future outlives the protocol, as it may inside a collected cycle."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = llmux.Server(llmux.parse_config({"models": {"a": {"port": 9}}}), llmux.Log(ListStream()))
+        proto = llmux._ClientProtocol(server)
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(lambda: proto, a)
+        proto.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
+        closed = proto._closed
+        proto._closed = loop.create_future()  # its __del__ now looks at another future
+        proto._closed.set_result(None)
+        del proto, closed
+        gc.collect()
+        transport.abort()
+        b.close()
+        await asyncio.sleep(0)
 
     run_checked(main())
 
