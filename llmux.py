@@ -1146,6 +1146,7 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
 _CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,%d})\r\n" % MAX_CHUNK_SIZE_DIGITS)  # no extension: the usual
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_PLAIN_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
 
@@ -1356,7 +1357,14 @@ class _Parser:
         if not buf:
             return self._eof_between_messages() if self._eof else NEED_DATA
         self._trailer_bytes = self._trailer_lines = 0
+        whole = self._head_at_once()
+        if whole is not None:
+            return whole
         return self._start_line()
+
+    def _head_at_once(self) -> Any:
+        """A whole, plain head read in one step (RequestParser); None: go step by step."""
+        return None
 
     def _start_line(self) -> Any:
         """RequestParser checks its request line first; a response goes on to _FIELDS."""
@@ -1631,6 +1639,31 @@ class RequestParser(_Parser):
         self._line_end = self._scan = self._checked = end
         self._state = self._FIELDS
         return _AGAIN
+
+    def _head_at_once(self) -> Any:
+        # The usual request: its whole head is here, its request line plain.  The same
+        # checks as _start_line and _read_fields, fused; anything unusual (a bad byte, a
+        # limit reached, a line that is not plain) goes the step-by-step way, which says
+        # what is wrong.  The parser fuzz tests compare both ways on the same bytes.
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", 0, MAX_REQUEST_LINE + MAX_HEADER_BYTES + 6)
+        if end < 0:
+            return None
+        first = buf.find(b"\r\n", 0, end + 2)
+        if first > MAX_REQUEST_LINE or end > first + MAX_HEADER_BYTES \
+                or _PLAIN_REQUEST_LINE.fullmatch(buf, 0, first) is None:
+            return None
+        upto = end + 4
+        crlf = buf.count(b"\r\n", 0, upto)
+        if buf.count(b"\r", 0, upto) != crlf or buf.count(b"\n", 0, upto) != crlf \
+                or buf.find(b"\x00", 0, upto) >= 0:
+            return None
+        start = bytes(buf[:first])
+        block = bytes(buf[first + 2:end + 2]) if end > first else b""
+        del buf[:upto]
+        self._line_end = self._scan = self._checked = 0
+        self._state = self._FIELDS  # as _start_line leaves it, for _parse_head's errors
+        return self._parse_head(start, block)
 
     def _head_limit(self) -> int:
         # The header section (its field lines with their CRLFs) is the bytes from the
@@ -4766,18 +4799,27 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
     return model._replace(stream=True) if model is not None and stream else model
 
 
+_JSON_SCAN: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_JSON_WS_TEXT = re.compile(r"[ \t\n\r]*")
+
+
 def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
     """For a small body (JSON_QUICK_BYTES), its ``model`` member by json.loads, without
     where it lies (start and end are -1); False when only the scanner can say (invalid
     JSON, not an object, a model that is not a short string): it then gives the
     same answer as for any body, with its error messages."""
-    if len(body) > JSON_QUICK_BYTES:
+    # json.loads(body) less its Python layers: a body that opens with "{" and a non-NUL
+    # byte is UTF-8 to json.detect_encoding; the C scanner reads it, then only
+    # whitespace may follow (json.decoder's own rule).
+    if len(body) > JSON_QUICK_BYTES or body[:1] != b"{" or body[1:2] == b"\x00":
         return False
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
+        text = body.decode("utf-8", "surrogatepass")
+        doc, end = _JSON_SCAN(text, 0)
+    except (ValueError, StopIteration, RecursionError):
         return False
-    if type(doc) is not dict:
+    trailing = _JSON_WS_TEXT.match(text, end)  # always matches, maybe empty
+    if trailing is None or trailing.end() != len(text) or type(doc) is not dict:
         return False
     if "model" not in doc:
         return None
