@@ -65,12 +65,14 @@ __all__ = [
     "main",
 ]
 
+import os
 import sys
 
-if __name__ == "__main__" and "ssl" not in sys.modules:
+if __name__ == "__main__" and "ssl" not in sys.modules and os.environ.get("LLMUX_LOOP") != "uvloop":
     # llmux speaks plain HTTP (clients, backends and hooks' probes alike) and never TLS:
     # asyncio's optional TLS support is not loaded (libssl and libcrypto were 4 MiB of
-    # an idle llmux's 43).  Only when run as the program, never under an importer.
+    # an idle llmux's 43).  Only when run as the program, never under an importer, and
+    # not for uvloop, which imports ssl itself.
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse
@@ -84,7 +86,6 @@ import gc
 import ipaddress
 import json
 import math
-import os
 import re
 import select
 import selectors
@@ -2309,6 +2310,11 @@ class UpstreamPool:
     def put(self, port: int, conn: _Upstream) -> None:
         """Return a connection whose last exchange ended in sync (``conn.in_sync``)."""
         idle = self._idle.setdefault(port, [])
+        if conn._paused:
+            # A slow client paused it as the answer's last bytes went out (after the end of
+            # the exchange, so nothing resumed it): pooled paused, the next exchange on it
+            # read nothing and its silence timeout, paused too, never fired.
+            conn.resume()
         if len(idle) < MAX_IDLE_UPSTREAM and not conn.closed and conn.in_sync:
             conn.idle_since = asyncio.get_running_loop().time()
             idle.append(conn)

@@ -2893,6 +2893,82 @@ def test_upstream_answer_before_a_reset_is_read_though_a_write_failed() -> None:
     run_checked(main())
 
 
+def test_uvloop_mode_may_load_ssl(env: Env, monkeypatch: Any) -> None:
+    """Regression (attack): run as the program, llmux blocks the ssl module (it never
+    speaks TLS); uvloop imports ssl, so LLMUX_LOOP=uvloop failed with "uvloop is not
+    installed" though it was.  A stand-in uvloop that imports ssl as the real one does
+    (its policy is asyncio's own, so this runs where uvloop is not installed)."""
+    fake = env.tmp / "fake-uvloop" / "uvloop"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import ssl  # as uvloop's loop module does\n"
+                                      "import asyncio\nEventLoopPolicy = asyncio.DefaultEventLoopPolicy\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    monkeypatch.setenv("LLMUX_LOOP", "uvloop")
+    lx = env.start({"a": env.model("a")})
+    assert lx.chat("a")[0] == 200
+
+
+class _PausingClient:
+    """Stands in for the client side of relay() (the attributes of _ClientProtocol it
+    uses, and a writer): its buffer fills past ``high`` bytes (pause_writing: the backend
+    is paused, as _ClientProtocol does), and drain() empties it (resume_writing)."""
+
+    def __init__(self, high: int) -> None:
+        self.responding = self.relayed = self.write_paused = False
+        self.upstream: Any = None
+        self.high, self.buffered = high, 0
+        self.transport = self
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+        if self.buffered > self.high and not self.write_paused:
+            self.write_paused = True
+            if self.upstream is not None:
+                self.upstream.pause()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, *a: Any, **k: Any) -> None:
+        return None
+
+    async def drain(self) -> None:
+        if self.write_paused:
+            await asyncio.sleep(0.01)
+            self.buffered, self.write_paused = 0, False
+            if self.upstream is not None:
+                self.upstream.resume()
+
+
+def test_a_backend_connection_paused_by_a_slow_client_is_not_pooled_paused(tmp_path: Path) -> None:
+    """Regression (attack): a client whose buffer filled with the answer's last bytes paused
+    the backend connection after its exchange had ended, so nothing resumed it; it went
+    back to the pool paused, and the next request on it read nothing and hung (its
+    silence timeout was paused too)."""
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        data = b"x" * 100_000 if "/big" in target else b'{"small": 1}'
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+
+    raw = RawBackend(tmp_path / "events", answer)
+
+    async def main() -> None:
+        pool = llmux.UpstreamPool(llmux.Log(ListStream()))
+        head = lambda target: llmux.RequestHead("GET", target, "HTTP/1.1", [("host", "x")], True, False)  # noqa: E731
+        slow = _PausingClient(64 * 1024)
+        first = await llmux.relay(pool, "a", raw.port, head("/big"), b"", slow, 2.0, slow)  # type: ignore[arg-type]
+        assert first.status == 200
+        fast = _PausingClient(1 << 30)
+        second = await asyncio.wait_for(llmux.relay(pool, "a", raw.port, head("/small"), b"", fast, 2.0,  # type: ignore[arg-type]
+                                                    fast), T)
+        assert second.status == 200 and fast.buffered > 0
+        pool.close_all()
+
+    try:
+        run_checked(main())
+    finally:
+        raw.stop()
+
+
 def test_a_reset_client_connection_leaves_no_unretrieved_future() -> None:
     """Regression (seen once under load, test_a_connect_flood_is_refused_without_taking_every_fd):
     a client's reset lives on in StreamReaderProtocol's closed-future, which only the
