@@ -2022,6 +2022,7 @@ class _Upstream(asyncio.Protocol):
         self.chunked = False
         self.timeout: Optional[float] = None
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = 0.0  # when it fires
         self._deadline = 0.0
         self._paused = False
         self._body: Optional[memoryview] = None  # the request body's part not yet written
@@ -2217,8 +2218,14 @@ class _Upstream(asyncio.Protocol):
         if self.timeout is None:
             return
         self._deadline = self.loop.time() + self.timeout
+        if self._timer is not None and self._timer_at > self._deadline:
+            # Left from an exchange with a longer timeout (a reload lowered it): it
+            # would fire late, so it goes.
+            self._timer.cancel()
+            self._timer = None
         if self._timer is None:
             self._timer = self.loop.call_at(self._deadline, self._check_timer)
+            self._timer_at = self._deadline
 
     def _check_timer(self) -> None:
         self._timer = None
@@ -2226,6 +2233,7 @@ class _Upstream(asyncio.Protocol):
             return  # idle (a timer left from the last exchange), paused, or no timeout now
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._check_timer)
+            self._timer_at = self._deadline
             return
         self._end(_Timeout())
         self.close()
@@ -4819,6 +4827,8 @@ def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
     # whitespace may follow (json.decoder's own rule).
     if len(body) > JSON_QUICK_BYTES or body[:1] != b"{" or body[1:2] == b"\x00":
         return False
+    if body.count(b'"') > 2 * MAX_JSON_MODEL_STRINGS:
+        return False  # the scanner may refuse this many "model"/"stream" strings: it says
     try:
         text = body.decode("utf-8", "surrogatepass")
         doc, end = _JSON_SCAN(text, 0)

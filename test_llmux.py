@@ -2995,6 +2995,43 @@ def test_a_reset_client_connection_leaves_no_unretrieved_future() -> None:
     run_checked(main())
 
 
+def test_upstream_silence_timeout_follows_a_lowered_timeout_on_a_reused_connection() -> None:
+    """Regression (attack): the silence timer is left running between exchanges on a
+    pooled connection; after a reload lowered upstream_timeout_secs from 10 to 1, the next
+    exchange on that connection timed out at 10 s (saying "1s").  Virtual time."""
+    loop = llmux.VirtualTimeLoop()
+
+    async def main() -> None:
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        request = (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", b"")
+        waiter = conn.begin("GET", request, 10.0)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await waiter
+        await conn.pipe(llmux._Sink(10), False, b"")
+        assert conn.in_sync
+        started = loop.time()
+        with pytest.raises(llmux._Timeout):
+            await conn.begin("GET", request, 1.0)  # the backend stays silent
+        assert loop.time() - started == pytest.approx(1.0, abs=0.05)
+        conn.close()
+        theirs.close()
+
+    run_checked(main(), loop)
+
+
+def test_json_quick_path_leaves_many_model_strings_to_the_scanner() -> None:
+    """Regression (attack): the json.loads path ignored the scanner's bound on "model" and
+    "stream" strings, so a small body with 1,400 of them was routed when it named a plain
+    model and refused (400) when its model had an upstream_model (the rewrite runs the
+    scanner): one body, two answers.  Now both are the scanner's."""
+    body = json.dumps({"model": "al", "x": ["model"] * 1400}).encode()
+    assert len(body) <= llmux.JSON_QUICK_BYTES
+    assert llmux._json_model_quick(body) is False
+    with pytest.raises(ValueError, match='"model" or "stream" strings'):
+        _run_steps(llmux._json_model_scan(body))
+
+
 def test_upstream_body_waits_for_pipe_when_the_backend_closes_first() -> None:
     """Regression: head, body and EOF all arriving before relay() called pipe(): the EOF
     ran the parser on, dropped the body (no client yet), and pipe()'s future never
