@@ -4,6 +4,7 @@ through each proxy, side by side, as ratios to direct (issue 11: tail latency).
 
     python3 bench/overhead.py [--quick] [--runs 2] [--no-pin] [--json FILE]
                               [--peer-python PY] [--llmux-python PY] [--llmux PATH]
+                              [--baseline PATH] [--only LABELS]
 
 Columns (a peer that is not there prints "–" and is named below the table):
 
@@ -15,13 +16,15 @@ Columns (a peer that is not there prints "–" and is named below the table):
   llmux.py + uvloop  --llmux-python (same default) with LLMUX_LOOP=uvloop, when it imports
                      uvloop and llmux.py really loaded it (checked in /proc/PID/maps)
 
-Rows, each measured from this process with its own asyncio client:
+Rows, each measured from this process with its own asyncio client (a Protocol per
+connection that parses the framing in data_received, below):
 
   1. time to first byte p50/p99: 100 new connections, then all 100 POSTs (SSE streams)
      written in one instant; a warm-up burst first, so the measured burst finds the
      proxy's upstream pool warm;
   2. chunk latency p50/p99: 100 streams at 10 ms a chunk (the backend stamps each SSE
      event with its send time; latency = arrival - stamp), 30,000 chunks (--quick 10,000);
+     the streams take turns on one fixed schedule, a tenth of them each millisecond;
   3. small non-streaming requests over 64 keep-alive connections: latency, throughput,
      and the proxy's CPU per request (utime+stime of its process tree from /proc, so
      nginx's master and worker together);
@@ -36,8 +39,11 @@ Pinning (when taskset exists and there are 2+ CPUs; --no-pin turns it off): the 
 runs alone on CPU 0, this process and the fake backend share CPU 1.  Throughput is then
 bounded by the client, so CPU time per request is the honest cost figure; and direct is
 no lower bound: its client and backend contend for CPU 1, which a proxy on CPU 0 can
-smooth.  This process and the backend run with the garbage collector off (a collection
-over the recorded events would show up as latency in every column).  --runs N
+smooth.  So both are kept light: the backend paces every stream of one gap from one
+timer (no task or sleep per stream), and the client has no await per chunk, one clock
+read per socket read, and writes a 20 MB body a slice per loop iteration.  This process
+and the backend run with the garbage collector off (a collection over the recorded
+events would show up as latency in every column).  --runs N
 repeats everything N times with fresh processes; a cell is the median over runs and
 (min–max).  Traffic stays on 127.0.0.1, every file in one temporary directory, every
 process started is stopped at the end (its whole process group).  Nothing here is
@@ -65,7 +71,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import (Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar,
+                    cast)
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = str(Path(__file__).resolve().parent / "aiohttp_peer.py")
@@ -95,48 +102,152 @@ QUICK = Sizes(small=2000, burst_chunks=5, paced_chunks=100, held=1000, switches=
 
 # ───────────────────────────── the backend (child process) ──────────────────────────────
 
+CONTENT_LENGTH = re.compile(rb"(?i)content-length: *(\d+)")
+BIG_BODY = 65536  # bytes: a body this long is an upload (row 5), counted and not parsed
+TICK_PHASES = 10  # a gap's ticks: 100 streams at 10 ms, 10 events a millisecond
 
-async def _backend_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        name: str, log: Optional[str]) -> None:
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            match = re.search(rb"(?i)content-length: *(\d+)", head)
+
+class _Ticker:
+    """The open streams of one gap, on one fixed schedule of TICK_PHASES ticks a gap.  The
+    k-th stream to come is in phase k % TICK_PHASES, and each tick writes the next piece of
+    every stream in its phase, each event stamped with time.time() as it is written.
+
+    One timer instead of a task and a sleep per stream: the backend shares CPU 1 with the
+    client, and 100 task wake-ups every 10 ms there were latency in every column.  The
+    phases keep the streams spread over the gap as independent streams are: all of them on
+    one tick would make each tick a burst of 100 events, so that the p99 became a proxy's
+    time for a whole burst, and one stall of CPU 1 a whole percent of the events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gap: float,
+                 tickers: Dict[float, "_Ticker"]) -> None:
+        self.loop, self.gap, self.tickers = loop, gap, tickers
+        self.phases: List[List[_BackendConn]] = [[] for _ in range(TICK_PHASES)]
+        self.joined = self.open = self.tick = 0
+        self.at = loop.time() + gap / TICK_PHASES
+        loop.call_at(self.at, self._tick)
+
+    def add(self, stream: "_BackendConn") -> None:
+        self.phases[self.joined % TICK_PHASES].append(stream)
+        self.joined += 1
+        self.open += 1
+
+    def _tick(self) -> None:
+        phase = self.tick % TICK_PHASES
+        self.tick += 1
+        due = self.phases[phase]
+        if due:
+            self.phases[phase] = [s for s in due if s.next_piece()]
+            self.open -= len(due) - len(self.phases[phase])
+        if not self.open:
+            del self.tickers[self.gap]  # the next stream of this gap starts a new schedule
+            return
+        # The next tick from the schedule, not from now, so lateness does not accumulate: a
+        # late tick is caught up at once (its events stamped as they go), unless the loop is
+        # a whole gap behind, when the schedule starts afresh.
+        self.at += self.gap / TICK_PHASES
+        now = self.loop.time()
+        if now - self.at > self.gap:
+            self.at = now
+        self.loop.call_at(self.at, self._tick)
+
+
+class _BackendConn(asyncio.Protocol):
+    """One connection to the fake backend, one request at a time: a JSON answer at once, or
+    an SSE stream whose first event goes with its head and the rest on its gap's ticks.
+
+    No flow control: an event is some 60 bytes and a stream asks for at most a few hundred,
+    so what a slow reader leaves in the transport's buffer stays small."""
+
+    def __init__(self, name: str, log: Optional[str], tickers: Dict[float, _Ticker]) -> None:
+        self.name, self.log, self.tickers = name, log, tickers
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = b""
+        self.skip = 0  # bytes of a big body still to come, dropped as they arrive
+        self.streaming = False  # requests that come meanwhile wait in buf
+        self.i = self.n = 0  # a stream's events written, and how many it asked for
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.skip:
+            if len(data) <= self.skip:
+                self.skip -= len(data)
+                if self.skip:
+                    return
+                data = b""
+            else:
+                data, self.skip = data[self.skip:], 0
+            self._answer({})
+        self.buf += data
+        self._serve()
+
+    def _serve(self) -> None:
+        while not self.streaming and not self.skip:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            match = CONTENT_LENGTH.search(self.buf, 0, end)
             length = int(match.group(1)) if match else 0
-            data = await reader.readexactly(length)
-            # A big body is an upload (row 5): only its size matters, and parsing 20 MB
-            # here would steal CPU 1 from the client measuring the streams.
-            body = json.loads(data) if 0 < length < 65536 else {}
-            if log:
-                with open(log, "a") as f:
-                    f.write(f"{time.time():.6f} {name}\n")
-            if not body.get("stream"):
-                answer = json.dumps({"backend": name, "ok": True}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
-                await writer.drain()
+            start = end + 4
+            if length >= BIG_BODY:
+                # An upload (row 5): only its size matters, and parsing (or even keeping)
+                # 20 MB here would steal CPU 1 from the client measuring the streams.
+                self.skip = max(0, start + length - len(self.buf))
+                self.buf = self.buf[start + length:]
+                if not self.skip:
+                    self._answer({})
                 continue
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")
-            for i in range(body["n"]):
-                event = b"data: " + json.dumps({"i": i, "t": time.time()}).encode() + b"\n\n"
-                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-                await writer.drain()
-                await asyncio.sleep(body["gap"])
-            writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+            if len(self.buf) < start + length:
+                return
+            data, self.buf = self.buf[start:start + length], self.buf[start + length:]
+            self._answer(json.loads(data) if length else {})
+
+    def _answer(self, body: Dict[str, Any]) -> None:
+        assert self.transport is not None
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{time.time():.6f} {self.name}\n")
+        if not body.get("stream"):
+            answer = json.dumps({"backend": self.name, "ok": True}).encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(answer), answer))
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+        self.i, self.n, self.streaming = 0, body["n"], True
+        if self.next_piece():
+            gap = body["gap"]
+            ticker = self.tickers.get(gap)
+            if ticker is None:
+                ticker = self.tickers[gap] = _Ticker(asyncio.get_running_loop(), gap, self.tickers)
+            ticker.add(self)
+
+    def next_piece(self) -> bool:
+        """Write the stream's next event (or its end); False once it has ended."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return False
+        if self.i < self.n:
+            # The bytes json.dumps({"i": i, "t": time.time()}) would give, for less CPU.
+            event = b'data: {"i": %d, "t": %a}\n\n' % (self.i, time.time())
+            self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.i += 1
+            return True
+        self.transport.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        self.streaming = False
+        if self.buf:  # a request sent meanwhile: served after this tick, not inside it
+            asyncio.get_running_loop().call_soon(self._serve)
+        return False
 
 
 def backend_main(fd: int, name: str, log: Optional[str]) -> None:
     gc.disable()  # as in the bench: no collector pauses in the baseline (it lives seconds)
 
     async def run() -> None:
-        sock = socket.socket(fileno=fd)
-        server = await asyncio.start_server(lambda r, w: _backend_conn(r, w, name, log), sock=sock)
+        tickers: Dict[float, _Ticker] = {}
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _BackendConn(name, log, tickers), sock=socket.socket(fileno=fd))
         await server.serve_forever()
 
     asyncio.run(run())
@@ -166,65 +277,146 @@ def big_post() -> bytes:
 
 
 Events = List[Tuple[float, bytes]]  # (arrival time.time(), one SSE event)
+Answer = Tuple[float, Events]  # (time to first byte, a stream's events)
+CHUNKED = -1  # Client.framing: a chunked body (else its Content-Length)
+# Row 5's 20 MB go out a slice per loop iteration, as the socket takes them: one write of
+# all of it copies 20 MB into the kernel and the transport's buffer in one go, a stall of
+# CPU 1 (5-20 ms) that showed up as chunk latency in every column.
+UPLOAD_SLICE = 256 * 1024
 
 
-class Client:
-    """One keep-alive HTTP/1.1 connection with just enough parsing for these answers."""
+class Client(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with just enough parsing for these answers.
+
+    The client shares CPU 1 with the backend, so what it spends per chunk is latency in
+    every column: data_received parses the framing itself (bytes.find, no await per
+    chunk) and stamps every event completed in one call with one time.time().  A big
+    request is written UPLOAD_SLICE bytes at a time, as pause/resume_writing allow."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.reader: Optional[asyncio.StreamReader] = None
-        self.writer: Optional[asyncio.StreamWriter] = None
+        self.transport: Optional[asyncio.Transport] = None
+        self.answer: Optional["asyncio.Future[Answer]"] = None
         self.sent = 0.0
+        self.max_events = sys.maxsize
+        self.unsent = memoryview(b"")  # the rest of a big request
+        self.paused = False  # the transport's buffer is full: pause_writing came
+        self.more: Optional[asyncio.Handle] = None  # the next slice's turn
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ttfb: Optional[float] = None
+        self.framing: Optional[int] = None  # None while in the head
+        self.buf = b""  # what came and is not parsed yet
+        self.pending = b""  # the start of an event whose end has not come
+        self.events: Events = []
 
     async def connect(self) -> None:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if self.transport is None:
+            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.port)
 
-    def send(self, request: bytes) -> None:
-        assert self.writer is not None
+    def send(self, request: bytes, max_events: Optional[int] = None) -> "asyncio.Future[Answer]":
+        """Write one request; the future is its answer.  With max_events, a stream's answer
+        is complete once that many events came, and the rest of it is dropped."""
+        assert self.transport is not None
+        self._reset()
+        self.max_events = max_events or sys.maxsize
+        self.answer = asyncio.get_running_loop().create_future()
         self.sent = time.perf_counter()
-        self.writer.write(request)
+        if len(request) <= UPLOAD_SLICE:
+            self.transport.write(request)
+        else:
+            self.unsent = memoryview(request)
+            self._write_more()
+        return self.answer
 
-    async def answer(self, max_events: Optional[int] = None) -> Tuple[float, Events]:
-        """Read one answer: (time to first byte, [(arrival, event)...] for a stream).
-        With max_events, stop reading a stream once that many events came."""
-        assert self.reader is not None
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        ttfb = time.perf_counter() - self.sent
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(head.decode(errors="replace"))
-        match = re.search(rb"(?i)content-length: *(\d+)", head)
-        if match:
-            await self.reader.readexactly(int(match.group(1)))
-            return ttfb, []
-        return ttfb, await self._events(max_events)
+    def _write_more(self) -> None:
+        self.more = None
+        if self.transport is None or self.transport.is_closing() or self.paused:
+            return
+        piece, self.unsent = self.unsent[:UPLOAD_SLICE], self.unsent[UPLOAD_SLICE:]
+        self.transport.write(piece)  # may call pause_writing
+        if self.unsent and not self.paused:
+            self.more = asyncio.get_running_loop().call_soon(self._write_more)
 
-    async def _events(self, max_events: Optional[int]) -> Events:
-        # A proxy re-chunks as it likes: an event may span chunks, a chunk hold several.
-        assert self.reader is not None
-        events: Events = []
-        pending = b""
-        while max_events is None or len(events) < max_events:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                await self.reader.readuntil(b"\r\n")
-                break
-            pending += (await self.reader.readexactly(size + 2))[:-2]
-            arrival = time.time()
-            while b"\n\n" in pending:
-                event, _, pending = pending.partition(b"\n\n")
-                events.append((arrival, event))
-        return events
-
-    async def request(self, request: bytes) -> Tuple[float, Events]:
+    async def request(self, request: bytes) -> Answer:
         await self.connect()
-        self.send(request)
-        return await self.answer()
+        return await self.send(request)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.transport.abort()  # the bench is done with it: no FIN handshake
+        if self.transport is not None:
+            self.answer = None  # nobody waits for it any more
+            self.transport.abort()  # the bench is done with it: no FIN handshake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.unsent and self.more is None:
+            self._write_more()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError(f"closed before the answer's end ({exc})"))
+
+    def data_received(self, data: bytes) -> None:
+        answer = self.answer
+        if answer is None or answer.done():
+            return  # a stream cut at max_events
+        arrival = time.time()
+        if self.ttfb is None:  # the first byte of the head
+            self.ttfb = time.perf_counter() - self.sent
+        try:
+            if self._feed(self.buf + data if self.buf else data, arrival):
+                answer.set_result((self.ttfb, self.events))
+        except Exception as e:  # a bad answer fails the column, not the loop
+            answer.set_exception(e)
+
+    def _feed(self, buf: bytes, arrival: float) -> bool:
+        """Parse what came (with what was left over); True once the answer is complete."""
+        pos = 0
+        if self.framing is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return False
+            if not buf.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(buf[:end].decode(errors="replace"))
+            match = CONTENT_LENGTH.search(buf, 0, end)
+            self.framing = int(match.group(1)) if match else CHUNKED
+            pos = end + 4
+        if self.framing != CHUNKED:
+            self.buf = buf[pos:]
+            return len(self.buf) >= self.framing
+        # A proxy re-chunks as it likes: an event may span chunks, a chunk hold several.
+        events, pending = self.events, self.pending
+        while True:
+            line = buf.find(b"\r\n", pos)
+            if line < 0:
+                break
+            size = int(buf[pos:line].split(b";", 1)[0], 16)
+            if size == 0:  # the last chunk; done once the (empty) trailer section is in
+                if buf.find(b"\r\n\r\n", line) < 0:
+                    break
+                return True
+            start = line + 2
+            if len(buf) < start + size + 2:
+                break
+            pending += buf[start:start + size]
+            pos = start + size + 2
+            cut = pending.find(b"\n\n")
+            while cut >= 0:
+                events.append((arrival, pending[:cut]))
+                pending = pending[cut + 2:]
+                cut = pending.find(b"\n\n")
+            if len(events) >= self.max_events:
+                return True
+        self.buf, self.pending = buf[pos:], pending
+        return False
 
 
 def pct(values: List[float], p: float) -> float:
@@ -232,10 +424,18 @@ def pct(values: List[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
-def latencies(answers: List[Tuple[float, Events]]) -> List[float]:
+def latencies(answers: List[Answer]) -> List[float]:
     """Arrival minus the backend's send stamp, for every stamped event."""
     return [arrival - json.loads(event[6:])["t"] for _, events in answers
             for arrival, event in events if event.startswith(b"data: {")]
+
+
+async def one_request(port: int, request: bytes) -> Answer:
+    c = Client(port)
+    try:
+        return await c.request(request)
+    finally:
+        c.close()
 
 
 async def burst(port: int, count: int, chunks: int) -> List[float]:
@@ -244,16 +444,14 @@ async def burst(port: int, count: int, chunks: int) -> List[float]:
     try:
         await asyncio.gather(*(c.connect() for c in clients))
         request = stream_post(chunks, PACED_GAP)
-        for c in clients:  # no await in between: the POSTs leave together
-            c.send(request)
-        answers = await asyncio.gather(*(c.answer() for c in clients))
+        sent = [c.send(request) for c in clients]  # no await in between: the POSTs leave together
+        return [ttfb for ttfb, _ in await asyncio.gather(*sent)]
     finally:
         for c in clients:
             c.close()
-    return [ttfb for ttfb, _ in answers]
 
 
-async def streams(port: int, count: int, chunks: int, gap: float) -> List[Tuple[float, Events]]:
+async def streams(port: int, count: int, chunks: int, gap: float) -> List[Answer]:
     clients = [Client(port) for _ in range(count)]
     try:
         return await asyncio.gather(*(c.request(stream_post(chunks, gap)) for c in clients))
@@ -270,7 +468,7 @@ async def small_requests(port: int, total: int, meter: "Meter") -> Dict[str, flo
     async def worker(c: Client) -> None:
         for _ in range(total // SMALL_CONNS):
             t0 = time.perf_counter()
-            await c.request(SMALL)
+            await c.send(SMALL)
             took.append(time.perf_counter() - t0)
 
     try:
@@ -322,8 +520,7 @@ async def held_streams(port: int, count: int, meter: "Meter") -> float:
     async def open_one(c: Client) -> None:
         async with opening:
             await c.connect()
-            c.send(request)
-            await c.answer(max_events=1)
+            await c.send(request, max_events=1)
 
     try:
         await asyncio.gather(*(open_one(c) for c in clients))
@@ -693,7 +890,7 @@ async def measure(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
         proxy = peer.start(b, backend.port) if peer.start else None
         port, meter = (proxy.port, Meter(proxy.proc.pid)) if proxy else (backend.port, Meter(None))
         out: Dict[str, float] = {}
-        await phase(Client(port).request(SMALL))
+        await phase(one_request(port, SMALL))
         out["rss_idle"] = meter.rss()
         await phase(burst(port, STREAMS, sizes.burst_chunks))  # warms the upstream pool
         await asyncio.sleep(0.2)  # its connections back in the pool
@@ -870,6 +1067,9 @@ NOTES = """
 - Time to first byte: {streams} new connections, then all their POSTs in one instant.  The
   burst measured is the second, so the proxy's upstream pool is warm (nginx keeps 64 idle
   connections of the {streams}, aiohttp and llmux.py all of them).
+- Chunk latency: arrival at the client less the backend's stamp at write.  A stream's
+  first event goes with its head; after that the {streams} streams take turns on one
+  schedule, {per} of them every {tick:g} ms.
 - CPU: utime+stime of the proxy's process tree from /proc (10 ms ticks); per chunk, the
   streams' CPU less {streams} requests at the cost measured over {conns} keep-alive connections.
 - direct: client and backend share CPU 1, and that contention is in every column; a proxy
@@ -895,7 +1095,8 @@ def report(b: Bench, sizes: Sizes, result: Dict[str, Any], secs: float) -> Dict[
         print(f"- {label}: – ({why})")
     print("\nA cell is the median over runs (min–max); ×: median / direct median.\n")
     print(table(summary, labels, sizes))
-    print(NOTES.format(streams=STREAMS, conns=SMALL_CONNS))
+    print(NOTES.format(streams=STREAMS, conns=SMALL_CONNS, per=STREAMS // TICK_PHASES,
+                       tick=PACED_GAP / TICK_PHASES * 1e3))
     return {"meta": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "pinned": b.pin,
                      "runs": b.args.runs, "quick": b.args.quick, "seconds": secs,
                      "sizes": dataclasses.asdict(sizes), "columns": described},
