@@ -76,6 +76,7 @@ from typing import (Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, 
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = str(Path(__file__).resolve().parent / "aiohttp_peer.py")
+FLOOR_SCRIPT = str(Path(__file__).resolve().parent / "floor_peer.py")
 VENV_PYTHON = "/tmp/bench-venv/bin/python"  # has aiohttp and uvloop, when it is there
 
 STREAMS = 100  # rows 1, 2, 4, 5
@@ -738,15 +739,23 @@ def launch_llmux(b: Bench, config: Dict[str, Any], how: LLMux) -> Proxy:
     return proxy
 
 
-def start_aiohttp(b: Bench, backend: int) -> Proxy:
+def _start_script(b: Bench, python: str, script: str, backend: int, log: str) -> Proxy:
+    """`python script --port-fd FD --upstream PORT` on CPU 0, on a socket bound here."""
     sock = _listener()
     try:
-        argv = [b.args.peer_python, PEER_SCRIPT, "--port-fd", str(sock.fileno()),
-                "--upstream", str(backend)]
-        proc = b.procs.start(b.pinned(0, argv), b.path("aiohttp.log"), pass_fds=(sock.fileno(),))
+        argv = [python, script, "--port-fd", str(sock.fileno()), "--upstream", str(backend)]
+        proc = b.procs.start(b.pinned(0, argv), b.path(log), pass_fds=(sock.fileno(),))
         return Proxy(proc, sock.getsockname()[1])  # connections wait in the backlog
     finally:
         sock.close()
+
+
+def start_aiohttp(b: Bench, backend: int) -> Proxy:
+    return _start_script(b, b.args.peer_python, PEER_SCRIPT, backend, "aiohttp.log")
+
+
+def start_floor(b: Bench, backend: int) -> Proxy:
+    return _start_script(b, sys.executable, FLOOR_SCRIPT, backend, "floor.log")
 
 
 NGINX_CONF = """\
@@ -866,6 +875,8 @@ PEERS = [
     Peer("nginx", lambda a: None if nginx_path() else "nginx not on PATH", start_nginx, about_nginx),
     Peer("aiohttp + uvloop", lambda a: _imports(a.peer_python, "aiohttp, uvloop"), start_aiohttp,
          about_aiohttp),
+    Peer("asyncio floor", lambda a: None, start_floor,
+         lambda a: f"bench/floor_peer.py: a TCP relay on stdlib asyncio, Python {sys.version.split()[0]}"),
     llmux_peer("llmux.py", LLMUX_STDLIB, lambda a: None),
     llmux_peer("llmux.py + uvloop", LLMUX_UVLOOP, lambda a: _imports(a.llmux_python, "uvloop")),
     llmux_peer("baseline llmux.py", LLMUX_BASELINE,
