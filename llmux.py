@@ -128,9 +128,8 @@ try:  # Linux: prctl(2) for PR_SET_PDEATHSIG (no orphaned model servers) and the
     _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
     _PRCTL: Any = getattr(_LIBC, "prctl", None)
     _MALLOC_TRIM: Any = getattr(_LIBC, "malloc_trim", None)  # glibc's; musl has none
-    _MALLOPT: Any = getattr(_LIBC, "mallopt", None)
 except (ImportError, OSError):  # pragma: no cover - no ctypes, or no libc to load
-    _PRCTL = _MALLOC_TRIM = _MALLOPT = None
+    _PRCTL = _MALLOC_TRIM = None
 
 try:  # Optional: YAML configs. Without PyYAML a .yaml config gets a clear error.
     import yaml  # type: ignore
@@ -7576,9 +7575,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return asyncio.run(serve(config, log, host, port))
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
 def _trim_heap() -> None:
     """Hand the C heap's free memory back to the system before serving.  Run as a script,
     this file is compiled at every start (scripts are never cached), and the compiler's
@@ -7587,12 +7583,7 @@ def _trim_heap() -> None:
     gc.freeze()  # what start-up made lives for ever: full collections skip it (3.7+)
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-    if _MALLOPT is not None:
-        # Blocks of a MiB and more (request bodies) get pages of their own: growing one is
-        # a remap, never a copy, and freeing one gives it back.  glibc otherwise raises this
-        # bound to the largest block freed, and a 20 MB body grown 64 KiB at a time was
-        # then copied whole as it grew: one step of 12-15 ms, during which no stream moved.
-        _MALLOPT(M_MMAP_THRESHOLD, 1024 * 1024)
+
 
 
 if __name__ == "__main__":
