@@ -1473,12 +1473,7 @@ class _Parser:
                 del buf[:end + 2]
                 return Body(data)  # and the next size line is due: the state stays
             del buf[:start]
-            if size == 0:
-                self._state = self._TRAILER
-            else:
-                self._remaining = size
-                self._state = self._CHUNK_DATA
-            return _AGAIN
+            return self._chunk_due(size)
         line = self._line(MAX_CHUNK_LINE,
                           f"chunk size line too long; expected at most {MAX_CHUNK_LINE} bytes")
         if line is None:
@@ -1493,6 +1488,10 @@ class _Parser:
             raise self._fail("invalid character in chunk extension")
         size = int(size_text, 16)
         self._on_chunk(size)
+        return self._chunk_due(size)
+
+    def _chunk_due(self, size: int) -> Any:
+        """After a chunk-size line: its data is due, or (size 0) the trailer section."""
         if size == 0:
             self._state = self._TRAILER
         else:

@@ -609,32 +609,27 @@ class Meter:
     def __init__(self, pid: Optional[int]) -> None:
         self.pid = pid
 
-    def cpu(self) -> float:
+    def _summed(self, name: str, read: Callable[[str], int]) -> float:
+        """``read`` of /proc/PID/``name``, summed over the tree (processes gone meanwhile skipped)."""
         if self.pid is None:
             return math.nan
         total = 0
         for pid in _proc_tree(self.pid):
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / os.sysconf("SC_CLK_TCK")
-
-    def rss(self) -> float:
-        """Summed over the tree: pages a master and its worker share count twice."""
-        if self.pid is None:
-            return math.nan
-        total = 0
-        for pid in _proc_tree(self.pid):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    total += next(int(line.split()[1]) * 1024 for line in f
-                                  if line.startswith("VmRSS:"))
+                with open(f"/proc/{pid}/{name}") as f:
+                    total += read(f.read())
             except (OSError, StopIteration):
                 continue
         return float(total)
+
+    def cpu(self) -> float:
+        ticks = self._summed("stat", lambda text: sum(int(x) for x in text.rpartition(")")[2].split()[11:13]))
+        return ticks / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def rss(self) -> float:
+        """Summed over the tree: pages a master and its worker share count twice."""
+        return self._summed("status", lambda text: next(int(line.split()[1]) * 1024 for line in
+                                                        text.splitlines() if line.startswith("VmRSS:")))
 
     def has_mapped(self, name: str) -> bool:
         """Whether the process has a file whose path contains `name` mapped (a .so)."""
