@@ -652,7 +652,8 @@ def test_llmux_imports_only_the_standard_library() -> None:
         "shlex", "signal", "socket", "subprocess", "sys", "time", "traceback", "typing",
         "urllib", "codecs", "__future__", "math", "random", "struct", "threading", "functools",
         "itertools", "string", "textwrap", "base64", "hashlib", "io", "pathlib", "tempfile",
-        "shutil", "platform", "contextlib", "weakref", "heapq", "copy", "locale", "datetime"}
+        "shutil", "platform", "contextlib", "weakref", "heapq", "copy", "locale", "datetime", "gc",
+        "_operator"}
     bad = []
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
