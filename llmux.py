@@ -476,13 +476,12 @@ class Log:
                 parts.append(f"{key.rstrip('_')}={value}")
             line = " ".join(parts) + (f" | {text}" if text is not None else "")
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            if not self._pending:
-                loop.call_soon(self.flush)
-            self._pending.append(line + "\n")
-            return
+        batched = loop is not None and not loop.is_closed()
+        if batched and not self._pending:
+            loop.call_soon(self.flush)  # type: ignore[union-attr]
         self._pending.append(line + "\n")
-        self.flush()
+        if not batched:
+            self.flush()
 
     def debug(self, event: str, **fields: Any) -> None:
         self.emit("debug", event, fields)
@@ -1269,6 +1268,23 @@ def response_framing(method: str, status: int, headers: List[Tuple[str, str]]) -
 _AGAIN = object()  # a state reader moved on without an event: run the next reader
 
 
+def _crlf_only(buf: bytearray, start: int, end: int) -> bool:
+    """No bare CR, bare LF or NUL in ``buf[start:end]``: three counts at C speed (every CR
+    is followed by LF and every LF preceded by CR exactly when all three counts agree)."""
+    crlf = buf.count(b"\r\n", start, end)
+    return buf.count(b"\r", start, end) == crlf and buf.count(b"\n", start, end) == crlf \
+        and buf.find(b"\x00", start, end) < 0
+
+
+def _split_head(buf: bytearray, first: int, end: int) -> Tuple[bytes, bytes]:
+    """Take a head out of ``buf`` (its CRLF CRLF at ``end``, its first CRLF at ``first``):
+    the start line, and the field lines each with its CRLF (b"" for none)."""
+    start = bytes(buf[:first])
+    block = bytes(buf[first + 2:end + 2]) if end > first else b""
+    del buf[:end + 4]
+    return start, block
+
+
 def _bad_byte(byte: bytes) -> str:
     """How an error message names a byte that breaks the line grammar."""
     return {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL byte"}.get(byte, f"byte {byte!r}")
@@ -1390,9 +1406,7 @@ class _Parser:
             if buf[upto - 1:upto] == b"\r":
                 upto -= 1  # maybe the start of a CRLF: judged when the next byte comes
         checked = self._checked
-        crlf = buf.count(b"\r\n", checked, upto)  # three counts at C speed say "all clean"
-        if buf.count(b"\r", checked, upto) != crlf or buf.count(b"\n", checked, upto) != crlf \
-                or buf.find(b"\x00", checked, upto) >= 0:
+        if not _crlf_only(buf, checked, upto):
             bad = _BARE_CR_LF.search(buf, checked, upto)  # which byte, and where
             if bad:
                 byte = bad.group()
@@ -1406,12 +1420,7 @@ class _Parser:
                 raise self._fail("connection closed inside the message head")
             self._scan = max(self._line_end, len(buf) - 3)
             return NEED_DATA
-        first = buf.find(b"\r\n", 0, end)
-        if first < 0:
-            start, block = bytes(buf[:end]), b""
-        else:
-            start, block = bytes(buf[:first]), bytes(buf[first + 2:end + 2])  # CRLF each
-        del buf[: end + 4]
+        start, block = _split_head(buf, buf.find(b"\r\n", 0, end + 2), end)
         self._line_end = self._scan = self._checked = 0
         return self._parse_head(start, block)
 
@@ -1654,14 +1663,9 @@ class RequestParser(_Parser):
         if first > MAX_REQUEST_LINE or end > first + MAX_HEADER_BYTES \
                 or _PLAIN_REQUEST_LINE.fullmatch(buf, 0, first) is None:
             return None
-        upto = end + 4
-        crlf = buf.count(b"\r\n", 0, upto)
-        if buf.count(b"\r", 0, upto) != crlf or buf.count(b"\n", 0, upto) != crlf \
-                or buf.find(b"\x00", 0, upto) >= 0:
+        if not _crlf_only(buf, 0, end + 4):
             return None
-        start = bytes(buf[:first])
-        block = bytes(buf[first + 2:end + 2]) if end > first else b""
-        del buf[:upto]
+        start, block = _split_head(buf, first, end)
         self._line_end = self._scan = self._checked = 0
         self._state = self._FIELDS  # as _start_line leaves it, for _parse_head's errors
         return self._parse_head(start, block)
@@ -7575,9 +7579,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _trim_heap() -> None:
-    """Hand the C heap's free memory back to the system before serving.  Run as a script,
-    this file is compiled at every start (scripts are never cached), and the compiler's
-    freed memory stayed in the heap: an idle llmux held 42 MiB instead of about 27."""
+    """Before serving: hand the C heap's free memory back to the system (what loading
+    left), and take start-up's objects out of the collector's full passes.  (Run as a
+    script, CPython keeps this file's syntax tree, about 16 MiB, for as long as it runs:
+    that is why `python3 -m llmux` idles in less.)"""
     gc.collect()
     gc.freeze()  # what start-up made lives for ever: full collections skip it (3.7+)
     if _MALLOC_TRIM is not None:
