@@ -52,13 +52,22 @@ REQUEST_DEADLINE = 60.0  # a request taking longer than this counts as hung
 async def quiesce(port: int, pid: int, baseline_fds: int = 0) -> Tuple[int, int]:
     """Put every model to sleep (which also closes llmux's keep-alive connections to its
     backend), give closed client connections a moment, then read RSS and fds."""
-    for name, model in get_json(port, "/health")["models"].items():
-        if model["state"] == "active":
-            get_json(port, f"/llmux/models/{name}/sleep", "POST")
     deadline = time.monotonic() + 10
+
+    def put_to_sleep() -> bool:
+        """Ask every active model to sleep; whether any was still active.  A request may
+        be refused while a last switch runs (the clients have just stopped): asked again."""
+        active = [name for name, model in get_json(port, "/health")["models"].items()
+                  if model["state"] == "active"]
+        for name in active:
+            get_json(port, f"/llmux/models/{name}/sleep", "POST")  # busy: asked again next look
+        return bool(active)
+
+    awake = put_to_sleep()
     stats = proc_stats(pid)
-    while baseline_fds and stats[1] > baseline_fds and time.monotonic() < deadline:
+    while (awake or (baseline_fds and stats[1] > baseline_fds)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+        awake = put_to_sleep()
         stats = proc_stats(pid)
     return stats
 
