@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, cast
 
 
 HERE = Path(__file__).resolve().parent
@@ -3050,6 +3050,40 @@ def test_upstream_body_waits_for_pipe_when_the_backend_closes_first() -> None:
         sink = llmux._Sink(100)
         await asyncio.wait_for(conn.pipe(sink, False, b"H"), T)
         assert b"".join(sink.parts) == b"Hhello"
+        theirs.close()
+
+    run_checked(main())
+
+
+def test_backend_head_goes_to_the_client_as_it_comes() -> None:
+    """Issue 11: with an _Answer, the backend's head (re-written for the client) and the
+    body after it are written to the client from the backend connection's own callback,
+    while the relaying task still waits: no task switch per request, and in a burst an
+    answer does not wait for a turn of the loop.  The future resolves at the body's end.
+    Without an _Answer (a held stream) the head still goes to the task first."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        request = (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", b"")
+        sink = llmux._Sink(1 << 16)
+        waiter = conn.begin("POST", request, T, llmux._Answer(
+            cast(asyncio.WriteTransport, sink), False, True, [("vary", "origin")], None))
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                           b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        out = b"".join(sink.parts)
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nvary: origin\r\n" in out
+        assert b"\r\ntransfer-encoding: chunked\r\n" in out and out.endswith(b"\r\n\r\n5\r\nhello\r\n")
+        assert conn.answering and conn.keep_client and not waiter.done()
+        conn.data_received(b"0\r\n\r\n")
+        assert waiter.done() and waiter.result() is None and conn.in_sync
+        assert b"".join(sink.parts).endswith(b"5\r\nhello\r\n0\r\n\r\n")
+        # Without one: the head resolves the future and nothing reaches a client yet.
+        waiter = conn.begin("GET", request, T)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        assert waiter.done() and waiter.result().status == 200 and not conn.answering
+        conn.close()
         theirs.close()
 
     run_checked(main())

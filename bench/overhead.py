@@ -77,6 +77,7 @@ from typing import (Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = str(Path(__file__).resolve().parent / "aiohttp_peer.py")
 FLOOR_SCRIPT = str(Path(__file__).resolve().parent / "floor_peer.py")
+HTTP_FLOOR_SCRIPT = str(Path(__file__).resolve().parent / "http_floor_peer.py")
 VENV_PYTHON = "/tmp/bench-venv/bin/python"  # has aiohttp and uvloop, when it is there
 
 STREAMS = 100  # rows 1, 2, 4, 5
@@ -753,6 +754,10 @@ def start_floor(b: Bench, backend: int) -> Proxy:
     return _start_script(b, sys.executable, FLOOR_SCRIPT, backend, "floor.log")
 
 
+def start_http_floor(b: Bench, backend: int) -> Proxy:
+    return _start_script(b, sys.executable, HTTP_FLOOR_SCRIPT, backend, "http-floor.log")
+
+
 NGINX_CONF = """\
 daemon off;
 master_process on;
@@ -872,6 +877,9 @@ PEERS = [
          about_aiohttp),
     Peer("asyncio floor", lambda a: None, start_floor,
          lambda a: f"bench/floor_peer.py: a TCP relay on stdlib asyncio, Python {sys.version.split()[0]}"),
+    Peer("asyncio HTTP floor", lambda a: None, start_http_floor,
+         lambda a: "bench/http_floor_peer.py: routes by model from protocol callbacks, "
+                   "checks nothing"),
     llmux_peer("llmux.py", LLMUX_STDLIB, lambda a: None),
     llmux_peer("llmux.py + uvloop", LLMUX_UVLOOP, lambda a: _imports(a.llmux_python, "uvloop")),
     llmux_peer("baseline llmux.py", LLMUX_BASELINE,
