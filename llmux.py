@@ -1919,52 +1919,74 @@ class _Timeout(Exception):
     """A read deadline passed."""
 
 
+class _LazyTimer:
+    """A deadline that moves without a timer call: the owner sets ``when`` (at(), or the
+    attribute itself on a hot path, forward only), and the one timer, when it fires
+    early, sleeps on to it.  Only a deadline earlier than the timer's replaces it.  When
+    it fires and ``armed()`` holds, ``expired()`` runs; else it stops until at() again."""
+
+    __slots__ = ("loop", "when", "_armed", "_expired", "_handle", "_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, armed: Callable[[], bool],
+                 expired: Callable[[], None]) -> None:
+        self.loop = loop
+        self.when = 0.0
+        self._armed = armed
+        self._expired = expired
+        self._handle: Optional[asyncio.TimerHandle] = None
+        self._at = 0.0  # when the handle fires
+
+    def at(self, when: float) -> None:
+        self.when = when
+        if self._handle is not None:
+            if self._at <= when:
+                return  # it fires first, and sleeps on to ``when``
+            self._handle.cancel()
+        self._handle = self.loop.call_at(when, self._fire)
+        self._at = when
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self._armed():
+            return
+        if self.loop.time() < self.when:
+            self._handle = self.loop.call_at(self.when, self._fire)
+            self._at = self.when
+            return
+        self._expired()
+
+
 class _ReadDeadline:
-    """One connection's read timeout, without a timer call per read: arm() moves a
-    deadline, and the one timer, when it fires early, sleeps on to it (as
-    _Upstream._touch does).  Only a deadline earlier than the timer's replaces it.  At
+    """One connection's read timeout, without a timer call per read (a _LazyTimer): at
     the deadline, if still armed, the reader is poisoned with the exception given."""
 
-    __slots__ = ("loop", "reader", "when", "exc", "timer", "timer_at")
+    __slots__ = ("reader", "exc", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
-        self.loop = loop
         self.reader = reader
-        self.when = 0.0
         self.exc: Optional[Exception] = None
-        self.timer: Optional[asyncio.TimerHandle] = None
-        self.timer_at = 0.0
+        self.timer = _LazyTimer(loop, lambda: self.exc is not None, self._expired)
 
     def arm(self, timeout: float, exc: Exception) -> None:
-        self.when = when = self.loop.time() + timeout
         self.exc = exc
-        if self.timer is not None and self.timer_at > when:
-            self.timer.cancel()
-            self.timer = None
-        if self.timer is None:
-            self.timer = self.loop.call_at(when, self._fire)
-            self.timer_at = when
+        self.timer.at(self.timer.loop.time() + timeout)
 
     def disarm(self) -> None:
         self.exc = None
 
     def close(self) -> None:
         self.exc = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.timer.cancel()
 
-    def _fire(self) -> None:
-        self.timer = None
-        exc = self.exc
-        if exc is None:
-            return
-        if self.loop.time() < self.when:
-            self.timer = self.loop.call_at(self.when, self._fire)
-            self.timer_at = self.when
-            return
-        self.exc = None
-        self.reader.set_exception(exc)
+    def _expired(self) -> None:
+        exc, self.exc = self.exc, None
+        if exc is not None:
+            self.reader.set_exception(exc)
 
 
 async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],
@@ -2025,9 +2047,8 @@ class _Upstream(asyncio.Protocol):
         self.client: Optional[asyncio.WriteTransport] = None
         self.chunked = False
         self.timeout: Optional[float] = None
-        self._timer: Optional[asyncio.TimerHandle] = None
-        self._timer_at = 0.0  # when it fires
-        self._deadline = 0.0
+        # The silence timeout; left running between exchanges on a pooled connection.
+        self._timer = _LazyTimer(loop, self._timing, self._timed_out)
         self._paused = False
         self._body: Optional[memoryview] = None  # the request body's part not yet written
         self._write_paused = False
@@ -2144,7 +2165,8 @@ class _Upstream(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        self._deadline = self.loop.time() + self.timeout if self.timeout is not None else 0.0
+        if self.timeout is not None:
+            self._timer.when = self.loop.time() + self.timeout  # forward: no timer call
         self.parser.feed(data)
         self._pump()
 
@@ -2253,40 +2275,28 @@ class _Upstream(asyncio.Protocol):
                 waiter.set_result(result)
 
     def _end(self, error: Optional[BaseException]) -> None:
-        self.parser = None  # the timer, when it fires, sees no exchange and stops (_check_timer):
+        self.parser = None  # the timer, when it fires, sees no exchange and stops (_timing):
         # left running, the next exchange on this connection moves its deadline, not a timer
         self._settle(error if error is not None else None)
 
     def _touch(self) -> None:
-        """(Re)arm the silence timeout.  data_received only moves a float forward; the
-        timer is replaced only when it fires early, so a chunk costs no timer call."""
-        if self.timeout is None:
-            return
-        self._deadline = self.loop.time() + self.timeout
-        if self._timer is not None and self._timer_at > self._deadline:
-            # Left from an exchange with a longer timeout (a reload lowered it): it
-            # would fire late, so it goes.
-            self._timer.cancel()
-            self._timer = None
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._check_timer)
-            self._timer_at = self._deadline
+        """(Re)arm the silence timeout.  data_received only moves its deadline forward;
+        a timer left from an exchange with a longer timeout (a reload lowered it) is
+        replaced, as it would fire late."""
+        if self.timeout is not None:
+            self._timer.at(self.loop.time() + self.timeout)
 
-    def _check_timer(self) -> None:
-        self._timer = None
-        if self.parser is None or self._paused or self.timeout is None:
-            return  # idle (a timer left from the last exchange), paused, or no timeout now
-        if self.loop.time() < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._check_timer)
-            self._timer_at = self._deadline
-            return
+    def _timing(self) -> bool:
+        """Whether silence counts now: in an exchange, not paused, with a timeout.  (Idle,
+        the timer left from the last exchange stops when it fires.)"""
+        return self.parser is not None and not self._paused and self.timeout is not None
+
+    def _timed_out(self) -> None:
         self._end(_Timeout())
         self.close()
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
 
 def _pending(sock: Optional[socket.socket]) -> bool:

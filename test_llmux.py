@@ -5387,6 +5387,53 @@ def test_read_deadline_fires_at_the_latest_deadline_set_never_before_and_never_d
         run_checked(go(), loop)
 
 
+def test_lazy_timer_expires_exactly_at_its_deadline_while_armed() -> None:
+    """The one timer behind both read deadlines and the backend's silence timeout
+    (_LazyTimer): at() sets a deadline (earlier or later), the owner moves it forward
+    through ``when`` with no timer call, and ``armed`` may turn false.  Random sequences in
+    virtual time against the plain rule: expired() runs once, exactly at the deadline in
+    force, and only while armed."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        loop = llmux.VirtualTimeLoop()
+
+        async def go() -> None:
+            state = {"armed": False}
+            fired: List[float] = []
+
+            def expired() -> None:
+                fired.append(loop.time())
+                state["armed"] = False  # as its owners do: an expiry ends what it timed
+
+            t = llmux._LazyTimer(loop, lambda: state["armed"], expired)
+            deadline: Optional[float] = None
+            for _ in range(rng.randint(1, 14)):
+                step = rng.choice(["at", "at", "forward", "disarm", "wait", "wait"])
+                now = loop.time()
+                if step == "at":
+                    state["armed"] = True
+                    deadline = now + rng.choice([0.5, 1.0, 5.0, 30.0])
+                    t.at(deadline)
+                elif step == "forward" and deadline is not None:
+                    deadline = max(deadline, now + rng.choice([0.5, 2.0, 10.0]))
+                    t.when = deadline
+                elif step == "disarm":
+                    state["armed"] = False
+                    deadline = None
+                else:
+                    before = len(fired)
+                    await asyncio.sleep(rng.choice([0.2, 1.0, 6.0, 40.0]))
+                    if deadline is not None and loop.time() >= deadline:
+                        assert fired[before:] == [pytest.approx(deadline)], \
+                            f"seed {seed}: fired {fired[before:]}, deadline {deadline}"
+                        deadline = None
+                    else:
+                        assert fired[before:] == [], f"seed {seed}: fired early or disarmed"
+            t.cancel()
+
+        run_checked(go(), loop)
+
+
 def test_fuzz_field_block_agrees_with_the_line_parser(capsys: Any) -> None:
     """Exploring: a header section is parsed whole by two regexes (_field_block) and,
     when that does not match, line by line (_parse_fields), which names the error.
