@@ -1471,6 +1471,10 @@ class _Parser:
 
     def _read_chunk_size(self) -> Any:
         buf = self._buf
+        if not buf:  # as _line would say, without its searches: once per chunk relayed
+            if self._eof:
+                raise self._fail("connection closed inside a chunked body")
+            return NEED_DATA
         plain = _CHUNK_HEAD.match(buf) if not self._checked else None
         if plain is not None:  # the usual line, and often its whole chunk: one step for both
             size = int(plain.group(1), 16)
