@@ -70,20 +70,26 @@ class _Client(asyncio.Protocol):
             self.up.transport.close()
 
 
-def main() -> None:
+def run_peer(client: type) -> None:
+    """`--port-fd FD --upstream PORT`: serve ``client`` protocols on the socket FD, with
+    ``client.upstream_port`` set (the HTTP floor, bench/http_floor_peer.py, too)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-fd", type=int, required=True)
     ap.add_argument("--upstream", type=int, required=True)
     args = ap.parse_args()
-    _Client.upstream_port = args.upstream
+    client.upstream_port = args.upstream  # type: ignore[attr-defined]
     gc.disable()  # as the bench's own processes: no collector pauses in a floor
 
     async def run() -> None:
         sock = socket.socket(fileno=args.port_fd)
-        server = await asyncio.get_running_loop().create_server(_Client, sock=sock, backlog=1024)
+        server = await asyncio.get_running_loop().create_server(client, sock=sock, backlog=1024)
         await server.serve_forever()
 
     asyncio.run(run())
+
+
+def main() -> None:
+    run_peer(_Client)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ should run; bench/overhead.py runs it as the "asyncio HTTP floor" column, the co
 being an HTTP proxy on asyncio at all, which llmux.py's own work comes on top of.
 """
 
-import argparse
 import asyncio
-import gc
 import json
 import re
-import socket
 from typing import Dict, List, Optional
+
+from floor_peer import run_peer
 
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)", re.IGNORECASE)
 _HOST = re.compile(rb"\r\nhost:[^\r]*", re.IGNORECASE)
@@ -130,19 +129,7 @@ class _Client(asyncio.Protocol):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port-fd", type=int, required=True)
-    ap.add_argument("--upstream", type=int, required=True)
-    args = ap.parse_args()
-    _Client.upstream_port = args.upstream
-    gc.disable()  # as the bench's own processes: no collector pauses in a floor
-
-    async def run() -> None:
-        sock = socket.socket(fileno=args.port_fd)
-        server = await asyncio.get_running_loop().create_server(_Client, sock=sock, backlog=1024)
-        await server.serve_forever()
-
-    asyncio.run(run())
+    run_peer(_Client)
 
 
 if __name__ == "__main__":
