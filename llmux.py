@@ -2251,6 +2251,10 @@ class _Upstream(asyncio.Protocol):
                     return
         except HTTPError as e:
             self._end(e)
+        except Exception as e:  # a bug, here in a callback: the relay raises it (logged
+            # once, a 500), instead of waiting for the silence timeout
+            self._end(e)
+            self.close()
         finally:
             if out and self.client is not None:
                 self.client.write(b"".join(out))

@@ -3079,6 +3079,15 @@ def test_backend_head_goes_to_the_client_as_it_comes() -> None:
         conn.data_received(b"0\r\n\r\n")
         assert waiter.done() and waiter.result() is None and conn.in_sync
         assert b"".join(sink.parts).endswith(b"5\r\nhello\r\n0\r\n\r\n")
+        # An unexpected error while relaying (here a header that cannot be encoded) ends
+        # the exchange with it at once: the relay raises it (a 500, logged), instead of
+        # waiting for the silence timeout.
+        waiter = conn.begin("POST", request, T, llmux._Answer(
+            cast(asyncio.WriteTransport, llmux._Sink(100)), False, True, [("x-bad", "\u0436")], None))
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        assert waiter.done() and isinstance(waiter.exception(), UnicodeEncodeError) and conn.closed
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
         # Without one: the head resolves the future and nothing reaches a client yet.
         waiter = conn.begin("GET", request, T)
         conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
