@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import gc
 import socket
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 
 class _Up(asyncio.Protocol):
@@ -70,19 +70,24 @@ class _Client(asyncio.Protocol):
             self.up.transport.close()
 
 
-def run_peer(client: type) -> None:
-    """`--port-fd FD --upstream PORT`: serve ``client`` protocols on the socket FD, with
-    ``client.upstream_port`` set (the HTTP floor, bench/http_floor_peer.py, too)."""
+def run_peer(client: type, tasks: Optional[Callable[..., Awaitable[None]]] = None) -> None:
+    """`--port-fd FD --upstream PORT [--tasks]`: serve ``client`` protocols on the socket
+    FD, with ``client.upstream_port`` set (the HTTP floor, bench/http_floor_peer.py, too);
+    with --tasks, ``tasks(reader, writer)`` serves each connection instead (streams)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-fd", type=int, required=True)
     ap.add_argument("--upstream", type=int, required=True)
+    ap.add_argument("--tasks", action="store_true", help="a task per connection, on streams")
     args = ap.parse_args()
     client.upstream_port = args.upstream  # type: ignore[attr-defined]
     gc.disable()  # as the bench's own processes: no collector pauses in a floor
 
     async def run() -> None:
         sock = socket.socket(fileno=args.port_fd)
-        server = await asyncio.get_running_loop().create_server(client, sock=sock, backlog=1024)
+        if args.tasks and tasks is not None:
+            server = await asyncio.start_server(tasks, sock=sock, backlog=1024)
+        else:
+            server = await asyncio.get_running_loop().create_server(client, sock=sock, backlog=1024)
         await server.serve_forever()
 
     asyncio.run(run())

@@ -16,7 +16,7 @@ being an HTTP proxy on asyncio at all, which llmux.py's own work comes on top of
 import asyncio
 import json
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 from floor_peer import run_peer
 
@@ -42,6 +42,12 @@ class _Up(asyncio.Protocol):
         self.client, self.buf, self.left = client, b"", -1
         assert self.transport is not None
         self.transport.write(data)
+
+    def send_for(self, transport: asyncio.WriteTransport, data: bytes) -> "asyncio.Future[None]":
+        """--tasks: relay the answer to ``transport``; the future resolves at its end."""
+        done = asyncio.get_running_loop().create_future()
+        self.send(cast(_Client, _Ended(transport, done)), data)
+        return done
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -69,6 +75,17 @@ class _Up(asyncio.Protocol):
             self.pool.remove(self)
         if self.client is not None and self.client.transport is not None:
             self.client.transport.close()
+
+
+class _Ended:
+    """--tasks: stands in for a _Client, resolving a future when the answer has ended."""
+
+    def __init__(self, transport: asyncio.WriteTransport, done: "asyncio.Future[None]") -> None:
+        self.transport = transport
+        self.done = done
+
+    def answered(self) -> None:
+        self.done.set_result(None)
 
 
 class _Client(asyncio.Protocol):
@@ -128,8 +145,38 @@ class _Client(asyncio.Protocol):
         self.transport = None
 
 
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """--tasks: the same, shaped as llmux.py is (and aiohttp, and most asyncio servers): a
+    task per connection awaits each request on a StreamReader, and the answer's end."""
+    buf = bytearray()
+    port = _Client.upstream_port
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        length = _LENGTH.search(buf, 0, end) if end >= 0 else None
+        while end < 0 or len(buf) < end + 4 + (int(length.group(1)) if length else 0):
+            data = await reader.read(65536)
+            if not data:
+                writer.close()
+                return
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            length = _LENGTH.search(buf, 0, end) if end >= 0 else None
+        size = int(length.group(1)) if length else 0
+        head, body = bytes(buf[:end]), bytes(buf[end + 4:end + 4 + size])
+        del buf[:end + 4 + size]
+        model = json.loads(body).get("model", "") if body else ""
+        head = _HOST.sub(b"\r\nhost: 127.0.0.1:%d" % port, head, 1)
+        pool = _Client.pools.setdefault(model, [])
+        if pool:
+            up = pool.pop()
+        else:
+            loop = asyncio.get_running_loop()
+            _, up = await loop.create_connection(lambda: _Up(pool), "127.0.0.1", port)
+        await up.send_for(cast(asyncio.WriteTransport, writer.transport), head + b"\r\n\r\n" + body)
+
+
 def main() -> None:
-    run_peer(_Client)
+    run_peer(_Client, _serve)
 
 
 if __name__ == "__main__":

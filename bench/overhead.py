@@ -735,11 +735,12 @@ def launch_llmux(b: Bench, config: Dict[str, Any], how: LLMux) -> Proxy:
     return proxy
 
 
-def _start_script(b: Bench, python: str, script: str, backend: int, log: str) -> Proxy:
+def _start_script(b: Bench, python: str, script: str, backend: int, log: str,
+                  *extra: str) -> Proxy:
     """`python script --port-fd FD --upstream PORT` on CPU 0, on a socket bound here."""
     sock = _listener()
     try:
-        argv = [python, script, "--port-fd", str(sock.fileno()), "--upstream", str(backend)]
+        argv = [python, script, "--port-fd", str(sock.fileno()), "--upstream", str(backend), *extra]
         proc = b.procs.start(b.pinned(0, argv), b.path(log), pass_fds=(sock.fileno(),))
         return Proxy(proc, sock.getsockname()[1])  # connections wait in the backlog
     finally:
@@ -756,6 +757,10 @@ def start_floor(b: Bench, backend: int) -> Proxy:
 
 def start_http_floor(b: Bench, backend: int) -> Proxy:
     return _start_script(b, sys.executable, HTTP_FLOOR_SCRIPT, backend, "http-floor.log")
+
+
+def start_http_floor_tasks(b: Bench, backend: int) -> Proxy:
+    return _start_script(b, sys.executable, HTTP_FLOOR_SCRIPT, backend, "http-floor.log", "--tasks")
 
 
 NGINX_CONF = """\
@@ -880,6 +885,9 @@ PEERS = [
     Peer("asyncio HTTP floor", lambda a: None, start_http_floor,
          lambda a: "bench/http_floor_peer.py: routes by model from protocol callbacks, "
                    "checks nothing"),
+    Peer("HTTP floor + tasks", lambda a: None, start_http_floor_tasks,
+         lambda a: "bench/http_floor_peer.py --tasks: the same, a task per connection on "
+                   "asyncio streams (llmux.py's shape)"),
     llmux_peer("llmux.py", LLMUX_STDLIB, lambda a: None),
     llmux_peer("llmux.py + uvloop", LLMUX_UVLOOP, lambda a: _imports(a.llmux_python, "uvloop")),
     llmux_peer("baseline llmux.py", LLMUX_BASELINE,
