@@ -2322,6 +2322,43 @@ def _pending(sock: Optional[socket.socket]) -> bool:
     return True  # a byte, or b"" for EOF
 
 
+_CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)  # a non-blocking connect goes on
+
+
+async def _connect_within(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                          address: Tuple[str, int], timeout: float) -> None:
+    """Connect a non-blocking socket; OSError if that fails, asyncio.TimeoutError if it is
+    not done within ``timeout``.  A future, a writer callback and a timer: before Python
+    3.12, asyncio.wait_for made a task for each connection, and a burst after a switch
+    (every request on a new backend connection) waited two more turns of the loop each."""
+    err = sock.connect_ex(address)
+    if err == 0:
+        return
+    if err not in _CONNECTING:
+        raise OSError(err, os.strerror(err))
+    fd = sock.fileno()
+    done: "asyncio.Future[None]" = loop.create_future()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def expired() -> None:
+        if not done.done():
+            done.set_exception(asyncio.TimeoutError())
+
+    loop.add_writer(fd, writable)
+    timer = loop.call_later(timeout, expired)
+    try:
+        await done
+    finally:  # before the caller may close the socket (and its fd number be reused)
+        loop.remove_writer(fd)
+        timer.cancel()
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 class UpstreamPool:
     """Keep-alive connections to the backends, per port."""
 
@@ -2357,8 +2394,7 @@ class UpstreamPool:
                              socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            _, conn = await asyncio.wait_for(
-                self._connect(loop, sock, port), UPSTREAM_CONNECT_TIMEOUT)
+            _, conn = await self._connect(loop, sock, port)
         except asyncio.TimeoutError:
             sock.close()
             raise UpstreamError(f"model '{model}' backend at {self.host}:{port} did not accept "
@@ -2375,7 +2411,7 @@ class UpstreamPool:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                        port: int) -> Tuple[asyncio.BaseTransport, _Upstream]:
-        await loop.sock_connect(sock, (self.host, port))
+        await _connect_within(loop, sock, (self.host, port), UPSTREAM_CONNECT_TIMEOUT)
         return await loop.create_connection(lambda: _Upstream(loop, sock), sock=sock)
 
     def put(self, port: int, conn: _Upstream) -> None:

@@ -3485,6 +3485,54 @@ def test_backend_refusing_gives_502(env: Env) -> None:
         closed.close()
 
 
+def test_pool_connects_without_a_task_and_times_out_a_connect_that_hangs() -> None:
+    """A new backend connection (the pool empty, as after a switch): no task of its own
+    (asyncio.wait_for made one before 3.12); refused at once gives OSError's 502; a backend
+    whose accept queue is full (its SYNs dropped: the connect never completes) gives the
+    504 after UPSTREAM_CONNECT_TIMEOUT (virtual time), its writer callback and timer gone."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pool = llmux.UpstreamPool(llmux.Log(stream=ListStream()))
+        listener = socket.create_server(("127.0.0.1", 0))
+        tasks: List[int] = []
+
+        async def get() -> Any:
+            got = loop.create_task(pool.get(listener.getsockname()[1], "a"))
+            await asyncio.sleep(0)
+            tasks.append(len(asyncio.all_tasks()))
+            return await got
+
+        conn = await get()  # (no wait_for here: a task of its own before 3.12)
+        assert tasks == [2] and conn.transport is not None and not conn.reused  # main, got
+        conn.close()
+        listener.close()
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))  # bound, never listening
+        with pytest.raises(llmux.UpstreamError, match="is not reachable: connection refused"):
+            await pool.get(refused.getsockname()[1], "a")
+        refused.close()
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # one connection queued, never accepted: the next ones hang
+        port = full.getsockname()[1]
+        first = socket.socket()
+        first.setblocking(False)
+        first.connect_ex(("127.0.0.1", port))
+        began = loop.time()
+        with pytest.raises(llmux.UpstreamError, match="did not accept a connection within 10s"):
+            await pool.get(port, "a")
+        assert loop.time() - began == pytest.approx(llmux.UPSTREAM_CONNECT_TIMEOUT, abs=1.0)
+        assert not [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]
+        selector = getattr(loop, "_selector")
+        assert all(key.fileobj is not first for key in selector.get_map().values())
+        assert len(selector.get_map()) == 1  # the loop's own self-pipe: no writer is left
+        first.close()
+        full.close()
+
+    run_checked(main(), llmux.VirtualTimeLoop())
+
+
 def test_backend_reset_before_answering_gives_502(env: Env) -> None:
     lx = env.start({"a": env.model("a")})
     status, payload = lx.chat("a", reset=True)
