@@ -96,6 +96,7 @@ import subprocess
 import time
 import traceback
 import urllib.parse
+from http import HTTPStatus
 from _operator import _compare_digest  # hmac.compare_digest without hashlib's OpenSSL
 from dataclasses import dataclass, field
 from typing import (
@@ -192,6 +193,9 @@ LINGER_SECS = 2.0  # after an error answer, unread client bytes are drained this
 LINGER_BYTES = 1024 * 1024  # ... or up to this much, so closing does not reset the answer.
 REFUSED_LINGER_SECS = 0.25  # the same for a connection refused at admission (503).
 STREAM_LIMIT = 256 * 1024  # asyncio StreamReader buffer: reading pauses beyond 2x this.
+# While reading a client is paused (it sent that much ahead), its socket is polled this
+# often for a reset or close, which the paused reader would not see until a write failed.
+PAUSED_CLIENT_CHECK_SECS = 1.0
 MAX_UPSTREAM_HEAD = 64 * 1024  # 502: a backend's response head, its CRLF CRLF included.
 MAX_IDLE_UPSTREAM = 256  # idle keep-alive connections kept per backend port.
 UPSTREAM_CONNECT_TIMEOUT = 10.0  # 502: connecting to a local port takes microseconds.
@@ -1781,9 +1785,13 @@ class ResponseParser(_Parser):
             keep_alive = False
         elif "transfer-encoding" in names and "content-length" in names:
             keep_alive = False  # RFC 9112 section 6.1: chunked wins, but a smuggling shape
-        elif status == 204 and ("transfer-encoding" in names or any(
+        elif (status in (204, 304) or self.method == "HEAD") and ("transfer-encoding" in names or any(
                 k == "content-length" and v.strip() != "0" for k, v in headers)):
-            keep_alive = False  # RFC 9110 section 8.6 forbids it: a body may still follow
+            # No body by rule, but the head announces one (a 204's is forbidden, RFC 9110
+            # section 8.6; a HEAD's or 304's describes the GET's): a server that answered as
+            # it would GET sends it anyway, and the next request on the connection, any
+            # client's, would read it as its own answer.
+            keep_alive = False
         self._start_body(framing)
         return ResponseHead(status, reason, ver, headers, keep_alive, framing)
 
@@ -1797,8 +1805,9 @@ class ResponseParser(_Parser):
 
 # Writers: bytes for the wire, no I/O.
 
-_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+# (HTTPStatus has the rest; a status it lacks is "Unknown".)
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
             413: "Content Too Large", 414: "URI Too Long", 417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -1818,12 +1827,22 @@ def json_response(status: int, obj: Any, *, keep_alive: bool = True,
                           headers=headers, head_only=head_only)
 
 
+def _reason_phrase(status: int) -> str:
+    reason = _REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+    return reason
+
+
 def local_response(status: int, body: bytes, content_type: Optional[str], *,
                    keep_alive: bool = True, headers: Sequence[Tuple[str, str]] = (),
                    head_only: bool = False) -> bytes:
     """A complete response llmux writes itself; a 204 gets no body and, as RFC 9110
     section 8.6 requires, no Content-Length."""
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines = [f"HTTP/1.1 {status} {_reason_phrase(status)}"]
     if status != 204:
         if content_type is not None:
             lines.append(f"content-type: {content_type}")
@@ -4666,6 +4685,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         self._stall: Optional[asyncio.TimerHandle] = None
         self._llmux_writer: Optional[asyncio.StreamWriter] = None
         self.deadline: Optional[_ReadDeadline] = None  # its reads' timeout (read_request)
+        self._watch: Optional[asyncio.TimerHandle] = None  # while reading is paused
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
 
     def pause_writing(self) -> None:
@@ -4708,6 +4728,24 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     def data_received(self, data: bytes) -> None:
         self.idle_since = None  # a request is starting: no longer evictable
         super().data_received(data)
+        writer = self._llmux_writer
+        if self._watch is None and writer is not None and not _reading(writer):
+            # The reader holds 2 x STREAM_LIMIT unread (a client far ahead): it stopped
+            # reading the socket, and with it the news of the client's reset or close.
+            self._watch = asyncio.get_running_loop().call_later(
+                PAUSED_CLIENT_CHECK_SECS, self._llmux_check_gone)
+
+    def _llmux_check_gone(self) -> None:
+        self._watch = None
+        writer = self._llmux_writer
+        if self.gone or writer is None or writer.transport.is_closing() or _reading(writer):
+            return  # gone already, or read again (an EOF or reset is seen as it comes)
+        if _peer_gone(writer.transport.get_extra_info("socket")):
+            self._llmux_gone()  # the task serving it is cancelled
+            writer.transport.abort()
+            return
+        self._watch = asyncio.get_running_loop().call_later(
+            PAUSED_CLIENT_CHECK_SECS, self._llmux_check_gone)
 
     def eof_received(self) -> bool:
         self._llmux_gone()
@@ -4718,6 +4756,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
             self.deadline.close()
         if self._stall is not None:
             self._stall.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         if self.refused:  # its fd is closed now: one fewer being refused
             self.refused = False
             self._llmux_server._refusing -= 1
@@ -5101,6 +5141,25 @@ def _raise_fd_limit(wanted: int) -> Optional[int]:
         except (OSError, ValueError):
             pass  # e.g. macOS refuses more than OPEN_MAX: keep what we have
     return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _reading(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection's transport is reading (a StreamReader pauses it when full)."""
+    return cast(asyncio.Transport, writer.transport).is_reading()
+
+
+_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def _peer_gone(sock: Any) -> bool:
+    """Whether a socket's peer reset or closed it: poll says so even when unread bytes
+    come before (a read would return those first)."""
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), _HUNG_UP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True  # closed under us
 
 
 def _readable(writer: asyncio.StreamWriter) -> bool:
@@ -5501,11 +5560,30 @@ class Server:
                 if await self.hooks.alive(cfg) is False and sw.models.get(cfg.name) is not None \
                         and sw.models[cfg.name].state is ModelState.ACTIVE:
                     sw.alive_failed(cfg.name)
+            elif await self._accepts(cfg.port):
+                # The failure was on a kept-alive connection the backend had just closed
+                # (its keep-alive timeout: a race no proxy can avoid), not a dead backend.
+                self.log.warning("model.backend_failed", model=cfg.name,
+                                 check="a new connection", result="accepted: still up")
             else:
-                sw.died(cfg.name, "its backend refused or reset a connection and it has no "
-                                  "alive hook; taken as down")
+                sw.died(cfg.name, "its backend refused or reset a connection, and a new one; "
+                                  "it has no alive hook: taken as down")
         except Exception as e:
             log_internal_error(self.log, self.metrics, "recheck", e)
+
+    async def _accepts(self, port: int) -> bool:
+        """Whether the backend at ``port`` accepts a new connection now (closed at once)."""
+        host = self.pool.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await _connect_within(asyncio.get_running_loop(), sock, (host, port),
+                                  UPSTREAM_CONNECT_TIMEOUT)
+            return True
+        except (OSError, asyncio.TimeoutError):
+            return False
+        finally:
+            sock.close()
 
     def start_background(self) -> None:
         """Liveness checks of the active model."""
@@ -5872,7 +5950,10 @@ class Server:
             # it ends with the error, not torn (blank lines end an event left half-written).
             told = _shutting_down() if cut is None else _request_cut(model, cut)
             began = proto.relayed if held is not None else proto.responding
-            status = 502 if began and cut is not None else 503
+            status = 502 if began else 503
+            if began and cut is None:  # (the switcher logs its own cuts)
+                self.log.warning("request.cut", model=model.name if model else None,
+                                 reason=f"{told.message}: its shutdown_grace_secs ran out")
             if held is not None:
                 writer.write(held_error(told, held, b"\n\n" if proto.relayed else b""))
             elif not proto.responding:

@@ -1003,9 +1003,13 @@ RESPONSE_CASES = [
      [("response", 200, True), ("body", b"ok"), "end"]),
     ("until-close", "POST", b"HTTP/1.1 200 OK\r\n\r\nabc", [("response", 200, False), ("body", b"abc"), "end"]),
     ("http10", "POST", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", [("response", 200, False), ("body", b"x"), "end"]),
-    ("head-has-no-body", "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", [("response", 200, True), "end"]),
+    # A HEAD's or 304's length is the GET's: no body follows, but a server that sends one
+    # anyway would answer the next request on the connection, so it is not kept.
+    ("head-has-no-body", "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", [("response", 200, False), "end"]),
     ("204", "POST", b"HTTP/1.1 204 No Content\r\n\r\n", [("response", 204, True), "end"]),
-    ("304", "GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", [("response", 304, True), "end"]),
+    ("304", "GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", [("response", 304, False), "end"]),
+    ("304-no-length", "GET", b"HTTP/1.1 304 Not Modified\r\n\r\n", [("response", 304, True), "end"]),
+    ("head-no-length", "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", [("response", 200, True), "end"]),
     ("interim-100", "POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
      [("response", 100, True), ("response", 200, True), "end"]),
     ("no-reason", "GET", b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", [("response", 200, True), "end"]),
@@ -1087,6 +1091,15 @@ def test_response_transfer_coding_other_than_chunked_is_502(te: bytes) -> None:
     assert parse_all(llmux.ResponseParser("POST"), [data]) == [("error", 502)]
 
 
+def test_every_status_llmux_answers_has_its_reason_phrase() -> None:
+    """Regression (attack): llmux's own 403s went out as `HTTP/1.1 403 Unknown`."""
+    for status in (200, 202, 204, 400, 401, 403, 404, 405, 408, 409, 413, 414, 415, 417, 429,
+                   431, 500, 501, 502, 503, 504, 505):
+        line = llmux.local_response(status, b"", None).split(b"\r\n", 1)[0]
+        assert not line.endswith(b" Unknown"), line
+    assert llmux.local_response(403, b"", None).startswith(b"HTTP/1.1 403 Forbidden\r\n")
+
+
 @pytest.mark.parametrize("status", [204, 304])
 def test_204_and_304_are_forwarded_without_body_or_length(status: int) -> None:
     # A 204 with Content-Length: 5 used to be forwarded with that header, its stray
@@ -1096,7 +1109,9 @@ def test_204_and_304_are_forwarded_without_body_or_length(status: int) -> None:
     head = p.next_event()
     assert p.next_event() is llmux.EndOfMessage
     assert p.buffered == 5  # the backend is out of sync: not to be reused
-    assert head.keep_alive is (status == 304)  # a 204 may not carry a length at all
+    # A 204 may not carry a length at all; a 304's is the GET's, but a server that sends
+    # the body anyway would answer the next request on the connection: neither is reused.
+    assert head.keep_alive is False
     data, chunked, keep = llmux.client_response_head(head, False, True)
     assert data == b"HTTP/1.1 %d X\r\nx-a: 1\r\n\r\n" % status and not chunked and keep
     p = llmux.ResponseParser("GET")
@@ -2447,6 +2462,44 @@ def test_waiting_requests_are_served_before_the_next_switch(env: Env) -> None:
     check_residency(lines)
 
 
+def _unread(port: int, peer: int) -> int:
+    """Bytes the kernel holds for llmux (listening on ``port``) from the client at ``peer``
+    that llmux has not read yet (/proc/net/tcp's rx_queue)."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{peer:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def test_a_client_that_pipelines_far_ahead_and_resets_is_noticed(env: Env) -> None:
+    """Regression (attack): a client that sent more than 2 x STREAM_LIMIT ahead (its next
+    request) and then reset while its answer was under way: reading from it had stopped
+    (the bound on what a connection may buffer), so its reset went unseen until a write
+    failed.  The engine generated on, the slot stayed held, the request was logged 200.
+    While reading is paused, llmux polls the socket every PAUSED_CLIENT_CHECK_SECS."""
+    lx = env.start({"a": env.model("a")})
+    s = socket.create_connection(("127.0.0.1", lx.port), timeout=T)
+    try:
+        body = json.dumps({"model": "a", "stream": True, "hold": str(env.gate("a"))}).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+        s.sendall(head % len(body) + body)
+        got = b""
+        while b"data:" not in got:
+            got += s.recv(65536)  # the first event: the answer is under way, then held
+        ahead = json.dumps({"model": "a", "pad": "x" * (1 << 20)}).encode()
+        s.sendall(head % len(ahead) + ahead)
+        peer = s.getsockname()[1]
+        wait_for(lambda: _unread(lx.port, peer) > 0, "llmux to stop reading the client")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        s.close()  # a reset
+    lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=499")
+    assert lx.health()["models"]["a"]["in_flight"] == 0
+    env.gate("a").touch()
+
+
 def test_client_disconnect_releases_the_slot(env: Env) -> None:
     lx = env.start({"a": env.model("a"), "b": env.model("b")})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
@@ -2823,6 +2876,68 @@ def test_backend_answering_before_reading_the_body_is_not_reused(env: Env) -> No
         raw.stop()
 
 
+def test_a_head_or_304_answer_announcing_a_body_is_not_reused(env: Env) -> None:
+    """Regression (attack, DESIGN invariant 12): a broken engine answers HEAD (or a 304)
+    as it would GET, its body following the head.  The connection was pooled at the
+    head's end, and the next request on it, any client's, read that stray body as its
+    answer: a HEAD or 304 whose head announces a body is not reused."""
+    owed: Dict[int, bytes] = {}
+    stray = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSTRAY!"
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> bytes:
+        out = owed.pop(conn, b"")  # the stray body, late: with the next answer
+        if method == "HEAD" or "notmod" in target:
+            status = b"200 OK" if method == "HEAD" else b"304 Not Modified"
+            owed[conn] = stray
+            return out + b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n" % (status, len(stray))
+        return out + http_reply({"got": target})
+
+    raw = RawBackend(env.events, answer)
+    try:
+        lx = env.start({"a": {"port": raw.port}})
+        for first, method in (("/upstream/a/x?head", "HEAD"), ("/upstream/a/notmod", "GET")):
+            status, _, _ = lx.request(method, first)
+            assert status in (200, 304)
+            status, _, payload = lx.request("POST", "/v1/chat/completions?after", {"model": "a"})
+            assert (status, payload) == (200, {"got": "/v1/chat/completions?after"}), payload
+        # After each bodyless answer, the next request goes on a new connection.
+        assert [r.split(maxsplit=1)[1] for r in raw.requests()] == [
+            "0 HEAD /x?head", "1 POST /v1/chat/completions?after", "1 GET /notmod",
+            "2 POST /v1/chat/completions?after"]
+    finally:
+        raw.stop()
+
+
+def test_a_keep_alive_race_does_not_take_the_model_as_down(env: Env) -> None:
+    """Regression (attack): a backend closes a kept-alive connection as llmux reuses it
+    (its keep-alive timeout; RFC 9112 9.3 allows it).  The POST on it fails with a 502
+    (it is never re-sent), but the model was then taken as down (no alive hook): its
+    requests in flight were cut and its wake hook run again.  A new connection is tried
+    first: the backend accepts it, so the model stays up."""
+
+    def answer(conn: int, n: int, method: str, target: str, body: bytes) -> Optional[bytes]:
+        return http_reply({"got": target}) if n == 0 or conn > 0 else None  # conn 0: read, close
+
+    raw = RawBackend(env.events, answer)
+    woke = env.tmp / "woke"
+    try:
+        lx = env.start({"a": {"port": raw.port, "wake": f"echo x >> {woke}"}})
+        conn = lx.conn()
+        for target, want in (("/v1/chat/completions?first", 200), ("/v1/chat/completions?second", 502)):
+            conn.request("POST", target, body=json.dumps({"model": "a"}))
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == want
+        conn.close()
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=502")
+        assert lx.request("POST", "/v1/chat/completions?third", {"model": "a"})[0] == 200
+        lx.wait_log(r"request method=POST path=/v1/chat/completions model=a status=200", 2)
+        assert woke.read_text() == "x\n", "the wake hook ran again: the model was taken as down"
+        assert lx.log_count("model.died") == 0
+    finally:
+        raw.stop()
+
+
 def test_post_is_never_resent_after_a_reused_connection_closed_without_answer(env: Env) -> None:
     """Regression (RFC 9110 9.2.2): a POST on a reused connection that the backend read
     and then closed without answering was sent again on a new connection."""
@@ -2850,8 +2965,9 @@ def test_post_is_never_resent_after_a_reused_connection_closed_without_answer(en
             resp = conn.getresponse()
             assert resp.status == 200 and json.loads(resp.read()) == {"got": target}
         conn.close()
+        # (Connection 1 was llmux checking, after the 502, that the backend still accepts.)
         assert [r.split(maxsplit=1)[1] for r in raw.requests()][2:] == [
-            "1 GET /v1/x?get1", "1 GET /v1/x?get2", "2 GET /v1/x?get2"]
+            "2 GET /v1/x?get1", "2 GET /v1/x?get2", "3 GET /v1/x?get2"]
     finally:
         raw.stop()
 
@@ -6281,6 +6397,25 @@ def test_sigterm_lets_in_flight_requests_finish_then_sleeps_on_exit(env: Env) ->
     assert lx.proc.wait(T) == 0
     lx.wait_log(r"shutdown\.drained requests_cut=0")
     assert env.lines()[-2:] == ["sleep-start a", "sleep-end a"]
+
+
+def test_an_answer_cut_by_shutdown_is_logged_and_counted_as_cut(env: Env) -> None:
+    """Regression (attack): an answer under way when shutdown_grace_secs ran out was logged
+    and counted as 503 (what a request that got no answer is told), with no request.cut
+    line; a begun answer that a switch cuts is a 502, and so is this one."""
+    lx = env.start({"a": env.model("a")}, policy={"shutdown_grace_secs": 0.3})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
+    assert resp.status == 200
+    resp.readline()
+    lx.proc.send_signal(signal.SIGTERM)
+    try:
+        resp.read()
+    except http.client.IncompleteRead:
+        pass  # cut: no last chunk
+    conn.close()
+    assert lx.proc.wait(T) == 0
+    lx.wait_log(r'warning request\.cut model=a reason="llmux is shutting down')
+    lx.wait_log(r"info request method=POST path=/v1/chat/completions model=a status=502")
 
 
 def test_sigterm_answers_queued_requests_after_the_grace_period(env: Env) -> None:
