@@ -605,6 +605,17 @@ def _proc_tree(root: int) -> List[int]:
     return tree
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this machine's CPUs so far (/proc/stat's steal):
+    while it takes some, every latency row has its stalls (NaN where it is not told)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
 class Meter:
     """CPU seconds and RSS bytes of a process tree (NaN for the direct column's None)."""
 
@@ -913,6 +924,7 @@ async def measure(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
         proxy = peer.start(b, backend.port) if peer.start else None
         port, meter = (proxy.port, Meter(proxy.proc.pid)) if proxy else (backend.port, Meter(None))
         out: Dict[str, float] = {}
+        began, stolen = time.monotonic(), steal_seconds()
         await phase(one_request(port, SMALL))
         out["rss_idle"] = meter.rss()
         cold = await phase(burst(port, STREAMS, sizes.burst_chunks))  # warms the upstream pool
@@ -933,6 +945,8 @@ async def measure(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
         loaded, out["uploads"] = await phase(streams_under_uploads(port, sizes.paced_chunks))
         out["loaded_lat99"] = pct(loaded, 99)
         out["rise"] = out["loaded_lat99"] - out["lat99"]
+        # Before the held streams: the rows above are the ones a stall distorts.
+        out["steal"] = (steal_seconds() - stolen) / (time.monotonic() - began) / (os.cpu_count() or 1)
         if proxy:
             out["rss_held"] = await phase(held_streams(port, sizes.held, meter))
         return {k: v for k, v in out.items() if not math.isnan(v)}
@@ -1004,6 +1018,7 @@ def rows(sizes: Sizes) -> List[Row]:
         Row("rss_held", f"RSS with {sizes.held:,} slow streams open (MiB)", mb),
         Row("switch50", "switch overhead p50, wake exit -> backend (ms)", ms),
         Row("switchmax", "switch overhead max, wake exit -> backend (ms)", ms),
+        Row("steal", "CPU time the host took meanwhile (steal, % of both CPUs)", 100, ratio=False),
     ]
 
 
@@ -1104,6 +1119,9 @@ NOTES = """
   schedule, {per} of them every {tick:g} ms.
 - CPU: utime+stime of the proxy's process tree from /proc (10 ms ticks); per chunk, the
   streams' CPU less {streams} requests at the cost measured over {conns} keep-alive connections.
+- Steal: CPU time the hypervisor took from both CPUs during the column's latency rows.  It
+  comes in slices of milliseconds, and every stream waiting meanwhile sees one: a column
+  with steal above a few tenths of a percent has a p99 that measures the host.
 - direct: client and backend share CPU 1, and that contention is in every column; a proxy
   alone on CPU 0 can smooth it, so a ratio under 1 is possible (it is no lower bound).
 - nginx: proxy_request_buffering off (a body is streamed on, not spooled), proxy_buffering
