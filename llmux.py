@@ -1153,7 +1153,8 @@ _CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,%d})\r\n" % MAX_CHUNK_SIZE_DIGITS)  #
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
 _PLAIN_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.[01]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
+# RFC 9110 section 15: a status code is 100 to 599 (a "099" is no interim answer).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
 
 # RFC 9110 section 7.6.1: headers that describe one connection, never forwarded.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -2385,6 +2386,7 @@ class UpstreamPool:
         self.log = log
         self.host = host
         self._idle: Dict[int, List[_Upstream]] = {}
+        self._sweep: Optional[asyncio.TimerHandle] = None  # closes what is too old to reuse
 
     async def get(self, port: int, model: str) -> _Upstream:
         """An idle connection to ``port`` (``reused`` set), or a new one.
@@ -2409,9 +2411,7 @@ class UpstreamPool:
             else:
                 conn.close()
         self.log.debug("upstream.connect", model=model, port=port)
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = await self._socket(model, port)
         try:
             _, conn = await self._connect(loop, sock, port)
         except asyncio.TimeoutError:
@@ -2428,6 +2428,30 @@ class UpstreamPool:
             raise
         return conn
 
+    async def _socket(self, model: str, port: int) -> socket.socket:
+        """A new non-blocking socket.  Out of fds, the idle connections (of every port)
+        are closed first and it is tried once more: they are what llmux can give up."""
+        for attempt in (0, 1):
+            try:
+                sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                                     socket.SOCK_STREAM)
+                sock.setblocking(False)
+                return sock
+            except OSError as e:
+                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE) and self._idle_count():
+                    self.log.warning("upstream.fds", reason=_reason(e), closed_idle=self._idle_count())
+                    self.close_all()
+                    await asyncio.sleep(0)  # their transports close their sockets in this turn
+                    continue
+                raise UpstreamError(f"llmux could not open a connection to model '{model}' "
+                                    f"backend at {self.host}:{port}: {_reason(e)}; retry later",
+                                    status=503, code="too_many_open_files",
+                                    headers=[("retry-after", str(RETRY_AFTER_BUSY))]) from None
+        raise AssertionError("unreachable")
+
+    def _idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
     async def _connect(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                        port: int) -> Tuple[asyncio.BaseTransport, _Upstream]:
         await _connect_within(loop, sock, (self.host, port), UPSTREAM_CONNECT_TIMEOUT)
@@ -2442,10 +2466,29 @@ class UpstreamPool:
             # read nothing and its silence timeout, paused too, never fired.
             conn.resume()
         if len(idle) < MAX_IDLE_UPSTREAM and not conn.closed and conn.in_sync:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.loop.time()
             idle.append(conn)
+            if self._sweep is None:
+                self._sweep = conn.loop.call_later(UPSTREAM_IDLE_REUSE_SECS, self._sweep_idle)
         else:
             conn.close()
+
+    def _sweep_idle(self) -> None:
+        """Close the idle connections too old to be handed out again (get() would close
+        them only when asked for their port): each holds an fd, and the backend a slot."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        oldest: Optional[float] = None
+        for port, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since > UPSTREAM_IDLE_REUSE_SECS:
+                idle.pop(0).close()  # oldest first: the list is in the order they came back
+            if idle:
+                oldest = idle[0].idle_since if oldest is None else min(oldest, idle[0].idle_since)
+            else:
+                del self._idle[port]
+        if oldest is not None:
+            self._sweep = loop.call_at(oldest + UPSTREAM_IDLE_REUSE_SECS + 0.001, self._sweep_idle)
 
     def close_port(self, port: int) -> None:
         """Forget the idle connections to ``port`` (its model went to sleep)."""
@@ -2455,6 +2498,9 @@ class UpstreamPool:
     def close_all(self) -> None:
         for port in list(self._idle):
             self.close_port(port)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
 
 _REQUEST_DROP = HOP_BY_HOP.union({"host", "content-length", "expect"})
@@ -5544,7 +5590,7 @@ class Server:
         if name in self._checking or m is None or m.state is not ModelState.ACTIVE or m.cfg.cmd:
             return
         self._checking.add(name)
-        task = asyncio.get_running_loop().create_task(self._recheck(m.cfg))
+        task = asyncio.get_running_loop().create_task(self._recheck(m))
         self._background.append(task)
 
         def done(t: "asyncio.Task[None]") -> None:
@@ -5552,29 +5598,41 @@ class Server:
             self._background.remove(t)
         task.add_done_callback(done)
 
-    async def _recheck(self, cfg: ModelConfig) -> None:
-        sw = self.switcher
+    async def _recheck(self, m: _Model) -> None:
+        sw, cfg = self.switcher, m.cfg
+        before = m.transitions
+
+        def same() -> bool:
+            # A verdict about the model as it was: if it was switched out (and back in)
+            # meanwhile, or reloaded, it says nothing about the model as it is now.
+            return sw.models.get(cfg.name) is m and m.state is ModelState.ACTIVE \
+                and m.transitions == before
+
         try:
             if cfg.alive:
                 self.log.warning("model.backend_failed", model=cfg.name, check="its alive hook")
-                if await self.hooks.alive(cfg) is False and sw.models.get(cfg.name) is not None \
-                        and sw.models[cfg.name].state is ModelState.ACTIVE:
+                if await self.hooks.alive(cfg) is False and same():
                     sw.alive_failed(cfg.name)
             elif await self._accepts(cfg.port):
                 # The failure was on a kept-alive connection the backend had just closed
                 # (its keep-alive timeout: a race no proxy can avoid), not a dead backend.
                 self.log.warning("model.backend_failed", model=cfg.name,
                                  check="a new connection", result="accepted: still up")
-            else:
+            elif same():
                 sw.died(cfg.name, "its backend refused or reset a connection, and a new one; "
                                   "it has no alive hook: taken as down")
         except Exception as e:
             log_internal_error(self.log, self.metrics, "recheck", e)
 
     async def _accepts(self, port: int) -> bool:
-        """Whether the backend at ``port`` accepts a new connection now (closed at once)."""
+        """Whether the backend at ``port`` accepts a new connection now (closed at once);
+        True when llmux cannot even try (out of fds: that says nothing of the backend)."""
         host = self.pool.host
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as e:
+            self.log.warning("model.backend_check_failed", port=port, reason=_reason(e))
+            return True
         sock.setblocking(False)
         try:
             await _connect_within(asyncio.get_running_loop(), sock, (host, port),

@@ -1695,6 +1695,28 @@ def test_hook_managed_backend_that_dies_is_rewoken_by_the_next_request(env: Env)
                 pass
 
 
+def test_a_stale_backend_check_is_not_applied_to_a_rewoken_model(env: Env) -> None:
+    """Regression (attack): a reset request started a check with the alive hook; the model
+    was switched out and back in while the hook ran, and the old hook's failure then put
+    the freshly woken, healthy model to sleep.  A verdict about the model as it was is
+    dropped (as the periodic alive check already did)."""
+    block, gate = env.tmp / "block", env.gate("alive")
+    alive = f"if [ -e {block} ]; then while [ ! -e {gate} ]; do sleep 0.01; done; exit 1; fi"
+    lx = env.start({"a": env.model("a", alive=alive), "b": env.model("b")},
+                   policy={"alive_interval_secs": 3600})
+    assert lx.chat("a")[0] == 200
+    block.touch()
+    assert lx.chat("a", reset=True)[0] == 502
+    lx.wait_log(r'model\.backend_failed model=a check="its alive hook"')
+    assert lx.chat("b")[0] == 200  # a out, and back in: a new incarnation
+    assert lx.chat("a")[0] == 200
+    gate.touch()  # the old check's verdict: failed
+    lx.wait_log(r"hook\.exit model=a hook=alive code=1")
+    assert lx.chat("a")[0] == 200
+    assert lx.log_count(r"model\.alive_failed") == 0
+    assert lx.health()["models"]["a"]["state"] == "active"
+
+
 def test_backend_refusing_runs_the_alive_hook_at_once(env: Env) -> None:
     """With an alive hook, a refused connection runs it now (not after the 1 h interval):
     it fails, the model is slept, and the next request wakes it."""
@@ -2876,6 +2898,18 @@ def test_backend_answering_before_reading_the_body_is_not_reused(env: Env) -> No
         raw.stop()
 
 
+@pytest.mark.parametrize("status", [b"099", b"000", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_an_invalid_answer(status: bytes) -> None:
+    """Regression (attack): `HTTP/1.1 099 X` was taken for an interim (1xx) head, and the
+    request waited for a final one until upstream_timeout_secs; 600 and 999 went on to
+    clients.  RFC 9110 section 15: a status code is 100 to 599."""
+    p = llmux.ResponseParser("GET")
+    p.feed(b"HTTP/1.1 " + status + b" X\r\ncontent-length: 0\r\n\r\n")
+    with pytest.raises(llmux.HTTPError, match="malformed status line") as e:
+        p.next_event()
+    assert e.value.status == 502
+
+
 def test_a_head_or_304_answer_announcing_a_body_is_not_reused(env: Env) -> None:
     """Regression (attack, DESIGN invariant 12): a broken engine answers HEAD (or a 304)
     as it would GET, its body following the head.  The connection was pooled at the
@@ -3645,6 +3679,51 @@ def test_pool_connects_without_a_task_and_times_out_a_connect_that_hangs() -> No
         assert len(selector.get_map()) == 1  # the loop's own self-pipe: no writer is left
         first.close()
         full.close()
+
+    run_checked(main(), llmux.VirtualTimeLoop())
+
+
+def test_pool_out_of_fds_gives_up_its_idle_connections_and_sweeps_old_ones() -> None:
+    """Regression (attack): idle pooled connections counted against no fd budget and were
+    closed only when their own port was asked for again, so a burst to another model hit
+    EMFILE at socket(), outside the pool's error handling (500s, internal.error).  Out of
+    fds, the pool closes its idle connections and tries once more, then answers a 503
+    naming the cause; idle connections too old to be reused are closed on a timer."""
+
+    async def main() -> None:
+        pool = llmux.UpstreamPool(llmux.Log(stream=ListStream()))
+        a, b = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+        pa, pb = a.getsockname()[1], b.getsockname()[1]
+
+        async def pooled(port: int) -> Any:
+            conn = await pool.get(port, "m")
+            waiter = conn.begin("GET", (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", b""), T)
+            conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await waiter
+            await conn.pipe(llmux._Sink(10), False, b"")
+            assert conn.in_sync
+            pool.put(port, conn)
+            return conn
+
+        idle = [await pooled(pa) for _ in range(3)]
+        with ExhaustedFds():
+            conn = await pool.get(pb, "b")  # the idle ones go: their fds are this one's
+            assert conn.transport is not None and all(c.closed for c in idle)
+            conn.close()
+        with ExhaustedFds():
+            with pytest.raises(llmux.UpstreamError) as e:
+                await pool.get(pb, "b")  # nothing idle left to give up
+        assert (e.value.status, e.value.code) == (503, "too_many_open_files")
+        assert "too many open files" in e.value.message
+        idle = [await pooled(pa) for _ in range(2)]
+        await asyncio.sleep(llmux.UPSTREAM_IDLE_REUSE_SECS / 2)
+        idle.append(await pooled(pb))
+        await asyncio.sleep(llmux.UPSTREAM_IDLE_REUSE_SECS / 2 + 0.01)
+        assert [c.closed for c in idle] == [True, True, False]  # too old to reuse: closed
+        await asyncio.sleep(llmux.UPSTREAM_IDLE_REUSE_SECS)
+        assert idle[2].closed and pool._idle == {}
+        a.close()
+        b.close()
 
     run_checked(main(), llmux.VirtualTimeLoop())
 
