@@ -2438,10 +2438,11 @@ class UpstreamPool:
                 sock.setblocking(False)
                 return sock
             except OSError as e:
-                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE) and self._idle_count():
-                    self.log.warning("upstream.fds", reason=_reason(e), closed_idle=self._idle_count())
-                    self.close_all()
-                    await asyncio.sleep(0)  # their transports close their sockets in this turn
+                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.give_up_idle(_reason(e))
+                    # Their transports close their sockets in the loop's next turn; so do
+                    # those a request before this one gave up in this turn.
+                    await asyncio.sleep(0)
                     continue
                 raise UpstreamError(f"llmux could not open a connection to model '{model}' "
                                     f"backend at {self.host}:{port}: {_reason(e)}; retry later",
@@ -2451,6 +2452,14 @@ class UpstreamPool:
 
     def _idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
+
+    def give_up_idle(self, reason: str) -> None:
+        """Out of fds: close every idle connection (of every port), what llmux can give up
+        to open a backend connection, accept a client or start a hook."""
+        count = self._idle_count()
+        if count:
+            self.log.warning("upstream.fds", reason=reason, closed_idle=count)
+            self.close_all()
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                        port: int) -> Tuple[asyncio.BaseTransport, _Upstream]:
@@ -2925,6 +2934,9 @@ class HookRunner:
         self.spawning = 0  # children being started: their pids are not known yet
         # Called with (model, why) when a managed server that was ready exits by itself.
         self.on_exit: Callable[[str, str], None] = lambda model, why: None
+        # Called with why when a hook cannot start for lack of fds, before one more try:
+        # the server gives up its idle backend connections.
+        self.out_of_fds: Optional[Callable[[str], None]] = None
 
     async def run(self, model: ModelConfig, hook: str) -> HookResult:
         """Run ``hook`` of ``model``; return its result, or raise HookError if it failed.
@@ -2970,23 +2982,30 @@ class HookRunner:
         self.log.info("hook.start", model=model.name, hook=hook)
         self.log.debug("hook.script", model=model.name, hook=hook, script=script, cwd=self.cwd)
         started = loop.time()
-        fds: List[int] = []
-        try:  # out of fds (EMFILE), no sh, a bad cwd: the hook could not start, a failure
-            fds.extend(os.pipe())
-            fds.extend(os.pipe())
-            out_r, out_w, err_r, err_w = fds
-            self.spawning += 1
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                    env=env, cwd=self.cwd, start_new_session=True)
-            finally:
-                self.spawning -= 1
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            return HookResult(model.name, hook, None, error=_reason(e),
-                              duration=loop.time() - started)
+        for attempt in (0, 1):
+            fds: List[int] = []
+            try:  # out of fds (EMFILE), no sh, a bad cwd: the hook could not start, a failure
+                fds.extend(os.pipe())
+                fds.extend(os.pipe())
+                out_r, out_w, err_r, err_w = fds
+                self.spawning += 1
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        "sh", "-c", script, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                        env=env, cwd=self.cwd, start_new_session=True)
+                finally:
+                    self.spawning -= 1
+                break
+            except OSError as e:
+                for fd in fds:
+                    os.close(fd)
+                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE) \
+                        and self.out_of_fds is not None:
+                    self.out_of_fds(_reason(e))  # the server gives up idle connections
+                    await asyncio.sleep(0)  # their sockets close in the loop's next turn
+                    continue
+                return HookResult(model.name, hook, None, error=_reason(e),
+                                  duration=loop.time() - started)
         os.close(out_w)
         os.close(err_w)
         out = _PipeReader(out_r, self.log, model.name, hook, "stdout", self._readers.discard)
@@ -4416,6 +4435,13 @@ class Switcher:
         """_restore, then clean up a failed wake, then answer the target's waiters:
         clean up first, so a client that sees the failure sees a clean state (inv. 8)."""
         for m in self._restore(target, victims, error):
+            if isinstance(error, HookError) and error.result.error is not None \
+                    and error.result.hook == "wake" and error.result.model == m.name:
+                # Its wake hook could not even start (out of fds, no sh): nothing can have
+                # been loaded, so nothing is to clean up (a cleanup could fail the same way
+                # and count it as loaded, and it would never be woken).
+                self._fire(m, ModelEvent.SLEPT, "its wake hook could not start; nothing loaded")
+                continue
             try:
                 await self.hooks.run(m.cfg, "sleep")
                 self._fire(m, ModelEvent.SLEPT, "its wake failed; cleaned up")
@@ -5385,6 +5411,7 @@ class Server:
         self.closing = False
         self.port: Optional[int] = None
         self.hooks.on_exit = self._server_exited
+        self.hooks.out_of_fds = self.pool.give_up_idle
         self._checking: Set[str] = set()  # models whose backend failed, being checked now
         self._reaping = False  # PID 1 or a subreaper: SIGCHLD reaps orphans (start_reaper)
         self._reap_timer: Optional[asyncio.TimerHandle] = None
@@ -5477,6 +5504,7 @@ class Server:
         self.metrics.inc("llmux_accept_paused_total")
         self.log.warning("accept.paused", reason=reason, secs=ACCEPT_PAUSE_SECS,
                          connections=len(self._busy))
+        self.pool.give_up_idle(reason)  # their fds are free when accepting resumes
         for s in self._listening:
             loop.remove_reader(s.fileno())
         if self._accept_paused is None:
@@ -5605,8 +5633,8 @@ class Server:
         def same() -> bool:
             # A verdict about the model as it was: if it was switched out (and back in)
             # meanwhile, or reloaded, it says nothing about the model as it is now.
-            return sw.models.get(cfg.name) is m and m.state is ModelState.ACTIVE \
-                and m.transitions == before
+            return sw.models.get(cfg.name) is m and m.cfg is cfg \
+                and m.state is ModelState.ACTIVE and m.transitions == before
 
         try:
             if cfg.alive:
@@ -5665,11 +5693,12 @@ class Server:
         for m in list(sw.models.values()):
             if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
                 continue
-            before = m.transitions
-            verdict = await self.hooks.alive(m.cfg)
+            before, cfg = m.transitions, m.cfg
+            verdict = await self.hooks.alive(cfg)
             # A verdict about the model as it was: if it was switched out (and back in)
-            # while the hook ran, it says nothing about the model as it is now.
-            if verdict is False and m.state is ModelState.ACTIVE and m.transitions == before:
+            # or reloaded while the hook ran, it says nothing about the model as it is now.
+            if verdict is False and m.state is ModelState.ACTIVE and m.transitions == before \
+                    and m.cfg is cfg:
                 sw.alive_failed(m.name)
 
     async def reload(self) -> bool:

@@ -1358,6 +1358,33 @@ def test_hook_that_cannot_start_for_lack_of_fds_fails_the_switch_cleanly() -> No
     assert not [line for line in stream.lines if "internal.error" in line], stream.lines
 
 
+def test_a_wake_hook_that_cannot_start_leaves_its_model_asleep(tmp_path: Path) -> None:
+    """Regression (attack): a wake hook that could not start (out of fds) was cleaned up
+    by a sleep hook that could not start either, and the model was counted as loaded:
+    reported active, its requests sent to an engine never woken, and never woken after.
+    A wake that never started loaded nothing: the model stays asleep; the next wakes it."""
+    stream, woke = ListStream(), tmp_path / "woke"
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {"b": {"port": 1, "wake": f"touch {woke}", "sleep": "true"}},
+                                  "policy": {"request_timeout_secs": T, "wake_backoff_secs": 0}})
+        log = llmux.Log(stream)
+        sw = llmux.Switcher(cfg, llmux.HookRunner(log, timeout=T), llmux.FifoPolicy(), log)
+        with ExhaustedFds():
+            with pytest.raises(llmux.LLMuxError) as info:
+                await sw.acquire("b")
+        assert info.value.message == "hook 'wake' for model 'b' could not start: too many open files"
+        assert sw.active() == [] and sw.models["b"].state is llmux.ModelState.ASLEEP
+        assert not woke.exists()
+        slot = await sw.acquire("b")  # fds are back: the next request wakes it
+        assert sw.active() == ["b"] and woke.exists()
+        slot.release()
+        await sw.close()
+
+    run_checked(go())
+    assert not [line for line in stream.lines if "internal.error" in line], stream.lines
+
+
 # ─────────────────────────── hooks: managed model servers (cmd) ─────────────────────────
 # Real child processes and real signals: the fake backend (this file, `backend --port`)
 # as the server, started, probed, killed and reaped by llmux.
@@ -1711,6 +1738,29 @@ def test_a_stale_backend_check_is_not_applied_to_a_rewoken_model(env: Env) -> No
     assert lx.chat("b")[0] == 200  # a out, and back in: a new incarnation
     assert lx.chat("a")[0] == 200
     gate.touch()  # the old check's verdict: failed
+    lx.wait_log(r"hook\.exit model=a hook=alive code=1")
+    assert lx.chat("a")[0] == 200
+    assert lx.log_count(r"model\.alive_failed") == 0
+    assert lx.health()["models"]["a"]["state"] == "active"
+
+
+def test_a_backend_check_verdict_is_dropped_after_a_reload_changed_the_model(env: Env) -> None:
+    """Regression (attack): a reload replaced the alive hook while the old one ran a check;
+    the old hook's failure then put the healthy model to sleep."""
+    block, gate = env.tmp / "block", env.gate("alive")
+    alive = f"if [ -e {block} ]; then while [ ! -e {gate} ]; do sleep 0.01; done; exit 1; fi"
+    models = {"a": env.model("a", alive=alive)}
+    lx = env.start(models, policy={"alive_interval_secs": 3600})
+    assert lx.chat("a")[0] == 200
+    block.touch()
+    assert lx.chat("a", reset=True)[0] == 502
+    lx.wait_log(r'model\.backend_failed model=a check="its alive hook"')
+    config = json.loads(lx.config_path.read_text())
+    config["models"]["a"]["alive"] = "true"
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done")
+    gate.touch()  # the old hook's verdict: failed
     lx.wait_log(r"hook\.exit model=a hook=alive code=1")
     assert lx.chat("a")[0] == 200
     assert lx.log_count(r"model\.alive_failed") == 0
@@ -3710,6 +3760,7 @@ def test_pool_out_of_fds_gives_up_its_idle_connections_and_sweeps_old_ones() -> 
             conn = await pool.get(pb, "b")  # the idle ones go: their fds are this one's
             assert conn.transport is not None and all(c.closed for c in idle)
             conn.close()
+            await asyncio.sleep(0)  # its socket closes
         with ExhaustedFds():
             with pytest.raises(llmux.UpstreamError) as e:
                 await pool.get(pb, "b")  # nothing idle left to give up
@@ -3726,6 +3777,80 @@ def test_pool_out_of_fds_gives_up_its_idle_connections_and_sweeps_old_ones() -> 
         b.close()
 
     run_checked(main(), llmux.VirtualTimeLoop())
+
+
+async def _pooled(pool: Any, port: int, n: int) -> List[Any]:
+    """``n`` connections to ``port`` through ``pool``, one exchange each done in step, then
+    all put back idle."""
+    conns = [await pool.get(port, "m") for _ in range(n)]
+    for conn in conns:
+        waiter = conn.begin("GET", (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", b""), T)
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await waiter
+        await conn.pipe(llmux._Sink(10), False, b"")
+        assert conn.in_sync
+    for conn in conns:
+        pool.put(port, conn)
+    return conns
+
+
+def test_out_of_fds_every_request_of_a_burst_gets_the_fds_given_up() -> None:
+    """Regression (attack): the first request out of fds closed the idle connections, but
+    their fds are freed only in the loop's next turn: the burst's other requests, finding
+    nothing idle, got 503 at once.  Each tries once more after that turn."""
+
+    async def main() -> None:
+        pool = llmux.UpstreamPool(llmux.Log(stream=ListStream()))
+        a, b = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+        idle = await _pooled(pool, a.getsockname()[1], 4)
+        with ExhaustedFds():
+            got = await asyncio.gather(*(pool.get(b.getsockname()[1], "b") for _ in range(3)),
+                                       return_exceptions=True)
+            for c in got:
+                if not isinstance(c, BaseException):
+                    c.close()
+            await asyncio.sleep(0)
+        assert not [c for c in got if isinstance(c, BaseException)], got  # (fds back: pytest
+        assert all(c.closed for c in idle)  # can read its files to report a failure)
+        a.close()
+        b.close()
+
+    run_checked(main())
+
+
+def test_out_of_fds_accepting_gives_up_idle_backend_connections() -> None:
+    """Regression (attack): idle backend connections held the fds accept() needed, and a
+    health check waited seconds (until they aged out).  Out of fds, accepting pauses and
+    gives them up: the next accept has fds."""
+    stream = ListStream()
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {"a": {"port": 1}}})
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        backend = socket.create_server(("127.0.0.1", 0))
+        loop = asyncio.get_running_loop()
+        try:
+            idle = await _pooled(server.pool, backend.getsockname()[1], 4)
+            client = socket.create_connection(("127.0.0.1", port), timeout=T)
+            client.setblocking(False)
+            with ExhaustedFds():  # the client waits in the backlog; accept() fails at first
+                await log_shows(stream, r"warning accept\.paused reason=\"too many open files\"")
+                await loop.sock_sendall(client, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                try:
+                    answer = await asyncio.wait_for(loop.sock_recv(client, 65536), T)
+                except asyncio.TimeoutError:
+                    answer = b"(none)"
+            assert answer.startswith(b"HTTP/1.1 200 OK"), answer  # (fds back, as above)
+            assert all(c.closed for c in idle)
+            # Given up for the accept, not aged out (the sweep, 4 s on, says nothing).
+            assert [line for line in stream.lines if "upstream.fds" in line and "closed_idle=4" in line]
+            client.close()
+        finally:
+            await server.stop()
+            backend.close()
+
+    run_checked(go())
 
 
 def test_backend_reset_before_answering_gives_502(env: Env) -> None:
