@@ -2343,6 +2343,7 @@ def _pending(sock: Optional[socket.socket]) -> bool:
 
 
 _CONNECTING = (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR)  # a non-blocking connect goes on
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)  # this process's table, or the system's, is full
 
 
 async def _connect_within(loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -2438,7 +2439,7 @@ class UpstreamPool:
                 sock.setblocking(False)
                 return sock
             except OSError as e:
-                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE):
+                if attempt == 0 and e.errno in _OUT_OF_FDS:
                     self.give_up_idle(_reason(e))
                     # Their transports close their sockets in the loop's next turn; so do
                     # those a request before this one gave up in this turn.
@@ -2449,6 +2450,23 @@ class UpstreamPool:
                                     status=503, code="too_many_open_files",
                                     headers=[("retry-after", str(RETRY_AFTER_BUSY))]) from None
         raise AssertionError("unreachable")
+
+    async def accepts(self, port: int, model: str) -> bool:
+        """Whether ``model``'s backend at ``port`` accepts a new connection now (closed at once);
+        True when llmux cannot even try (out of fds: that says nothing of the backend)."""
+        try:
+            sock = await self._socket(model, port)
+        except UpstreamError as e:
+            self.log.warning("model.backend_check_failed", model=model, reason=e.message)
+            return True
+        try:
+            await _connect_within(asyncio.get_running_loop(), sock, (self.host, port),
+                                  UPSTREAM_CONNECT_TIMEOUT)
+            return True
+        except (OSError, asyncio.TimeoutError):
+            return False
+        finally:
+            sock.close()
 
     def _idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
@@ -2999,8 +3017,7 @@ class HookRunner:
             except OSError as e:
                 for fd in fds:
                     os.close(fd)
-                if attempt == 0 and e.errno in (errno.EMFILE, errno.ENFILE) \
-                        and self.out_of_fds is not None:
+                if attempt == 0 and e.errno in _OUT_OF_FDS and self.out_of_fds is not None:
                     self.out_of_fds(_reason(e))  # the server gives up idle connections
                     await asyncio.sleep(0)  # their sockets close in the loop's next turn
                     continue
@@ -4524,6 +4541,13 @@ class Switcher:
         self._fire(self.models[name], ModelEvent.ADOPT, "found alive at start (adopted)")
         self._schedule()
 
+    def unchanged(self, m: "_Model", before: Tuple[int, ModelConfig]) -> bool:
+        """Whether ``m`` is still, and active as, what ``before`` (its transitions and its
+        config, taken as a check began) described: a verdict about the model as it was
+        says nothing about it once it was switched out (and back in), removed or reloaded."""
+        return self.models.get(m.name) is m and m.state is ModelState.ACTIVE \
+            and m.transitions == before[0] and m.cfg is before[1]
+
     def alive_failed(self, name: str) -> "Optional[asyncio.Task[str]]":
         """The alive hook of ACTIVE ``name`` failed: drain it and run its sleep hook
         (its sleep failing leaves it ACTIVE: the next check tries again)."""
@@ -5628,48 +5652,22 @@ class Server:
 
     async def _recheck(self, m: _Model) -> None:
         sw, cfg = self.switcher, m.cfg
-        before = m.transitions
-
-        def same() -> bool:
-            # A verdict about the model as it was: if it was switched out (and back in)
-            # meanwhile, or reloaded, it says nothing about the model as it is now.
-            return sw.models.get(cfg.name) is m and m.cfg is cfg \
-                and m.state is ModelState.ACTIVE and m.transitions == before
-
+        before = (m.transitions, cfg)
         try:
             if cfg.alive:
                 self.log.warning("model.backend_failed", model=cfg.name, check="its alive hook")
-                if await self.hooks.alive(cfg) is False and same():
+                if await self.hooks.alive(cfg) is False and sw.unchanged(m, before):
                     sw.alive_failed(cfg.name)
-            elif await self._accepts(cfg.port):
+            elif await self.pool.accepts(cfg.port, cfg.name):
                 # The failure was on a kept-alive connection the backend had just closed
                 # (its keep-alive timeout: a race no proxy can avoid), not a dead backend.
                 self.log.warning("model.backend_failed", model=cfg.name,
                                  check="a new connection", result="accepted: still up")
-            elif same():
+            elif sw.unchanged(m, before):
                 sw.died(cfg.name, "its backend refused or reset a connection, and a new one; "
                                   "it has no alive hook: taken as down")
         except Exception as e:
             log_internal_error(self.log, self.metrics, "recheck", e)
-
-    async def _accepts(self, port: int) -> bool:
-        """Whether the backend at ``port`` accepts a new connection now (closed at once);
-        True when llmux cannot even try (out of fds: that says nothing of the backend)."""
-        host = self.pool.host
-        try:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as e:
-            self.log.warning("model.backend_check_failed", port=port, reason=_reason(e))
-            return True
-        sock.setblocking(False)
-        try:
-            await _connect_within(asyncio.get_running_loop(), sock, (host, port),
-                                  UPSTREAM_CONNECT_TIMEOUT)
-            return True
-        except (OSError, asyncio.TimeoutError):
-            return False
-        finally:
-            sock.close()
 
     def start_background(self) -> None:
         """Liveness checks of the active model."""
@@ -5693,12 +5691,8 @@ class Server:
         for m in list(sw.models.values()):
             if m.state is not ModelState.ACTIVE or not m.cfg.alive or sw.busy():
                 continue
-            before, cfg = m.transitions, m.cfg
-            verdict = await self.hooks.alive(cfg)
-            # A verdict about the model as it was: if it was switched out (and back in)
-            # or reloaded while the hook ran, it says nothing about the model as it is now.
-            if verdict is False and m.state is ModelState.ACTIVE and m.transitions == before \
-                    and m.cfg is cfg:
+            before = (m.transitions, m.cfg)
+            if await self.hooks.alive(m.cfg) is False and sw.unchanged(m, before):
                 sw.alive_failed(m.name)
 
     async def reload(self) -> bool:
