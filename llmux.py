@@ -307,6 +307,9 @@ LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 # kernel's backlog instead of taking fds).
 ACCEPT_BATCH = 32
 ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
+# Requests that start being served in one turn of the event loop; the rest of a burst
+# waits for the next turns, in arrival order (TurnBudget).
+STARTS_PER_TURN = 8
 
 
 # ──────────────────────────────────────── errors ────────────────────────────────────────
@@ -5318,6 +5321,52 @@ class _BodyClaim:
         self.held = 0
 
 
+class TurnBudget:
+    """At most ``per_turn`` requests start being served in one turn of the event loop;
+    the rest wait their turn, in arrival order.  A burst of 100 requests that arrive
+    together would otherwise all be parsed, routed and sent to their backends in one
+    turn before the loop looks at a socket again: no answer moved, not even the first
+    request's, until the last one was on its way.  With turns, the loop polls between
+    batches, so the burst's first answers go out while its last requests are still
+    being read, the backend works while llmux does, and streams already under way
+    keep flowing.  A request that does not wait pays a counter; one that waits, a future.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.left = per_turn  # starts left in this turn
+        self.waiting: Deque["asyncio.Future[None]"] = collections.deque()
+        self._armed = False  # a _turn is scheduled
+
+    def take(self) -> Optional["asyncio.Future[None]"]:
+        """None: start now.  Else a future to await: it is done when this request's turn
+        comes (cancel it, as a task's cancellation does, to give up the place)."""
+        if self.left and not self.waiting:
+            self.left -= 1
+            waiter = None
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.append(waiter)
+        if not self._armed:
+            self._armed = True
+            asyncio.get_running_loop().call_soon(self._turn)
+        return waiter
+
+    def _turn(self) -> None:
+        """At the next turn: a fresh budget, first for those who waited."""
+        self.left = self.per_turn
+        waiting = self.waiting
+        while waiting and self.left:
+            waiter = waiting.popleft()
+            if not waiter.done():  # a cancelled one keeps no place
+                waiter.set_result(None)
+                self.left -= 1
+        if self.left < self.per_turn or waiting:  # spent some: the next turn resets it
+            asyncio.get_running_loop().call_soon(self._turn)
+        else:
+            self._armed = False  # an idle budget schedules nothing
+
+
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?]*")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -5429,6 +5478,7 @@ class Server:
         self._open = 0  # connections admitted and not yet closed or evicted
         self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
         self.bodies = BodyBudget(config.http.max_buffered_bytes)
+        self.turns = TurnBudget(STARTS_PER_TURN)
         self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
         self._background: List["asyncio.Task[None]"] = []
         self._reload_lock = asyncio.Lock()
@@ -5811,6 +5861,9 @@ class Server:
                     if request is None:
                         return  # closed cleanly between requests
                     self._busy[proto] = True
+                    turn = self.turns.take()
+                    if turn is not None:
+                        await turn
                     keep = await self._respond(request[0], request[1], writer, proto)
                     self._busy[proto] = False
                 finally:

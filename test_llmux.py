@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -35,7 +36,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, cast
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, cast
 
 
 HERE = Path(__file__).resolve().parent
@@ -5794,6 +5795,140 @@ def test_lazy_timer_expires_exactly_at_its_deadline_while_armed() -> None:
             t.cancel()
 
         run_checked(go(), loop)
+
+
+def test_turn_budget_random_arrivals_and_cancellations() -> None:
+    """Exploring TurnBudget: random requests take a turn at random loop steps, some are
+    cancelled while waiting or just after their turn came.  After every step: a step
+    grants at most two budgets (what the last turn left, and its own) and any w steps at
+    most w + 1; turns go in the order they were asked for; a waiter is never kept while a
+    step had budget left for it.  At the end, every request still wanted got its turn
+    within its rank's share of steps, and the budget schedules nothing once idle (the
+    virtual-time loop fails a loop that spins)."""
+    for seed in range(400):
+        rng = random.Random(seed)
+        loop = CheckedLoop()
+        n = rng.randint(1, 6)
+        budget = llmux.TurnBudget(n)
+        asked: List[int] = []  # request ids in the order they asked
+        granted: Dict[int, int] = {}  # id -> the step its turn came in
+        pending: Dict[int, "asyncio.Future[None]"] = {}
+        cancelled: Set[int] = set()
+        per_step: Dict[int, int] = collections.Counter()
+        waited_at: Dict[int, int] = {}
+
+        def check() -> None:
+            step = loop.steps - 1  # the step that just ended
+            for rid, f in list(pending.items()):
+                if f.done():
+                    del pending[rid]
+                    if not f.cancelled():
+                        granted[rid] = step
+                        per_step[step] += 1
+            assert per_step[step] <= 2 * n, f"seed {seed}: {per_step[step]} turns in step {step}, n={n}"
+            for w in (2, 3, 5):
+                window = sum(per_step[s] for s in range(step - w + 1, step + 1))
+                assert window <= (w + 1) * n, f"seed {seed}: {window} turns in {w} steps, n={n}"
+            if per_step[step] + per_step[step - 1] < n:
+                stuck = [r for r, at in waited_at.items() if r in pending and at < step - 1]
+                assert not stuck, f"seed {seed}: {stuck} kept waiting at step {step} with budget left"
+
+        async def request(rid: int, delay: int) -> None:
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            asked.append(rid)
+            turn = budget.take()
+            if turn is None:
+                granted[rid] = loop.steps
+                per_step[loop.steps] += 1
+                return
+            pending[rid] = turn
+            waited_at[rid] = loop.steps
+            try:
+                await turn
+            except asyncio.CancelledError:
+                cancelled.add(rid)
+
+        async def go() -> None:
+            loop.check = check
+            tasks = [loop.create_task(request(i, rng.choice([0, 0, 0, 1, 2, rng.randint(0, 30)])))
+                     for i in range(rng.randint(1, 80))]
+            for _ in range(rng.randint(0, 12)):
+                victim = rng.choice(tasks)
+                for _ in range(rng.randint(0, 6)):
+                    await asyncio.sleep(0)
+                victim.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(1.0)  # an armed budget would spin at this instant
+            wanted = [r for r in asked if r not in cancelled and r in granted]
+            steps = [granted[r] for r in wanted]
+            assert steps == sorted(steps), f"seed {seed}: turns out of order {list(zip(wanted, steps))}"
+            for rank, rid in enumerate(r for r in asked if r in waited_at and r in granted):
+                assert granted[rid] - waited_at[rid] <= rank // n + 2, f"seed {seed}: {rid} waited too long"
+            assert not pending or all(f.cancelled() for f in pending.values())
+
+        run_checked(go(), loop)
+
+
+def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
+    """Regression (issue 11): 64 requests that arrive together were all parsed, routed
+    and sent to their backend in one turn of the loop, before any answer moved.  With a
+    budget of STARTS_PER_TURN a turn, the backend sees the burst's last requests only
+    after clients have their first answers."""
+    async def go() -> None:
+        answered = 0
+        seen_answered: List[int] = []
+
+        handlers: List[Any] = []
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.current_task())
+            parser = llmux.RequestParser(1 << 20)
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                parser.feed(data)
+                while True:
+                    event = parser.next_event()
+                    if event is llmux.NEED_DATA or event is None:
+                        break
+                    if event is llmux.EndOfMessage:
+                        seen_answered.append(answered)
+                        writer.write(http_reply({"ok": True}))
+            writer.close()
+
+        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}}})
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(64)]
+        try:
+            body = json.dumps({"model": "a"}).encode()
+            request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n" % len(body) + body)
+
+            async def one(reader: asyncio.StreamReader) -> None:
+                nonlocal answered
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                answered += 1
+
+            for _, writer in clients:  # no await between: the requests arrive together
+                writer.write(request)
+            await asyncio.gather(*(one(reader) for reader, _ in clients))
+            assert len(seen_answered) == 64
+            assert seen_answered[-1] > 0, "every request reached the backend before any answer left"
+            assert seen_answered[llmux.STARTS_PER_TURN - 1] == 0  # the first turn's own
+        finally:
+            for _, writer in clients:
+                writer.close()
+            await server.stop()  # closes its backend connections: the handlers end
+            await asyncio.wait_for(asyncio.gather(*handlers), T)
+            be.close()
+            await be.wait_closed()
+
+    run_checked(go())
 
 
 def test_fuzz_field_block_agrees_with_the_line_parser(capsys: Any) -> None:
