@@ -308,7 +308,8 @@ LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 ACCEPT_BATCH = 32
 ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
 # Requests that start being served in one turn of the event loop; the rest of a burst
-# waits for the next turns, in arrival order (TurnBudget).
+# waits for the next turns, in arrival order (TurnBudget).  In bench/overhead.py's burst,
+# 2 to 16 did alike within the host's noise; 32 was close to no budget at all.
 STARTS_PER_TURN = 8
 
 
@@ -5861,9 +5862,6 @@ class Server:
                     if request is None:
                         return  # closed cleanly between requests
                     self._busy[proto] = True
-                    turn = self.turns.take()
-                    if turn is not None:
-                        await turn
                     keep = await self._respond(request[0], request[1], writer, proto)
                     self._busy[proto] = False
                 finally:
@@ -5970,7 +5968,8 @@ class Server:
                        proto: _ClientProtocol) -> bool:
         """Answer one request; return whether the connection may carry another.
 
-        In steps: (1) a CORS preflight is answered at once; (2) authentication, on the
+        In steps: (0) it waits its turn if many requests start at once (TurnBudget);
+        (1) a CORS preflight is answered at once; (2) authentication, on the
         very path routing uses; (3) routing, by the route table, to llmux's own answer
         or to a model; (4) llmux's answer is written, or (5) the request is proxied
         with a slot; (6) an error becomes a response here, in one place."""
@@ -5992,6 +5991,9 @@ class Server:
             else self.config.cors_origins
         cors = cors_headers(origins, head.get("origin"))
         try:
+            turn = self.turns.take()
+            if turn is not None:  # later in a burst: after the requests before it started
+                await turn
             if is_preflight(head):
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
