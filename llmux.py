@@ -311,6 +311,10 @@ ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in
 # waits for the next turns, in arrival order (TurnBudget).  In bench/overhead.py's burst,
 # 2 to 16 did alike within the host's noise; 32 was close to no budget at all.
 STARTS_PER_TURN = 8
+# ... but none waits longer than this: then it starts whatever the budget (a loop kept busy
+# by other work has long turns, and 8 a turn would slow every burst to that pace).  A burst
+# of 100 takes about 15 ms of turns on the bench's slow VM: it stays whole within this.
+TURN_WAIT_MAX_SECS = 0.025
 
 
 # ──────────────────────────────────────── errors ────────────────────────────────────────
@@ -630,6 +634,12 @@ def llmux_metrics() -> Metrics:
     m.define("counter", "llmux_stream_progress_total",
              "Streaming requests held with loading status (SSE comments) while they waited.",
              ("model",))
+    m.define("counter", "llmux_request_turn_waits_total",
+             "Requests that waited for a turn of the event loop to start (a burst: "
+             "STARTS_PER_TURN start per turn).")
+    m.define("counter", "llmux_request_turn_overdue_total",
+             "Requests that waited TURN_WAIT_MAX_SECS for a turn and then started regardless "
+             "(turns were long: the event loop is saturated).")
     m.define("counter", "llmux_events_dropped_subscribers_total",
              "/llmux/events readers dropped for reading too slowly.")
     return m
@@ -5331,39 +5341,55 @@ class TurnBudget:
     batches, so the burst's first answers go out while its last requests are still
     being read, the backend works while llmux does, and streams already under way
     keep flowing.  A request that does not wait pays a counter; one that waits, a future.
+
+    No request waits more than ``max_wait`` seconds: then it starts in the next turn
+    whatever the budget.  Turns are only as short as the other work in them: a peer
+    that keeps the loop busy (hundreds of heads dripping in a byte at a time) makes
+    every turn long, and 8 starts a turn would then slow every burst to its pace.
     """
 
-    def __init__(self, per_turn: int) -> None:
+    def __init__(self, per_turn: int, max_wait: float, metrics: Optional["Metrics"] = None) -> None:
         self.per_turn = per_turn
+        self.max_wait = max_wait
+        self.metrics = metrics
         self.left = per_turn  # starts left in this turn
-        self.waiting: Deque["asyncio.Future[None]"] = collections.deque()
+        self.waiting: Deque[Tuple[float, "asyncio.Future[None]"]] = collections.deque()
         self._armed = False  # a _turn is scheduled
 
     def take(self) -> Optional["asyncio.Future[None]"]:
         """None: start now.  Else a future to await: it is done when this request's turn
         comes (cancel it, as a task's cancellation does, to give up the place)."""
+        loop = asyncio.get_running_loop()
         if self.left and not self.waiting:
             self.left -= 1
             waiter = None
         else:
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiting.append(waiter)
+            waiter = loop.create_future()
+            self.waiting.append((loop.time(), waiter))
+            if self.metrics is not None:
+                self.metrics.inc("llmux_request_turn_waits_total")
         if not self._armed:
             self._armed = True
-            asyncio.get_running_loop().call_soon(self._turn)
+            loop.call_soon(self._turn)
         return waiter
 
     def _turn(self) -> None:
-        """At the next turn: a fresh budget, first for those who waited."""
+        """At the next turn: a fresh budget, first for those who waited; and whoever has
+        waited ``max_wait`` starts now, budget or not."""
+        loop = asyncio.get_running_loop()
         self.left = self.per_turn
         waiting = self.waiting
-        while waiting and self.left:
-            waiter = waiting.popleft()
+        overdue = loop.time() - self.max_wait
+        while waiting and (self.left or waiting[0][0] <= overdue):
+            waiter = waiting.popleft()[1]
             if not waiter.done():  # a cancelled one keeps no place
                 waiter.set_result(None)
-                self.left -= 1
+                if self.left:
+                    self.left -= 1
+                elif self.metrics is not None:
+                    self.metrics.inc("llmux_request_turn_overdue_total")
         if self.left < self.per_turn or waiting:  # spent some: the next turn resets it
-            asyncio.get_running_loop().call_soon(self._turn)
+            loop.call_soon(self._turn)
         else:
             self._armed = False  # an idle budget schedules nothing
 
@@ -5479,7 +5505,7 @@ class Server:
         self._open = 0  # connections admitted and not yet closed or evicted
         self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
         self.bodies = BodyBudget(config.http.max_buffered_bytes)
-        self.turns = TurnBudget(STARTS_PER_TURN)
+        self.turns = TurnBudget(STARTS_PER_TURN, TURN_WAIT_MAX_SECS, self.metrics)
         self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
         self._background: List["asyncio.Task[None]"] = []
         self._reload_lock = asyncio.Lock()
@@ -5968,11 +5994,11 @@ class Server:
                        proto: _ClientProtocol) -> bool:
         """Answer one request; return whether the connection may carry another.
 
-        In steps: (0) it waits its turn if many requests start at once (TurnBudget);
-        (1) a CORS preflight is answered at once; (2) authentication, on the
+        In steps: (1) a CORS preflight is answered at once; (2) authentication, on the
         very path routing uses; (3) routing, by the route table, to llmux's own answer
-        or to a model; (4) llmux's answer is written, or (5) the request is proxied
-        with a slot; (6) an error becomes a response here, in one place."""
+        or to a model; (4) llmux's answer is written, or (5) the request waits its turn
+        if many start at once (TurnBudget) and is proxied with a slot; (6) an error
+        becomes a response here, in one place."""
         started = time.monotonic()
         model: Optional[ModelConfig] = None
         slot: Optional[Slot] = None
@@ -5991,9 +6017,6 @@ class Server:
             else self.config.cors_origins
         cors = cors_headers(origins, head.get("origin"))
         try:
-            turn = self.turns.take()
-            if turn is not None:  # later in a burst: after the requests before it started
-                await turn
             if is_preflight(head):
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
@@ -6021,6 +6044,9 @@ class Server:
                 return head.keep_alive
             model = answer.model
             proto.model = model.name
+            turn = self.turns.take()
+            if turn is not None:  # later in a burst: after the requests before it started
+                await turn
             if self.log.enabled("debug"):
                 self.log.debug("request.head", method=head.method, target=head.target,
                                version=head.version, model=model.name, body_bytes=len(body),

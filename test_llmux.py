@@ -5797,50 +5797,64 @@ def test_lazy_timer_expires_exactly_at_its_deadline_while_armed() -> None:
         run_checked(go(), loop)
 
 
-def test_turn_budget_random_arrivals_and_cancellations() -> None:
+def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
     """Exploring TurnBudget: random requests take a turn at random loop steps, some are
-    cancelled while waiting or just after their turn came.  After every step: a step
-    grants at most two budgets (what the last turn left, and its own) and any w steps at
-    most w + 1; turns go in the order they were asked for; a waiter is never kept while a
-    step had budget left for it.  At the end, every request still wanted got its turn
-    within its rank's share of steps, and the budget schedules nothing once idle (the
-    virtual-time loop fails a loop that spins)."""
+    cancelled while waiting or just after their turn came, and some steps are slow (other
+    work takes virtual time in them).  After every step: a step grants at most two budgets
+    (what the last turn left, and its own) and any w steps at most w + 1, besides those
+    that waited max_wait; no request still waits after a step that began max_wait after it
+    asked; turns go in the order they were asked for; a waiter is never kept while a step
+    had budget left for it.  At the end, every request still wanted got its turn within
+    its rank's share of steps, and the budget schedules nothing once idle (the virtual-time
+    loop fails a loop that spins)."""
     for seed in range(400):
         rng = random.Random(seed)
         loop = CheckedLoop()
         n = rng.randint(1, 6)
-        budget = llmux.TurnBudget(n)
+        max_wait = rng.choice([0.01, 0.025, 1.0])
+        budget = llmux.TurnBudget(n, max_wait)
         asked: List[int] = []  # request ids in the order they asked
         granted: Dict[int, int] = {}  # id -> the step its turn came in
         pending: Dict[int, "asyncio.Future[None]"] = {}
         cancelled: Set[int] = set()
-        per_step: Dict[int, int] = collections.Counter()
+        per_step: Dict[int, int] = collections.Counter()  # turns granted within the budget
+        every_step: Dict[int, int] = collections.Counter()  # and those past max_wait
         waited_at: Dict[int, int] = {}
+        asked_at: Dict[int, float] = {}
+        began = [0.0]  # the virtual time the current step began at
 
         def check() -> None:
-            step = loop.steps - 1  # the step that just ended
+            step, now = loop.steps - 1, loop.time()  # the step that just ended
             for rid, f in list(pending.items()):
                 if f.done():
                     del pending[rid]
                     if not f.cancelled():
                         granted[rid] = step
-                        per_step[step] += 1
+                        every_step[step] += 1
+                        if now - asked_at[rid] < max_wait:  # else it may have been overdue
+                            per_step[step] += 1
+                elif began[0] - asked_at[rid] >= max_wait:
+                    raise AssertionError(f"seed {seed}: {rid} waits {began[0] - asked_at[rid]:.3f}s "
+                                         f"at step {step}, max_wait {max_wait}")
             assert per_step[step] <= 2 * n, f"seed {seed}: {per_step[step]} turns in step {step}, n={n}"
             for w in (2, 3, 5):
                 window = sum(per_step[s] for s in range(step - w + 1, step + 1))
                 assert window <= (w + 1) * n, f"seed {seed}: {window} turns in {w} steps, n={n}"
-            if per_step[step] + per_step[step - 1] < n:
+            if every_step[step] + every_step[step - 1] < n:
                 stuck = [r for r, at in waited_at.items() if r in pending and at < step - 1]
                 assert not stuck, f"seed {seed}: {stuck} kept waiting at step {step} with budget left"
+            began[0] = now  # with waiters, the next step's select does not move the clock
 
         async def request(rid: int, delay: int) -> None:
             for _ in range(delay):
                 await asyncio.sleep(0)
             asked.append(rid)
+            asked_at[rid] = loop.time()
             turn = budget.take()
             if turn is None:
                 granted[rid] = loop.steps
                 per_step[loop.steps] += 1
+                every_step[loop.steps] += 1
                 return
             pending[rid] = turn
             waited_at[rid] = loop.steps
@@ -5849,16 +5863,23 @@ def test_turn_budget_random_arrivals_and_cancellations() -> None:
             except asyncio.CancelledError:
                 cancelled.add(rid)
 
+        async def busy(steps: int) -> None:  # other work: a slow step now and then
+            for _ in range(steps):
+                if rng.random() < 0.3:
+                    loop._vclock.now += rng.choice([0.002, 0.01, 0.03])
+                await asyncio.sleep(0)
+
         async def go() -> None:
             loop.check = check
             tasks = [loop.create_task(request(i, rng.choice([0, 0, 0, 1, 2, rng.randint(0, 30)])))
                      for i in range(rng.randint(1, 80))]
+            other = loop.create_task(busy(rng.choice([0, 10, 40])))
             for _ in range(rng.randint(0, 12)):
                 victim = rng.choice(tasks)
                 for _ in range(rng.randint(0, 6)):
                     await asyncio.sleep(0)
                 victim.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, other, return_exceptions=True)
             await asyncio.sleep(1.0)  # an armed budget would spin at this instant
             wanted = [r for r in asked if r not in cancelled and r in granted]
             steps = [granted[r] for r in wanted]
@@ -5870,12 +5891,46 @@ def test_turn_budget_random_arrivals_and_cancellations() -> None:
         run_checked(go(), loop)
 
 
-def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
-    """Regression (issue 11): 64 requests that arrive together were all parsed, routed
-    and sent to their backend in one turn of the loop, before any answer moved.  With a
-    budget of STARTS_PER_TURN a turn, the backend sees the burst's last requests only
-    after clients have their first answers."""
+def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
+    """Regression (attack): 600 connections dripping heads a byte at a time made every
+    turn of the loop long, and at 8 starts a turn a burst of 800 took 5-13 times as long
+    as without the budget.  Whoever has waited TURN_WAIT_MAX_SECS starts in the next turn."""
+    loop = llmux.VirtualTimeLoop()
+    metrics = llmux.llmux_metrics()
+    budget = llmux.TurnBudget(2, 0.025, metrics)
+    started: List[int] = []
+    turns = [0]
+
+    async def request(rid: int) -> None:
+        turn = budget.take()
+        if turn is not None:
+            await turn
+        started.append(turns[0])
+
+    async def slow_loop() -> None:  # every turn of the loop takes 30 ms of other work
+        while len(started) < 20:
+            loop._vclock.now += 0.03
+            turns[0] += 1
+            await asyncio.sleep(0)
+
     async def go() -> None:
+        other = loop.create_task(slow_loop())
+        await asyncio.gather(*(request(i) for i in range(20)))
+        await other
+
+    run_checked(go(), loop)
+    assert max(started) <= 3, f"the burst took {max(started)} turns of 30 ms"
+    text = metrics.render()
+    assert "llmux_request_turn_waits_total 18" in text
+    assert "llmux_request_turn_overdue_total 16" in text
+
+
+def burst_through_llmux(count: int, slow_turn: float = 0.0) -> List[int]:
+    """``count`` requests sent at once through an in-process llmux to an in-process
+    backend; for each request the backend saw, in order, how many answers clients had
+    by then.  With ``slow_turn``, the loop is held that long while requests wait their
+    turn, and each of those must have it in its logged secs."""
+    async def go() -> List[int]:
         answered = 0
         seen_answered: List[int] = []
 
@@ -5900,9 +5955,10 @@ def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
 
         be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
         cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}}})
-        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
         port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
-        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(64)]
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
         try:
             body = json.dumps({"model": "a"}).encode()
             request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -5916,15 +5972,97 @@ def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
 
             for _, writer in clients:  # no await between: the requests arrive together
                 writer.write(request)
+            if slow_turn:
+                for _ in range(10_000):  # loop steps, until the burst's later requests wait
+                    if server.turns.waiting:
+                        break
+                    await asyncio.sleep(0)
+                waiting = len(server.turns.waiting)
+                time.sleep(slow_turn)  # a slow turn of the loop while they wait
             await asyncio.gather(*(one(reader) for reader, _ in clients))
-            assert len(seen_answered) == 64
-            assert seen_answered[-1] > 0, "every request reached the backend before any answer left"
-            assert seen_answered[llmux.STARTS_PER_TURN - 1] == 0  # the first turn's own
+            if slow_turn:
+                # Their logged time counts their wait (regression, attack: it began after it).
+                secs = [float(m.group(1)) for m in (re.search(r" secs=([0-9.]+)", line) for line in stream.lines
+                                                    if "info request method=POST" in line) if m]
+                assert len(secs) == count and sum(1 for x in secs if x >= slow_turn) >= waiting > 0, \
+                    (waiting, secs)
+            return seen_answered
         finally:
             for _, writer in clients:
                 writer.close()
             await server.stop()  # closes its backend connections: the handlers end
             await asyncio.wait_for(asyncio.gather(*handlers), T)
+            be.close()
+            await be.wait_closed()
+
+    return cast(List[int], run_checked(go()))
+
+
+def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
+    """Regression (issue 11): 64 requests that arrive together were all parsed, routed
+    and sent to their backend in one turn of the loop, before any answer moved.  With a
+    budget of STARTS_PER_TURN a turn, the backend sees the burst's last requests only
+    after clients have their first answers."""
+    seen_answered = burst_through_llmux(64)
+    assert len(seen_answered) == 64
+    assert seen_answered[-1] > 0, "every request reached the backend before any answer left"
+    assert seen_answered[llmux.STARTS_PER_TURN - 1] == 0  # the first turn's own
+
+
+def test_the_wait_for_a_turn_is_in_a_requests_logged_time() -> None:
+    burst_through_llmux(24, slow_turn=llmux.TURN_WAIT_MAX_SECS * 0.8)
+
+
+@pytest.mark.parametrize("meanwhile", ["client_leaves", "shutdown"])
+def test_requests_waiting_their_turn_are_answered_logged_and_counted(meanwhile: str) -> None:
+    """Regression (attack): a request waiting its turn (TurnBudget) was not yet in
+    _respond.  A client leaving then left no log line and no count, and shutdown closed
+    the connections of a burst's later requests without a byte.  Now the wait is inside
+    _respond, after routing: a leaver is a 499 of its model; at shutdown, a 503."""
+    async def go() -> None:
+        held: List[asyncio.StreamWriter] = []
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # reads the request and never answers: requests stay in flight
+            await reader.read()
+
+        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
+                                  "policy": {"shutdown_grace_secs": 0}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(96)]
+        try:
+            body = json.dumps({"model": "a"}).encode()
+            request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n" % len(body) + body)
+            for _, writer in clients:
+                writer.write(request)
+            for _ in range(10_000):  # loop steps, until the burst's later requests wait
+                if server.turns.waiting:
+                    break
+                await asyncio.sleep(0)
+            assert server.turns.waiting, "nothing waited its turn"
+            if meanwhile == "client_leaves":  # all of them, those in flight and those waiting
+                for _, writer in clients:
+                    writer.transport.abort()
+                after = 0
+                for _ in range(96):
+                    after = await log_shows(stream, r"info request method=POST .*model=a status=499", after)
+                assert 'llmux_requests_total{model="a",status="499"} 96' in server.metrics.render()
+            else:
+                await server.shutdown()
+                answers = await asyncio.gather(*(asyncio.wait_for(r.read(), T) for r, _ in clients))
+                assert all(a.startswith(b"HTTP/1.1 503") and b'"shutting_down"' in a for a in answers), \
+                    [a[:40] for a in answers if not a.startswith(b"HTTP/1.1 503")]
+                assert len([line for line in stream.lines if "info request method=POST" in line]) == 96
+        finally:
+            for _, writer in clients:
+                writer.close()
+            await server.stop()
+            for writer in held:
+                writer.close()
             be.close()
             await be.wait_closed()
 
