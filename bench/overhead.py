@@ -31,6 +31,8 @@ connection that parses the framing in data_received, below):
   4. CPU per relayed chunk: the proxy's CPU over row 2, less 100 requests' cost (row 3);
   5. the chunk latency p99 of row 2 again while a 20 MB chat body (a base64 image,
      "model" as the last key) arrives once a second on another connection, and its rise;
+     and again while a burst of 100 new connections, each with a small request, arrives
+     every half second (what opening streams costs those already flowing);
   6. RSS of the proxy (its process tree): idle (after start and one request), and with
      1,000 slow streams open (a chunk a second; read once all have their first chunk);
   7. llmux only: switch overhead, wake hook exit -> the first queued request at a backend.
@@ -85,6 +87,7 @@ BURSTS = 5  # row 1: warm bursts measured, the median of their p50s (and p99s) k
 PACED_GAP = 0.01  # seconds between a paced stream's chunks
 SMALL_CONNS = 64  # row 3
 BODY_MB, BODY_EVERY = 20, 1.0  # row 5: a 20 MB body each second
+BURST_EVERY = 0.5  # row 5b: a burst of STREAMS new connections and small requests this often
 HELD_GAP, HELD_CHUNKS = 1.0, 120  # row 6: a chunk a second; cut once measured
 HELD_OPENING = 100  # row 6: streams being opened at once
 PHASE_TIMEOUT = 300.0  # seconds: a peer that hangs fails its column, not the bench
@@ -441,12 +444,13 @@ async def one_request(port: int, request: bytes) -> Answer:
         c.close()
 
 
-async def burst(port: int, count: int, chunks: int) -> List[float]:
-    """`count` new connections, then all their POSTs in one instant: each one's TTFB."""
+async def burst(port: int, count: int, chunks: int, request: Optional[bytes] = None) -> List[float]:
+    """`count` new connections, then all their POSTs (streams of `chunks` events, or
+    `request`) in one instant: each one's TTFB."""
     clients = [Client(port) for _ in range(count)]
     try:
         await asyncio.gather(*(c.connect() for c in clients))
-        request = stream_post(chunks, PACED_GAP)
+        request = request or stream_post(chunks, PACED_GAP)
         sent = [c.send(request) for c in clients]  # no await in between: the POSTs leave together
         return [ttfb for ttfb, _ in await asyncio.gather(*sent)]
     finally:
@@ -486,32 +490,46 @@ async def small_requests(port: int, total: int, meter: "Meter") -> Dict[str, flo
             "small_rps": len(took) / elapsed, "cpu_req": cpu / len(took)}
 
 
-async def streams_under_uploads(port: int, chunks: int) -> Tuple[List[float], int]:
-    """Row 5: STREAMS paced streams while big_post() arrives each BODY_EVERY seconds on
-    another connection; (their chunk latencies, uploads answered meanwhile)."""
-    blob = big_post()
+async def streams_while(port: int, chunks: int, every: float,
+                        load: Callable[[], Awaitable[Any]]) -> Tuple[List[float], int]:
+    """STREAMS paced streams while ``load`` runs again every ``every`` seconds; (their
+    chunk latencies, the loads done meanwhile)."""
     done = asyncio.Event()
-    uploads = 0
+    count = 0
 
-    async def uploader() -> None:
-        nonlocal uploads
-        c = Client(port)
-        try:
-            while not done.is_set():
-                started = time.perf_counter()
-                await c.request(blob)
-                uploads += 1
-                await asyncio.sleep(max(0.0, BODY_EVERY - (time.perf_counter() - started)))
-        finally:
-            c.close()
+    async def repeat() -> None:
+        nonlocal count
+        while not done.is_set():
+            started = time.perf_counter()
+            await load()
+            count += 1
+            await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
 
-    task = asyncio.get_running_loop().create_task(uploader())
+    task = asyncio.get_running_loop().create_task(repeat())
     try:
         answers = await streams(port, STREAMS, chunks, PACED_GAP)
     finally:
         done.set()
         await task
-    return latencies(answers), uploads
+    return latencies(answers), count
+
+
+async def streams_under_uploads(port: int, chunks: int) -> Tuple[List[float], int]:
+    """Row 5: the paced streams while big_post() arrives each BODY_EVERY seconds on
+    another connection; (their chunk latencies, uploads answered meanwhile)."""
+    blob = big_post()
+    c = Client(port)
+    try:
+        return await streams_while(port, chunks, BODY_EVERY, lambda: c.request(blob))
+    finally:
+        c.close()
+
+
+async def streams_under_bursts(port: int, chunks: int) -> Tuple[List[float], int]:
+    """Row 5b: the paced streams while a burst of STREAMS new connections, each with a
+    small request, arrives every BURST_EVERY seconds: what others opening theirs costs
+    the streams already flowing (the tail a chat user sees)."""
+    return await streams_while(port, chunks, BURST_EVERY, lambda: burst(port, STREAMS, 0, SMALL))
 
 
 async def held_streams(port: int, count: int, meter: "Meter") -> float:
@@ -945,6 +963,9 @@ async def measure(b: Bench, peer: Peer, sizes: Sizes) -> Dict[str, float]:
         loaded, out["uploads"] = await phase(streams_under_uploads(port, sizes.paced_chunks))
         out["loaded_lat99"] = pct(loaded, 99)
         out["rise"] = out["loaded_lat99"] - out["lat99"]
+        bursty, out["bursts"] = await phase(streams_under_bursts(port, sizes.paced_chunks))
+        out["burst_lat99"] = pct(bursty, 99)
+        out["burst_rise"] = out["burst_lat99"] - out["lat99"]
         # Before the held streams: the rows above are the ones a stall distorts.
         out["steal"] = (steal_seconds() - stolen) / (time.monotonic() - began) / (os.cpu_count() or 1)
         if proxy:
@@ -1014,6 +1035,10 @@ def rows(sizes: Sizes) -> List[Row]:
         Row("loaded_lat99", f"chunk latency p99, {paced}, {BODY_MB} MB body 1/s (ms)", ms),
         Row("rise", "rise of that p99 over the streams alone (ms)", ms, ratio=False),
         Row("uploads", f"{BODY_MB} MB bodies answered meanwhile", 1, ratio=False, whole=True),
+        Row("burst_lat99", f"chunk latency p99, {paced}, a burst of {STREAMS} new requests "
+            f"each {BURST_EVERY:g} s (ms)", ms),
+        Row("burst_rise", "rise of that p99 over the streams alone (ms)", ms, ratio=False),
+        Row("bursts", f"bursts of {STREAMS} answered meanwhile", 1, ratio=False, whole=True),
         Row("rss_idle", "RSS idle, after start and one request (MiB)", mb),
         Row("rss_held", f"RSS with {sizes.held:,} slow streams open (MiB)", mb),
         Row("switch50", "switch overhead p50, wake exit -> backend (ms)", ms),
@@ -1116,7 +1141,8 @@ NOTES = """
   of its requests opens a backend connection, as after a switch.
 - Chunk latency: arrival at the client less the backend's stamp at write.  A stream's
   first event goes with its head; after that the {streams} streams take turns on one
-  schedule, {per} of them every {tick:g} ms.
+  schedule, {per} of them every {tick:g} ms.  Under bursts: this client opens the bursts'
+  connections too (on the backend's CPU), so direct's rise is the client's own share.
 - CPU: utime+stime of the proxy's process tree from /proc (10 ms ticks); per chunk, the
   streams' CPU less {streams} requests at the cost measured over {conns} keep-alive connections.
 - Steal: CPU time the hypervisor took from both CPUs during the column's latency rows.  It
