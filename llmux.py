@@ -5380,14 +5380,19 @@ class TurnBudget:
         self.left = self.per_turn
         waiting = self.waiting
         overdue = loop.time() - self.max_wait
+        granted = False
         while waiting and (self.left or waiting[0][0] <= overdue):
             waiter = waiting.popleft()[1]
             if not waiter.done():  # a cancelled one keeps no place
                 waiter.set_result(None)
+                granted = True
                 if self.left:
                     self.left -= 1
                 elif self.metrics is not None:
                     self.metrics.inc("llmux_request_turn_overdue_total")
+        if granted:
+            # Those go on only in the next turn: a newcomer in this one must not pass them.
+            self.left = 0
         if self.left < self.per_turn or waiting:  # spent some: the next turn resets it
             loop.call_soon(self._turn)
         else:
@@ -5811,14 +5816,17 @@ class Server:
         self._stop_listening()
         self.log.info("shutdown", grace_secs=self.config.policy.shutdown_grace_secs)
         self.events.close("llmux is shutting down")  # event streams do not hold it up
-        for proto, busy in list(self._busy.items()):
-            if not busy and proto._llmux_task is not None:
+        for proto in list(self._busy):
+            if self._between_requests(proto) and proto._llmux_task is not None:
                 proto._llmux_task.cancel()  # idle keep-alive connections go now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.policy.shutdown_grace_secs
-        while any(self._busy.values()) and loop.time() < deadline:
+        # A request being read (its body still arriving, or all of it in the socket) is in
+        # flight too: it gets the grace to arrive and be served, and then a 503.
+        while any(busy or not self._between_requests(p) for p, busy in self._busy.items()) \
+                and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        left = sum(1 for busy in self._busy.values() if busy)
+        left = sum(1 for p, busy in self._busy.items() if busy or not self._between_requests(p))
         self.log.info("shutdown.drained", requests_cut=left)
         await self.stop()
 
@@ -5904,6 +5912,13 @@ class Server:
             pass
         except asyncio.CancelledError:
             if not proto.gone:
+                if self.closing and not self._busy.get(proto) and (parser.buffered or parser.expecting_body):
+                    # Shutdown's grace ended while a request was arriving: told, not dropped.
+                    told = _shutting_down()
+                    self.log.info("request.rejected", status=told.status, reason=told.message,
+                                  peer=_peer(writer))
+                    writer.write(error_response(told))
+                    await _linger(reader, writer, REFUSED_LINGER_SECS)  # as refused: shutdown waits
                 raise  # shutdown, or cut by a drain: the caller knows
         except Exception as e:  # a bug outside a request's own boundary (_respond)
             log_internal_error(self.log, self.metrics, "connection", e)
@@ -5956,6 +5971,13 @@ class Server:
             self._peers[ip] = self._peers.get(ip, 0) + 1
         return None
 
+    @staticmethod
+    def _between_requests(proto: _ClientProtocol) -> bool:
+        """Whether a connection waits for a request with no byte of one arrived: none
+        read (``idle_since``), none in its socket unread."""
+        writer = proto._llmux_writer
+        return proto.idle_since is not None and writer is not None and not _readable(writer)
+
     def _evict_idle(self, ip: Optional[str], reason: str) -> bool:
         """Close the connection idle longest (of ``ip`` only, if given); False if none is.
         One whose next request is already in its socket (not read yet) is not idle."""
@@ -5963,7 +5985,7 @@ class Server:
                        and (ip is None or p.peer_ip == ip)), key=lambda p: p.idle_since or 0.0)
         for proto in idle:
             writer = proto._llmux_writer
-            if writer is None or _readable(writer):
+            if writer is None or not self._between_requests(proto):
                 continue
             self.log.info("connection.evicted", reason=reason, peer=_peer(writer),
                           idle_secs=round(asyncio.get_running_loop().time() - (proto.idle_since or 0.0), 3))

@@ -5803,7 +5803,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
     work takes virtual time in them).  After every step: a step grants at most two budgets
     (what the last turn left, and its own) and any w steps at most w + 1, besides those
     that waited max_wait; no request still waits after a step that began max_wait after it
-    asked; turns go in the order they were asked for; a waiter is never kept while a step
+    asked; requests go on in the order they asked; a waiter is never kept while a step
     had budget left for it.  At the end, every request still wanted got its turn within
     its rank's share of steps, and the budget schedules nothing once idle (the virtual-time
     loop fails a loop that spins)."""
@@ -5821,6 +5821,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
         every_step: Dict[int, int] = collections.Counter()  # and those past max_wait
         waited_at: Dict[int, int] = {}
         asked_at: Dict[int, float] = {}
+        started: Dict[int, int] = {}  # id -> the step it went on in (a waiter resumes later)
         began = [0.0]  # the virtual time the current step began at
 
         def check() -> None:
@@ -5852,7 +5853,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
             asked_at[rid] = loop.time()
             turn = budget.take()
             if turn is None:
-                granted[rid] = loop.steps
+                granted[rid] = started[rid] = loop.steps
                 per_step[loop.steps] += 1
                 every_step[loop.steps] += 1
                 return
@@ -5860,6 +5861,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
             waited_at[rid] = loop.steps
             try:
                 await turn
+                started[rid] = loop.steps
             except asyncio.CancelledError:
                 cancelled.add(rid)
 
@@ -5881,9 +5883,10 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
                 victim.cancel()
             await asyncio.gather(*tasks, other, return_exceptions=True)
             await asyncio.sleep(1.0)  # an armed budget would spin at this instant
-            wanted = [r for r in asked if r not in cancelled and r in granted]
-            steps = [granted[r] for r in wanted]
-            assert steps == sorted(steps), f"seed {seed}: turns out of order {list(zip(wanted, steps))}"
+            wanted = [r for r in asked if r not in cancelled and r in started]
+            steps = [started[r] for r in wanted]  # regression (attack): a newcomer went on
+            # in the turn that granted an earlier waiter, which resumes only in the next
+            assert steps == sorted(steps), f"seed {seed}: started out of order {list(zip(wanted, steps))}"
             for rank, rid in enumerate(r for r in asked if r in waited_at and r in granted):
                 assert granted[rid] - waited_at[rid] <= rank // n + 2, f"seed {seed}: {rid} waited too long"
             assert not pending or all(f.cancelled() for f in pending.values())
@@ -6063,6 +6066,72 @@ def test_requests_waiting_their_turn_are_answered_logged_and_counted(meanwhile: 
             await server.stop()
             for writer in held:
                 writer.close()
+            be.close()
+            await be.wait_closed()
+
+    run_checked(go())
+
+
+@pytest.mark.parametrize("body_ends", [True, False])
+def test_shutdown_gives_a_request_still_arriving_its_grace(body_ends: bool) -> None:
+    """Regression (attack): SIGTERM took a connection whose request's body was still
+    arriving, or whose whole request was in its socket unread, for idle: closed without a
+    byte, no log line.  Such a request gets shutdown_grace_secs to arrive and be served;
+    one still arriving when the grace ends is answered 503 shutting_down."""
+    async def go() -> None:
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            parser = llmux.RequestParser(1 << 20)
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                parser.feed(data)
+                while parser.next_event() not in (llmux.NEED_DATA, None):
+                    pass
+                if parser.buffered == 0 and not parser.expecting_body:
+                    writer.write(http_reply({"ok": True}))
+            writer.close()
+
+        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
+                                  "policy": {"shutdown_grace_secs": 10 if body_ends else 0.2}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        body = json.dumps({"model": "a", "pad": "x" * 20000}).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n" % len(body))
+        slow = await asyncio.open_connection("127.0.0.1", port)  # its body half sent
+        whole = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]  # sent, unread
+        idle = await asyncio.open_connection("127.0.0.1", port)  # sends nothing
+        try:
+            for _ in range(10_000):
+                if len(server._busy) == 10:
+                    break
+                await asyncio.sleep(0)
+            slow[1].write(head + body[:10000])
+            for _ in range(10_000):  # until llmux has read the head
+                if any(p.idle_since is None for p in server._busy):
+                    break
+                await asyncio.sleep(0)
+            for _, writer in whole:
+                writer.write(head + body)
+            stopping = asyncio.get_running_loop().create_task(server.shutdown())  # no step between
+            if body_ends:
+                slow[1].write(body[10000:])
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), T) for r, _ in [slow, *whole]))
+            assert await asyncio.wait_for(idle[0].read(), T) == b""  # idle: closed, nothing to say
+            await asyncio.wait_for(stopping, T)
+            if body_ends:
+                assert all(a.startswith(b"HTTP/1.1 200") for a in answers), [a[:60] for a in answers]
+            else:
+                assert all(a.startswith(b"HTTP/1.1 200") for a in answers[1:]), [a[:60] for a in answers]
+                assert answers[0].startswith(b"HTTP/1.1 503") and b'"shutting_down"' in answers[0], answers[0]
+                assert [line for line in stream.lines if "request.rejected status=503" in line]
+        finally:
+            for _, writer in [slow, *whole, idle]:
+                writer.close()
+            await server.stop()
             be.close()
             await be.wait_closed()
 
