@@ -5340,7 +5340,9 @@ class TurnBudget:
     request's, until the last one was on its way.  With turns, the loop polls between
     batches, so the burst's first answers go out while its last requests are still
     being read, the backend works while llmux does, and streams already under way
-    keep flowing.  A request that does not wait pays a counter; one that waits, a future.
+    keep flowing.  A request that does not wait pays a counter; one that waits, a future
+    and one more task step (a few per cent of a request's CPU when most of them wait, as
+    with 64 busy keep-alive connections: the README's Speed section has the numbers).
 
     No request waits more than ``max_wait`` seconds: then it starts in the next turn
     whatever the budget.  Turns are only as short as the other work in them: a peer

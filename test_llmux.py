@@ -5928,6 +5928,29 @@ def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
     assert "llmux_request_turn_overdue_total 16" in text
 
 
+def answering_backend(handlers: List[Any], on_request: Any = lambda: None) -> Any:
+    """An in-process backend (an asyncio.start_server callback) that answers each whole
+    request {"ok": true}, calling ``on_request`` first; its tasks go into ``handlers``."""
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        parser = llmux.RequestParser(1 << 20)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            parser.feed(data)
+            while True:
+                event = parser.next_event()
+                if event is llmux.NEED_DATA or event is None:
+                    break
+                if event is llmux.EndOfMessage:
+                    on_request()
+                    writer.write(http_reply({"ok": True}))
+        writer.close()
+
+    return backend
+
+
 def burst_through_llmux(count: int, slow_turn: float = 0.0) -> List[int]:
     """``count`` requests sent at once through an in-process llmux to an in-process
     backend; for each request the backend saw, in order, how many answers clients had
@@ -5938,24 +5961,7 @@ def burst_through_llmux(count: int, slow_turn: float = 0.0) -> List[int]:
         seen_answered: List[int] = []
 
         handlers: List[Any] = []
-
-        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            handlers.append(asyncio.current_task())
-            parser = llmux.RequestParser(1 << 20)
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while True:
-                    event = parser.next_event()
-                    if event is llmux.NEED_DATA or event is None:
-                        break
-                    if event is llmux.EndOfMessage:
-                        seen_answered.append(answered)
-                        writer.write(http_reply({"ok": True}))
-            writer.close()
-
+        backend = answering_backend(handlers, lambda: seen_answered.append(answered))
         be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
         cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}}})
         stream = ListStream()
@@ -6079,20 +6085,8 @@ def test_shutdown_gives_a_request_still_arriving_its_grace(body_ends: bool) -> N
     byte, no log line.  Such a request gets shutdown_grace_secs to arrive and be served;
     one still arriving when the grace ends is answered 503 shutting_down."""
     async def go() -> None:
-        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            parser = llmux.RequestParser(1 << 20)
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while parser.next_event() not in (llmux.NEED_DATA, None):
-                    pass
-                if parser.buffered == 0 and not parser.expecting_body:
-                    writer.write(http_reply({"ok": True}))
-            writer.close()
-
-        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        handlers: List[Any] = []
+        be = await asyncio.start_server(answering_backend(handlers), sock=socket.create_server(("127.0.0.1", 0)))
         cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
                                   "policy": {"shutdown_grace_secs": 10 if body_ends else 0.2}})
         stream = ListStream()
