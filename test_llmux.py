@@ -6931,8 +6931,8 @@ def test_an_answer_cut_by_shutdown_is_logged_and_counted_as_cut(env: Env) -> Non
     lx = env.start({"a": env.model("a")}, policy={"shutdown_grace_secs": 0.3})
     conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(env.gate("a"))})
     assert resp.status == 200
-    resp.readline()
-    lx.proc.send_signal(signal.SIGTERM)
+    assert data_line(resp)  # the backend's first event: its answer has begun (a loading
+    lx.proc.send_signal(signal.SIGTERM)  # comment of llmux's own, first, is not yet that)
     try:
         resp.read()
     except http.client.IncompleteRead:
