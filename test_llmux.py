@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import faulthandler
+import fcntl
 import http.client
 import http.server
 import gc
@@ -459,6 +460,7 @@ class Env:
         self.backends: Dict[str, Backend] = {}
         self.procs: List[Llmux] = []
         self.reserved: List[socket.socket] = []
+        self.claims: List[Any] = []  # reserve_port's file locks
 
     def hook(self, kind: str, extra: str = "") -> str:
         """Hook text that records its start and end in the events file."""
@@ -476,12 +478,28 @@ class Env:
     def reserve_port(self) -> int:
         """A port for a server that binds it itself: held by a bound, not listening,
         SO_REUSEPORT socket (connections to it are refused; only a server binding with
-        SO_REUSEPORT, as the fake backend's --port does, can share it)."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.reserved.append(sock)
-        return sock.getsockname()[1]
+        SO_REUSEPORT, as the fake backend's --port does, can share it).  Another test
+        session of this user (CI runs three Pythons at once) may be given the same port
+        for its own SO_REUSEPORT socket, so a port is also claimed by a lock on a file
+        named after it, held for the test: a port another live session holds is skipped."""
+        claims = Path(tempfile.gettempdir()) / f"llmux-test-ports-{os.getuid()}"
+        claims.mkdir(exist_ok=True)
+        for _ in range(100):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            claim = open(claims / str(port), "w")
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when it is closed
+            except OSError:
+                claim.close()
+                self.reserved.append(sock)  # held until the end, so bind(0) moves on
+                continue
+            self.reserved.append(sock)
+            self.claims.append(claim)
+            return port
+        raise AssertionError("no port free of other test sessions in 100 tries")
 
     def managed(self, name: str, *extra: str, **more: Any) -> Dict[str, Any]:
         """A managed model: llmux runs the fake backend itself (cmd), on a reserved port."""
@@ -508,6 +526,9 @@ class Env:
             b.stop()
         for sock in self.reserved:
             sock.close()
+        for claim in self.claims:
+            os.unlink(claim.name)  # still locked: no one else holds the name meanwhile
+            claim.close()
         for p in self.procs:
             p.assert_clean()
 
