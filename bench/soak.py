@@ -60,7 +60,10 @@ async def quiesce(port: int, pid: int, baseline_fds: int = 0) -> Tuple[int, int]
         active = [name for name, model in get_json(port, "/health")["models"].items()
                   if model["state"] == "active"]
         for name in active:
-            get_json(port, f"/llmux/models/{name}/sleep", "POST")  # busy: asked again next look
+            answer = get_json(port, f"/llmux/models/{name}/sleep", "POST")
+            code = answer.get("error", {}).get("code")
+            if code not in (None, "conflict"):  # busy (409): asked again next look
+                raise RuntimeError(f"sleep of {name} refused: {answer}")
         return bool(active)
 
     awake = put_to_sleep()
@@ -69,6 +72,8 @@ async def quiesce(port: int, pid: int, baseline_fds: int = 0) -> Tuple[int, int]
         await asyncio.sleep(0.05)
         awake = put_to_sleep()
         stats = proc_stats(pid)
+    if awake:  # the checks below would be read off a node that never went quiet
+        raise RuntimeError("a model was still active 10 s after being asked to sleep")
     return stats
 
 
@@ -232,7 +237,7 @@ async def hostile(port: int, rng: random.Random, until: float, outcomes: Dict[st
 
 def get_json(port: int, path: str, method: str = "GET") -> Any:
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(f"{method} {path} HTTP/1.1\r\nhost: soak\r\nconnection: close\r\n"
+        s.sendall(f"{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
                   f"content-length: 0\r\n\r\n".encode())
         data = b""
         while True:
