@@ -5953,21 +5953,15 @@ class Server:
                 if not keep or proto.gone or self.closing:
                     return
         except HTTPError as e:
-            self.log.info("request.rejected", status=e.status, reason=e.message,
-                          peer=_peer(writer))
-            writer.write(error_response(e))
-            await _linger(reader, writer)
+            await self._reject(reader, writer, e, LINGER_SECS)
         except (_Idle, _Cut, ConnectionError):
             pass
         except asyncio.CancelledError:
             if not proto.gone:
                 if self.closing and not self._busy.get(proto) and (parser.buffered or parser.expecting_body):
-                    # Shutdown's grace ended while a request was arriving: told, not dropped.
-                    told = _shutting_down()
-                    self.log.info("request.rejected", status=told.status, reason=told.message,
-                                  peer=_peer(writer))
-                    writer.write(error_response(told))
-                    await _linger(reader, writer, REFUSED_LINGER_SECS)  # as refused: shutdown waits
+                    # Shutdown's grace ended while a request was arriving: told, not dropped
+                    # (it lingers as a refused connection does: shutdown waits for it).
+                    await self._reject(reader, writer, _shutting_down(), REFUSED_LINGER_SECS)
                 raise  # shutdown, or cut by a drain: the caller knows
         except Exception as e:  # a bug outside a request's own boundary (_respond)
             log_internal_error(self.log, self.metrics, "connection", e)
@@ -5975,6 +5969,14 @@ class Server:
                 writer.write(_internal_error_response())
         finally:
             await self._close(writer, proto)
+
+    async def _reject(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      e: LLMuxError, linger_secs: float) -> None:
+        """A request refused before it was routed: logged, answered, and the connection
+        lingers so that the client reads the answer before the close."""
+        self.log.info("request.rejected", status=e.status, reason=e.message, peer=_peer(writer))
+        writer.write(error_response(e))
+        await _linger(reader, writer, linger_secs)
 
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
         self._forget(proto)

@@ -653,6 +653,16 @@ def run_checked(coro: Any, loop: Optional[asyncio.AbstractEventLoop] = None) -> 
     return result
 
 
+async def steps_until(pred: Any, what: str, limit: int = 10_000) -> None:
+    """Run the event loop one step at a time until ``pred()`` holds: for in-process tests
+    whose condition is reached by loop steps alone (sockets on loopback, no clock)."""
+    for _ in range(limit):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"not within {limit} loop steps: {what}")
+
+
 def wait_for(pred: Any, what: str) -> None:
     """Poll a cheap condition on state the test cannot subscribe to (a file, /health)."""
     deadline = time.monotonic() + T
@@ -6054,10 +6064,7 @@ def burst_through_llmux(count: int, slow_turn: float = 0.0) -> List[int]:
             for _, writer in clients:  # no await between: the requests arrive together
                 writer.write(request)
             if slow_turn:
-                for _ in range(10_000):  # loop steps, until the burst's later requests wait
-                    if server.turns.waiting:
-                        break
-                    await asyncio.sleep(0)
+                await steps_until(lambda: server.turns.waiting, "the burst's later requests wait their turn")
                 waiting = len(server.turns.waiting)
                 time.sleep(slow_turn)  # a slow turn of the loop while they wait
             await asyncio.gather(*(one(reader) for reader, _ in clients))
@@ -6123,10 +6130,7 @@ def test_requests_waiting_their_turn_are_answered_logged_and_counted(meanwhile: 
                        b"content-length: %d\r\n\r\n" % len(body) + body)
             for _, writer in clients:
                 writer.write(request)
-            for _ in range(10_000):  # loop steps, until the burst's later requests wait
-                if server.turns.waiting:
-                    break
-                await asyncio.sleep(0)
+            await steps_until(lambda: server.turns.waiting, "the burst's later requests wait their turn")
             assert server.turns.waiting, "nothing waited its turn"
             if meanwhile == "client_leaves":  # all of them, those in flight and those waiting
                 for _, writer in clients:
@@ -6174,15 +6178,9 @@ def test_shutdown_gives_a_request_still_arriving_its_grace(body_ends: bool) -> N
         whole = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]  # sent, unread
         idle = await asyncio.open_connection("127.0.0.1", port)  # sends nothing
         try:
-            for _ in range(10_000):
-                if len(server._busy) == 10:
-                    break
-                await asyncio.sleep(0)
+            await steps_until(lambda: len(server._busy) == 10, "all ten connections accepted")
             slow[1].write(head + body[:10000])
-            for _ in range(10_000):  # until llmux has read the head
-                if any(p.idle_since is None for p in server._busy):
-                    break
-                await asyncio.sleep(0)
+            await steps_until(lambda: any(p.idle_since is None for p in server._busy), "llmux has read the slow request's head")
             for _, writer in whole:
                 writer.write(head + body)
             stopping = asyncio.get_running_loop().create_task(server.shutdown())  # no step between
