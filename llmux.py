@@ -75,42 +75,66 @@ if __name__ == "__main__" and "ssl" not in sys.modules and os.environ.get("LLMUX
     # not for uvloop, which imports ssl itself.
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
-# Run by `python3 -c` in place of this file, on its compiled code (_serve_from_code).
+# Run by `python3 -c` in place of this file, on its compiled code (_serve_from_code).  With
+# -P (3.11+) `-c` puts nothing on sys.path (3.13's -c imports linecache before this runs);
+# then sys.path is the script's own, as its first interpreter had it.
 _REEXEC_BOOT = ("import marshal, sys; _f = open(%d, 'rb'); _code = marshal.loads(_f.read()); "
-                "_f.close(); sys.argv[:] = sys.argv[1:]; sys.path[0] = %r; __file__ = %r; "
+                "_f.close(); sys.argv[:] = sys.argv[1:]; sys.path[:] = %s; __file__ = %s; "
                 "_LLMUX_REEXECED = 1; del _f, marshal, sys; exec(_code)")
 
 
 def _serve_from_code() -> None:
     """Run as a script, CPython keeps this file's syntax tree (about 16 MiB) for as long
     as the script runs, and llmux would idle in 38 MiB instead of 21.  So the server, run
-    as a script on Linux, hands its compiled code to a fresh interpreter through a memfd
-    and execs it, before importing anything else: the same process (pid, fds,
-    environment, arguments), without the tree.  It costs the start about 50 ms.  Not for
-    the subcommands, --check, --help or --version; LLMUX_REEXEC=0 keeps one image
-    (coverage tools, debuggers).  If anything fails, llmux carries on where it is."""
+    as a script on Linux, hands its compiled code to a fresh interpreter (the same binary,
+    with the same flags and sys.path) through a memfd and execs it, before importing
+    anything else: the same process (pid, fds, environment, arguments), without the tree.
+    It costs the start about 50 ms.  Not for the subcommands, --check, --help or
+    --version, nor under a tracer or profiler, nor when run by another program (runpy,
+    exec); LLMUX_REEXEC=0 turns it off.  If anything fails, llmux carries on as it is."""
     argv = sys.argv[1:]
+    module = sys._getframe(1)
     if (not argv or not argv[0].startswith("-")  # a subcommand (probe, stop, ...)
             or {"--check", "-h", "--help", "--version"} & set(argv)
             or "_LLMUX_REEXECED" in globals() or globals().get("__spec__") is not None
-            or os.environ.get("LLMUX_REEXEC") == "0" or not sys.executable
+            or module.f_back is not None  # run by runpy or exec(): theirs to keep
+            or sys.gettrace() is not None or sys.getprofile() is not None
+            or os.environ.get("LLMUX_REEXEC", "").lower() in ("0", "false", "no", "off")
             or not hasattr(os, "memfd_create")
             or sys.version_info < (3, 9)):  # 3.8's parser kept no tree: 19 MiB as it is
         return
+    try:  # the same interpreter binary, or none (sys.executable comes from argv[0])
+        if not sys.executable or os.path.realpath(sys.executable) != os.path.realpath("/proc/self/exe"):
+            return
+    except OSError:  # pragma: no cover - no /proc
+        return
     import marshal
     import subprocess
+    fd = -1
     try:
-        code = marshal.dumps(sys._getframe(1).f_code)  # the module's own code
+        code = marshal.dumps(module.f_code)  # the module's own code
         fd = os.memfd_create("llmux-code", 0)
-        os.write(fd, code)  # a memfd takes it all in one write
+        view = memoryview(code)
+        while view:  # a short write (RLIMIT_FSIZE, say) ends in OSError below
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError("short write")
+            view = view[n:]
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(fd, True)
-        script = os.path.abspath(sys.argv[0])
-        boot = _REEXEC_BOOT % (fd, os.path.dirname(script), globals().get("__file__", script))
+        boot = _REEXEC_BOOT % (fd, ascii(sys.path), ascii(globals().get("__file__", sys.argv[0])))
         flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+        named = {flags[i + 1].split("=")[0] for i, f in enumerate(flags[:-1]) if f == "-X"}
+        flags += [f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()
+                  if k not in named]  # -X perf, int_max_str_digits, ...: not in the above
+        if sys.version_info >= (3, 11) and "-P" not in flags and "-I" not in flags:
+            flags.append("-P")
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, *flags, "-c", boot, *sys.argv])
-    except (OSError, ValueError):  # pragma: no cover - no memfd, exec refused: stay
-        return
+    except (OSError, ValueError):  # no memfd, a short write, exec refused: stay
+        if fd >= 0:
+            os.close(fd)
 
 
 if __name__ == "__main__":

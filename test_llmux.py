@@ -26,6 +26,7 @@ import os
 import py_compile
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -363,10 +364,11 @@ class Llmux:
 
     def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = (),
                  start_timeout: float = T, preexec_fn: Any = None,
-                 wrapper: Tuple[str, ...] = (), **popen: Any) -> None:
+                 wrapper: Tuple[str, ...] = (), script: str = LLMUX,
+                 python: Tuple[str, ...] = (sys.executable,), **popen: Any) -> None:
         self.config_path = tmp / "config.json"
         self.config_path.write_text(json.dumps(config))
-        self.proc = spawn([*wrapper, sys.executable, LLMUX, "-c", str(self.config_path), "-p", "0",
+        self.proc = spawn([*wrapper, *python, script, "-c", str(self.config_path), "-p", "0",
                            "--host", "127.0.0.1", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=preexec_fn, **popen)
@@ -893,38 +895,111 @@ def _vm_rss_kib(pid: int) -> int:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
 
 
-@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="re-exec needs memfd_create (Linux)")
+def _reexeced(pid: int) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"_LLMUX_REEXECED" in f.read()
+
+
+def _fds_of(pid: int) -> List[str]:
+    fds = []
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            fds.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+    return fds
+
+
+REEXECS = hasattr(os, "memfd_create") and sys.version_info >= (3, 9)  # 3.8 keeps no tree
+
+
+@pytest.mark.skipif(not REEXECS, reason="re-exec needs memfd_create (Linux) and 3.9+")
 def test_the_script_serves_from_its_compiled_code_without_its_syntax_tree(tmp_path: Path) -> None:
     """Run as a script, CPython keeps the file's syntax tree while it runs: before serving,
     llmux execs a fresh interpreter on its compiled code.  Same pid and arguments, no memfd
-    left open, the script's folder first on sys.path (a json.py in the working directory
-    does not shadow the stdlib's), and it idles in far less than with LLMUX_REEXEC=0."""
-    (tmp_path / "json.py").write_text("raise SystemExit('the working directory shadowed json')\n")
+    left open, and it idles in far less than with LLMUX_REEXEC=0."""
     config = {"models": {"a": {"port": 9}}}
     rss = {}
     for reexec in ("1", "0"):
         run = tmp_path / reexec
         run.mkdir()
-        lx = Llmux(config, run, cwd=str(tmp_path), env={**os.environ, "LLMUX_REEXEC": reexec})
+        lx = Llmux(config, run, env={**os.environ, "LLMUX_REEXEC": reexec})
         try:
             assert get_json(lx.port, "/health")["models"]["a"]["state"] == "asleep"
             with open(f"/proc/{lx.proc.pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")[:-1]
             tail = [a.decode() for a in argv[-7:]]
             assert tail == [LLMUX, "-c", str(lx.config_path), "-p", "0", "--host", "127.0.0.1"], argv
-            expected = reexec == "1" and sys.version_info >= (3, 9)  # 3.8 keeps no tree
-            assert (b"-c" in argv[:-7] and b"_LLMUX_REEXECED" in b" ".join(argv)) == expected, argv
-            fds = []
-            for n in os.listdir(f"/proc/{lx.proc.pid}/fd"):
-                with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-                    fds.append(os.readlink(f"/proc/{lx.proc.pid}/fd/{n}"))
-            assert not [fd for fd in fds if "llmux-code" in fd], fds
+            assert _reexeced(lx.proc.pid) == (reexec == "1"), argv
+            assert not [fd for fd in _fds_of(lx.proc.pid) if "llmux-code" in fd]
             rss[reexec] = _vm_rss_kib(lx.proc.pid)
         finally:
             lx.stop()
         lx.assert_clean()
-    if sys.version_info >= (3, 9):
-        assert rss["1"] < rss["0"] - 8 * 1024, rss  # the tree is ~16 MiB
+    assert rss["1"] < rss["0"] - 8 * 1024, rss  # the tree is ~16 MiB
+
+
+SHADOW = "open(%r, 'w').close(); raise SystemExit(99)\n"  # a stdlib name, imported: says so
+
+
+@pytest.mark.skipif(not REEXECS, reason="re-exec needs memfd_create (Linux) and 3.9+")
+@pytest.mark.parametrize("case", ["cwd", "isolated", "symlink", "fsize", "argv0", "runpy", "profiler"])
+def test_the_scripts_exec_keeps_what_the_script_had(tmp_path: Path, case: str) -> None:
+    """The exec on the compiled code changes nothing a plain run has: nothing is imported
+    from the working directory (3.13's -c imported linecache from it before the loader
+    ran), -I keeps the script's folder off sys.path, a symlinked script's path is its real
+    folder, and where the exec cannot be done right (a file-size limit cuts the memfd short,
+    argv[0] names another program) or would take away what runs it (a program running it
+    with runpy, a profiler) llmux serves without it.  Each shadowing module here leaves a
+    marker file and exits 99 if imported."""
+    markers = []
+
+    def shadow(folder: Path, *names: str) -> None:
+        for name in names:
+            markers.append(tmp_path / f"imported-{folder.name}-{name}")
+            (folder / f"{name}.py").write_text(SHADOW % str(markers[-1]))
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    if case not in ("runpy", "profiler"):  # -c and -m put the working directory on sys.path
+        shadow(cwd, "linecache", "json", "asyncio")
+    kw: Dict[str, Any] = {"cwd": str(cwd)}
+    expected = True
+    if case == "isolated":  # beside the script: on sys.path in a plain run, not under -I
+        folder = tmp_path / "copy"
+        folder.mkdir()
+        shutil.copy(LLMUX, folder / "llmux.py")
+        shadow(folder, "json")
+        kw.update(script=str(folder / "llmux.py"), python=(sys.executable, "-I"))
+    elif case == "symlink":  # the real folder is on sys.path, not the link's
+        real, link = tmp_path / "real", tmp_path / "link"
+        real.mkdir()
+        link.mkdir()
+        shutil.copy(LLMUX, real / "llmux.py")
+        (link / "llmux.py").symlink_to(real / "llmux.py")
+        shadow(link, "json")
+        kw.update(script=str(link / "llmux.py"))
+    elif case == "fsize":
+        kw.update(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+        expected = False
+    elif case == "argv0":  # sys.executable is worked out from argv[0]: here another program
+        kw.update(python=("/bin/sh",), executable=sys.executable)
+        expected = False
+    elif case == "runpy":
+        run = "import runpy, sys; sys.argv[:] = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        kw.update(python=(sys.executable, "-c", run))
+        expected = False
+    elif case == "profiler":
+        kw.update(python=(sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof.out")))
+        expected = False
+    lx = Llmux({"models": {"a": {"port": 9}}}, tmp_path, **kw)
+    try:
+        assert get_json(lx.port, "/health")["models"]["a"]["state"] == "asleep"
+        assert _reexeced(lx.proc.pid) == expected
+        assert not [fd for fd in _fds_of(lx.proc.pid) if "llmux-code" in fd]
+    finally:
+        lx.stop()
+    lx.assert_clean()
+    assert not [m.name for m in markers if m.exists()]
+    assert (tmp_path / "prof.out").exists() == (case == "profiler")  # written at exit
 
 
 def test_cli_port_override_and_version() -> None:
