@@ -31,6 +31,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -301,9 +302,18 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
             await asyncio.sleep(0.05)
             health = get_json(port, "/health")
         end = await quiesce(port, lx.pid, baseline[1])
+    except BaseException:
+        stop(*procs)
+        log.close()
+        with open(log_path) as f:  # what llmux said, before its folder goes
+            sys.stderr.write("llmux's log, last lines:\n" + "".join(f.readlines()[-40:]))
+        raise
     finally:
         stop(*procs)
-    log_text = open(log_path).read()
+        log.close()
+        with open(log_path) as f:
+            log_text = f.read()
+        shutil.rmtree(tmp, ignore_errors=True)  # the config and the log: nothing is left
     switches = len(re.findall(r"switch\.end .*result=ok", log_text))
     failed_wakes = len(re.findall(r"error hook\.exit model=\S+ hook=wake", log_text))
     fd_failures = len(re.findall(r"could not start", log_text))
