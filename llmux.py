@@ -98,7 +98,10 @@ def _serve_from_code() -> None:
             or {"--check", "-h", "--help", "--version"} & set(argv)
             or "_LLMUX_REEXECED" in globals() or globals().get("__spec__") is not None
             or module.f_back is not None  # run by runpy or exec(): theirs to keep
-            or sys.gettrace() is not None or sys.getprofile() is not None
+            or sys.gettrace() is not None or sys.getprofile() is not None or sys.flags.inspect
+            or None in (sys.stdin, sys.stdout, sys.stderr)  # fd 0-2 closed: the memfd's slot
+            or not all(type(p) is str for p in sys.path)  # the loader gets them as literals
+            or not isinstance(globals().get("__file__", ""), str)
             or os.environ.get("LLMUX_REEXEC", "").lower() in ("0", "false", "no", "off")
             or not hasattr(os, "memfd_create")
             or sys.version_info < (3, 9)):  # 3.8's parser kept no tree: 19 MiB as it is
@@ -129,6 +132,8 @@ def _serve_from_code() -> None:
                   if k not in named]  # -X perf, int_max_str_digits, ...: not in the above
         if sys.version_info >= (3, 11) and "-P" not in flags and "-I" not in flags:
             flags.append("-P")
+        if type(getattr(sys.stdout, "buffer", None)).__name__ == "FileIO":
+            flags.append("-u")  # unbuffered, as -u or PYTHONUNBUFFERED made it
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, *flags, "-c", boot, *sys.argv])

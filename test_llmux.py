@@ -941,14 +941,16 @@ SHADOW = "open(%r, 'w').close(); raise SystemExit(99)\n"  # a stdlib name, impor
 
 
 @pytest.mark.skipif(not REEXECS, reason="re-exec needs memfd_create (Linux) and 3.9+")
-@pytest.mark.parametrize("case", ["cwd", "isolated", "symlink", "fsize", "argv0", "runpy", "profiler"])
+@pytest.mark.parametrize("case", ["cwd", "isolated", "symlink", "fsize", "argv0", "runpy", "profiler",
+                                  "stdout_closed", "path_object"])
 def test_the_scripts_exec_keeps_what_the_script_had(tmp_path: Path, case: str) -> None:
     """The exec on the compiled code changes nothing a plain run has: nothing is imported
     from the working directory (3.13's -c imported linecache from it before the loader
     ran), -I keeps the script's folder off sys.path, a symlinked script's path is its real
     folder, and where the exec cannot be done right (a file-size limit cuts the memfd short,
     argv[0] names another program) or would take away what runs it (a program running it
-    with runpy, a profiler) llmux serves without it.  Each shadowing module here leaves a
+    with runpy, a profiler; a closed stdout, whose fd the memfd would take; a sys.path entry
+    that is no string) llmux serves without it.  Each shadowing module here leaves a
     marker file and exits 99 if imported."""
     markers = []
 
@@ -989,6 +991,15 @@ def test_the_scripts_exec_keeps_what_the_script_had(tmp_path: Path, case: str) -
         expected = False
     elif case == "profiler":
         kw.update(python=(sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof.out")))
+        expected = False
+    elif case == "stdout_closed":  # the log is on stderr, still ours
+        kw.update(preexec_fn=lambda: os.close(1))
+        expected = False
+    elif case == "path_object":  # a sitecustomize may put one there
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text("import pathlib, sys; sys.path.append(pathlib.Path('/nonexistent'))\n")
+        kw.update(env={**os.environ, "PYTHONPATH": str(site)})
         expected = False
     lx = Llmux({"models": {"a": {"port": 9}}}, tmp_path, **kw)
     try:
