@@ -90,8 +90,10 @@ def _serve_from_code() -> None:
     with the same flags and sys.path) through a memfd and execs it, before importing
     anything else: the same process (pid, fds, environment, arguments), without the tree.
     It costs the start about 50 ms.  Not for the subcommands, --check, --help or
-    --version, nor under a tracer or profiler, nor when run by another program (runpy,
-    exec); LLMUX_REEXEC=0 turns it off.  If anything fails, llmux carries on as it is."""
+    --version, nor under a tracer, profiler or -i, nor when run by another program
+    (runpy, exec), nor where the new interpreter could not have all the script had (a
+    closed stdio fd, a sys.path entry that is no string, argv[0] naming another binary);
+    LLMUX_REEXEC=0 turns it off.  If anything fails, llmux carries on as it is."""
     argv = sys.argv[1:]
     module = sys._getframe(1)
     if (not argv or not argv[0].startswith("-")  # a subcommand (probe, stop, ...)
