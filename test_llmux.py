@@ -363,15 +363,14 @@ class Llmux:
     """`python3 llmux.py` as a child process; its log lines are collected as they come."""
 
     def __init__(self, config: Dict[str, Any], tmp: Path, args: Tuple[str, ...] = (),
-                 start_timeout: float = T, preexec_fn: Any = None,
-                 wrapper: Tuple[str, ...] = (), script: str = LLMUX,
+                 start_timeout: float = T, wrapper: Tuple[str, ...] = (), script: str = LLMUX,
                  python: Tuple[str, ...] = (sys.executable,), **popen: Any) -> None:
+        """``popen``: more arguments for Popen (cwd, env, preexec_fn, ...)."""
         self.config_path = tmp / "config.json"
         self.config_path.write_text(json.dumps(config))
         self.proc = spawn([*wrapper, *python, script, "-c", str(self.config_path), "-p", "0",
                            "--host", "127.0.0.1", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=preexec_fn, **popen)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
         self.lines: List[str] = []
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -895,9 +894,13 @@ def _vm_rss_kib(pid: int) -> int:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))  # type: ignore[union-attr]
 
 
-def _reexeced(pid: int) -> bool:
+def _cmdline(pid: int) -> List[bytes]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return b"_LLMUX_REEXECED" in f.read()
+        return f.read().split(b"\0")[:-1]
+
+
+def _reexeced(pid: int) -> bool:
+    return any(b"_LLMUX_REEXECED" in arg for arg in _cmdline(pid))
 
 
 def _fds_of(pid: int) -> List[str]:
@@ -924,8 +927,7 @@ def test_the_script_serves_from_its_compiled_code_without_its_syntax_tree(tmp_pa
         lx = Llmux(config, run, env={**os.environ, "LLMUX_REEXEC": reexec})
         try:
             assert get_json(lx.port, "/health")["models"]["a"]["state"] == "asleep"
-            with open(f"/proc/{lx.proc.pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
+            argv = _cmdline(lx.proc.pid)
             tail = [a.decode() for a in argv[-7:]]
             assert tail == [LLMUX, "-c", str(lx.config_path), "-p", "0", "--host", "127.0.0.1"], argv
             assert _reexeced(lx.proc.pid) == (reexec == "1"), argv

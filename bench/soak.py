@@ -273,6 +273,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
     def low_fd_limit() -> None:  # as on many hosts: 256 fds, soft and hard
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
+    failed = False
     lx = subprocess.Popen([sys.executable, LLMUX, "-c", config, "-p", "0", "--host", "127.0.0.1"],
                           stdout=log, stderr=log, preexec_fn=low_fd_limit)
     procs.append(lx)
@@ -303,10 +304,7 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
             health = get_json(port, "/health")
         end = await quiesce(port, lx.pid, baseline[1])
     except BaseException:
-        stop(*procs)
-        log.close()
-        with open(log_path) as f:  # what llmux said, before its folder goes
-            sys.stderr.write("llmux's log, last lines:\n" + "".join(f.readlines()[-40:]))
+        failed = True
         raise
     finally:
         stop(*procs)
@@ -314,6 +312,8 @@ async def soak(seconds: float, clients: int, seed: int) -> int:
         with open(log_path) as f:
             log_text = f.read()
         shutil.rmtree(tmp, ignore_errors=True)  # the config and the log: nothing is left
+        if failed:  # what llmux said, now that its folder is gone
+            sys.stderr.write("llmux's log, last lines:\n" + "".join(log_text.splitlines(True)[-40:]))
     switches = len(re.findall(r"switch\.end .*result=ok", log_text))
     failed_wakes = len(re.findall(r"error hook\.exit model=\S+ hook=wake", log_text))
     fd_failures = len(re.findall(r"could not start", log_text))
