@@ -187,6 +187,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Type,
     Union,
     cast,
 )
@@ -473,6 +474,7 @@ class ClientGone(Exception):
 
 
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]').search
+_LOG_KEYS: Dict[str, str] = {}  # a field's name as written: "frm_" -> "frm="
 
 
 class Log:
@@ -551,18 +553,24 @@ class Log:
         else:
             text = fields.pop("text", None)
             parts = [stamp, level, event]
+            keys = _LOG_KEYS
             for key, value in fields.items():
                 if value is None:
                     continue
                 kind = type(value)
-                if kind is int or kind is float:
-                    value = str(value)  # never needs quotes
-                else:
-                    if kind is not str:
-                        value = json.dumps(value, default=str)
+                if kind is str:
                     if not value or _NEEDS_QUOTES(value):
                         value = json.dumps(value)
-                parts.append(f"{key.rstrip('_')}={value}")
+                elif kind is int or kind is float:
+                    value = str(value)  # never needs quotes
+                else:
+                    value = json.dumps(value, default=str)
+                    if not value or _NEEDS_QUOTES(value):
+                        value = json.dumps(value)
+                prefix = keys.get(key)
+                if prefix is None:  # keys are names in this file's code: a bounded set
+                    prefix = keys[key] = key.rstrip("_") + "="
+                parts.append(prefix + value)
             line = " ".join(parts) + (f" | {text}" if text is not None else "")
         loop = self._loop
         batched = loop is not None and not loop.is_closed()
@@ -2085,10 +2093,11 @@ class _ReadDeadline:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
         self.reader = reader
-        self.exc: Optional[Exception] = None
+        self.exc: Union[Exception, Type[Exception], None] = None
         self.timer = _LazyTimer(loop, lambda: self.exc is not None, self._expired)
 
-    def arm(self, timeout: float, exc: Exception) -> None:
+    def arm(self, timeout: float, exc: Union[Exception, Type[Exception]]) -> None:
+        """``exc``: an exception, or its class (made only if it is raised)."""
         self.exc = exc
         self.timer.at(self.timer.loop.time() + timeout)
 
@@ -2171,16 +2180,22 @@ class _Upstream(asyncio.Protocol):
         self._answer: Optional[_Answer] = None  # where the head goes as it comes (begin)
         self.answering = False  # the head went to the client as it came: the body follows
         self.keep_client = False  # whether the client connection may be kept (answering)
+        self.sent = False  # the current request was handed to the transport (begin)
+        self._request: Optional[Sequence[bytes]] = None  # begun, waiting for its turn
 
     # -- driven by relay() --
 
     def begin(self, method: str, request: Sequence[bytes], timeout: Optional[float],
-              answer: Optional["_Answer"] = None) -> "asyncio.Future[Any]":
+              answer: Optional["_Answer"] = None,
+              turns: Optional["TurnBudget"] = None) -> "asyncio.Future[Any]":
         """Send a request (its pieces, see upstream_request); the returned future resolves
         to the final ResponseHead.  With ``answer``, the head is instead written to its
         client from data_received as it comes, the body follows it (``answering`` is set),
         and the future resolves at the body's end: a request costs one task switch less,
-        and in a burst its answer starts without waiting for a turn of the loop."""
+        and in a burst its answer starts without waiting for a turn of the loop.  With
+        ``turns``, the request is written when its turn comes (TurnBudget.start); until
+        then ``sent`` is False, and a failure of the connection meanwhile (the backend
+        closed it) reached the backend with nothing."""
         assert self.transport is not None and self.parser is None
         self.parser = ResponseParser(method)
         self.waiter = self.loop.create_future()
@@ -2191,19 +2206,38 @@ class _Upstream(asyncio.Protocol):
         self._answer = answer
         self.answering = False
         self.timeout = timeout
-        self._touch()
-        # No drain: a backend that never reads the body must not stop us from reading
-        # its answer; the timeout bounds the whole exchange.  A small request goes in one
-        # write (one segment): head and body apart cost a 40 ms delayed-ACK stall per
-        # request against some backends.  A large body is not copied to join it.
-        head, body = request
-        if len(head) + len(body) <= UPSTREAM_JOIN_BYTES:
-            self.transport.write(head + body)
+        self.sent = False
+        self._request = request
+        if turns is None:
+            self._send()
         else:
-            self.transport.write(head)
-            self._body = memoryview(body)
-            self._feed()
+            turns.start(self._send)
         return self.waiter
+
+    def _send(self) -> bool:
+        """Write the request begun (now, or in its turn); False if it was given up first."""
+        request, self._request = self._request, None
+        if request is None or self.closed or self.waiter is None or self.waiter.done():
+            return False  # cancelled (relay closes the connection) or failed while it waited
+        try:
+            self.sent = True
+            self._touch()
+            # No drain: a backend that never reads the body must not stop us from reading
+            # its answer; the timeout bounds the whole exchange.  A small request goes in
+            # one write (one segment): head and body apart cost a 40 ms delayed-ACK stall
+            # per request against some backends.  A large body is not copied to join it.
+            head, body = request
+            assert self.transport is not None
+            if len(head) + len(body) <= UPSTREAM_JOIN_BYTES:
+                self.transport.write(head + body)
+            else:
+                self.transport.write(head)
+                self._body = memoryview(body)
+                self._feed()
+        except Exception as e:  # a bug, here in a turn's callback: the relay raises it
+            self._end(e)
+            self.close()
+        return True
 
     def _feed(self) -> None:
         """Write the body on, a slice at a time, until the transport's buffer is full
@@ -2481,15 +2515,12 @@ class UpstreamPool:
         self._idle: Dict[int, List[_Upstream]] = {}
         self._sweep: Optional[asyncio.TimerHandle] = None  # closes what is too old to reuse
 
-    async def get(self, port: int, model: str) -> _Upstream:
-        """An idle connection to ``port`` (``reused`` set), or a new one.
-
-        An idle connection is handed out only if it is young enough (see
-        UPSTREAM_IDLE_REUSE_SECS) and its socket has nothing pending: no byte, no EOF, no
-        reset.  What it returns has had nothing written to it since it was checked."""
+    def idle(self, port: int) -> Optional[_Upstream]:
+        """get()'s idle connection, without a coroutine: None if there is none."""
         idle = self._idle.get(port)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        if not idle:
+            return None
+        now = idle[0].loop.time()
         while idle:
             conn = idle.pop()
             if now - conn.idle_since > UPSTREAM_IDLE_REUSE_SECS:
@@ -2503,6 +2534,18 @@ class UpstreamPool:
                 return conn
             else:
                 conn.close()
+        return None
+
+    async def get(self, port: int, model: str) -> _Upstream:
+        """An idle connection to ``port`` (``reused`` set), or a new one.
+
+        An idle connection is handed out only if it is young enough (see
+        UPSTREAM_IDLE_REUSE_SECS) and its socket has nothing pending: no byte, no EOF, no
+        reset.  What it returns has had nothing written to it since it was checked."""
+        conn = self.idle(port)
+        if conn is not None:
+            return conn
+        loop = asyncio.get_running_loop()
         self.log.debug("upstream.connect", model=model, port=port)
         sock = await self._socket(model, port)
         try:
@@ -2787,7 +2830,8 @@ def backend_error(model: str, status: int, body: bytes) -> LLMuxError:
 async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, body: bytes,
                 writer: asyncio.StreamWriter, timeout: Optional[float],
                 flow: Optional["_ClientProtocol"] = None,
-                cors: Sequence[Tuple[str, str]] = (), opened: Optional[bool] = None) -> RelayResult:
+                cors: Sequence[Tuple[str, str]] = (), opened: Optional[bool] = None,
+                turns: Optional["TurnBudget"] = None) -> RelayResult:
     """Forward one request to 127.0.0.1:``port`` and stream the answer to ``writer``.
 
     ``opened`` (not None) says the client already has a 200 event-stream head, chunked
@@ -2798,16 +2842,19 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
     Raises UpstreamError if the backend failed before anything reached the client, _Cut
     if it failed afterwards.  An idempotent request (IDEMPOTENT_METHODS) on a reused
     keep-alive connection that failed before any response byte is retried once on a new
-    connection; any other request may have reached the backend and is never re-sent.
+    connection; any other request may have reached the backend and is never re-sent,
+    unless it was not: one whose connection failed while it waited for its turn
+    (``turns``, TurnBudget) was never written, and is sent again on a new connection.
     """
     request = upstream_request(head, body, port)
     answer = None if opened is not None else _Answer(
         writer.transport, head.version == "HTTP/1.0", head.keep_alive, cors, flow)
     for attempt in (0, 1):
-        conn = await pool.get(port, model)
+        conn = pool.idle(port) or await pool.get(port, model)
         started = False
         try:
-            resp = await conn.begin(head.method, request, timeout, answer)
+            resp = await conn.begin(head.method, request, timeout, answer,
+                                    turns if attempt == 0 else None)
             if not conn.answering:  # a held stream's answer: the task judges its head
                 assert opened is not None
                 if 200 <= resp.status < 300 and not _is_sse(resp):
@@ -2838,8 +2885,8 @@ async def relay(pool: UpstreamPool, model: str, port: int, head: RequestHead, bo
         except (OSError, HTTPError, _Timeout) as e:
             conn.close()
             started = started or conn.answering
-            if (not conn.received and conn.reused and attempt == 0 and not isinstance(e, _Timeout)
-                    and head.method in IDEMPOTENT_METHODS):
+            if attempt == 0 and not conn.received and (not conn.sent or (
+                    conn.reused and not isinstance(e, _Timeout) and head.method in IDEMPOTENT_METHODS)):
                 continue  # the backend closed an idle connection as we reused it
             if started:
                 raise _Cut(f"model '{model}' backend failed mid-response: {_reason(e)}") from None
@@ -5418,9 +5465,10 @@ class TurnBudget:
     request's, until the last one was on its way.  With turns, the loop polls between
     batches, so the burst's first answers go out while its last requests are still
     being read, the backend works while llmux does, and streams already under way
-    keep flowing.  A request that does not wait pays a counter; one that waits, a future
-    and one more task step (a few per cent of a request's CPU when most of them wait, as
-    with 64 busy keep-alive connections: the README's Speed section has the numbers).
+    keep flowing.  A request that does not wait pays a counter.  One that waits is a
+    place in a queue: a proxied request's is the call that writes it to its backend
+    (start(), from _Upstream.begin), made from the turn itself, so waiting costs no
+    future and no task step; take() gives a future to await, for other users.
 
     No request waits more than ``max_wait`` seconds: then it starts in the next turn
     whatever the budget.  Turns are only as short as the other work in them: a peer
@@ -5433,25 +5481,41 @@ class TurnBudget:
         self.max_wait = max_wait
         self.metrics = metrics
         self.left = per_turn  # starts left in this turn
-        self.waiting: Deque[Tuple[float, "asyncio.Future[None]"]] = collections.deque()
+        # (asked at, a future to resolve, or a call to make): one of the two is None
+        self.waiting: Deque[Tuple[float, Optional["asyncio.Future[None]"],
+                                  Optional[Callable[[], bool]]]] = collections.deque()
         self._armed = False  # a _turn is scheduled
 
     def take(self) -> Optional["asyncio.Future[None]"]:
         """None: start now.  Else a future to await: it is done when this request's turn
         comes (cancel it, as a task's cancellation does, to give up the place)."""
         loop = asyncio.get_running_loop()
-        if self.left and not self.waiting:
-            self.left -= 1
-            waiter = None
+        if self._now(loop):
+            return None
+        waiter = loop.create_future()
+        self.waiting.append((loop.time(), waiter, None))
+        return waiter
+
+    def start(self, go: Callable[[], bool]) -> None:
+        """Call ``go`` now, or in the turn this request's place comes to.  ``go`` returns
+        whether the request started: False (it was given up meanwhile) keeps no place."""
+        loop = asyncio.get_running_loop()
+        if self._now(loop):
+            go()
         else:
-            waiter = loop.create_future()
-            self.waiting.append((loop.time(), waiter))
-            if self.metrics is not None:
-                self.metrics.inc("llmux_request_turn_waits_total")
+            self.waiting.append((loop.time(), None, go))
+
+    def _now(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a request starts now (counted), or waits (counted as a wait)."""
         if not self._armed:
             self._armed = True
             loop.call_soon(self._turn)
-        return waiter
+        if self.left and not self.waiting:
+            self.left -= 1
+            return True
+        if self.metrics is not None:
+            self.metrics.inc("llmux_request_turn_waits_total")
+        return False
 
     def _turn(self) -> None:
         """At the next turn: a fresh budget, first for those who waited; and whoever has
@@ -5460,18 +5524,23 @@ class TurnBudget:
         self.left = self.per_turn
         waiting = self.waiting
         overdue = loop.time() - self.max_wait
-        granted = False
+        resumed = False  # a future was resolved: its task goes on in the next turn
         while waiting and (self.left or waiting[0][0] <= overdue):
-            waiter = waiting.popleft()[1]
-            if not waiter.done():  # a cancelled one keeps no place
+            _, waiter, go = waiting.popleft()
+            if waiter is not None:
+                if waiter.done():  # a cancelled one keeps no place
+                    continue
                 waiter.set_result(None)
-                granted = True
-                if self.left:
-                    self.left -= 1
-                elif self.metrics is not None:
-                    self.metrics.inc("llmux_request_turn_overdue_total")
-        if granted:
+                resumed = True
+            elif not go():  # type: ignore[misc]
+                continue
+            if self.left:
+                self.left -= 1
+            elif self.metrics is not None:
+                self.metrics.inc("llmux_request_turn_overdue_total")
+        if resumed:
             # Those go on only in the next turn: a newcomer in this one must not pass them.
+            # (A call made here has started already: one after it cannot pass it.)
             self.left = 0
         if self.left < self.per_turn or waiting:  # spent some: the next turn resets it
             loop.call_soon(self._turn)
@@ -6135,7 +6204,8 @@ class Server:
                 self._authorize(head)
             if bad_path is not None:
                 raise bad_path
-            answer = await self._route(head, body, path, writer.get_extra_info("peername"))
+            answer = self._route_now(head, body, path) or \
+                await self._route(head, body, path, writer.get_extra_info("peername"))
             if isinstance(answer, _Stream):
                 status = 200
                 status = await answer.serve(head, writer, proto, cors)
@@ -6148,9 +6218,6 @@ class Server:
                 return head.keep_alive
             model = answer.model
             proto.model = model.name
-            turn = self.turns.take()
-            if turn is not None:  # later in a burst: after the requests before it started
-                await turn
             if self.log.enabled("debug"):
                 self.log.debug("request.head", method=head.method, target=head.target,
                                version=head.version, model=model.name, body_bytes=len(body),
@@ -6177,9 +6244,10 @@ class Server:
                     ready = _reasoning_delta(model.name, f"Model '{model.name}' is ready "
                                                          f"(waited {slot.waited:.1f}s).\n\n")
                     await self._send(writer, proto, encode_chunk(ready) if held else ready)
+                # Later in a burst, it is written to its backend in its turn (TurnBudget).
                 result = await relay(self.pool, model.name, slot.model.cfg.port, answer.head,
                                      answer.body, writer, self.config.policy.upstream_timeout_secs,
-                                     proto, cors, held)
+                                     proto, cors, held, self.turns)
             finally:
                 slot.release()
             status = result.status
@@ -6349,6 +6417,25 @@ class Server:
             return _dashboard()
         self._check_not_blocked(path)
         return await self._route_model(head, body)
+
+    def _route_now(self, head: RequestHead, body: bytes, path: str) -> Optional["_Forward"]:
+        """_route's answer for the usual request, a POST whose small JSON body names a
+        model to send it to as it is, without a coroutine; None: ask _route, which also
+        says what is wrong.  (POST matches no route of llmux's but /llmux and /upstream.)"""
+        if head.method != "POST" or path.startswith(("/llmux", "/upstream/")) \
+                or path in self.config.blocked_paths or not body:
+            return None
+        content_type = head.get("content-type")
+        if content_type is not None and content_type.lower().startswith("multipart/form-data"):
+            return None
+        found = _json_model_quick(body)
+        if not found:
+            return None
+        name = found.value
+        model = self.config.resolve(name) if type(name) is str and name else None
+        if model is None or (model.upstream_model is not None and name != model.upstream_model):
+            return None
+        return _Forward(model, head, body, found.stream)
 
     def _check_not_blocked(self, path: str) -> None:
         """403 for the engines' own load/unload/sleep/wake routes (blocked_paths)."""
@@ -6782,9 +6869,14 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if conn is not None:
                 conn.idle_since = idle_until - http.idle_timeout_secs  # eviction: oldest first
             try:
-                data = await read_within(reader, max(0.0, idle_until - loop.time()), _Idle(),
-                                         deadline=lazy)
+                if lazy is not None:  # read_within's way, less its coroutine (once a request)
+                    lazy.arm(max(0.0, idle_until - loop.time()), _Idle)
+                    data = await reader.read(READ_SIZE)
+                else:
+                    data = await read_within(reader, max(0.0, idle_until - loop.time()), _Idle())
             finally:
+                if lazy is not None:
+                    lazy.disarm()
                 if conn is not None:
                     conn.idle_since = None
         else:
