@@ -1251,7 +1251,7 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
 _CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,%d})\r\n" % MAX_CHUNK_SIZE_DIGITS)  # no extension: the usual
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
-_PLAIN_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.[01]")
+_PLAIN_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 # RFC 9110 section 15: a status code is 100 to 599 (a "099" is no interim answer).
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
@@ -1769,15 +1769,24 @@ class RequestParser(_Parser):
         if end < 0:
             return None
         first = buf.find(b"\r\n", 0, end + 2)
-        if first > MAX_REQUEST_LINE or end > first + MAX_HEADER_BYTES \
-                or _PLAIN_REQUEST_LINE.fullmatch(buf, 0, first) is None:
+        if first > MAX_REQUEST_LINE or end > first + MAX_HEADER_BYTES:
             return None
-        if not _crlf_only(buf, 0, end + 4):
+        line = _PLAIN_REQUEST_LINE.fullmatch(buf, 0, first)
+        if line is None:
             return None
-        start, block = _split_head(buf, first, end)
+        # A plain request line and a valid header section hold no CR, LF or NUL but
+        # their CRLFs: the bare-CR/LF check of the step-by-step way is implied.
+        text = buf[first + 2:end + 2].decode("latin-1") if end > first else ""
+        if _FIELD_BLOCK.fullmatch(text) is None:
+            return None
+        headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
+        method, target, minor = line.groups()
+        del buf[:end + 4]
         self._line_end = self._scan = self._checked = 0
         self._state = self._FIELDS  # as _start_line leaves it, for _parse_head's errors
-        return self._parse_head(start, block)
+        if len(headers) > MAX_HEADER_COUNT:
+            raise self._too_many_fields()
+        return self._head(method, target, "HTTP/1.1" if minor == b"1" else "HTTP/1.0", headers)
 
     def _head_limit(self) -> int:
         # The header section (its field lines with their CRLFs) is the bytes from the
@@ -1788,10 +1797,13 @@ class RequestParser(_Parser):
         return self._fail(f"request header section too large; expected at most "
                           f"{MAX_HEADER_BYTES} bytes", 431, code="headers_too_large")
 
+    def _too_many_fields(self) -> HTTPError:
+        return self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}", 431,
+                          code="headers_too_large")
+
     def _parse_head(self, request_line: bytes, block: bytes) -> RequestHead:
         if block.count(b"\r\n") > MAX_HEADER_COUNT:
-            raise self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}", 431,
-                             code="headers_too_large")
+            raise self._too_many_fields()
         parts = request_line.split(b" ")
         if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
             raise self._fail("malformed request line")
@@ -1805,7 +1817,12 @@ class RequestParser(_Parser):
             raise self._fail("only HTTP/1.0 and HTTP/1.1 are supported", 505,
                              code="http_version_not_supported")
         ver = "HTTP/1.1" if match.group(2) != b"0" else "HTTP/1.0"
-        headers = _field_block(block)
+        return self._head(method, target, ver, _field_block(block))
+
+    def _head(self, method: bytes, target: bytes, ver: str,
+              headers: List[Tuple[str, str]]) -> RequestHead:
+        """A head whose request line and fields are valid, as a RequestHead (or the
+        error its fields make: host, framing, expectations)."""
         names = [k for k, _ in headers]
         if ver == "HTTP/1.1" and names.count("host") != 1:
             raise self._fail("an HTTP/1.1 request needs exactly one host header")
@@ -1856,24 +1873,57 @@ class ResponseParser(_Parser):
     def _head_too_large(self) -> HTTPError:
         return self._fail(f"response head too large; expected at most {MAX_UPSTREAM_HEAD} bytes")
 
+    def _head_at_once(self) -> Any:
+        # The usual answer: its whole head is here, its status line and fields valid
+        # (so it holds no bare CR, LF or NUL).  Anything else goes the step-by-step way.
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", 0, MAX_UPSTREAM_HEAD)
+        if end < 0:
+            return None
+        first = buf.find(b"\r\n", 0, end + 2)
+        match = _STATUS_LINE.match(buf, 0, first)
+        if match is None:
+            return None
+        text = buf[first + 2:end + 2].decode("latin-1") if end > first else ""
+        if _FIELD_BLOCK.fullmatch(text) is None:
+            return None
+        headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
+        line = match.groups()  # (before the buffer changes under the match)
+        del buf[:end + 4]
+        self._line_end = self._scan = self._checked = 0
+        self._state = self._FIELDS  # as _start_line leaves it, for _response's errors
+        if len(headers) > MAX_HEADER_COUNT:
+            raise self._too_many_fields()
+        return self._response(line, headers)
+
+    def _too_many_fields(self) -> HTTPError:
+        return self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}")
+
     def _parse_head(self, status_line: bytes, block: bytes) -> ResponseHead:
         match = _STATUS_LINE.match(status_line)
         if not match:
             raise self._fail(f"malformed status line {status_line[:40]!r}")
         if block.count(b"\r\n") > MAX_HEADER_COUNT:
-            raise self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}")
-        ver = "HTTP/1.1" if match.group(1) == b"1" else "HTTP/1.0"
-        status = int(match.group(2))
+            raise self._too_many_fields()
+        return self._response(match.groups(), block)
+
+    def _response(self, line: Tuple[bytes, bytes, Optional[bytes]],
+                  fields: Union[bytes, List[Tuple[str, str]]]) -> ResponseHead:
+        """The head of a valid status line and its fields (a header section to check,
+        or checked ones), as a ResponseHead, with the body's framing set."""
+        minor, code, reason_bytes = line
+        ver = "HTTP/1.1" if minor == b"1" else "HTTP/1.0"
+        status = int(code)
         if status == 101:
             # The connection would stop being HTTP: nothing llmux could relay.  An error
             # also makes the relay close the connection instead of pooling it.
             raise self._fail("backend switched protocols (101); expected a final http/1.1 "
                              "response (llmux does not support protocol upgrades)")
-        headers = _field_block(block, 502)
+        headers = _field_block(fields, 502) if isinstance(fields, bytes) else fields
         names = {k for k, _ in headers}
         connection = _header_tokens(headers, "connection") if "connection" in names else []
         keep_alive = ("close" not in connection) if ver == "HTTP/1.1" else ("keep-alive" in connection)
-        reason = (match.group(3) or b"").decode("latin-1")
+        reason = (reason_bytes or b"").decode("latin-1")
         if status < 200:
             self._interim += 1
             if self._interim > MAX_INTERIM_RESPONSES:
@@ -2021,12 +2071,22 @@ def preflight_response(head: RequestHead, origins: Sequence[str]) -> bytes:
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
     """Headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
-    skip = HOP_BY_HOP.union(drop) if drop else HOP_BY_HOP
+    skip = _skipped(headers, HOP_BY_HOP.union(drop) if drop else HOP_BY_HOP)
+    return [(k, v) for k, v in headers if k not in skip]
+
+
+def _skipped(headers: List[Tuple[str, str]], skip: FrozenSet[str]) -> FrozenSet[str]:
+    """``skip`` (hop-by-hop headers, and more), and the headers Connection names."""
     for k, _ in headers:
         if k == "connection":
-            skip = skip.union(_header_tokens(headers, "connection"))
-            break
-    return [(k, v) for k, v in headers if k not in skip]
+            return skip.union(_header_tokens(headers, "connection"))
+    return skip
+
+
+def _field_lines(headers: List[Tuple[str, str]], skip: FrozenSet[str]) -> List[str]:
+    """The lines ``name: value`` (no CRLF) of forward_headers(headers) less ``skip``."""
+    skip = _skipped(headers, skip)
+    return [f"{k}: {v}" for k, v in headers if k not in skip]
 
 
 # ───────────────────────────────── relay and streaming ──────────────────────────────────
@@ -2672,15 +2732,15 @@ def upstream_request(head: RequestHead, body: bytes, port: int) -> Tuple[bytes, 
     """The request as sent to the backend: HTTP/1.1, keep-alive, re-framed by length.
     The head and the body come back apart, to be written one after the other: joining
     them would copy a body of up to max_body_bytes once more."""
-    lines = [f"{head.method} {head.target} HTTP/1.1", f"host: 127.0.0.1:{port}"]
-    lines.extend(f"{k}: {v}" for k, v in forward_headers(head.headers, _REQUEST_DROP))
+    lines = [f"{head.method} {head.target} HTTP/1.1\r\nhost: 127.0.0.1:{port}"]
+    lines += _field_lines(head.headers, _REQUEST_DROP)
     if body or head.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         lines.append(f"content-length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), body
 
 
-_RESPONSE_DROP = ("content-length", "access-control-allow-origin",
-                  "access-control-allow-credentials")
+_RESPONSE_DROP = HOP_BY_HOP.union({"content-length", "access-control-allow-origin",
+                                   "access-control-allow-credentials"})
 
 
 def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
@@ -2695,7 +2755,7 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}"]
     # llmux's cors_origins decide who may read an answer, not the backend's own CORS
     # headers (llama-server echoes any Origin; vLLM allows "*" by default): they go.
-    lines.extend(f"{k}: {v}" for k, v in forward_headers(resp.headers, _RESPONSE_DROP))
+    lines += _field_lines(resp.headers, _RESPONSE_DROP)
     if not (open_ended or no_body):
         # One Content-Length, however the backend wrote it (`3, 3`, twice: RFC 9110 8.6
         # lets a recipient that checked them send one).  The parser checked they agree;
@@ -2704,11 +2764,10 @@ def client_response_head(resp: ResponseHead, client_10: bool, keep_alive: bool,
             _content_length(resp.headers, 502)  # (a HEAD's, or 0)
         if length is not None:
             lines.append(f"content-length: {length}")
-    sent = {k for k, _ in resp.headers}
-    lines.extend(f"{k}: {v}" for k, v in cors)
+    lines += [f"{k}: {v}" for k, v in cors]
     # A stream (SSE, or any body of unknown length) must not be buffered by an nginx
     # put in front of llmux: it honours this header (proxy_buffering per response).
-    if open_ended and not no_body and "x-accel-buffering" not in sent:
+    if open_ended and not no_body and all(k != "x-accel-buffering" for k, _ in resp.headers):
         lines.append("x-accel-buffering: no")
     chunked = open_ended and not client_10
     if chunked:
