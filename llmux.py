@@ -488,6 +488,8 @@ class Log:
         self.fmt = fmt
         self._second = -1
         self._prefix = ""
+        self._milli = -1
+        self._stamp = ""
         # Warnings and errors a peer can cause at will are bounded to LOG_BURST lines of
         # each event per second; the rest are counted and reported once a second.
         self._burst: Dict[str, int] = {}
@@ -545,7 +547,11 @@ class Log:
             except Exception as e:  # a bug there: said once, and the log goes on without it
                 self.listener = None
                 log_internal_error(self, None, "events", e)
-        stamp = "%s.%03dZ" % (self._prefix, int(now % 1 * 1000))
+        milli = int(now * 1000)
+        if milli != self._milli:  # a busy proxy writes many lines a millisecond
+            self._milli = milli
+            self._stamp = "%s.%03dZ" % (self._prefix, milli % 1000)
+        stamp = self._stamp
         if self.fmt == "json":
             record = {"ts": stamp, "level": level, "event": event}
             record.update((k.rstrip("_"), v) for k, v in fields.items() if v is not None)
@@ -1699,6 +1705,25 @@ class _Parser:
         self._remaining -= n
         return Body(data)
 
+    def whole_body(self) -> Optional[bytes]:
+        """After a head: its length-framed body and its end in one step, if all of it
+        is buffered (the usual small message); None: take it event by event."""
+        if self._state != self._LENGTH:
+            return None
+        buf, n = self._buf, self._remaining
+        if len(buf) < n:
+            return None
+        if n == len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._remaining = 0
+        self.steps += 1
+        self._end()
+        return data
+
     def _on_chunk(self, size: int) -> None:
         pass
 
@@ -2452,17 +2477,18 @@ class _Upstream(asyncio.Protocol):
                     self.head = event
                     if self._answer is not None:
                         out.append(self._answer_head(self._answer, event))
-                        continue
+                        whole = parser.whole_body()  # it came with its head: no events
+                        if whole is None:
+                            continue
+                        if whole:
+                            out.append(encode_chunk(whole) if self.chunked else whole)
+                        self._done(parser, out)
+                        return
                     self._settle(event)
                     if self.client is None:
                         return  # body events wait in the parser until pipe()
                 else:
-                    if self.chunked:
-                        out.append(b"0\r\n\r\n")
-                    # O(1): bytes past the framing, or request bytes still unsent, mean
-                    # the next exchange could read what belongs to this one.
-                    self.in_sync = not (parser.buffered or self._written_late or self._unsent())
-                    self._end(None)
+                    self._done(parser, out)
                     return
         except HTTPError as e:
             self._end(e)
@@ -2473,6 +2499,15 @@ class _Upstream(asyncio.Protocol):
         finally:
             if out and self.client is not None:
                 self.client.write(b"".join(out))
+
+    def _done(self, parser: ResponseParser, out: List[bytes]) -> None:
+        """The answer's end (EndOfMessage): the last chunk, and whether in step."""
+        if self.chunked:
+            out.append(b"0\r\n\r\n")
+        # O(1): bytes past the framing, or request bytes still unsent, mean the next
+        # exchange could read what belongs to this one.
+        self.in_sync = not (parser.buffered or self._written_late or self._unsent())
+        self._end(None)
 
     def _answer_head(self, answer: "_Answer", resp: ResponseHead) -> bytes:
         """The client's head for ``resp``, as relay() would have written it; from here on
@@ -6969,6 +7004,11 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         claim.check(framing)  # before any body byte, and before 100 Continue
     if head.expect_continue and parser.expecting_body and not parser.buffered:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    whole = parser.whole_body()  # it came with its head (the usual): no events
+    if whole is not None:
+        if claim is not None and whole:
+            claim.grow_to(len(whole))
+        return head, whole
     body: Union[bytes, bytearray] = b""
     pieces = size = 0
     started = loop.time()
