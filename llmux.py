@@ -5325,9 +5325,12 @@ def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
         doc, end = _JSON_SCAN(text, 0)
     except (ValueError, StopIteration, RecursionError):
         return False
-    trailing = _JSON_WS_TEXT.match(text, end)  # always matches, maybe empty
-    if trailing is None or trailing.end() != len(text) or type(doc) is not dict:
+    if type(doc) is not dict:
         return False
+    if end != len(text):  # only whitespace may follow
+        trailing = _JSON_WS_TEXT.match(text, end)  # always matches, maybe empty
+        if trailing is None or trailing.end() != len(text):
+            return False
     if "model" not in doc:
         return None
     name = doc["model"]
@@ -6425,12 +6428,18 @@ class Server:
                 waited, eta = slot.waited, slot.eta
             elif isinstance(ticket, _Waiter):  # it queued and never got a slot
                 waited, eta = self.switcher.clock() - ticket.enqueued_at, ticket.eta
-            self.log.info("request", method=head.method, path=raw_path,
-                          model=model.name if model else None, status=status, secs=round(secs, 4),
-                          waited_secs=None if waited is None else round(waited, 3),
-                          waited_for=slot.waited_for if slot else None,
-                          eta_secs=None if eta is None else round(eta, 3),
-                          held=True if held is not None else None)
+            line: Dict[str, Any] = {"method": head.method, "path": raw_path,
+                                    "model": model.name if model else None, "status": status,
+                                    "secs": round(secs, 4)}
+            if waited is not None:
+                line["waited_secs"] = round(waited, 3)
+            if slot is not None and slot.waited_for is not None:
+                line["waited_for"] = slot.waited_for
+            if eta is not None:
+                line["eta_secs"] = round(eta, 3)
+            if held is not None:
+                line["held"] = True
+            self.log.emit("info", "request", line)
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
                 self.metrics.observe("llmux_request_duration_seconds", model.name, value=secs)
