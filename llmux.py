@@ -5579,9 +5579,9 @@ class TurnBudget:
     batches, so the burst's first answers go out while its last requests are still
     being read, the backend works while llmux does, and streams already under way
     keep flowing.  A request that does not wait pays a counter.  One that waits is a
-    place in a queue: a proxied request's is the call that writes it to its backend
-    (start(), from _Upstream.begin), made from the turn itself, so waiting costs no
-    future and no task step; take() gives a future to await, for other users.
+    place in a queue: the call that writes it to its backend (start(), from
+    _Upstream.begin), made from the turn itself, so waiting costs no future and no
+    task step.
 
     No request waits more than ``max_wait`` seconds: then it starts in the next turn
     whatever the budget.  Turns are only as short as the other work in them: a peer
@@ -5594,67 +5594,39 @@ class TurnBudget:
         self.max_wait = max_wait
         self.metrics = metrics
         self.left = per_turn  # starts left in this turn
-        # (asked at, a future to resolve, or a call to make): one of the two is None
-        self.waiting: Deque[Tuple[float, Optional["asyncio.Future[None]"],
-                                  Optional[Callable[[], bool]]]] = collections.deque()
+        self.waiting: Deque[Tuple[float, Callable[[], bool]]] = collections.deque()  # (asked at, go)
         self._armed = False  # a _turn is scheduled
-
-    def take(self) -> Optional["asyncio.Future[None]"]:
-        """None: start now.  Else a future to await: it is done when this request's turn
-        comes (cancel it, as a task's cancellation does, to give up the place)."""
-        loop = asyncio.get_running_loop()
-        if self._now(loop):
-            return None
-        waiter = loop.create_future()
-        self.waiting.append((loop.time(), waiter, None))
-        return waiter
 
     def start(self, go: Callable[[], bool]) -> None:
         """Call ``go`` now, or in the turn this request's place comes to.  ``go`` returns
         whether the request started: False (it was given up meanwhile) keeps no place."""
         loop = asyncio.get_running_loop()
-        if self._now(loop):
-            go()
-        else:
-            self.waiting.append((loop.time(), None, go))
-
-    def _now(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether a request starts now (counted), or waits (counted as a wait)."""
         if not self._armed:
             self._armed = True
             loop.call_soon(self._turn)
         if self.left and not self.waiting:
             self.left -= 1
-            return True
+            go()
+            return
+        self.waiting.append((loop.time(), go))
         if self.metrics is not None:
             self.metrics.inc("llmux_request_turn_waits_total")
-        return False
 
     def _turn(self) -> None:
         """At the next turn: a fresh budget, first for those who waited; and whoever has
-        waited ``max_wait`` starts now, budget or not."""
+        waited ``max_wait`` starts now, budget or not.  What is left of the budget then
+        is for newcomers in this turn: they come after every request that waited."""
         loop = asyncio.get_running_loop()
         self.left = self.per_turn
         waiting = self.waiting
         overdue = loop.time() - self.max_wait
-        resumed = False  # a future was resolved: its task goes on in the next turn
         while waiting and (self.left or waiting[0][0] <= overdue):
-            _, waiter, go = waiting.popleft()
-            if waiter is not None:
-                if waiter.done():  # a cancelled one keeps no place
-                    continue
-                waiter.set_result(None)
-                resumed = True
-            elif not go():  # type: ignore[misc]
-                continue
+            if not waiting.popleft()[1]():
+                continue  # given up: it keeps no place
             if self.left:
                 self.left -= 1
             elif self.metrics is not None:
                 self.metrics.inc("llmux_request_turn_overdue_total")
-        if resumed:
-            # Those go on only in the next turn: a newcomer in this one must not pass them.
-            # (A call made here has started already: one after it cannot pass it.)
-            self.left = 0
         if self.left < self.per_turn or waiting:  # spent some: the next turn resets it
             loop.call_soon(self._turn)
         else:

@@ -5533,6 +5533,8 @@ def test_fuzz_parser_gives_the_same_events_however_the_bytes_are_split(capsys: A
         data = fuzz_input(rng)
         whole = parse_all(llmux.RequestParser(max_body=10_000), [data])
         assert parse_all(llmux.RequestParser(max_body=10_000), random_split(rng, data)) == whole, data
+        assert _collect(llmux.RequestParser(max_body=10_000), [data], whole_bodies=True) == \
+            _collect(llmux.RequestParser(max_body=10_000), [data]), data  # whole_body, as read_request
         count += 1
     rate = count / (time.monotonic() - started)
     with capsys.disabled():
@@ -5630,8 +5632,10 @@ def grammar_message(rng: random.Random, response: bool) -> bytes:
     return bytes(data)
 
 
-def _collect(parser: Any, pieces: List[bytes]) -> List[Any]:
-    """parse_all's events, with body pieces joined once (parse_all's += is quadratic)."""
+def _collect(parser: Any, pieces: List[bytes], whole_bodies: bool = False) -> List[Any]:
+    """parse_all's events, with body pieces joined once (parse_all's += is quadratic).
+    With ``whole_bodies``, after each head the body is asked for at once, as read_request
+    and the relay do (whole_body: it must give the events' body and end, or None)."""
     events: List[Any] = []
     body: List[bytes] = []
     one_response = isinstance(parser, llmux.ResponseParser)
@@ -5664,6 +5668,15 @@ def _collect(parser: Any, pieces: List[bytes]) -> List[Any]:
                 events.append(("head", ev.method, ev.target, ev.version, ev.keep_alive))
             else:
                 events.append(("response", ev.status, ev.keep_alive))
+            if whole_bodies and (isinstance(ev, llmux.RequestHead) or (
+                    isinstance(ev, llmux.ResponseHead) and ev.status >= 200)):
+                whole = parser.whole_body()
+                if whole is not None:
+                    if whole:
+                        events.append(("body", whole))
+                    events.append("end")
+                    if one_response:
+                        return False
 
     for piece in pieces:
         parser.feed(piece)
@@ -5677,11 +5690,11 @@ def _collect(parser: Any, pieces: List[bytes]) -> List[Any]:
     return events
 
 
-def _drive(parser: Any, pieces: List[bytes], seed: int) -> List[Any]:
+def _drive(parser: Any, pieces: List[bytes], seed: int, whole_bodies: bool = False) -> List[Any]:
     """parse_all, failing with the seed on anything but HTTPError, then the invariants:
     a broken parser stays broken, and the loop did bounded work per byte."""
     try:
-        events = _collect(parser, pieces)
+        events = _collect(parser, pieces, whole_bodies)
     except Exception as e:  # noqa: B902 - reported with the seed
         raise AssertionError(f"seed {seed}: {type(parser).__name__} raised {e!r}") from e
     fed = sum(map(len, pieces))
@@ -5696,11 +5709,48 @@ def _drive(parser: Any, pieces: List[bytes], seed: int) -> List[Any]:
     return events
 
 
+def test_pipelined_messages_give_the_same_events_with_bodies_taken_whole() -> None:
+    """Exploring whole_body (a length-framed body taken with its end in one step, as
+    read_request and the relay do): valid requests pipelined in random splits, and a
+    response with bytes after it, give the events the generator made them from."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        data, expected = b"", []  # type: Tuple[bytes, List[Any]]
+        for _ in range(rng.randint(1, 6)):
+            body = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 5, 300])))
+            kind = rng.choice(["length", "length", "none", "chunked"])
+            method = "GET" if kind == "none" else "POST"
+            data += b"%s /t HTTP/1.1\r\nHost: x\r\n" % method.encode()
+            if kind == "length":
+                data += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            elif kind == "chunked":
+                data += b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+            else:
+                data += b"\r\n"
+                body = b""
+            expected += [("head", method, "/t", "HTTP/1.1", True)] + ([("body", body)] if body else []) + ["end"]
+        expected.append("closed")
+        for whole_bodies in (False, True):
+            got = _drive(llmux.RequestParser(max_body=10_000), random_split(rng, data), seed, whole_bodies)
+            assert got == expected, f"seed {seed} (whole_bodies={whole_bodies}): {got} != {expected}"
+        body = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 3, 200])))
+        after = rng.choice([b"", b"HTTP/1.1 200 OK\r\n\r\n", b"x"])
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body) + after
+        for whole_bodies, pieces in ((False, random_split(rng, answer)), (True, random_split(rng, answer)),
+                                     (True, [answer])):
+            parser = llmux.ResponseParser("POST")
+            got = _drive(parser, pieces, seed, whole_bodies)
+            assert got == [("response", 200, True)] + ([("body", body)] if body else []) + ["end"], \
+                f"seed {seed} (whole_bodies={whole_bodies}): {got}"
+            if len(pieces) == 1:  # (a split's later pieces are not fed after the end)
+                assert parser.buffered == len(after), f"seed {seed}: the bytes after the answer are not left"
+
+
 def test_fuzz_grammar_parser_invariants_whole_split_and_byte_by_byte(capsys: Any) -> None:
     """Structured requests (pipelined too) and responses: deep header counts, thousands
     of trailers, tens of thousands of tiny chunks, chunk extensions, obs-fold, bare CR
     and LF anywhere, CL/TE combinations.  The events must not depend on how the bytes
-    are split; only HTTPError may be raised; a broken parser stays broken; the parser's
+    are split, nor on a body being taken whole after its head; only HTTPError may be raised; a broken parser stays broken; the parser's
     loop iterations stay within a constant times the bytes fed."""
     master = random.Random(20261201)
     count, total, started = 0, 0, time.monotonic()
@@ -5717,6 +5767,10 @@ def test_fuzz_grammar_parser_invariants_whole_split_and_byte_by_byte(capsys: Any
             make = lambda: llmux.RequestParser(max_body=100_000)
         whole = _drive(make(), [data], seed)
         assert _drive(make(), random_split(rng, data), seed) == whole, f"seed {seed}: random split differs"
+        # A body taken whole after its head (read_request, the relay) is the events' body.
+        assert _drive(make(), [data], seed, True) == whole, f"seed {seed}: whole_body differs"
+        assert _drive(make(), random_split(rng, data), seed, True) == whole, \
+            f"seed {seed}: whole_body of a random split differs"
         if len(data) <= 2000:
             pieces = [data[i:i + 1] for i in range(len(data))]
         else:  # byte by byte for the large ones is slow in the test, not in the parser
@@ -5982,7 +6036,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
         budget = llmux.TurnBudget(n, max_wait)
         asked: List[int] = []  # request ids in the order they asked
         granted: Dict[int, int] = {}  # id -> the step its turn came in
-        pending: Dict[int, "asyncio.Future[None]"] = {}
+        pending: Dict[int, "asyncio.Future[int]"] = {}
         cancelled: Set[int] = set()
         per_step: Dict[int, int] = collections.Counter()  # turns granted within the budget
         every_step: Dict[int, int] = collections.Counter()  # and those past max_wait
@@ -6018,8 +6072,16 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
                 await asyncio.sleep(0)
             asked.append(rid)
             asked_at[rid] = loop.time()
-            turn = budget.take()
-            if turn is None:
+            turn: "asyncio.Future[int]" = loop.create_future()
+
+            def go() -> bool:  # as _Upstream._send: False once the request gave up
+                if turn.done():
+                    return False
+                turn.set_result(loop.steps)  # the step it starts in
+                return True
+
+            budget.start(go)
+            if turn.done():  # at once, within this turn's budget
                 granted[rid] = started[rid] = loop.steps
                 per_step[loop.steps] += 1
                 every_step[loop.steps] += 1
@@ -6027,8 +6089,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
             pending[rid] = turn
             waited_at[rid] = loop.steps
             try:
-                await turn
-                started[rid] = loop.steps
+                started[rid] = await turn
             except asyncio.CancelledError:
                 cancelled.add(rid)
 
@@ -6052,7 +6113,7 @@ def test_turn_budget_random_arrivals_cancellations_and_slow_turns() -> None:
             await asyncio.sleep(1.0)  # an armed budget would spin at this instant
             wanted = [r for r in asked if r not in cancelled and r in started]
             steps = [started[r] for r in wanted]  # regression (attack): a newcomer went on
-            # in the turn that granted an earlier waiter, which resumes only in the next
+            # in the turn that granted an earlier waiter, which then resumed only in the next
             assert steps == sorted(steps), f"seed {seed}: started out of order {list(zip(wanted, steps))}"
             for rank, rid in enumerate(r for r in asked if r in waited_at and r in granted):
                 assert granted[rid] - waited_at[rid] <= rank // n + 2, f"seed {seed}: {rid} waited too long"
@@ -6072,9 +6133,9 @@ def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
     turns = [0]
 
     async def request(rid: int) -> None:
-        turn = budget.take()
-        if turn is not None:
-            await turn
+        turn: "asyncio.Future[None]" = loop.create_future()
+        budget.start(lambda: (turn.set_result(None), True)[1])
+        await turn
         started.append(turns[0])
 
     async def slow_loop() -> None:  # every turn of the loop takes 30 ms of other work
@@ -6187,6 +6248,65 @@ def test_a_burst_is_answered_while_it_is_still_being_routed() -> None:
 
 def test_the_wait_for_a_turn_is_in_a_requests_logged_time() -> None:
     burst_through_llmux(24, slow_turn=0.02)
+
+
+def test_a_post_whose_backend_connection_closed_while_it_waited_its_turn_is_sent_on_a_new_one() -> None:
+    """A request waiting its turn holds the idle backend connection it was given, not
+    yet written to.  If the backend closes that connection meanwhile, the request never
+    reached it: even a POST (never re-sent once it may have) goes on a new connection,
+    and the client gets its answer, not a 502."""
+    async def go() -> None:
+        writers: List[asyncio.StreamWriter] = []
+        requests = [0]
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            parser = llmux.RequestParser(1 << 20)
+            try:
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    parser.feed(data)
+                    while True:
+                        event = parser.next_event()
+                        if event is llmux.NEED_DATA or event is None:
+                            break
+                        if event is llmux.EndOfMessage:
+                            requests[0] += 1
+                            writer.write(http_reply({"ok": True}))
+            finally:
+                writer.close()
+
+        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            body = json.dumps({"model": "a"}).encode()
+            request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n" % len(body) + body)
+            writer.write(request)
+            first = await asyncio.wait_for(reader.readuntil(b'{"ok": true}'), T)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            await log_shows(stream, r"info request method=POST .*status=200")
+            assert len(writers) == 1  # and its connection is in the pool now
+            server.turns = llmux.TurnBudget(0, 0.05, server.metrics)  # every start waits 50 ms
+            writer.write(request)
+            await steps_until(lambda: server.turns.waiting, "the POST waits its turn")
+            writers[0].close()  # the backend closes the idle connection the POST holds
+            second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
+            assert second.startswith(b"HTTP/1.1 200"), second + await reader.read(300)
+            assert len(writers) == 2 and requests[0] == 2, (len(writers), requests)
+        finally:
+            writer.close()
+            await server.stop()
+            be.close()
+            await asyncio.wait_for(be.wait_closed(), T)
+
+    run_checked(go())
 
 
 @pytest.mark.parametrize("meanwhile", ["client_leaves", "shutdown"])
