@@ -2133,6 +2133,12 @@ class _Timeout(Exception):
     """A read deadline passed."""
 
 
+class _NotSent(ConnectionError):
+    """A backend connection spoke or closed while the request begun on it waited its turn,
+    unwritten: what came is not its answer, and the backend never saw it (relay sends it
+    on a new connection, whatever its method)."""
+
+
 class _LazyTimer:
     """A deadline that moves without a timer call: the owner sets ``when`` (at(), or the
     attribute itself on a hot path, forward only), and the one timer, when it fires
@@ -2276,6 +2282,7 @@ class _Upstream(asyncio.Protocol):
         self.keep_client = False  # whether the client connection may be kept (answering)
         self.sent = False  # the current request was handed to the transport (begin)
         self._request: Optional[Sequence[bytes]] = None  # begun, waiting for its turn
+        self._inline = False  # begin's own call of _send (not a later turn's)
 
     # -- driven by relay() --
 
@@ -2305,7 +2312,9 @@ class _Upstream(asyncio.Protocol):
         if turns is None:
             self._send()
         else:
+            self._inline = True  # (start() may call _send at once: nothing to check again)
             turns.start(self._send)
+            self._inline = False
         return self.waiter
 
     def _send(self) -> bool:
@@ -2313,6 +2322,11 @@ class _Upstream(asyncio.Protocol):
         request, self._request = self._request, None
         if request is None or self.closed or self.waiter is None or self.waiter.done():
             return False  # cancelled (relay closes the connection) or failed while it waited
+        if not self._inline and self.pending():
+            # It waited its turn: a byte, an EOF or a reset may have come since the pool
+            # checked it that the loop has not read yet (the turn runs first in a step).
+            self._stale()
+            return False
         try:
             self.sent = True
             self._touch()
@@ -2408,6 +2422,9 @@ class _Upstream(asyncio.Protocol):
         if self.parser is None:  # bytes on an idle connection: the backend is confused
             self.close()
             return
+        if not self.sent:  # before the request was written (it waits its turn)
+            self._stale()
+            return
         self.received = True
         if self.timeout is not None:
             self._timer.when = self.loop.time() + self.timeout  # forward: no timer call
@@ -2416,6 +2433,9 @@ class _Upstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.parser is not None:
+            if not self.sent:
+                self._stale()
+                return False
             self.parser.feed_eof()
             self._pump()
         return False
@@ -2424,6 +2444,9 @@ class _Upstream(asyncio.Protocol):
         self.closed = True
         self._body = None
         self._stop_timer()
+        if self.parser is not None and not self.sent:
+            self._stale()
+            return
         if self.parser is not None and exc is not None:
             self._drain_socket()
         if self.parser is not None:
@@ -2524,6 +2547,14 @@ class _Upstream(asyncio.Protocol):
         if self._poll is None:
             return _pending(self.sock)
         return bool(self._poll.poll(0))  # POLLIN (a byte or an EOF), POLLERR, POLLHUP
+
+    def _stale(self) -> None:
+        """The connection spoke or closed before the request begun on it was written:
+        closed, and the request fails as never sent (_NotSent)."""
+        self._request = None
+        self._end(_NotSent("the backend connection closed or spoke before the request "
+                           "was written"))
+        self.close()
 
     def _unsent(self) -> int:
         """Request bytes not yet handed to the kernel: in the transport, or not yet given it."""

@@ -3219,6 +3219,40 @@ def _upstream_pair(loop: asyncio.AbstractEventLoop) -> Any:
     return ours, theirs
 
 
+@pytest.mark.parametrize("meanwhile", ["fin", "reset", "bytes"])
+def test_a_request_written_in_its_turn_checks_its_connection_first(meanwhile: str) -> None:
+    """Regression (attack): a request waiting its turn holds an idle connection the pool
+    checked when it was handed out.  Its turn runs first in a step of the loop, before
+    the loop reads what came on that socket meanwhile: a FIN, a reset or stray bytes
+    were found only after the request was written (a POST then got a 502, and bytes
+    were taken as its answer).  Here the order is forced: the turn's call runs while
+    what came is still unread in the kernel; it must not write, and it fails the
+    request as never sent, for relay to send it on a new connection."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        conn.reused = True
+        turns = llmux.TurnBudget(0, 10.0)  # no budget: the request waits its turn
+        waiter = conn.begin("POST", (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", b""),
+                            T, None, turns)
+        assert len(turns.waiting) == 1 and not conn.sent
+        if meanwhile == "bytes":
+            theirs.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTALE")
+        elif meanwhile == "reset":
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if meanwhile != "bytes":
+            theirs.close()
+        _, go = turns.waiting.popleft()
+        assert go() is False, "written, though its connection had spoken or closed"  # its turn
+        assert not conn.sent and conn.closed
+        with pytest.raises(llmux._NotSent):
+            await asyncio.wait_for(waiter, T)
+        theirs.close()
+
+    run_checked(main())
+
+
 def test_upstream_answer_before_a_reset_is_read_though_a_write_failed() -> None:
     """Regression: a backend that answered without reading the body and reset the
     connection: when llmux's next write of the body failed first, the transport closed
@@ -6250,11 +6284,16 @@ def test_the_wait_for_a_turn_is_in_a_requests_logged_time() -> None:
     burst_through_llmux(24, slow_turn=0.02)
 
 
-def test_a_post_whose_backend_connection_closed_while_it_waited_its_turn_is_sent_on_a_new_one() -> None:
+@pytest.mark.parametrize("meanwhile", ["closes", "answers", "408_and_closes"])
+def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_sent_on_a_new_one(
+        meanwhile: str) -> None:
     """A request waiting its turn holds the idle backend connection it was given, not
     yet written to.  If the backend closes that connection meanwhile, the request never
     reached it: even a POST (never re-sent once it may have) goes on a new connection,
-    and the client gets its answer, not a 502."""
+    and the client gets its answer, not a 502.  Regression (attack): bytes the backend
+    sent meanwhile (a buggy engine's second answer, a 408 on an idle connection) were
+    taken as the request's answer, which was then never written, and the connection went
+    back to the pool as in step."""
     async def go() -> None:
         writers: List[asyncio.StreamWriter] = []
         requests = [0]
@@ -6296,10 +6335,21 @@ def test_a_post_whose_backend_connection_closed_while_it_waited_its_turn_is_sent
             server.turns = llmux.TurnBudget(0, 0.05, server.metrics)  # every start waits 50 ms
             writer.write(request)
             await steps_until(lambda: server.turns.waiting, "the POST waits its turn")
-            writers[0].close()  # the backend closes the idle connection the POST holds
+            # The backend, on the idle connection the POST holds:
+            if meanwhile == "answers":
+                writers[0].write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTALE")
+            elif meanwhile == "408_and_closes":
+                writers[0].write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                 b"connection: close\r\n\r\n")
+            if meanwhile != "answers":
+                writers[0].close()
             second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
-            assert second.startswith(b"HTTP/1.1 200"), second + await reader.read(300)
+            assert second.startswith(b"HTTP/1.1 200"), second + await asyncio.wait_for(reader.read(300), T)
+            answer = await asyncio.wait_for(reader.readexactly(len(b'{"ok": true}')), T)
+            assert answer == b'{"ok": true}', answer
             assert len(writers) == 2 and requests[0] == 2, (len(writers), requests)
+            assert server.pool._idle.get(cfg.models["a"].port, []) and \
+                all(not c.closed for c in server.pool._idle[cfg.models["a"].port]), "the stale one pooled"
         finally:
             writer.close()
             await server.stop()
