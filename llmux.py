@@ -1500,6 +1500,38 @@ class _Parser:
         """A whole, plain head read in one step (RequestParser); None: go step by step."""
         return None
 
+    def _whole_head(self, limit: int, start_line: "re.Pattern[bytes]", line_max: int,
+                    fields_max: int) -> Optional[Tuple[Tuple[Any, ...], List[Tuple[str, str]]]]:
+        """A whole head at the buffer's start (its CRLF CRLF within ``limit``), its start
+        line matching ``start_line`` and its fields valid: the line's groups and the
+        fields, the head consumed.  None (nothing consumed) for anything else, which the
+        step-by-step way then reads and names.  Such a head holds no CR, LF or NUL but its
+        CRLFs, so the step-by-step way's check for them is implied."""
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", 0, limit)
+        if end < 0:
+            return None
+        first = buf.find(b"\r\n", 0, end + 2)
+        if first > line_max or end - first > fields_max:
+            return None
+        line = start_line.fullmatch(buf, 0, first)
+        if line is None:
+            return None
+        text = buf[first + 2:end + 2].decode("latin-1") if end > first else ""
+        if _FIELD_BLOCK.fullmatch(text) is None:
+            return None
+        headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
+        groups = line.groups()  # (before the buffer changes under the match)
+        del buf[:end + 4]
+        self._line_end = self._scan = self._checked = 0
+        self._state = self._FIELDS  # as _start_line leaves it, for the errors that follow
+        if len(headers) > MAX_HEADER_COUNT:
+            raise self._too_many_fields()
+        return groups, headers
+
+    def _too_many_fields(self) -> HTTPError:
+        raise NotImplementedError
+
     def _start_line(self) -> Any:
         """RequestParser checks its request line first; a response goes on to _FIELDS."""
         self._line_end = self._scan = self._checked = 0
@@ -1696,29 +1728,29 @@ class _Parser:
                 raise self._fail(eof_message)
             return NEED_DATA
         n = min(self._remaining, len(buf))
+        self._remaining -= n
+        return Body(self._cut(n))
+
+    def _cut(self, n: int) -> bytes:
+        """The buffer's first ``n`` bytes, taken out of it (all of it without a copy more)."""
+        buf = self._buf
         if n == len(buf):
             data = bytes(buf)
             buf.clear()
         else:
             data = bytes(buf[:n])
             del buf[:n]
-        self._remaining -= n
-        return Body(data)
+        return data
 
     def whole_body(self) -> Optional[bytes]:
         """After a head: its length-framed body and its end in one step, if all of it
         is buffered (the usual small message); None: take it event by event."""
         if self._state != self._LENGTH:
             return None
-        buf, n = self._buf, self._remaining
-        if len(buf) < n:
+        n = self._remaining
+        if len(self._buf) < n:
             return None
-        if n == len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:n])
-            del buf[:n]
+        data = self._cut(n)
         self._remaining = 0
         self.steps += 1
         self._end()
@@ -1794,28 +1826,11 @@ class RequestParser(_Parser):
         # checks as _start_line and _read_fields, fused; anything unusual (a bad byte, a
         # limit reached, a line that is not plain) goes the step-by-step way, which says
         # what is wrong.  The parser fuzz tests compare both ways on the same bytes.
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n", 0, MAX_REQUEST_LINE + MAX_HEADER_BYTES + 6)
-        if end < 0:
+        whole = self._whole_head(MAX_REQUEST_LINE + MAX_HEADER_BYTES + 6, _PLAIN_REQUEST_LINE,
+                                 MAX_REQUEST_LINE, MAX_HEADER_BYTES)
+        if whole is None:
             return None
-        first = buf.find(b"\r\n", 0, end + 2)
-        if first > MAX_REQUEST_LINE or end > first + MAX_HEADER_BYTES:
-            return None
-        line = _PLAIN_REQUEST_LINE.fullmatch(buf, 0, first)
-        if line is None:
-            return None
-        # A plain request line and a valid header section hold no CR, LF or NUL but
-        # their CRLFs: the bare-CR/LF check of the step-by-step way is implied.
-        text = buf[first + 2:end + 2].decode("latin-1") if end > first else ""
-        if _FIELD_BLOCK.fullmatch(text) is None:
-            return None
-        headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
-        method, target, minor = line.groups()
-        del buf[:end + 4]
-        self._line_end = self._scan = self._checked = 0
-        self._state = self._FIELDS  # as _start_line leaves it, for _parse_head's errors
-        if len(headers) > MAX_HEADER_COUNT:
-            raise self._too_many_fields()
+        (method, target, minor), headers = whole
         return self._head(method, target, "HTTP/1.1" if minor == b"1" else "HTTP/1.0", headers)
 
     def _head_limit(self) -> int:
@@ -1906,25 +1921,8 @@ class ResponseParser(_Parser):
     def _head_at_once(self) -> Any:
         # The usual answer: its whole head is here, its status line and fields valid
         # (so it holds no bare CR, LF or NUL).  Anything else goes the step-by-step way.
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n", 0, MAX_UPSTREAM_HEAD)
-        if end < 0:
-            return None
-        first = buf.find(b"\r\n", 0, end + 2)
-        match = _STATUS_LINE.match(buf, 0, first)
-        if match is None:
-            return None
-        text = buf[first + 2:end + 2].decode("latin-1") if end > first else ""
-        if _FIELD_BLOCK.fullmatch(text) is None:
-            return None
-        headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
-        line = match.groups()  # (before the buffer changes under the match)
-        del buf[:end + 4]
-        self._line_end = self._scan = self._checked = 0
-        self._state = self._FIELDS  # as _start_line leaves it, for _response's errors
-        if len(headers) > MAX_HEADER_COUNT:
-            raise self._too_many_fields()
-        return self._response(line, headers)
+        whole = self._whole_head(MAX_UPSTREAM_HEAD, _STATUS_LINE, MAX_UPSTREAM_HEAD, MAX_UPSTREAM_HEAD)
+        return None if whole is None else self._response(*whole)
 
     def _too_many_fields(self) -> HTTPError:
         return self._fail(f"too many header fields; expected at most {MAX_HEADER_COUNT}")
@@ -1937,7 +1935,7 @@ class ResponseParser(_Parser):
             raise self._too_many_fields()
         return self._response(match.groups(), block)
 
-    def _response(self, line: Tuple[bytes, bytes, Optional[bytes]],
+    def _response(self, line: Tuple[Any, ...],
                   fields: Union[bytes, List[Tuple[str, str]]]) -> ResponseHead:
         """The head of a valid status line and its fields (a header section to check,
         or checked ones), as a ResponseHead, with the body's framing set."""
@@ -2207,7 +2205,7 @@ class _ReadDeadline:
     def _expired(self) -> None:
         exc, self.exc = self.exc, None
         if exc is not None:
-            self.reader.set_exception(exc)
+            self.reader.set_exception(exc() if isinstance(exc, type) else exc)
 
 
 async def read_within(reader: asyncio.StreamReader, timeout: Optional[float],

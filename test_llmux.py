@@ -6190,11 +6190,15 @@ def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
     assert "llmux_request_turn_overdue_total 16" in text
 
 
-def answering_backend(handlers: List[Any], on_request: Any = lambda: None) -> Any:
+def answering_backend(handlers: List[Any], on_request: Any = lambda: None,
+                      writers: Optional[List[asyncio.StreamWriter]] = None) -> Any:
     """An in-process backend (an asyncio.start_server callback) that answers each whole
-    request {"ok": true}, calling ``on_request`` first; its tasks go into ``handlers``."""
+    request {"ok": true}, calling ``on_request`` first; its tasks go into ``handlers``,
+    and its connections' writers into ``writers``."""
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers.append(asyncio.current_task())
+        if writers is not None:
+            writers.append(writer)
         parser = llmux.RequestParser(1 << 20)
         while True:
             data = await reader.read(65536)
@@ -6296,27 +6300,9 @@ def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_
     back to the pool as in step."""
     async def go() -> None:
         writers: List[asyncio.StreamWriter] = []
+        handlers: List[Any] = []
         requests = [0]
-
-        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writers.append(writer)
-            parser = llmux.RequestParser(1 << 20)
-            try:
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    parser.feed(data)
-                    while True:
-                        event = parser.next_event()
-                        if event is llmux.NEED_DATA or event is None:
-                            break
-                        if event is llmux.EndOfMessage:
-                            requests[0] += 1
-                            writer.write(http_reply({"ok": True}))
-            finally:
-                writer.close()
-
+        backend = answering_backend(handlers, lambda: requests.__setitem__(0, requests[0] + 1), writers)
         be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
         cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}}})
         stream = ListStream()
@@ -6352,7 +6338,8 @@ def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_
                 all(not c.closed for c in server.pool._idle[cfg.models["a"].port]), "the stale one pooled"
         finally:
             writer.close()
-            await server.stop()
+            await server.stop()  # closes its backend connections: the handlers end
+            await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
             be.close()
             await asyncio.wait_for(be.wait_closed(), T)
 
