@@ -5674,7 +5674,7 @@ def route_path(target: str) -> str:
     to a backend is never this, but the client's bytes as they came.
 
     Raises HTTPError(400) for a malformed percent-escape or a path that is not UTF-8."""
-    absolute = _ABSOLUTE_FORM.match(target)
+    absolute = _ABSOLUTE_FORM.match(target) if target[:1] != "/" else None  # (it starts with a letter)
     if absolute:
         target = target[absolute.end():]
         if not target.startswith("/"):
@@ -6304,7 +6304,7 @@ class Server:
             else self.config.cors_origins
         cors = cors_headers(origins, head.get("origin"))
         try:
-            if is_preflight(head):
+            if head.method == "OPTIONS" and is_preflight(head):
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
                 status = 204
@@ -6340,10 +6340,11 @@ class Server:
                 self.events.publish("request.start", {"model": model.name, "method": head.method,
                                                       "path": raw_path})
             ticket = self.switcher.enqueue(model.name)
-            progress = model.stream_progress or self.config.policy.stream_progress
+            progress = ""
             if isinstance(ticket, Slot):
                 slot = ticket
             else:
+                progress = model.stream_progress or self.config.policy.stream_progress
                 # Ollama's own API (/api/*) streams NDJSON, not SSE: comments would break it.
                 if answer.stream and progress != "off" and head.method == "POST" \
                         and not path.startswith("/api/"):
