@@ -2084,7 +2084,7 @@ def is_preflight(head: RequestHead) -> bool:
             and head.get("access-control-request-method") is not None)
 
 
-def preflight_response(head: RequestHead, origins: Sequence[str]) -> bytes:
+def preflight_response(head: RequestHead, origins: Sequence[str], keep_alive: bool = True) -> bytes:
     """llmux's own 204 answer to a preflight.  Without an allowed origin it carries no
     Access-Control-Allow-* header, and the browser refuses the request."""
     headers = cors_headers(origins, head.get("origin"))
@@ -2094,7 +2094,7 @@ def preflight_response(head: RequestHead, origins: Sequence[str]) -> bytes:
                     ("access-control-allow-headers", asked.strip() if asked else CORS_DEFAULT_HEADERS),
                     ("access-control-max-age", str(CORS_MAX_AGE)),
                     ("vary", "access-control-request-headers")]  # echoed just above
-    return local_response(204, b"", None, keep_alive=head.keep_alive, headers=headers)
+    return local_response(204, b"", None, keep_alive=head.keep_alive and keep_alive, headers=headers)
 
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -2533,8 +2533,9 @@ class _Upstream(asyncio.Protocol):
     def _answer_head(self, answer: "_Answer", resp: ResponseHead) -> bytes:
         """The client's head for ``resp``, as relay() would have written it; from here on
         this connection pipes to the client (back-pressure included)."""
-        data, chunked, self.keep_client = client_response_head(
-            resp, answer.client_10, answer.keep_alive, answer.cors)
+        flow = answer.flow  # (its server's shutdown, begun since the request came, closes it)
+        keep = answer.keep_alive and not (flow is not None and flow._llmux_server.closing)
+        data, chunked, self.keep_client = client_response_head(resp, answer.client_10, keep, answer.cors)
         self._attach(answer.transport, chunked, answer.flow)
         self.answering = True
         return data
@@ -2581,9 +2582,10 @@ class _Upstream(asyncio.Protocol):
             self._timer.at(self.loop.time() + self.timeout)
 
     def _timing(self) -> bool:
-        """Whether silence counts now: in an exchange, not paused, with a timeout.  (Idle,
-        the timer left from the last exchange stops when it fires.)"""
-        return self.parser is not None and not self._paused and self.timeout is not None
+        """Whether silence counts now: in an exchange whose request was written, not
+        paused, with a timeout.  (Idle, or waiting its turn, the timer left from the last
+        exchange stops when it fires; the write re-arms it.)"""
+        return self.sent and self.parser is not None and not self._paused and self.timeout is not None
 
     def _timed_out(self) -> None:
         self._end(_Timeout())
@@ -6164,8 +6166,11 @@ class Server:
                 finally:
                     request = None  # the body goes now, not when the next request comes
                     claim.release()
-                if not keep or proto.gone or self.closing:
+                if not keep or proto.gone:
                     return
+                if self.closing and not (parser.buffered or getattr(reader, "_buffer", None)
+                                         or _readable(writer)):
+                    return  # (a request already here is in flight: shutdown's grace serves it)
         except HTTPError as e:
             await self._reject(reader, writer, e, LINGER_SECS)
         except (_Idle, _Cut, ConnectionError):
@@ -6308,7 +6313,7 @@ class Server:
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
                 status = 204
-                await self._send(writer, proto, preflight_response(head, origins))
+                await self._send(writer, proto, preflight_response(head, origins, not self.closing))
                 return head.keep_alive
             # Only GET and HEAD of /health and of the dashboard's page (no data in it: what
             # it shows it fetches with the key it asks for) go without a key.
@@ -6327,7 +6332,7 @@ class Server:
             if isinstance(answer, _Local):
                 status = answer.status
                 await self._send(writer, proto, local_response(
-                    answer.status, answer.body, answer.content_type, keep_alive=head.keep_alive,
+                    answer.status, answer.body, answer.content_type, keep_alive=self._keeps(head),
                     headers=[*cors, *answer.headers], head_only=head.method == "HEAD"))
                 return head.keep_alive
             model = answer.model
@@ -6379,7 +6384,7 @@ class Server:
             if held is not None:  # its 200 head is out: the error ends the stream instead
                 await self._send(writer, proto, held_error(e, held))
                 return held and head.keep_alive
-            await self._send(writer, proto, error_response(e, head.keep_alive, cors))
+            await self._send(writer, proto, error_response(e, self._keeps(head), cors))
             return head.keep_alive
         except _Cut as e:
             status = 502
@@ -6500,6 +6505,11 @@ class Server:
                    (f", about {eta:.0f}s left" if eta and eta >= 1 else "") + "...\n"
             out += _reasoning_delta(name, line)
         return out
+
+    def _keeps(self, head: RequestHead) -> bool:
+        """Whether an answer written now keeps its connection: as its client asked, but
+        not once shutdown has begun (RFC 9112 9.6: the last answer says it closes)."""
+        return head.keep_alive and not self.closing
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, proto: _ClientProtocol, data: bytes) -> None:

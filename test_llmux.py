@@ -3253,6 +3253,35 @@ def test_a_request_written_in_its_turn_checks_its_connection_first(meanwhile: st
     run_checked(main())
 
 
+def test_a_request_waiting_its_turn_is_not_timed_by_the_last_exchange() -> None:
+    """Regression (attack): a pooled connection keeps the silence timer of its last
+    exchange (it moves, it is not remade).  A request waiting its turn on it was timed
+    out at that old deadline, before it was written, and a healthy connection was
+    closed (with upstream_timeout_secs under the 4 s of idle reuse, bursts opened new
+    connections by the dozen).  A request's silence counts from its write."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = _upstream_pair(loop)
+        _, conn = await loop.create_connection(lambda: llmux._Upstream(loop, ours), sock=ours)
+        conn.timeout = 0.01
+        conn._timer.at(loop.time() + 0.01)  # the last exchange's deadline, as it left it
+        turns = llmux.TurnBudget(0, 10.0)  # no budget: the request waits its turn
+        waiter = conn.begin("POST", (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", b""),
+                            0.01, None, turns)
+        after: "asyncio.Future[None]" = loop.create_future()
+        loop.call_at(conn._timer._at + 0.001, after.set_result, None)  # (it fires first)
+        await asyncio.wait_for(after, T)
+        assert not conn.closed and not waiter.done(), "timed out before it was written"
+        _, go = turns.waiting.popleft()
+        assert go() is True and conn.sent  # its turn: written, and timed from now
+        theirs.recv(65536)
+        with pytest.raises(llmux._Timeout):  # the backend says nothing: its own timeout
+            await asyncio.wait_for(waiter, T)
+        theirs.close()
+
+    run_checked(main())
+
+
 def test_upstream_answer_before_a_reset_is_read_though_a_write_failed() -> None:
     """Regression: a backend that answered without reading the body and reset the
     connection: when llmux's next write of the body failed first, the transport closed
@@ -6339,6 +6368,84 @@ def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_
         finally:
             writer.close()
             await server.stop()  # closes its backend connections: the handlers end
+            await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
+            be.close()
+            await asyncio.wait_for(be.wait_closed(), T)
+
+    run_checked(go())
+
+
+@pytest.mark.parametrize("case", ["answer_after_shutdown_began", "pipelined_behind_a_stream"])
+def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> None:
+    """Regression (attack): an answer written after shutdown began still said keep-alive,
+    and the connection was then closed: the client's next request met a reset.  Now the
+    answer says ``connection: close``.  And a request pipelined behind one whose answer
+    was under way (its head said keep-alive) when shutdown began was dropped without a
+    word; it is in flight, so it is served within the grace, and its answer closes."""
+    async def go() -> None:
+        gate = asyncio.Event()
+        got: List[int] = []
+        handlers: List[Any] = []
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.current_task())
+            parser = llmux.RequestParser(1 << 20)
+            try:
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    parser.feed(data)
+                    while True:
+                        event = parser.next_event()
+                        if event is llmux.NEED_DATA or event is None:
+                            break
+                        if event is not llmux.EndOfMessage:
+                            continue
+                        got.append(len(got))
+                        if case == "pipelined_behind_a_stream" and len(got) == 1:
+                            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                         b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                            await gate.wait()
+                            writer.write(b"0\r\n\r\n")
+                        else:
+                            if len(got) == 1:
+                                await gate.wait()
+                            writer.write(http_reply({"ok": len(got)}))
+            finally:
+                writer.close()
+
+        be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
+                                  "policy": {"shutdown_grace_secs": T}})
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        shutdown: Optional["asyncio.Task[None]"] = None
+        try:
+            body = json.dumps({"model": "a"}).encode()
+            request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n" % len(body) + body)
+            writer.write(request * (2 if case == "pipelined_behind_a_stream" else 1))
+            if case == "pipelined_behind_a_stream":
+                head = await asyncio.wait_for(reader.readuntil(b"first\r\n"), T)
+                assert b"connection: close" not in head  # it went out before shutdown began
+            else:
+                await steps_until(lambda: got, "the backend has the request")
+            shutdown = asyncio.ensure_future(server.shutdown())
+            await steps_until(lambda: server.closing, "shutdown began")
+            gate.set()
+            rest = await asyncio.wait_for(reader.read(), T)  # all of it, to the close
+            answers = rest.split(b"HTTP/1.1 ")[1:]
+            assert len(answers) == 1 and answers[0].startswith(b"200"), rest
+            assert b"connection: close" in answers[0].split(b"\r\n\r\n")[0], rest
+            assert len(got) == (2 if case == "pipelined_behind_a_stream" else 1)
+            await asyncio.wait_for(shutdown, T)
+        finally:
+            writer.close()
+            if shutdown is not None and not shutdown.done():
+                shutdown.cancel()
+            await server.stop()
             await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
             be.close()
             await asyncio.wait_for(be.wait_closed(), T)

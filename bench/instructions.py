@@ -6,8 +6,9 @@ bench/overhead.py's row 3 without the host's noise, side by side, as ratios.
                                   [--llmux PATH] [--peer-python PY]
 
 On a shared VM the CPU time of the same run moves by 10-30% from one minute to the
-next (other tenants, not steal alone).  The user-space instructions a proxy runs do not:
-two runs of the same code agree to 0.01%.  So a change's CPU cost shows here at once,
+next (other tenants, not steal alone).  The user-space instructions a proxy runs hardly
+do: two runs of the same code agree within about 1% (what moves is how many requests of
+llmux's wait their turn, which depends on timing).  So a change's CPU cost shows here at once,
 where bench/overhead.py needs several runs.  What it does not count: the kernel's share
 (the send and recv system calls, about a fifth of a request's CPU for every proxy
 here, the same for all of them), and time (an instruction of C code in a cache miss costs
@@ -17,7 +18,8 @@ Each column runs alone on CPU 0 under `valgrind --tool=callgrind --instr-atstart
 (about 50 times slower, so a few thousand requests, not overhead.py's 12,800): a warm-up
 of 3 requests a connection first, then counting is switched on (callgrind_control) for
 the measured requests (--requests, default 1,280, over 64 keep-alive connections),
-off, and dumped.  Columns: llmux.py, --baseline (an earlier llmux.py), the aiohttp +
+off, and dumped.  A second proxy, the same way, counts 20 streams of 200 SSE events
+(the chunk row: their count less 20 requests at the first count, per event).  Columns: llmux.py, --baseline (an earlier llmux.py), the aiohttp +
 uvloop peer (when --peer-python imports them), and the two asyncio HTTP floors (see
 bench/overhead.py).  llmux.py runs with LLMUX_REEXEC=0: valgrind follows no exec.
 Nothing here is asserted; it prints a markdown table.
@@ -82,8 +84,12 @@ def _control(*argv: str) -> None:
     subprocess.run(["callgrind_control", *argv], check=True, capture_output=True, timeout=60)
 
 
-def count(b: o.Bench, column: Column, requests: int) -> float:
-    """Instructions per request of one column, on a fresh backend and proxy."""
+STREAMS, CHUNKS, GAP = 20, 200, 0.002  # the chunk row: 20 streams of 200 events, 2 ms apart
+
+
+def count(b: o.Bench, column: Column, requests: int, chunks: bool = False) -> float:
+    """Instructions per request of one column (with ``chunks``, in all for STREAMS
+    streams of CHUNKS events), on a fresh backend and proxy."""
     backend = o.start_backend(b, "a")
     out = b.path("callgrind.out")
     tmp = os.path.dirname(out)
@@ -115,7 +121,8 @@ def count(b: o.Bench, column: Column, requests: int) -> float:
         meter = o.Meter(proc.pid)
         asyncio.run(asyncio.wait_for(o.small_requests(port, 3 * o.SMALL_CONNS, meter), STARTUP_SECS))
         _control("-i", "on", str(proc.pid))
-        asyncio.run(asyncio.wait_for(o.small_requests(port, requests, meter), 20 * STARTUP_SECS))
+        load = o.streams(port, STREAMS, CHUNKS, GAP) if chunks else o.small_requests(port, requests, meter)
+        asyncio.run(asyncio.wait_for(load, 20 * STARTUP_SECS))
         _control("-i", "off", str(proc.pid))
         _control("-d", str(proc.pid))
         total = None
@@ -126,7 +133,7 @@ def count(b: o.Bench, column: Column, requests: int) -> float:
                         total = int(line.split()[1])
         if total is None:
             raise RuntimeError(f"{column.label}: callgrind wrote no totals")
-        return total / requests
+        return total if chunks else total / requests
     finally:
         b.procs.stop(proc, backend.proc)
 
@@ -149,6 +156,7 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     wanted = set(args.only.split(",")) if args.only else None
     results: Dict[str, float] = {}
+    per_chunk: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
     procs = o.Procs()
     with tempfile.TemporaryDirectory(prefix="llmux-instructions-") as tmp:
@@ -162,19 +170,26 @@ def main() -> None:
                     continue
                 started = time.monotonic()
                 results[column.label] = count(b, column, args.requests)
-                print(f"{column.label}: {results[column.label]:,.0f} instructions a request "
+                streamed = count(b, column, args.requests, chunks=True)
+                # Less the streams' own requests, at the cost just counted.
+                per_chunk[column.label] = (streamed - STREAMS * results[column.label]) / (STREAMS * CHUNKS)
+                print(f"{column.label}: {results[column.label]:,.0f} instructions a request, "
+                      f"{per_chunk[column.label]:,.0f} a relayed chunk "
                       f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         finally:
             procs.stop_all()
     labels = list(results)
-    ref = results.get("aiohttp + uvloop")
     print(f"\n{args.requests} small requests over {o.SMALL_CONNS} keep-alive connections, "
           f"user-space instructions per request (callgrind); × is the ratio to aiohttp + uvloop\n")
     print("| | " + " | ".join(labels) + " |")
     print("|---|" + "---:|" * len(labels))
-    print("| instructions per request | " + " | ".join(
-        f"{results[k]:,.0f}" + (f" ×{results[k] / ref:.2f}" if ref and k != "aiohttp + uvloop" else "")
-        for k in labels) + " |")
+    for title, row in (("instructions per request", results),
+                       (f"instructions per relayed chunk ({STREAMS} streams of {CHUNKS} events; "
+                        "their requests' cost removed)", per_chunk)):
+        ref = row.get("aiohttp + uvloop")
+        print(f"| {title} | " + " | ".join(
+            f"{row[k]:,.0f}" + (f" ×{row[k] / ref:.2f}" if ref and k != "aiohttp + uvloop" else "")
+            for k in labels) + " |")
     for label, why in skipped.items():
         print(f"- {label}: – ({why})")
 
