@@ -2533,8 +2533,9 @@ class _Upstream(asyncio.Protocol):
     def _answer_head(self, answer: "_Answer", resp: ResponseHead) -> bytes:
         """The client's head for ``resp``, as relay() would have written it; from here on
         this connection pipes to the client (back-pressure included)."""
-        flow = answer.flow  # (its server's shutdown, begun since the request came, closes it)
-        keep = answer.keep_alive and not (flow is not None and flow._llmux_server.closing)
+        # Its server's shutdown, if it began since the request came, closes the connection.
+        server = getattr(answer.flow, "_llmux_server", None)  # (None: not a _ClientProtocol)
+        keep = answer.keep_alive and not (server is not None and server.closing)
         data, chunked, self.keep_client = client_response_head(resp, answer.client_10, keep, answer.cors)
         self._attach(answer.transport, chunked, answer.flow)
         self.answering = True
