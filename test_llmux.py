@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, cast
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple, cast
 
 
 HERE = Path(__file__).resolve().parent
@@ -6197,7 +6197,12 @@ def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
 
     async def request(rid: int) -> None:
         turn: "asyncio.Future[None]" = loop.create_future()
-        budget.start(lambda: (turn.set_result(None), True)[1])
+
+        def go() -> bool:
+            turn.set_result(None)
+            return True
+
+        budget.start(go)
         await turn
         started.append(turns[0])
 
@@ -6219,29 +6224,44 @@ def test_turn_budget_does_not_hold_a_burst_to_the_pace_of_long_turns() -> None:
     assert "llmux_request_turn_overdue_total 16" in text
 
 
+async def stop_with_backend(server: "llmux.Server", be: asyncio.AbstractServer, handlers: List[Any]) -> None:
+    """Stop an in-process llmux (it closes its backend connections, so the backend's
+    connection handlers end: awaited, whatever they ended with), then its backend."""
+    await server.stop()
+    await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
+    be.close()
+    await asyncio.wait_for(be.wait_closed(), T)
+
+
 def answering_backend(handlers: List[Any], on_request: Any = lambda: None,
-                      writers: Optional[List[asyncio.StreamWriter]] = None) -> Any:
+                      writers: Optional[List[asyncio.StreamWriter]] = None,
+                      answer: Optional[Callable[[asyncio.StreamWriter], Awaitable[None]]] = None) -> Any:
     """An in-process backend (an asyncio.start_server callback) that answers each whole
-    request {"ok": true}, calling ``on_request`` first; its tasks go into ``handlers``,
-    and its connections' writers into ``writers``."""
+    request {"ok": true} (or as ``answer`` writes it), calling ``on_request`` first; its
+    tasks go into ``handlers``, and its connections' writers into ``writers``."""
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handlers.append(asyncio.current_task())
         if writers is not None:
             writers.append(writer)
         parser = llmux.RequestParser(1 << 20)
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            parser.feed(data)
+        try:
             while True:
-                event = parser.next_event()
-                if event is llmux.NEED_DATA or event is None:
+                data = await reader.read(65536)
+                if not data:
                     break
-                if event is llmux.EndOfMessage:
-                    on_request()
-                    writer.write(http_reply({"ok": True}))
-        writer.close()
+                parser.feed(data)
+                while True:
+                    event = parser.next_event()
+                    if event is llmux.NEED_DATA or event is None:
+                        break
+                    if event is llmux.EndOfMessage:
+                        on_request()
+                        if answer is not None:
+                            await answer(writer)
+                        else:
+                            writer.write(http_reply({"ok": True}))
+        finally:
+            writer.close()
 
     return backend
 
@@ -6367,10 +6387,7 @@ def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_
                 all(not c.closed for c in server.pool._idle[cfg.models["a"].port]), "the stale one pooled"
         finally:
             writer.close()
-            await server.stop()  # closes its backend connections: the handlers end
-            await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
-            be.close()
-            await asyncio.wait_for(be.wait_closed(), T)
+            await stop_with_backend(server, be, handlers)
 
     run_checked(go())
 
@@ -6387,34 +6404,19 @@ def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> No
         got: List[int] = []
         handlers: List[Any] = []
 
-        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            handlers.append(asyncio.current_task())
-            parser = llmux.RequestParser(1 << 20)
-            try:
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    parser.feed(data)
-                    while True:
-                        event = parser.next_event()
-                        if event is llmux.NEED_DATA or event is None:
-                            break
-                        if event is not llmux.EndOfMessage:
-                            continue
-                        got.append(len(got))
-                        if case == "pipelined_behind_a_stream" and len(got) == 1:
-                            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                         b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-                            await gate.wait()
-                            writer.write(b"0\r\n\r\n")
-                        else:
-                            if len(got) == 1:
-                                await gate.wait()
-                            writer.write(http_reply({"ok": len(got)}))
-            finally:
-                writer.close()
+        async def answer(writer: asyncio.StreamWriter) -> None:
+            got.append(len(got))
+            if case == "pipelined_behind_a_stream" and len(got) == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                await gate.wait()
+                writer.write(b"0\r\n\r\n")
+            else:
+                if len(got) == 1:
+                    await gate.wait()
+                writer.write(http_reply({"ok": len(got)}))
 
+        backend = answering_backend(handlers, answer=answer)
         be = await asyncio.start_server(backend, sock=socket.create_server(("127.0.0.1", 0)))
         cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
                                   "policy": {"shutdown_grace_secs": T}})
@@ -6445,10 +6447,7 @@ def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> No
             writer.close()
             if shutdown is not None and not shutdown.done():
                 shutdown.cancel()
-            await server.stop()
-            await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), T)
-            be.close()
-            await asyncio.wait_for(be.wait_closed(), T)
+            await stop_with_backend(server, be, handlers)
 
     run_checked(go())
 
