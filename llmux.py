@@ -1497,7 +1497,8 @@ class _Parser:
         return self._start_line()
 
     def _head_at_once(self) -> Any:
-        """A whole, plain head read in one step (RequestParser); None: go step by step."""
+        """A whole, plain head read in one step (each parser's, by _whole_head); None: go
+        step by step."""
         return None
 
     def _whole_head(self, limit: int, start_line: "re.Pattern[bytes]", line_max: int,
