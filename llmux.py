@@ -5139,6 +5139,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         if self.refused:  # its fd is closed now: one fewer being refused
             self.refused = False
             self._llmux_server._refusing -= 1
+        self._llmux_server._flushing.discard(self)
         self._llmux_gone()
         super().connection_lost(exc)
         # StreamReaderProtocol keeps the reset in a future that only its own __del__
@@ -5774,6 +5775,9 @@ class Server:
         self._refusing = 0  # connections answered 503 at admission whose fd is not closed yet
         self._accept_paused: Optional[asyncio.TimerHandle] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
+        # Closed connections whose answer's last bytes are still in the transport: shutdown
+        # waits for them (within its grace), or the process's exit would drop those bytes.
+        self._flushing: Set[_ClientProtocol] = set()
         self._open = 0  # connections admitted and not yet closed or evicted
         self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
         self.bodies = BodyBudget(config.http.max_buffered_bytes)
@@ -6086,11 +6090,16 @@ class Server:
         for proto in list(self._busy):
             if self._between_requests(proto) and proto._llmux_task is not None:
                 proto._llmux_task.cancel()  # idle keep-alive connections go now
+                writer = proto._llmux_writer  # (their last answer may still be leaving)
+                if writer is not None and writer.transport.get_write_buffer_size():
+                    self._flushing.add(proto)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.policy.shutdown_grace_secs
         # A request being read (its body still arriving, or all of it in the socket) is in
         # flight too: it gets the grace to arrive and be served, and then a 503.
-        while any(busy or not self._between_requests(p) for p, busy in self._busy.items()) \
+        # And an answer written whole is sent whole: a connection closed with bytes still
+        # in its transport (a slow reader of a large answer) is waited for until they leave.
+        while (self._flushing or any(busy or not self._between_requests(p) for p, busy in self._busy.items())) \
                 and loop.time() < deadline:
             await asyncio.sleep(0.02)
         left = sum(1 for p, busy in self._busy.items() if busy or not self._between_requests(p))
@@ -6202,6 +6211,8 @@ class Server:
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
         self._forget(proto)
         self._busy.pop(proto, None)
+        if writer.transport.get_write_buffer_size() and not proto.gone:
+            self._flushing.add(proto)  # until connection_lost: the close flushes it first
         writer.close()
 
     # -- connection admission: max_connections, per peer, idle eviction --
@@ -6297,6 +6308,7 @@ class Server:
         model: Optional[ModelConfig] = None
         slot: Optional[Slot] = None
         held: Optional[bool] = None  # a held stream's head was sent (chunked if True)
+        held_keeps = True  # and whether that head kept the connection
         ticket: Union[Slot, _Waiter, None] = None
         status = 500
         proto.responding = False  # set once a byte of this request's answer is written
@@ -6315,8 +6327,9 @@ class Server:
                 # The Fetch standard sends preflights without credentials, so they need
                 # no key; they are never forwarded (an engine may not answer them).
                 status = 204
-                await self._send(writer, proto, preflight_response(head, origins, not self.closing))
-                return head.keep_alive
+                keep = self._keeps(head)
+                await self._send(writer, proto, preflight_response(head, origins, keep))
+                return keep
             # Only GET and HEAD of /health and of the dashboard's page (no data in it: what
             # it shows it fetches with the key it asks for) go without a key.
             public = bad_path is None and head.method in ("GET", "HEAD") and (
@@ -6333,10 +6346,11 @@ class Server:
                 return False
             if isinstance(answer, _Local):
                 status = answer.status
+                keep = self._keeps(head)
                 await self._send(writer, proto, local_response(
-                    answer.status, answer.body, answer.content_type, keep_alive=self._keeps(head),
+                    answer.status, answer.body, answer.content_type, keep_alive=keep,
                     headers=[*cors, *answer.headers], head_only=head.method == "HEAD"))
-                return head.keep_alive
+                return keep
             model = answer.model
             proto.model = model.name
             if self.log.enabled("debug"):
@@ -6356,8 +6370,9 @@ class Server:
                 if answer.stream and progress != "off" and head.method == "POST" \
                         and not path.startswith("/api/"):
                     held = head.version != "HTTP/1.0"  # chunked; else read until close
+                    held_keeps = self._keeps(head)  # what its head, written now, says
                     slot = await self._hold_stream(ticket, head, path, writer, proto, cors,
-                                                   progress, held)
+                                                   progress, held, held_keeps)
                 else:
                     slot = await self.switcher.wait(ticket)
                 assert slot is not None
@@ -6375,7 +6390,7 @@ class Server:
             status = result.status
             if result.error is not None:
                 raise result.error
-            return result.keep_alive
+            return result.keep_alive and held_keeps
         except LLMuxError as e:
             status = e.status
             if e.status >= 500:
@@ -6385,9 +6400,10 @@ class Server:
                 self._backend_failed(model.name)  # refused or reset: is it down?
             if held is not None:  # its 200 head is out: the error ends the stream instead
                 await self._send(writer, proto, held_error(e, held))
-                return held and head.keep_alive
-            await self._send(writer, proto, error_response(e, self._keeps(head), cors))
-            return head.keep_alive
+                return held and held_keeps
+            keep = self._keeps(head)
+            await self._send(writer, proto, error_response(e, keep, cors))
+            return keep
         except _Cut as e:
             status = 502
             self.log.warning("request.cut", model=model.name if model else None, reason=str(e))
@@ -6455,7 +6471,8 @@ class Server:
 
     async def _hold_stream(self, waiter: _Waiter, head: RequestHead, path: str,
                            writer: asyncio.StreamWriter, proto: _ClientProtocol,
-                           cors: List[Tuple[str, str]], progress: str, chunked: bool) -> Slot:
+                           cors: List[Tuple[str, str]], progress: str, chunked: bool,
+                           keep_alive: bool) -> Slot:
         """A streaming request that has to wait for its model: its 200 event-stream head
         at once, then a loading-status SSE comment every progress_interval_secs until
         its slot comes (with stream_progress "reasoning", on chat completions, also a
@@ -6471,7 +6488,7 @@ class Server:
             return encode_chunk(data) if chunked else data
 
         try:
-            await self._send(writer, proto, sse_head(chunked, head.keep_alive, cors)
+            await self._send(writer, proto, sse_head(chunked, keep_alive, cors)
                              + frame(self._progress(sw.wait_info(waiter), visible, True)))
             while True:
                 slot = await sw.wait(waiter, self.config.policy.progress_interval_secs)

@@ -6392,13 +6392,16 @@ def test_a_post_whose_backend_connection_went_stale_while_it_waited_its_turn_is_
     run_checked(go())
 
 
-@pytest.mark.parametrize("case", ["answer_after_shutdown_began", "pipelined_behind_a_stream"])
+@pytest.mark.parametrize("case", ["answer_after_shutdown_began", "pipelined_behind_a_stream",
+                                  "local_answers_pipelined_behind_a_stream"])
 def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> None:
     """Regression (attack): an answer written after shutdown began still said keep-alive,
     and the connection was then closed: the client's next request met a reset.  Now the
     answer says ``connection: close``.  And a request pipelined behind one whose answer
     was under way (its head said keep-alive) when shutdown began was dropped without a
-    word; it is in flight, so it is served within the grace, and its answer closes."""
+    word; it is in flight, so it is served within the grace, and its answer closes.
+    Regression (attack): llmux's own answers (/health) said close and were still followed
+    by the requests pipelined behind them: nothing is served after an answer that closes."""
     async def go() -> None:
         gate = asyncio.Event()
         got: List[int] = []
@@ -6406,7 +6409,7 @@ def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> No
 
         async def answer(writer: asyncio.StreamWriter) -> None:
             got.append(len(got))
-            if case == "pipelined_behind_a_stream" and len(got) == 1:
+            if case != "answer_after_shutdown_began" and len(got) == 1:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
                 await gate.wait()
@@ -6428,8 +6431,10 @@ def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> No
             body = json.dumps({"model": "a"}).encode()
             request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                        b"content-length: %d\r\n\r\n" % len(body) + body)
-            writer.write(request * (2 if case == "pipelined_behind_a_stream" else 1))
-            if case == "pipelined_behind_a_stream":
+            health = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+            writer.write({"answer_after_shutdown_began": request, "pipelined_behind_a_stream": request * 2,
+                          "local_answers_pipelined_behind_a_stream": request + health * 2}[case])
+            if case != "answer_after_shutdown_began":
                 head = await asyncio.wait_for(reader.readuntil(b"first\r\n"), T)
                 assert b"connection: close" not in head  # it went out before shutdown began
             else:
@@ -6442,11 +6447,113 @@ def test_shutdown_says_it_closes_and_serves_what_it_already_has(case: str) -> No
             assert len(answers) == 1 and answers[0].startswith(b"200"), rest
             assert b"connection: close" in answers[0].split(b"\r\n\r\n")[0], rest
             assert len(got) == (2 if case == "pipelined_behind_a_stream" else 1)
+            if case == "local_answers_pipelined_behind_a_stream":
+                assert b'"status"' in answers[0], rest  # the first /health, and not the second
             await asyncio.wait_for(shutdown, T)
         finally:
             writer.close()
             if shutdown is not None and not shutdown.done():
                 shutdown.cancel()
+            await stop_with_backend(server, be, handlers)
+
+    run_checked(go())
+
+
+def test_a_held_stream_begun_during_shutdown_says_it_closes() -> None:
+    """Regression (attack): a streaming request for a sleeping model, pipelined behind an
+    answer under way at SIGTERM, is served within the grace and held while its model
+    wakes; its 200 event-stream head said keep-alive, and llmux then closed."""
+    async def go() -> None:
+        gate = asyncio.Event()
+        handlers: List[Any] = []
+
+        async def answer(writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await gate.wait()
+            writer.write(b"0\r\n\r\n")
+
+        be = await asyncio.start_server(answering_backend(handlers, answer=answer),
+                                        sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]},
+                                             "b": {"port": 9, "wake": "sleep 30"}},
+                                  "policy": {"shutdown_grace_secs": 0.5}})
+        server = llmux.Server(cfg, llmux.Log(ListStream()))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            def post(model: str) -> bytes:
+                body = json.dumps({"model": model, "stream": True}).encode()
+                return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n" % len(body) + body)
+
+            writer.write(post("a") + post("b"))
+            head = await asyncio.wait_for(reader.readuntil(b"first\r\n"), T)
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head, head
+            shutdown = asyncio.ensure_future(server.shutdown())
+            await steps_until(lambda: server.closing, "shutdown began")
+            gate.set()
+            rest = await asyncio.wait_for(reader.read(), T)  # b's held stream, to the close
+            held = rest.split(b"HTTP/1.1 ")[1:]
+            assert len(held) == 1 and held[0].startswith(b"200"), rest
+            assert b"connection: close" in held[0].split(b"\r\n\r\n")[0], rest
+            await asyncio.wait_for(shutdown, T)
+        finally:
+            writer.close()
+            await stop_with_backend(server, be, handlers)
+
+    run_checked(go())
+
+
+def test_shutdown_waits_for_an_answers_last_bytes_to_leave() -> None:
+    """Regression (attack): an answer larger than the socket buffers, to a client reading
+    slowly, was handed to the transport whole; at SIGTERM the connection counted as done,
+    shutdown ended at once, and the process's exit dropped what the transport still held
+    (the client saw a clean EOF, 63 KB short).  Shutdown now waits, within its grace, for
+    a closed connection's bytes to leave."""
+    async def go() -> None:
+        handlers: List[Any] = []
+        big = b"x" * 40_000  # more than the sockets below hold, less than a transport's high water
+
+        async def answer(writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big))
+
+        be = await asyncio.start_server(answering_backend(handlers, answer=answer),
+                                        sock=socket.create_server(("127.0.0.1", 0)))
+        cfg = llmux.parse_config({"models": {"a": {"port": be.sockets[0].getsockname()[1]}},
+                                  "policy": {"shutdown_grace_secs": T}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small kernel buffers: the
+        client.setblocking(False)  # answer's tail stays in llmux's transport
+        await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=client, limit=4096)
+        try:
+            await steps_until(lambda: server._busy, "llmux has the connection")
+            ours = next(iter(server._busy))._llmux_writer
+            assert ours is not None
+            ours.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            reader._transport.pause_reading()  # type: ignore[attr-defined]  # a client slow to read
+            body = json.dumps({"model": "a"}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body) + body)
+            await log_shows(stream, r"info request method=POST .*status=200")  # all of it handed on
+            conn = next(iter(server._busy))
+            assert conn._llmux_writer is not None
+            transport = conn._llmux_writer.transport
+            assert transport.get_write_buffer_size() > 0, "the test needs bytes left in the transport"
+            shutdown = asyncio.ensure_future(server.shutdown())
+            await steps_until(lambda: server.closing, "shutdown began")
+            reader._transport.resume_reading()  # type: ignore[attr-defined]  # it reads at last
+            received = asyncio.ensure_future(reader.read())
+            await asyncio.wait_for(shutdown, T)
+            assert transport.get_write_buffer_size() == 0, "shutdown ended with bytes unsent"
+            data = await asyncio.wait_for(received, T)
+            assert data.endswith(big), len(data)
+        finally:
+            writer.close()
             await stop_with_backend(server, be, handlers)
 
     run_checked(go())
