@@ -6090,19 +6090,17 @@ class Server:
         for proto in list(self._busy):
             if self._between_requests(proto) and proto._llmux_task is not None:
                 proto._llmux_task.cancel()  # idle keep-alive connections go now
-                writer = proto._llmux_writer  # (their last answer may still be leaving)
-                if writer is not None and writer.transport.get_write_buffer_size():
-                    self._flushing.add(proto)
+                if proto._llmux_writer is not None:  # (their last answer may still be leaving)
+                    self._note_unsent(proto, proto._llmux_writer)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.policy.shutdown_grace_secs
         # A request being read (its body still arriving, or all of it in the socket) is in
         # flight too: it gets the grace to arrive and be served, and then a 503.
         # And an answer written whole is sent whole: a connection closed with bytes still
         # in its transport (a slow reader of a large answer) is waited for until they leave.
-        while (self._flushing or any(busy or not self._between_requests(p) for p, busy in self._busy.items())) \
-                and loop.time() < deadline:
+        while (self._flushing or self._in_flight()) and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        left = sum(1 for p, busy in self._busy.items() if busy or not self._between_requests(p))
+        left = self._in_flight()
         self.log.info("shutdown.drained", requests_cut=left)
         await self.stop()
 
@@ -6211,9 +6209,18 @@ class Server:
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
         self._forget(proto)
         self._busy.pop(proto, None)
-        if writer.transport.get_write_buffer_size() and not proto.gone:
-            self._flushing.add(proto)  # until connection_lost: the close flushes it first
+        self._note_unsent(proto, writer)
         writer.close()
+
+    def _in_flight(self) -> int:
+        """Connections serving a request, or with one (part of one) arrived unread."""
+        return sum(1 for p, busy in self._busy.items() if busy or not self._between_requests(p))
+
+    def _note_unsent(self, proto: _ClientProtocol, writer: asyncio.StreamWriter) -> None:
+        """A connection closing with bytes still in its transport is in _flushing until
+        connection_lost (the close sends them first), for shutdown to wait for."""
+        if writer.transport.get_write_buffer_size() and not proto.gone:
+            self._flushing.add(proto)
 
     # -- connection admission: max_connections, per peer, idle eviction --
 
