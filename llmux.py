@@ -8012,10 +8012,15 @@ def demo_main(argv: Sequence[str]) -> int:
 
 
 def _pid_running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
+    """True while ``pid`` exists and is not a zombie waiting to be reaped.  A zombie
+    main thread with other threads left is a process still running (or still exiting:
+    under SIGKILL the main thread is often first to go), and they hold its files, port
+    and GPU memory until the last one has gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            if f.read().rpartition(")")[2].split()[0] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         pass
     try:

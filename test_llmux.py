@@ -4408,6 +4408,40 @@ def test_stop_treats_a_zombie_as_gone(tmp_path: Path) -> None:
         child.wait()
 
 
+def test_stop_waits_for_a_server_whose_main_thread_exited_first(tmp_path: Path) -> None:
+    """Regression (a CI flake, traced): when a threaded server's main thread exits
+    before its other threads (as under SIGKILL, or a pthread_exit), /proc shows the
+    process as a zombie while those threads still run and hold its port (and, on a GPU,
+    its memory).  `stop` took that zombie for gone and returned while the server still
+    answered on its port; it must wait until the last thread has gone."""
+    code = ("import ctypes, signal, socket, threading\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8)\n"
+            "def serve():\n"
+            "    while True:\n"
+            "        c, _ = s.accept(); c.sendall(b'up'); c.close()\n"
+            "threading.Thread(target=serve).start()\n"
+            "print(s.getsockname()[1], flush=True)\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        port = int(child.stdout.readline())  # type: ignore[union-attr]
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z",
+                 "the main thread to exit")
+        with socket.create_connection(("127.0.0.1", port), timeout=T) as c:
+            assert c.recv(2) == b"up"  # a zombie leader, and its server still serving
+        assert llmux._pid_running(child.pid)
+        (tmp_path / "s.pid").write_text(f"{child.pid}\n")
+        r = subprocess.run([sys.executable, LLMUX, "stop", "--grace", "0.2", "--pidfile",
+                            str(tmp_path / "s.pid")], timeout=T, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not llmux._pid_running(child.pid)
+        assert os.listdir(f"/proc/{child.pid}/task") == [str(child.pid)]  # no thread is left
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_probe_gives_up_at_once_when_the_server_has_exited(tmp_path: Path) -> None:
     hold = held_port()  # nothing listens: every attempt is refused
     dead = subprocess.Popen(["true"])
