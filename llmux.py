@@ -366,6 +366,11 @@ HOOK_NAMES = ("wake", "sleep", "alive")
 DEFAULT_STOP_GRACE = 10.0  # SIGTERM, then SIGKILL after this (stop_grace_secs).
 DEFAULT_READY_PATH = "/health"  # GET this on the model's port; 2xx means ready (ready_path).
 READY_POLL_SECS = 0.05  # readiness is probed this often while the server starts.
+# A stopped server is stopped when its whole process group has gone (its children hold
+# the GPU memory as much as it does): looked for this often, and after SIGKILL for at
+# most GROUP_KILL_WAIT_SECS (a process stuck in the kernel is logged and left).
+GROUP_POLL_SECS = 0.05
+GROUP_KILL_WAIT_SECS = 5.0
 READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers is not ready.
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
@@ -3231,6 +3236,7 @@ class HookRunner:
         self._readers: Set[_PipeReader] = set()
         self._running: Set[int] = set()  # process group ids of hooks still running
         self.servers: Dict[str, _ManagedServer] = {}  # managed servers (cmd), by model
+        self._dying: Dict[str, _ManagedServer] = {}  # exited by themselves, groups killed
         self.spawning = 0  # children being started: their pids are not known yet
         # Called with (model, why) when a managed server that was ready exits by itself.
         self.on_exit: Callable[[str, str], None] = lambda model, why: None
@@ -3391,6 +3397,9 @@ class HookRunner:
             self.log.error("server.failed", model=name, error=result.describe())
             return HookError(result.describe(), result)
 
+        dying = self._dying.pop(name, None)  # the last one crashed: its group was killed
+        if dying is not None and not await _group_gone(dying, GROUP_KILL_WAIT_SECS):
+            self._stuck(dying)
         # A server llmux did not start (left by an old llmux on a host without
         # PR_SET_PDEATHSIG, say) would pass the readiness check and be taken for ours.
         if await _port_taken(model.port):
@@ -3451,14 +3460,26 @@ class HookRunner:
             self.metrics.observe("llmux_hook_duration_seconds", name, "server", value=secs)
         self.log.info("server.ready", model=name, pid=proc.pid, secs=round(secs, 3))
 
+    def _stuck(self, server: _ManagedServer) -> None:
+        left = _group_left(server.proc.pid)
+        if left:
+            self.log.warning("server.group_left", model=server.model.name, pid=server.proc.pid,
+                             left=",".join(map(str, left[:8])),
+                             reason=f"its process group still runs {GROUP_KILL_WAIT_SECS:g}s "
+                                    "after SIGKILL (stuck in the kernel: a GPU driver, a hung "
+                                    "mount?); going on without it")
+
     def _exited(self, server: _ManagedServer) -> None:
         """A managed server's process exited (and was reaped): it is noticed at once."""
         name = server.model.name
-        if self.servers.get(name) is server and not server.stopping:
+        if server.stopping:
+            return  # _stop gives the rest of its group its grace
+        if self.servers.get(name) is server:
             del self.servers[name]
         _killpg(server.proc.pid)  # what it left in its process group goes with it
-        if server.stopping or not server.ready:
-            return  # llmux stopped it, or its wake reports the exit
+        self._dying[name] = server  # and its next start waits until that has gone
+        if not server.ready:
+            return  # its wake reports the exit
         server.output.pump(budget=64)
         why = f"its server {server.describe_exit()}"
         tail = " | ".join(list(server.output.tail)[-5:])
@@ -3482,15 +3503,27 @@ class HookRunner:
         server.stopping = True
         grace = server.model.stop_grace_secs if grace is None else grace
         forced = False
-        if server.running:
-            _signal_group(server.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-            done, _ = await asyncio.wait([server.exited], timeout=grace if grace > 0 else None)
-            if not done:
-                forced = True
-                self.log.warning("server.kill", model=model.name, pid=server.proc.pid,
-                                 reason=f"still running {grace:g}s after SIGTERM (stop_grace_secs)")
-                _killpg(server.proc.pid)
-        await asyncio.shield(server.exited)
+        pgid = server.proc.pid
+        try:
+            if server.running or _group_left(pgid):
+                _signal_group(pgid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+                if grace > 0 and not await _group_gone(server, grace):
+                    forced = True
+                    left = _group_left(pgid)
+                    why = "still running" if server.running else \
+                        f"its process group (pid{'s' if len(left) > 1 else ''} " \
+                        f"{', '.join(map(str, left[:8]))}) still ran"
+                    self.log.warning("server.kill", model=model.name, pid=pgid,
+                                     reason=f"{why} {grace:g}s after SIGTERM (stop_grace_secs)")
+                    _killpg(pgid)
+            await asyncio.shield(server.exited)
+            if not await _group_gone(server, GROUP_KILL_WAIT_SECS):
+                _killpg(pgid)  # (what it forked since the first SIGKILL)
+                self._stuck(server)
+        except BaseException:  # cancelled (shutdown): no half-stopped group is left
+            _killpg(pgid)
+            self._dying[model.name] = server  # a start of it waits for that group
+            raise
         if self.servers.get(model.name) is server:
             del self.servers[model.name]
         server.output.pump(budget=64)
@@ -3508,6 +3541,55 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
+    """The processes of group ``pgid`` still running (_pid_running: a zombie holds no
+    memory and no port); of ``among`` only, if given, else found in /proc.  Without /proc
+    (not Linux), [pgid] while the group has any member."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # the usual end: no member left, not even a zombie
+    except PermissionError:
+        pass
+    if among is None:
+        try:
+            among = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            return [pgid]
+    left = []
+    for pid in among:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if int(f.read().rpartition(b")")[2].split()[2]) != pgid:
+                    continue
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if _pid_running(pid):
+            left.append(pid)
+    return left
+
+
+async def _group_gone(server: _ManagedServer, timeout: float) -> bool:
+    """Wait until ``server`` has exited and no process of its group runs; False if that
+    took longer than ``timeout``.  /proc is read whole at the start and once more when
+    the processes it found have gone (the rest of the time, only theirs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if server.running:
+        done, _ = await asyncio.wait([server.exited], timeout=timeout)
+        if not done:
+            return False
+    pgid = server.proc.pid
+    left = _group_left(pgid)
+    while left:
+        wait = deadline - loop.time()
+        if wait <= 0:
+            return False
+        await asyncio.sleep(min(GROUP_POLL_SECS, wait))
+        left = _group_left(pgid, left) or _group_left(pgid)
+    return True
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -161,11 +161,17 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+CHILD_TERM_SECS = 0.3  # a fake backend's --child slow-term takes this long to exit on SIGTERM
+
+
 def fake_backend_main(argv: List[str]) -> None:
     """``--fd N``: serve on an inherited socket.  ``--port P``: bind P with SO_REUSEPORT
     (as a managed server, started by llmux, must bind its port itself: the test holds
     the port with a bound, not listening, SO_REUSEPORT socket, so no other process can
-    take it).  ``--ignore-term``: SIGTERM does nothing.  ``--pidfile F``: write the pid."""
+    take it).  ``--ignore-term``: SIGTERM does nothing.  ``--pidfile F``: write the pid.
+    ``--child slow-term|ignore-term``: start a child in its process group (as vLLM's engine
+    core is) that, on SIGTERM, takes CHILD_TERM_SECS to exit, or ignores it; it notes
+    ``child-up PID NAME`` and ``child-done PID NAME`` in --events."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FakeHandler, bind_and_activate=False)
     server.socket.close()
     if "--port" in argv:
@@ -180,6 +186,19 @@ def fake_backend_main(argv: List[str]) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "--pidfile" in argv:
         Path(argv[argv.index("--pidfile") + 1]).write_text(f"{os.getpid()}\n")
+    if "--child" in argv:
+        events, name = argv[argv.index("--events") + 1], argv[argv.index("--name") + 1]
+        term = {"slow-term": f'sleep {CHILD_TERM_SECS}; echo "child-done $$ {name}" >> {events}; exit 0',
+                "ignore-term": ""}[argv[argv.index("--child") + 1]]
+        def ups() -> int:
+            return sum(line.startswith("child-up ") and line.endswith(f" {name}")
+                       for line in Path(events).read_text().splitlines())
+        up = ups()
+        subprocess.Popen(["sh", "-c", f"trap '{term}' TERM; echo \"child-up $$ {name}\" >> {events}; "
+                          "while :; do sleep 0.05; done"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while ups() == up:  # up (its trap set) before the server is
+            time.sleep(0.005)
     if "--port" in argv:
         print(f"fake backend listening on {sock.getsockname()[1]}", flush=True)
     server.daemon_threads = True
@@ -1558,6 +1577,22 @@ def test_a_wake_hook_that_cannot_start_leaves_its_model_asleep(tmp_path: Path) -
 # as the server, started, probed, killed and reaped by llmux.
 
 
+def group_running(pgid: int) -> List[int]:
+    """The processes of group ``pgid`` that still run: not zombies, or a zombie main
+    thread with threads left (which still hold the files, the port, the memory)."""
+    running = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    state, _, group = f.read().rpartition(")")[2].split()[:3]
+                if int(group) == pgid and (state != "Z" or len(os.listdir(f"/proc/{name}/task")) > 1):
+                    running.append(int(name))
+            except (OSError, ValueError):
+                continue
+    return running
+
+
 def server_pids(lx: Llmux, name: str) -> List[int]:
     """Pids of every server llmux started for ``name``, oldest first (from its log)."""
     with lx.cond:
@@ -1649,6 +1684,50 @@ def test_managed_server_ignoring_sigterm_is_killed_after_its_grace(env: Env) -> 
     lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"still running 0.2s after SIGTERM" % pid)
     lx.wait_log(r"server\.stopped model=a pid=%d code=-9 killed=true" % pid)
     assert pid_gone(pid)
+
+
+def test_a_managed_server_is_stopped_when_its_whole_process_group_has_gone(env: Env) -> None:
+    """Regression: a server's child in its process group (vLLM's engine core, which holds
+    the GPU memory) was SIGKILLed the moment the server's main process exited on SIGTERM,
+    cutting its own shutdown short, and the sleep (and the next model's wake) did not wait
+    for it to be gone.  Now the group has stop_grace_secs to exit, as the server has."""
+    lx = env.start({"a": env.managed("a", "--child", "slow-term", stop_grace_secs=5),
+                    "b": env.managed("b")})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    assert len(group_running(pa)) >= 2  # the server, its child (and the child's sleep)
+    assert lx.chat("b")[0] == 200  # a's sleep, then b's wake
+    assert group_running(pa) == []
+    done = [line for line in env.lines() if line.startswith("child-done ")]
+    assert done and done[0].endswith(" a"), "the child's own shutdown must not be cut short"
+    lx.wait_log(r"server\.stopped model=a pid=%d code=-15 secs" % pa)  # nothing was killed
+    assert lx.log_count(r"server\.kill") == 0
+
+
+def test_a_managed_servers_child_ignoring_sigterm_is_killed_after_the_grace(env: Env) -> None:
+    lx = env.start({"a": env.managed("a", "--child", "ignore-term", stop_grace_secs=0.3)})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    [child] = [int(line.split()[1]) for line in env.lines() if line.startswith("child-up ")]
+    assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
+    assert group_running(pa) == []
+    lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"its process group \(pids? (\d+, )*%d"
+                r"(, \d+)*\) still ran 0\.3s after SIGTERM \(stop_grace_secs\)" % (pa, child))
+    lx.wait_log(r"server\.stopped model=a pid=%d code=-15 killed=true" % pa)
+
+
+def test_a_crashed_servers_group_is_gone_before_its_model_wakes_again(env: Env) -> None:
+    """The server dies (kill -9); what it left in its group is killed, and the next wake
+    starts a new server only once that group has gone."""
+    lx = env.start({"a": env.managed("a", "--child", "ignore-term")}, policy={"alive_interval_secs": 0})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    os.kill(pa, signal.SIGKILL)
+    lx.wait_log(r"error model\.died model=a")
+    assert lx.chat("a")[0] == 200
+    assert group_running(pa) == []
+    [_, pb] = server_pids(lx, "a")
+    assert len(group_running(pb)) >= 2
 
 
 def test_shutdown_kills_a_server_slow_to_die_within_its_own_grace(env: Env) -> None:
@@ -1937,12 +2016,17 @@ def test_backend_refusing_runs_the_alive_hook_at_once(env: Env) -> None:
 
 
 def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -> None:
-    """Seeded random wake / sleep / kill -9 / requests against two managed servers;
-    after each step the state is the truth: an active model's newest server runs,
-    every other server llmux ever started is gone (reaped: no zombie, no orphan)."""
+    """Seeded random wake / sleep / kill -9 / requests against two managed servers, each
+    with a child in its process group (a's takes its time to exit on SIGTERM, b's
+    ignores it); after each step the state is the truth: an active model's newest
+    server runs, every other server llmux ever started is gone (reaped: no zombie, no
+    orphan), and so is every process of its group."""
     seeds = [int(os.environ["LLMUX_EXPLORE_SEED"])] if "LLMUX_EXPLORE_SEED" in os.environ else [1, 2, 3]
-    lx = env.start({"a": env.managed("a"), "b": env.managed("b")}, policy={"alive_interval_secs": 0})
+    lx = env.start({"a": env.managed("a", "--child", "slow-term"),
+                    "b": env.managed("b", "--child", "ignore-term", stop_grace_secs=0.2)},
+                   policy={"alive_interval_secs": 0})
     kills = 0
+    killed: Set[int] = set()
     for seed in seeds:
         rng = random.Random(seed)
         trace: List[str] = []
@@ -1960,8 +2044,11 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
                     assert status == 200, status
                 elif state[name]["state"] == "active":
                     died = lx.log_count(rf"model\.died model={name}")
-                    os.kill(server_pids(lx, name)[-1], signal.SIGKILL)
+                    pid = server_pids(lx, name)[-1]
+                    os.kill(pid, signal.SIGKILL)
                     lx.wait_log(rf"model\.died model={name}", count=died + 1)
+                    wait_for(lambda: not group_running(pid), "what the killed server left to be killed")
+                    killed.add(pid)
                     kills += 1
                 models = lx.request("GET", "/llmux/status")[2]["models"]
                 for m in ("a", "b"):
@@ -1972,6 +2059,16 @@ def test_explore_managed_servers_random_wake_sleep_kill_and_requests(env: Env) -
                         assert not pid_gone(pids[-1]), f"{m} active but its server is gone"
                     gone = pids[:-1] if active else pids
                     assert all(pid_gone(p) for p in gone), f"{m}: a stopped server lives on"
+                    left = [(p, group_running(p)) for p in gone if group_running(p)]
+                    assert not left, f"{m}: what a stopped server started lives on: {left}"
+                    if active:
+                        assert len(group_running(pids[-1])) >= 2, f"{m}: its server's child is gone"
+                lines = env.lines()
+                children = [line.split()[1] for line in lines if line.startswith("child-up ") and line.endswith(" a")]
+                done = {line.split()[1] for line in lines if line.startswith("child-done ")}
+                for server, child in zip(server_pids(lx, "a"), children):
+                    if server not in killed and pid_gone(server):
+                        assert child in done, f"a: server {server}'s child was stopped before it was done"
                 assert sum(models[m]["state"] == "active" for m in models) <= 1
             except AssertionError as e:
                 raise AssertionError(f"seed {seed} step {step}: {e}\ntrace: {trace}\n"
