@@ -3398,8 +3398,8 @@ class HookRunner:
             return HookError(result.describe(), result)
 
         dying = self._dying.pop(name, None)  # the last one crashed: its group was killed
-        if dying is not None and not await _group_gone(dying, GROUP_KILL_WAIT_SECS):
-            self._stuck(dying)
+        if dying is not None:
+            self._stuck(dying, await _group_wait(dying, GROUP_KILL_WAIT_SECS))
         # A server llmux did not start (left by an old llmux on a host without
         # PR_SET_PDEATHSIG, say) would pass the readiness check and be taken for ours.
         if await _port_taken(model.port):
@@ -3460,9 +3460,10 @@ class HookRunner:
             self.metrics.observe("llmux_hook_duration_seconds", name, "server", value=secs)
         self.log.info("server.ready", model=name, pid=proc.pid, secs=round(secs, 3))
 
-    def _stuck(self, server: _ManagedServer) -> None:
-        left = _group_left(server.proc.pid)
+    def _stuck(self, server: _ManagedServer, left: List[int]) -> None:
+        """What is ``left`` of a server's group outlived SIGKILL by GROUP_KILL_WAIT_SECS."""
         if left:
+            _killpg(server.proc.pid)  # (what it forked since the first SIGKILL)
             self.log.warning("server.group_left", model=server.model.name, pid=server.proc.pid,
                              left=",".join(map(str, left[:8])),
                              reason=f"its process group still runs {GROUP_KILL_WAIT_SECS:g}s "
@@ -3496,7 +3497,8 @@ class HookRunner:
 
     async def _stop(self, server: _ManagedServer, grace: Optional[float] = None) -> HookResult:
         """SIGTERM the server's process group, SIGKILL after stop_grace_secs, and
-        await its exit (reaped by the child watcher: a zombie is never taken as alive)."""
+        await its exit (reaped by the child watcher: a zombie is never taken as alive)
+        and the end of every process of its group (its workers hold GPU memory too)."""
         model = server.model
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -3505,11 +3507,11 @@ class HookRunner:
         forced = False
         pgid = server.proc.pid
         try:
-            if server.running or _group_left(pgid):
+            if server.running or await _group_scan(pgid):
                 _signal_group(pgid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-                if grace > 0 and not await _group_gone(server, grace):
+                left = await _group_wait(server, grace) if grace > 0 else []
+                if left:
                     forced = True
-                    left = _group_left(pgid)
                     why = "still running" if server.running else \
                         f"its process group (pid{'s' if len(left) > 1 else ''} " \
                         f"{', '.join(map(str, left[:8]))}) still ran"
@@ -3517,9 +3519,7 @@ class HookRunner:
                                      reason=f"{why} {grace:g}s after SIGTERM (stop_grace_secs)")
                     _killpg(pgid)
             await asyncio.shield(server.exited)
-            if not await _group_gone(server, GROUP_KILL_WAIT_SECS):
-                _killpg(pgid)  # (what it forked since the first SIGKILL)
-                self._stuck(server)
+            self._stuck(server, await _group_wait(server, GROUP_KILL_WAIT_SECS))
         except BaseException:  # cancelled (shutdown): no half-stopped group is left
             _killpg(pgid)
             self._dying[model.name] = server  # a start of it waits for that group
@@ -3571,25 +3571,37 @@ def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
     return left
 
 
-async def _group_gone(server: _ManagedServer, timeout: float) -> bool:
-    """Wait until ``server`` has exited and no process of its group runs; False if that
-    took longer than ``timeout``.  /proc is read whole at the start and once more when
-    the processes it found have gone (the rest of the time, only theirs)."""
+async def _group_scan(pgid: int) -> List[int]:
+    """_group_left(pgid), with /proc read in a thread when the group has members (on a
+    node of 1,000 processes, reading each one's stat takes ~20 ms: not on the loop)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []
+    except PermissionError:
+        pass
+    return await asyncio.get_running_loop().run_in_executor(None, _group_left, pgid)
+
+
+async def _group_wait(server: _ManagedServer, timeout: float) -> List[int]:
+    """Wait until ``server`` has exited and no process of its group runs; what still
+    ran when ``timeout`` was out ([]: all gone).  /proc is read whole at the start and
+    again when the processes found have gone (meanwhile only theirs, every GROUP_POLL_SECS)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    pgid = server.proc.pid
     if server.running:
         done, _ = await asyncio.wait([server.exited], timeout=timeout)
         if not done:
-            return False
-    pgid = server.proc.pid
-    left = _group_left(pgid)
+            return [pgid]
+    left = await _group_scan(pgid)
     while left:
         wait = deadline - loop.time()
         if wait <= 0:
-            return False
+            return left
         await asyncio.sleep(min(GROUP_POLL_SECS, wait))
-        left = _group_left(pgid, left) or _group_left(pgid)
-    return True
+        left = _group_left(pgid, left) or await _group_scan(pgid)
+    return []
 
 
 def _signal_group(pgid: int, signum: int) -> None:

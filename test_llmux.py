@@ -4490,6 +4490,34 @@ def test_readme_recipe_llamacpp_wake_is_idempotent_fuzz(env: Env) -> None:
             s.close()
 
 
+def test_a_process_group_is_gone_when_only_zombies_are_left() -> None:
+    """_group_left: a member that has exited and not been reaped holds nothing, and is
+    not waited for; one that runs is named; a group with no member is gone."""
+    code = ("import os, subprocess, sys, time\n"
+            "os.setsid()\n"
+            "subprocess.Popen(['true']).pid\n"  # never reaped: a zombie of this group
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        pgid = int(child.stdout.readline())  # type: ignore[union-attr]
+        def zombies() -> int:
+            found = 0
+            for name in os.listdir("/proc"):
+                try:
+                    found += name.isdigit() and f") Z {pgid} {pgid} " in Path(f"/proc/{name}/stat").read_text()
+                except OSError:
+                    pass
+            return found
+        wait_for(lambda: zombies() == 1, "the zombie in the group")
+        assert llmux._group_left(pgid) == [pgid] == group_running(pgid)
+        assert llmux._group_left(pgid, [pgid]) == [pgid]
+    finally:
+        child.kill()
+        child.wait()
+    assert llmux._group_left(pgid) == []
+
+
 def test_stop_treats_a_zombie_as_gone(tmp_path: Path) -> None:
     """When nothing reaps an exited server, `kill -0` says it runs forever."""
     child = subprocess.Popen(["sleep", "60"])  # this test is its parent and does not reap it
