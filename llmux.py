@@ -3236,8 +3236,14 @@ class HookRunner:
         self._readers: Set[_PipeReader] = set()
         self._running: Set[int] = set()  # process group ids of hooks still running
         self.servers: Dict[str, _ManagedServer] = {}  # managed servers (cmd), by model
-        self._dying: Dict[str, _ManagedServer] = {}  # exited by themselves, groups killed
+        # Servers that exited by themselves (their groups killed), and when: the next
+        # start of the model waits for what is left of the group, for the rest of
+        # GROUP_KILL_WAIT_SECS (later its number may name a stranger's group).
+        self._dying: Dict[str, Tuple[_ManagedServer, float]] = {}
+        self._stuck_left: Dict[str, List[int]] = {}  # what outlived SIGKILL, by model
         self.spawning = 0  # children being started: their pids are not known yet
+        # Set at shutdown (shutdown_grace_secs): no server's stop may take longer.
+        self.grace_cap: Optional[float] = None
         # Called with (model, why) when a managed server that was ready exits by itself.
         self.on_exit: Callable[[str, str], None] = lambda model, why: None
         # Called with why when a hook cannot start for lack of fds, before one more try:
@@ -3346,7 +3352,7 @@ class HookRunner:
             _killpg(pgid)
         for server in list(self.servers.values()):
             server.stopping = True
-            _killpg(server.proc.pid)
+            server.kill_group()
         for reader in list(self._readers):
             reader.close()
 
@@ -3367,13 +3373,11 @@ class HookRunner:
         if server is not None and server.running:
             await self._stop(server)
 
-    async def stop_servers(self, grace: Optional[float] = None) -> None:
-        """Stop every managed server (SIGTERM, SIGKILL after its grace, or after
-        ``grace`` if that is shorter: a shutdown has its own deadline): a managed server
+    async def stop_servers(self) -> None:
+        """Stop every managed server at once (SIGTERM, SIGKILL after its grace, or after
+        grace_cap if that is shorter: a shutdown has its own deadline): a managed server
         is llmux's child and never outlives it, whatever sleep_on_exit says."""
-        await asyncio.gather(*(self._stop(s, None if grace is None else
-                                          min(grace, s.model.stop_grace_secs))
-                               for s in list(self.servers.values())))
+        await asyncio.gather(*(self._stop(s) for s in list(self.servers.values())))
 
     async def _start_server(self, model: ModelConfig) -> None:
         """Start ``model``'s server unless it runs, and wait until it is ready; raise
@@ -3397,12 +3401,19 @@ class HookRunner:
             self.log.error("server.failed", model=name, error=result.describe())
             return HookError(result.describe(), result)
 
-        dying = self._dying.pop(name, None)  # the last one crashed: its group was killed
-        if dying is not None:
-            self._stuck(dying, await _group_wait(dying, GROUP_KILL_WAIT_SECS))
+        dying, died_at = self._dying.pop(name, (None, 0.0))  # the last one crashed
+        if dying is not None and loop.time() - died_at < GROUP_KILL_WAIT_SECS:
+            self._stuck(dying, await _group_wait(dying, GROUP_KILL_WAIT_SECS - (loop.time() - died_at)))
         # A server llmux did not start (left by an old llmux on a host without
         # PR_SET_PDEATHSIG, say) would pass the readiness check and be taken for ours.
         if await _port_taken(model.port):
+            stuck = _group_left(self._stuck_left[name][0], self._stuck_left[name]) \
+                if name in self._stuck_left else []
+            if stuck:
+                raise fail(f"server for model '{name}' cannot start: port {model.port} is still "
+                           f"held by what its last server left running after SIGKILL (pid "
+                           f"{', '.join(map(str, stuck[:8]))}: stuck in the kernel?); expected "
+                           "it to exit")
             raise fail(f"server for model '{name}' cannot start: port {model.port} is served "
                        "by a process llmux did not start; expected a free port (stop that "
                        "process)")
@@ -3462,8 +3473,10 @@ class HookRunner:
 
     def _stuck(self, server: _ManagedServer, left: List[int]) -> None:
         """What is ``left`` of a server's group outlived SIGKILL by GROUP_KILL_WAIT_SECS."""
+        self._stuck_left.pop(server.model.name, None)
         if left:
-            _killpg(server.proc.pid)  # (what it forked since the first SIGKILL)
+            server.kill_group()  # (what it forked since the first SIGKILL)
+            self._stuck_left[server.model.name] = left
             self.log.warning("server.group_left", model=server.model.name, pid=server.proc.pid,
                              left=",".join(map(str, left[:8])),
                              reason=f"its process group still runs {GROUP_KILL_WAIT_SECS:g}s "
@@ -3477,8 +3490,8 @@ class HookRunner:
             return  # _stop gives the rest of its group its grace
         if self.servers.get(name) is server:
             del self.servers[name]
-        _killpg(server.proc.pid)  # what it left in its process group goes with it
-        self._dying[name] = server  # and its next start waits until that has gone
+        server.kill_group()  # what it left in its process group goes with it
+        self._dying[name] = (server, asyncio.get_running_loop().time())  # (and is waited for)
         if not server.ready:
             return  # its wake reports the exit
         server.output.pump(budget=64)
@@ -3504,6 +3517,8 @@ class HookRunner:
         started = loop.time()
         server.stopping = True
         grace = server.model.stop_grace_secs if grace is None else grace
+        if self.grace_cap is not None:
+            grace = min(grace, self.grace_cap)  # shutting down: its deadline is the bound
         forced = False
         pgid = server.proc.pid
         try:
@@ -3517,12 +3532,12 @@ class HookRunner:
                         f"{', '.join(map(str, left[:8]))}) still ran"
                     self.log.warning("server.kill", model=model.name, pid=pgid,
                                      reason=f"{why} {grace:g}s after SIGTERM (stop_grace_secs)")
-                    _killpg(pgid)
-            await asyncio.shield(server.exited)
+                    server.kill_group()
+            # (bounded: a process stuck in the kernel, or traced, may never be reaped)
             self._stuck(server, await _group_wait(server, GROUP_KILL_WAIT_SECS))
         except BaseException:  # cancelled (shutdown): no half-stopped group is left
-            _killpg(pgid)
-            self._dying[model.name] = server  # a start of it waits for that group
+            server.kill_group()
+            self._dying[model.name] = (server, loop.time())  # a start of it waits for that group
             raise
         if self.servers.get(model.name) is server:
             del self.servers[model.name]
@@ -3543,16 +3558,26 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
-    """The processes of group ``pgid`` still running (_pid_running: a zombie holds no
-    memory and no port); of ``among`` only, if given, else found in /proc.  Without /proc
-    (not Linux), [pgid] while the group has any member."""
+def _group_has_members(pgid: int) -> bool:
+    """Whether any process is in group ``pgid``, a zombie included."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return []  # the usual end: no member left, not even a zombie
+        return False
     except PermissionError:
         pass
+    return True
+
+
+def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
+    """The processes of group ``pgid`` still running (_pid_running: a zombie holds no
+    memory and no port); of ``among`` only, if given, else found in /proc.  Without a
+    /proc of llmux's own (not Linux; a pid namespace without its own /proc mounted),
+    [pgid] while the group has any member."""
+    if not _group_has_members(pgid):
+        return []  # the usual end: no member left, not even a zombie
+    if not _proc_ours():
+        return [pgid]
     if among is None:
         try:
             among = [int(name) for name in os.listdir("/proc") if name.isdigit()]
@@ -3574,34 +3599,43 @@ def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
 async def _group_scan(pgid: int) -> List[int]:
     """_group_left(pgid), with /proc read in a thread when the group has members (on a
     node of 1,000 processes, reading each one's stat takes ~20 ms: not on the loop)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+    if not _group_has_members(pgid):
         return []
-    except PermissionError:
-        pass
     return await asyncio.get_running_loop().run_in_executor(None, _group_left, pgid)
 
 
 async def _group_wait(server: _ManagedServer, timeout: float) -> List[int]:
     """Wait until ``server`` has exited and no process of its group runs; what still
     ran when ``timeout`` was out ([]: all gone).  /proc is read whole at the start and
-    again when the processes found have gone (meanwhile only theirs, every GROUP_POLL_SECS)."""
+    again when the processes found have gone (meanwhile only theirs, every GROUP_POLL_SECS).
+    Its main process counts as gone once it is a zombie, reaped or not (a tracer that
+    never waits for it keeps it from llmux: it holds nothing any more)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     pgid = server.proc.pid
-    if server.running:
-        done, _ = await asyncio.wait([server.exited], timeout=timeout)
-        if not done:
+    while server.running and _pid_running(pgid):
+        wait = deadline - loop.time()
+        if wait <= 0:
             return [pgid]
-    left = await _group_scan(pgid)
-    while left:
+        await asyncio.wait([server.exited], timeout=min(GROUP_POLL_SECS, wait))
+    swept = False
+    left = [] if server.reused() else await _group_scan(pgid)
+    while True:
+        if not left:
+            if swept or server.reused() or not _group_has_members(pgid):
+                return []
+            # The group has members and none was seen running: zombies, or one that
+            # forked and exited while /proc was read (a chain of them can hop past every
+            # scan).  SIGKILL is nothing to a zombie, and no fork escapes a group's signal.
+            server.kill_group()
+            swept = True
+            left = await _group_scan(pgid)
+            continue
         wait = deadline - loop.time()
         if wait <= 0:
             return left
         await asyncio.sleep(min(GROUP_POLL_SECS, wait))
         left = _group_left(pgid, left) or await _group_scan(pgid)
-    return []
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -3686,6 +3720,25 @@ class _ManagedServer:
     @property
     def running(self) -> bool:
         return self.proc.returncode is None
+
+    def reused(self) -> bool:
+        """Whether its pid (its group's number) names another process now: once it has
+        been reaped, that means its group is empty (a pid is not given out while a
+        group has its number), and the group of that number is a stranger's."""
+        if self.running:
+            return False
+        try:
+            os.kill(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def kill_group(self) -> None:
+        """SIGKILL what runs of its process group (not a stranger's of the same number)."""
+        if not self.reused():
+            _killpg(self.proc.pid)
 
     def describe_exit(self) -> str:
         code = self.proc.returncode
@@ -6216,6 +6269,9 @@ class Server:
         tasks = [p._llmux_task for p in self._busy if p._llmux_task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        # SIGTERM has come with a deadline (shutdown_grace_secs, a systemd stop timeout):
+        # a server slow to die is killed within it rather than waited for.
+        self.hooks.grace_cap = self.config.policy.shutdown_grace_secs
         if self.config.policy.sleep_on_exit:
             for m in self.switcher.models.values():
                 if m.state is not ModelState.ASLEEP:
@@ -6224,9 +6280,7 @@ class Server:
                         await self.hooks.run(m.cfg, "sleep")
                     except HookError:
                         pass  # logged
-        # SIGTERM has come with a deadline (shutdown_grace_secs, a systemd stop timeout):
-        # a server slow to die is killed within it rather than waited for.
-        await self.hooks.stop_servers(self.config.policy.shutdown_grace_secs)
+        await self.hooks.stop_servers()
         self.hooks.close()
         self.pool.close_all()
         if self._reaping:
@@ -7658,7 +7712,7 @@ class SimHooks:
     async def stop_server(self, name: str) -> None:
         pass
 
-    async def stop_servers(self, grace: Optional[float] = None) -> None:
+    async def stop_servers(self) -> None:
         pass
 
     def close(self) -> None:
@@ -8105,16 +8159,31 @@ def demo_main(argv: Sequence[str]) -> int:
     return 0
 
 
+_PROC_OURS: List[bool] = []
+
+
+def _proc_ours() -> bool:
+    """Whether /proc shows llmux's own pid namespace (not so in one entered without a
+    /proc of its own mounted: there, /proc/PID is another process)."""
+    if not _PROC_OURS:
+        try:
+            _PROC_OURS.append(os.readlink("/proc/self") == str(os.getpid()))
+        except OSError:
+            _PROC_OURS.append(False)
+    return _PROC_OURS[0]
+
+
 def _pid_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie waiting to be reaped.  A zombie
     main thread with other threads left is a process still running (or still exiting:
     under SIGKILL the main thread is often first to go), and they hold its files, port
     and GPU memory until the last one has gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rpartition(")")[2].split()[0] != "Z":
-                return True
-        return len(os.listdir(f"/proc/{pid}/task")) > 1
+        if _proc_ours():
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] != "Z":
+                    return True
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         pass
     try:

@@ -162,6 +162,18 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
 
 
 CHILD_TERM_SECS = 0.3  # a fake backend's --child slow-term takes this long to exit on SIGTERM
+_HOP = """import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+events, name = sys.argv[1:3]
+tag = "child-up"
+while True:
+    with open(events, "a") as f:
+        f.write(f"{tag} {os.getpid()} {name}\\n")
+    tag = "hop"
+    time.sleep(0.005)
+    if os.fork():
+        os._exit(0)
+"""
 
 
 def fake_backend_main(argv: List[str]) -> None:
@@ -169,9 +181,10 @@ def fake_backend_main(argv: List[str]) -> None:
     (as a managed server, started by llmux, must bind its port itself: the test holds
     the port with a bound, not listening, SO_REUSEPORT socket, so no other process can
     take it).  ``--ignore-term``: SIGTERM does nothing.  ``--pidfile F``: write the pid.
-    ``--child slow-term|ignore-term``: start a child in its process group (as vLLM's engine
-    core is) that, on SIGTERM, takes CHILD_TERM_SECS to exit, or ignores it; it notes
-    ``child-up PID NAME`` and ``child-done PID NAME`` in --events."""
+    ``--child slow-term|ignore-term|hop``: start a child in its process group (as vLLM's
+    engine core is) that, on SIGTERM, takes CHILD_TERM_SECS to exit, or ignores it; it
+    notes ``child-up PID NAME`` and ``child-done PID NAME`` in --events.  ``hop`` ignores
+    SIGTERM and every 5 ms forks and exits, noting ``hop PID NAME`` for each new one."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FakeHandler, bind_and_activate=False)
     server.socket.close()
     if "--port" in argv:
@@ -189,14 +202,16 @@ def fake_backend_main(argv: List[str]) -> None:
     if "--child" in argv:
         events, name = argv[argv.index("--events") + 1], argv[argv.index("--name") + 1]
         term = {"slow-term": f'sleep {CHILD_TERM_SECS}; echo "child-done $$ {name}" >> {events}; exit 0',
-                "ignore-term": ""}[argv[argv.index("--child") + 1]]
+                "ignore-term": "", "hop": ""}[argv[argv.index("--child") + 1]]
         def ups() -> int:
             return sum(line.startswith("child-up ") and line.endswith(f" {name}")
                        for line in Path(events).read_text().splitlines())
         up = ups()
-        subprocess.Popen(["sh", "-c", f"trap '{term}' TERM; echo \"child-up $$ {name}\" >> {events}; "
-                          "while :; do sleep 0.05; done"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mode = argv[argv.index("--child") + 1]
+        child = [sys.executable, "-c", _HOP, events, name] if mode == "hop" else \
+            ["sh", "-c", f"trap '{term}' TERM; echo \"child-up $$ {name}\" >> {events}; "
+             "while :; do sleep 0.05; done"]
+        subprocess.Popen(child, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while ups() == up:  # up (its trap set) before the server is
             time.sleep(0.005)
     if "--port" in argv:
@@ -1714,6 +1729,92 @@ def test_a_managed_servers_child_ignoring_sigterm_is_killed_after_the_grace(env:
     lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"its process group \(pids? (\d+, )*%d"
                 r"(, \d+)*\) still ran 0\.3s after SIGTERM \(stop_grace_secs\)" % (pa, child))
     lx.wait_log(r"server\.stopped model=a pid=%d code=-15 killed=true" % pa)
+
+
+def test_a_group_member_that_forks_past_every_scan_is_killed(env: Env) -> None:
+    """Regression (attack): a worker that ignores SIGTERM and every 5 ms forks a child
+    and exits was missed by the scan of /proc (forked after the listing, exited before
+    its stat was read): the sleep took the group for gone, never sent SIGKILL, and the
+    chain ran on after llmux had exited."""
+    lx = env.start({"a": env.managed("a", "--child", "hop", stop_grace_secs=0.3)})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
+    for _ in range(3):
+        hops = [int(line.split()[1]) for line in env.lines() if line.startswith(("hop ", "child-up "))]
+        assert len(hops) > 2 and not group_running(pa) and pid_gone(hops[-1]), "the chain runs on"
+
+
+def test_a_stopped_server_that_cannot_be_reaped_does_not_hang_the_switch(env: Env) -> None:
+    """Regression (attack): a server traced by a process that never waits for it (a
+    debugger left suspended) is killed but cannot be reaped by llmux; the switch awaited
+    its exit for ever, and so did shutdown.  A zombie holds nothing: the switch goes on."""
+    lx = env.start({"a": env.managed("a", stop_grace_secs=0.3), "b": env.managed("b")},
+                   policy={"shutdown_grace_secs": 1})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    tracer = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, time\n"
+        f"ok = ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pa}, None, None) == 0\n"  # PTRACE_SEIZE
+        "print(ok, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        if tracer.stdout.readline().strip() != "True":  # type: ignore[union-attr]
+            pytest.skip("ptrace is not allowed here")
+        assert lx.chat("b")[0] == 200  # a: SIGTERM (held by the tracer), SIGKILL, a zombie
+        lx.wait_log(r"server\.kill model=a pid=%d reason=\"still running 0\.3s" % pa)
+        lx.wait_log(r"server\.stopped model=a pid=%d killed=true" % pa)
+        lx.stop()
+        assert lx.proc.returncode == 0
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
+def test_a_crashed_servers_number_reused_by_a_stranger_is_not_waited_for(env: Env) -> None:
+    """Regression (attack): a crashed server's group was waited for at its model's next
+    start by number; once empty, that number may lead a stranger's group (pids wrap), and
+    the start waited 5 s for it and logged it as stuck (or would have killed it)."""
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    if not os.access(last_pid, os.W_OK):
+        pytest.skip("needs a writable /proc/sys/kernel/ns_last_pid (root)")
+    lx = env.start({"a": env.managed("a")}, policy={"alive_interval_secs": 0})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    os.kill(pa, signal.SIGKILL)
+    lx.wait_log(r"error model\.died model=a")
+    wait_for(lambda: not llmux._group_has_members(pa), "the crashed server's group to be empty")
+    stranger = None
+    for _ in range(20):  # another process may take the pid first: try again
+        last_pid.write_text(str(pa - 1))
+        stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)
+        if stranger.pid == pa:
+            break
+        stranger.kill()
+        stranger.wait()
+        stranger = None
+    if stranger is None:
+        pytest.skip("could not give the crashed server's pid to another process")
+    try:
+        assert lx.chat("a")[0] == 200
+        assert lx.log_count(r"server\.group_left") == 0
+        assert stranger.poll() is None, "a stranger's process was killed"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_sleep_on_exit_stops_a_managed_server_within_the_shutdown_grace(env: Env) -> None:
+    """Regression (attack): with sleep_on_exit, shutdown slept each managed model with
+    its full stop_grace_secs, past shutdown_grace_secs (and systemd's stop timeout)."""
+    lx = env.start({"a": env.managed("a", "--ignore-term", stop_grace_secs=120)},
+                   policy={"shutdown_grace_secs": 0.5, "sleep_on_exit": True})
+    assert lx.chat("a")[0] == 200
+    [pa] = server_pids(lx, "a")
+    lx.stop()
+    assert lx.proc.returncode == 0, lx.proc.returncode
+    lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"still running 0.5s after SIGTERM" % pa)
+    assert pid_gone(pa)
 
 
 def test_a_crashed_servers_group_is_gone_before_its_model_wakes_again(env: Env) -> None:
