@@ -374,6 +374,7 @@ GROUP_KILL_WAIT_SECS = 5.0
 READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers is not ready.
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
+REAP_BATCH = 256  # orphans reaped in one pass (one step of the loop); the rest in the next.
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
 EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
@@ -3679,9 +3680,30 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
     """Reap zombie children of llmux that it did not start itself (orphans reparented
     to it); return their (pid, status).  Its own hooks and servers (``own``) are left to
     asyncio's child watcher, which waits for each by pid: reaping one here would steal
-    its exit status.  Linux only (reads /proc); elsewhere nothing is reaped."""
+    its exit status.  waitid(WNOWAIT) names each waiting child without reaping it, so a
+    pass costs a few system calls, not a read of every process in /proc; only when one
+    of llmux's own is first in line (the watcher has not reaped it yet) is /proc read
+    for the others behind it (Linux, and only a /proc of llmux's own pid namespace)."""
     me = os.getpid()
     reaped: List[Tuple[int, int]] = []
+    waitid = getattr(os, "waitid", None)
+    if waitid is not None:
+        for _ in range(REAP_BATCH):
+            try:
+                info = waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return reaped  # no child at all
+            if info is None or info.si_pid == 0:
+                return reaped  # none waiting
+            if info.si_pid in own:
+                break  # the watcher's: look behind it
+            pid, status = os.waitpid(info.si_pid, os.WNOHANG)
+            if pid:
+                reaped.append((pid, status))
+        else:
+            return reaped  # a full batch: the next SIGCHLD (or poll) goes on
+    if not _proc_ours():
+        return reaped
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -6119,12 +6141,16 @@ class Server:
         if self.hooks.spawning:  # a child whose pid is not known yet may have exited
             self._reap_timer = asyncio.get_running_loop().call_later(REAP_RETRY_SECS, self._reap)
             return
+        reaped: List[Tuple[int, int]] = []
         try:
-            for pid, status in reap_orphans(self.hooks.own_pids()):
+            reaped = reap_orphans(self.hooks.own_pids())
+            for pid, status in reaped:
                 self.log.info("reaper.reaped", pid=pid, status=status)
         except Exception as e:
             log_internal_error(self.log, self.metrics, "reaper", e)
-        if self._reap_poll is not None:
+        if len(reaped) >= REAP_BATCH:  # more may wait: in the next step, after other work
+            self._reap_timer = asyncio.get_running_loop().call_later(0, self._reap)
+        elif self._reap_poll is not None:
             self._reap_timer = asyncio.get_running_loop().call_later(self._reap_poll, self._reap)
 
     def _server_exited(self, name: str, why: str) -> None:

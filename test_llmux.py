@@ -2037,6 +2037,30 @@ def test_llmux_as_pid_1_of_a_pid_namespace_reaps_orphans(env: Env) -> None:
     assert lx.log_count(r"Unknown child process") == 0
 
 
+def test_in_a_pid_namespace_without_its_own_proc_a_stop_waits_for_the_group(env: Env) -> None:
+    """Regression (attack): in a pid namespace entered without a /proc of its own
+    (`unshare --pid --fork`, no --mount-proc), /proc/PID is another process: the group's
+    scan looked at the host's processes, found nothing of it, and the stop cut its
+    workers' shutdown short.  There llmux goes by the group's members alone."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=T)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
+    cfg = {"models": {"a": env.managed("a", "--child", "slow-term", stop_grace_secs=5)},
+           "policy": {"wake_backoff_secs": 0}}
+    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--kill-child=SIGKILL"))
+    env.procs.append(lx)
+    lx.wait_log(r"reaper\.on pid=1 ")
+    assert lx.chat("a")[0] == 200
+    assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
+    done = [line for line in env.lines() if line.startswith("child-done ")]
+    assert done, "the child's own shutdown must not be cut short"
+    lx.wait_log(r"server\.stopped model=a pid=\d+ code=-15 secs")
+    lx.wait_log(r"reaper\.reaped pid=\d+ status=0")  # the child, reparented to llmux
+    assert lx.log_count(r"server\.kill") == 0
+    os.kill(_child_of(lx.proc.pid), signal.SIGTERM)  # unshare itself ignores SIGTERM
+    lx.proc.wait(T)
+
+
 def test_hook_managed_backend_that_dies_is_rewoken_by_the_next_request(env: Env) -> None:
     """A backend killed while ACTIVE: the request that finds it gone gets a 502, and
     its refused connection marks the model down at once (no alive hook: died), so the
@@ -4617,6 +4641,40 @@ def test_a_process_group_is_gone_when_only_zombies_are_left() -> None:
         child.kill()
         child.wait()
     assert llmux._group_left(pgid) == []
+
+
+def test_reap_orphans_reaps_a_flood_in_batches_and_never_one_of_its_own() -> None:
+    """reap_orphans, in a process of its own: 300 zombie children are reaped REAP_BATCH
+    a pass (by waitid, no read of /proc), the rest in the next; one that llmux waits for
+    itself (``own``), first in line, is left to it, and those behind it are still reaped."""
+    code = ("import os, sys\n"
+            f"sys.path.insert(0, {str(HERE)!r})\n"
+            "import llmux\n"
+            "def zombies(n):\n"
+            "    pids = []\n"
+            "    for _ in range(n):\n"
+            "        pid = os.fork()\n"
+            "        if pid == 0:\n"
+            "            os._exit(3)\n"
+            "        pids.append(pid)\n"
+            "    for pid in pids:\n"  # each one exited (a zombie) before the pass
+            "        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)\n"
+            "    return pids\n"
+            "pids = zombies(300)\n"
+            "first = llmux.reap_orphans(set())\n"
+            "second = llmux.reap_orphans(set())\n"
+            "assert len(first) == llmux.REAP_BATCH, len(first)\n"
+            "assert sorted(p for p, _ in first + second) == sorted(pids)\n"
+            "assert all(os.WEXITSTATUS(st) == 3 for _, st in first + second)\n"
+            "assert llmux.reap_orphans(set()) == []\n"
+            "pids = zombies(5)\n"
+            "mine = min(pids)\n"
+            "reaped = llmux.reap_orphans({mine})\n"
+            "assert sorted(p for p, _ in reaped) == sorted(set(pids) - {mine}), (reaped, pids)\n"
+            "assert os.waitpid(mine, 0)[0] == mine\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=T)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
 
 
 def test_stop_treats_a_zombie_as_gone(tmp_path: Path) -> None:
