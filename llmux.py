@@ -831,12 +831,47 @@ class Config:
         return None
 
 
+def _preview(value: Any, limit: int) -> str:
+    """``value`` as JSON, cut past ``limit`` characters, with only as much of it looked at:
+    a value of YAML aliases nested a few levels deep is gigabytes when written out whole
+    (and a str of 5,000 digits an error)."""
+    out: List[str] = []
+    size = 0
+
+    def put(text: str) -> bool:
+        nonlocal size
+        out.append(text)
+        size += len(text)
+        return size <= limit
+
+    def walk(v: Any) -> bool:
+        if isinstance(v, dict):
+            items: Iterable[Tuple[Any, Any]] = v.items()
+            opening, closing = "{", "}"
+        elif isinstance(v, (list, tuple)):
+            items = ((None, x) for x in v)
+            opening, closing = "[", "]"
+        else:
+            try:
+                text = json.dumps(v[:limit + 1] if isinstance(v, str) else v)
+            except (TypeError, ValueError):
+                text = f"<{type(v).__name__}>"
+            return put(text[:limit + 1])
+        if not put(opening):
+            return False
+        for i, (k, x) in enumerate(items):
+            if (i and not put(", ")) or (opening == "{" and not put(json.dumps(str(k)[:limit]) + ": ")) \
+                    or not walk(x):
+                return False
+        return put(closing)
+
+    walk(value)
+    return "".join(out)
+
+
 def _describe(value: Any) -> str:
     """How a config value looks in an error message: ``"5" (a string)``."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+    text = _preview(value, 60)
     if len(text) > 60:
         text = text[:57] + "..."
     kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(type(value))
@@ -1052,7 +1087,7 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
                                             integer=True, positive=True)
     if "name" in policy_raw:
         name = policy_raw["name"]
-        if name not in POLICIES:
+        if not isinstance(name, str) or name not in POLICIES:
             c.bad("policy.name", "one of " + ", ".join(sorted(POLICIES)), name)
         policy_args["name"] = name
 
@@ -1146,7 +1181,7 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
                                    stream_progress=progress, **hooks, **managed)
 
     preload = raw.get("preload")
-    if preload is not None and preload not in models:
+    if preload is not None and (not isinstance(preload, str) or preload not in models):
         c.bad("preload", "null or the name of a model in 'models'", preload)
     if c.problems:
         raise ConfigError(c.problems)
@@ -1170,6 +1205,16 @@ def _check_cors_origins(c: _Checker, value: Any) -> Tuple[str, ...]:
     return tuple(origins)
 
 
+def _own_port_problems(config: Config, port: Optional[int], host: str) -> List[str]:
+    """A model on the port llmux itself listens on (on loopback or every address): its
+    requests would come back to llmux, each opening one more connection to itself."""
+    if not port or not (host in ("", "0.0.0.0", "::", "localhost", "::1") or host.startswith("127.")):
+        return []
+    return [f"models.{name}.port: {port} is the port llmux itself listens on; expected another "
+            "port (requests to it would come back to llmux)"
+            for name, m in config.models.items() if m.port == port]
+
+
 def load_config(path: str) -> Config:
     """Read and validate a JSON (or, with PyYAML, YAML) config file."""
     try:
@@ -1184,7 +1229,7 @@ def load_config(path: str) -> Config:
                                "install it (pip install pyyaml) or write the config as JSON"])
         try:
             raw = yaml.safe_load(data)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:  # (ValueError: an int of 5,000 digits)
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
         except RecursionError:
             raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
@@ -3810,7 +3855,7 @@ def _expand(arg: str, model: ModelConfig) -> str:
 class _Subscriber:
     """One /llmux/events client: its transport, written to directly (no queue, no task)."""
 
-    __slots__ = ("transport", "chunked", "done", "dropped")
+    __slots__ = ("transport", "chunked", "done", "dropped", "allowance")
 
     def __init__(self, transport: asyncio.WriteTransport, chunked: bool,
                  done: "asyncio.Future[str]") -> None:
@@ -3818,6 +3863,7 @@ class _Subscriber:
         self.chunked = chunked
         self.done = done  # resolves to why the stream ends (dropped, shutdown)
         self.dropped = False
+        self.allowance = 0  # its snapshot's size: unsent beyond EVENTS_MAX_BUFFERED
 
     def frame(self, data: bytes) -> bytes:
         return encode_chunk(data) if self.chunked else data
@@ -3866,8 +3912,10 @@ class EventBus:
         write it to ``only`` at once (its snapshot)."""
         data = b"id: %d\ndata: %s\n\n" % (record.get("seq", self.seq), json.dumps(
             record, default=str, separators=(",", ":")).encode())
-        if only is not None:
-            self._write(only, only.frame(data))
+        if only is not None:  # a snapshot, bounded by what it shows, not by the reader's
+            frame = only.frame(data)  # bound (which a large one once passed by itself)
+            only.allowance = len(frame)
+            self._write(only, frame)
             return
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -3897,7 +3945,7 @@ class EventBus:
         if transport.is_closing():
             self.end(sub, "gone")
             return
-        if transport.get_write_buffer_size() + len(frame) > EVENTS_MAX_BUFFERED:
+        if transport.get_write_buffer_size() + len(frame) > EVENTS_MAX_BUFFERED + sub.allowance:
             sub.dropped = True
             why = f"it read too slowly (over {EVENTS_MAX_BUFFERED} bytes unsent)"
             if self.metrics is not None:
@@ -5956,6 +6004,7 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self.closing = False
         self.port: Optional[int] = None
+        self.host = ""
         self.hooks.on_exit = self._server_exited
         self.hooks.out_of_fds = self.pool.give_up_idle
         self._checking: Set[str] = set()  # models whose backend failed, being checked now
@@ -5995,6 +6044,11 @@ class Server:
             loop.add_reader(s.fileno(), self._accept, s)
         self._listening = socks
         self.port = socks[0].getsockname()[1]
+        self.host = host
+        own = _own_port_problems(self.config, self.port, host)  # (-p 0 may have picked it)
+        if own:
+            self._stop_listening()
+            raise ConfigError(own)
         self.fd_limit = _raise_fd_limit(2 * self.config.http.max_connections + FD_RESERVE)
         if self.fd_limit is not None:
             limit = self.connection_limit()
@@ -6233,13 +6287,20 @@ class Server:
 
     async def _reload(self) -> bool:
         async with self._reload_lock:
-            try:
-                new = load_config(self.config.path or "")
+            try:  # in a thread: a YAML file nested deep takes seconds to parse
+                new = await asyncio.get_running_loop().run_in_executor(
+                    None, load_config, self.config.path or "")
+                own = _own_port_problems(new, self.port, self.host)
+                if own:
+                    raise ConfigError(own)
             except ConfigError as e:
                 self.log.error("reload.failed", reason="; ".join(e.problems),
                                keeping="the running config")
                 return False
             old = self.config
+            if (new.api_keys, new.allow_remote_control) != (old.api_keys, old.allow_remote_control):
+                # A stream's key was checked when it opened: one revoked must not go on.
+                self.events.close("the API keys or allow_remote_control changed; reconnect")
             if (new.port, new.host) != (old.port, old.host):
                 self.log.warning("reload.restart_needed", reason="port and host apply at start only")
             # Routing and keys change first: a removed model takes no new requests while
@@ -7042,7 +7103,15 @@ class Server:
     def _scrape(self) -> str:
         """Refresh the gauges read from the switcher, then render every metric."""
         mt = self.metrics
+        names = {(m.name,) for m in self.switcher.models.values()}
+        for gauge in ("llmux_request_queue_depth", "llmux_model_in_flight",
+                      "llmux_model_max_in_flight", "llmux_model_active"):
+            series = mt._values[gauge]  # a removed model's (or limit's) gauge goes with it
+            for labels in [k for k in series if k not in names]:
+                del series[labels]
         for m in self.switcher.models.values():
+            if m.cfg.max_in_flight is None:
+                mt._values["llmux_model_max_in_flight"].pop((m.name,), None)
             mt.set("llmux_request_queue_depth", m.name, value=len(m.queue))
             mt.set("llmux_model_in_flight", m.name, value=m.in_flight)
             if m.cfg.max_in_flight is not None:
@@ -8445,13 +8514,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"llmux: -p/--port: expected a port number from 0 to 65535; got {args.port}",
               file=sys.stderr)
         return 2
-    if args.check:
-        print(f"config ok: {len(config.models)} models ({', '.join(config.models)}), "
-              f"port {config.port}, policy {config.policy.name}")
-        return 0
-    log = Log(verbose=args.verbose, fmt=args.log_format)
     host = args.host or config.host
     port = config.port if args.port is None else args.port
+    problems = _own_port_problems(config, port, host)
+    if problems:
+        for problem in problems:
+            print(f"llmux: config error: {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config ok: {len(config.models)} models ({', '.join(config.models)}), "
+              f"port {port}, policy {config.policy.name}")
+        return 0
+    log = Log(verbose=args.verbose, fmt=args.log_format)
     loop_name = os.environ.get("LLMUX_LOOP", "asyncio")
     if loop_name not in ("asyncio", "uvloop"):
         print(f"llmux: LLMUX_LOOP: expected asyncio or uvloop; got {loop_name!r}", file=sys.stderr)
@@ -8465,7 +8539,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     _trim_heap()
-    return asyncio.run(serve(config, log, host, port))
+    try:
+        return asyncio.run(serve(config, log, host, port))
+    except ConfigError as e:  # found once listening (-p 0 picked a model's port)
+        for problem in e.problems:
+            print(f"llmux: config error: {problem}", file=sys.stderr)
+        return 2
 
 
 def _trim_heap() -> None:

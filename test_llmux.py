@@ -779,6 +779,14 @@ def test_defaults() -> None:
     assert llmux.parse_config({**GOOD, "policy": {"request_timeout_secs": None}}).policy.request_timeout_secs is None
 
 
+def _aliases_bomb(depth: int) -> Any:
+    """What YAML's ``&a [1, ...]`` / ``&b [*a, *a, ...]`` aliases load as: shared lists."""
+    value: Any = [1] * 10
+    for _ in range(depth):
+        value = [value] * 10
+    return value
+
+
 @pytest.mark.parametrize("raw, problems", [
     ({}, ["models: expected an object naming at least one model; got null"]),
     ({"models": {}}, ["models: expected an object naming at least one model; got {}"]),
@@ -865,6 +873,16 @@ def test_defaults() -> None:
      ["models.a.stop_grace_secs: expected a number >= 0; got -1 (a number)"]),
     ({"models": {"a": {"port": 8001, "wake": "x", "stop_grace_secs": 1}}},
      ["models.a.stop_grace_secs: applies to a managed server only; expected a 'cmd' beside it"]),
+    # Regression (attack): values that cannot be hashed crashed the check with a TypeError.
+    ({"models": {"a": {"port": 8001}}, "preload": []},
+     ["preload: expected null or the name of a model in 'models'; got []"]),
+    ({"models": {"a": {"port": 8001}}, "policy": {"name": {}}},
+     ["policy.name: expected one of cost, fifo; got {}"]),
+    # Regression (attack): YAML aliases nested 9 deep are 10^10 items written out: the
+    # error message wrote the value whole before cutting it to 60 characters.
+    ({"models": {"a": {"port": 8001, "aliases": _aliases_bomb(9)}}},
+     ["models.a.aliases: expected a list of non-empty strings; got "
+      "[[[[[[[[[[1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, ..."]),
     # Several problems: every one is reported, in document order.
     ({"models": {"a": {"port": 0, "wake": 1}}, "policy": {"min_active_secs": "x"}},
      ['policy.min_active_secs: expected a number >= 0; got "x" (a string)',
@@ -8297,6 +8315,67 @@ def test_events_stream_a_snapshot_then_a_whole_switch_in_order(env: Env) -> None
         "queue 0 waiting, 1 in flight", "queue 0 waiting, 0 in flight", "request b 200 switch a->b"]
 
 
+def test_an_events_stream_ends_when_a_reload_revokes_its_key(env: Env) -> None:
+    """Regression (attack): keys were checked when a stream opened; after a reload that
+    removed its key, it went on receiving every event (hook output included)."""
+    lx = env.start({"a": env.model("a")}, api_keys=["k1", "k2"])
+    conn = lx.conn()
+    conn.request("GET", "/llmux/events", headers={"authorization": "Bearer k1"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and read_event(resp)["event"] == "snapshot"
+    config = json.loads(lx.config_path.read_text())
+    config["api_keys"] = ["k2"]
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    event = read_event(resp)
+    while event["event"] != "events.end":
+        event = read_event(resp)
+    assert event["reason"] == "the API keys or allow_remote_control changed; reconnect"
+    assert resp.read() == b"\n"
+    conn.close()
+    assert lx.request("GET", "/llmux/events", headers={"authorization": "Bearer k1"})[0] == 401
+
+
+def test_metrics_drop_the_gauges_of_a_removed_model(env: Env) -> None:
+    """Regression (attack): /metrics kept a removed model's gauges for ever (active 1,
+    queued 2) and a max_in_flight a reload had removed."""
+    lx = env.start({"a": env.model("a", max_in_flight=2), "b": env.model("b")})
+    assert lx.chat("a")[0] == 200
+    gauges = parse_prometheus(lx.request("GET", "/metrics")[2].decode())
+    assert ("llmux_model_active", {"model": "a"}, 1.0) in gauges["llmux_model_active"]["samples"]
+    assert gauges["llmux_model_max_in_flight"]["samples"] == [("llmux_model_max_in_flight", {"model": "a"}, 2.0)]
+    config = json.loads(lx.config_path.read_text())
+    del config["models"]["a"]
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done")
+    gauges = parse_prometheus(lx.request("GET", "/metrics")[2].decode())
+    for name in ("llmux_model_active", "llmux_request_queue_depth", "llmux_model_in_flight"):
+        assert [labels["model"] for _, labels, _ in gauges[name]["samples"]] == ["b"], name
+    assert gauges.get("llmux_model_max_in_flight", {"samples": []})["samples"] == []
+
+
+def test_a_model_on_llmuxs_own_port_is_a_config_error(env: Env, tmp_path: Path) -> None:
+    """Regression (attack): a model on the port llmux listens on (-p, or a reload adding
+    one) was accepted, and a request to it came back to llmux, again and again, one
+    connection more each time, until max_connections."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"models": {"a": {"port": 8123}}}))
+    r = subprocess.run([sys.executable, LLMUX, "-c", str(cfg), "-p", "8123", "--check"],
+                       capture_output=True, text=True, timeout=T)
+    assert r.returncode == 2 and r.stderr == (
+        "llmux: config error: models.a.port: 8123 is the port llmux itself listens on; expected "
+        "another port (requests to it would come back to llmux)\n")
+    lx = env.start({"a": env.model("a")})
+    config = json.loads(lx.config_path.read_text())
+    config["models"]["b"] = {"port": lx.port}
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"error reload\.failed reason=\"models\.b\.port: %d is the port llmux itself "
+                r"listens on" % lx.port)
+    assert lx.chat("a")[0] == 200 and "b" not in lx.health()["models"]
+
+
 def test_events_need_a_key_are_bounded_and_end_at_shutdown(env: Env) -> None:
     lx = env.start({"a": env.model("a")}, api_keys=["k1"], policy={"shutdown_grace_secs": 300})
     assert lx.request("GET", "/llmux/events")[0] == 401
@@ -8338,6 +8417,29 @@ def test_a_burst_of_events_larger_than_a_readers_bound_drops_nobody() -> None:
                 while transport.get_write_buffer_size():
                     await reader.read(1 << 20)
         bus.flush()  # what the 10 ms timer does
+        assert not sub.dropped and bus.subscribers == [sub]
+        bus.close("test over")
+        transport.close()
+        b.close()
+        await asyncio.sleep(0)
+
+    run_checked(go())
+
+
+def test_a_snapshot_larger_than_a_readers_bound_is_sent_whole() -> None:
+    """Regression (attack): failed wakes with long stderr tails grew the snapshot past
+    EVENTS_MAX_BUFFERED; the snapshot alone was over every new reader's bound, so each
+    was dropped at once and the dashboard never went live.  The bound is on what is
+    unsent beyond the snapshot."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+        bus = llmux.EventBus()
+        sub = bus.subscribe(transport, False)  # type: ignore[arg-type]
+        bus.send({"event": "snapshot", "pad": "y" * (llmux.EVENTS_MAX_BUFFERED + 4096)}, only=sub)
+        bus.publish("request", {"i": 1})
+        bus.flush()
         assert not sub.dropped and bus.subscribers == [sub]
         bus.close("test over")
         transport.close()
