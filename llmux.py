@@ -4340,7 +4340,7 @@ class Switcher:
         self._depths: Optional[Tuple[int, ...]] = None  # queue depths last published
         self._switch_task: Optional["asyncio.Task[str]"] = None
         self._timer: Optional[asyncio.TimerHandle] = None
-        self._idle_timers: Dict[str, asyncio.TimerHandle] = {}
+        self._idle_timers: Dict[str, Tuple[asyncio.TimerHandle, _Model]] = {}
         self._changed: Optional["asyncio.Future[None]"] = None
         self._reconfiguring = asyncio.Lock()
 
@@ -5083,15 +5083,16 @@ class Switcher:
         if not secs or m.state is not ModelState.ACTIVE or m.in_flight or self.closed:
             return
         when = m.last_used + secs
-        timer = self._idle_timers.get(m.name)
-        if timer is not None and timer.when() <= when:
+        timer, of = self._idle_timers.get(m.name, (None, None))
+        if timer is not None and of is m and timer.when() <= when:
             return  # it fires first and re-arms itself for the later time
         if timer is not None:
-            timer.cancel()
-        self._idle_timers[m.name] = self.loop.call_at(when, self._idle_check, m)
+            timer.cancel()  # (or it was a removed model's of the same name)
+        self._idle_timers[m.name] = (self.loop.call_at(when, self._idle_check, m), m)
 
     def _idle_check(self, m: _Model) -> None:
-        self._idle_timers.pop(m.name, None)
+        if self._idle_timers.get(m.name, (None, None))[1] is m:
+            del self._idle_timers[m.name]
         secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
         if m.retired:
             secs = secs or RETIRED_SLEEP_RETRY
@@ -5112,6 +5113,8 @@ class Switcher:
         finally:
             if not self.closed:
                 self._schedule()
+                for m in list(self.models.values()):
+                    self._arm_idle(m)  # a new or shorter idle_sleep_secs applies now
 
     async def _reconfigure(self, config: Config) -> Dict[str, List[str]]:
         """Apply a reloaded config.  Unchanged models are not touched.  A changed or
@@ -5240,7 +5243,7 @@ class Switcher:
         """Stop switching: cancel the timer and a running switch."""
         self.closed = True
         self._set_timer(None)
-        for timer in self._idle_timers.values():
+        for timer, _ in self._idle_timers.values():
             timer.cancel()
         for m in self.models.values():
             self._fail_waiters(m, _shutting_down)
@@ -6005,6 +6008,7 @@ class Server:
         self.closing = False
         self.port: Optional[int] = None
         self.host = ""
+        self._liveness_wake: Optional[asyncio.Event] = None  # set: a reload changed the interval
         self.hooks.on_exit = self._server_exited
         self.hooks.out_of_fds = self.pool.give_up_idle
         self._checking: Set[str] = set()  # models whose backend failed, being checked now
@@ -6251,6 +6255,7 @@ class Server:
 
     def start_background(self) -> None:
         """Liveness checks of the active model."""
+        self._liveness_wake = asyncio.Event()
         self._background.append(asyncio.get_running_loop().create_task(self._liveness()))
 
     async def _liveness(self) -> None:
@@ -6258,7 +6263,14 @@ class Server:
         any exception (logged and counted), so liveness never stops silently."""
         while True:
             interval = self.config.policy.alive_interval_secs
-            await asyncio.sleep(interval or 1.0)
+            wake = self._liveness_wake
+            assert wake is not None
+            wake.clear()
+            try:  # a reload sets it: a shorter interval counts from now, not after the old one
+                await asyncio.wait_for(wake.wait(), interval or 1.0)
+                continue
+            except asyncio.TimeoutError:
+                pass
             if not interval:
                 continue
             try:
@@ -6311,6 +6323,9 @@ class Server:
             self._keys = [k.encode("utf-8") for k in new.api_keys]
             self.bodies.limit = new.http.max_buffered_bytes
             done = await self.switcher.reconfigure(new)
+            if new.policy.alive_interval_secs != old.policy.alive_interval_secs and \
+                    self._liveness_wake is not None:
+                self._liveness_wake.set()
             self.log.info("reload.done", **{k: ",".join(v) or None for k, v in done.items()})
             return True
 

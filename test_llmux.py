@@ -2142,6 +2142,20 @@ def test_a_stale_backend_check_verdict_is_dropped(env: Env, meanwhile: str) -> N
     assert lx.health()["models"]["a"]["state"] == "active"
 
 
+def test_a_reload_that_shortens_the_alive_interval_applies_now(env: Env) -> None:
+    """Regression (attack): the liveness loop slept out the old interval (600 s) before
+    it read the new one."""
+    down = env.tmp / "down"
+    lx = env.start({"a": env.model("a", alive=f"test ! -e {down}")}, policy={"alive_interval_secs": 600})
+    assert lx.chat("a")[0] == 200
+    down.touch()
+    config = json.loads(lx.config_path.read_text())
+    config["policy"]["alive_interval_secs"] = 0.05
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"warning model\.alive_failed model=a")
+
+
 def test_backend_refusing_runs_the_alive_hook_at_once(env: Env) -> None:
     """With an alive hook, a refused connection runs it now (not after the 1 h interval):
     it fails, the model is slept, and the next request wakes it."""
@@ -2788,6 +2802,44 @@ def test_failed_idle_sleep_is_retried_once_a_period_not_at_once() -> None:
 
     attempts = run_checked(go(), loop)
     assert 9 <= attempts <= 11, attempts  # one a second
+
+
+@pytest.mark.parametrize("change", ["policy 0 -> 1", "model 600 -> 1", "removed and re-added"])
+def test_a_reload_applies_idle_sleep_to_an_idle_active_model_now(change: str) -> None:
+    """Regression (attack): a reload that turned idle sleep on, or shortened it, did not
+    reach an ACTIVE model with nothing in flight until its next request (or the old
+    600 s timer); a model removed and re-added by name while its idle timer ran never
+    slept again (the old timer, bound to the removed model, kept the new one's place)."""
+    loop = CheckedLoop()
+    hooks = ScriptedHooks({"*": 0.0}, {"*": 0.0})
+    before = {"policy 0 -> 1": ({}, {"idle_sleep_secs": 0}),
+              "model 600 -> 1": ({"idle_sleep_secs": 600}, {}),
+              "removed and re-added": ({}, {"idle_sleep_secs": 3})}[change]
+    cfg = llmux.parse_config({"models": {"a": {"port": 1, **before[0]}, "b": {"port": 2}}, "policy": before[1]})
+
+    async def go() -> Tuple[float, str]:
+        sw = llmux.Switcher(cfg, hooks, llmux.FifoPolicy(), llmux.Log(ListStream()))  # type: ignore[arg-type]
+        (await sw.acquire("a")).release()
+        await asyncio.sleep(0.5)
+        if change == "removed and re-added":
+            await sw.reconfigure(llmux.parse_config({"models": {"b": {"port": 2}}, "policy": before[1]}))
+            await sw.reconfigure(cfg)
+            (await sw.acquire("a")).release()
+        else:
+            after = {"policy 0 -> 1": ({}, {"idle_sleep_secs": 1}),
+                     "model 600 -> 1": ({"idle_sleep_secs": 1}, {})}[change]
+            await sw.reconfigure(llmux.parse_config(
+                {"models": {"a": {"port": 1, **after[0]}, "b": {"port": 2}}, "policy": after[1]}))
+        started = asyncio.get_running_loop().time()
+        while sw.models["a"].state is not llmux.ModelState.ASLEEP and \
+                asyncio.get_running_loop().time() - started < 60:
+            await asyncio.sleep(0.1)
+        took, state = asyncio.get_running_loop().time() - started, sw.models["a"].state.value
+        await sw.close()
+        return took, state
+
+    took, state = run_checked(go(), loop)
+    assert state == "asleep" and took < 5, (took, state)
 
 
 def test_reload_to_a_smaller_capacity_sleeps_what_no_longer_fits(env: Env) -> None:
