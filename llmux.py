@@ -7150,11 +7150,11 @@ class Server:
     async def _control(self, method: str, path: str) -> Tuple[int, Any]:
         """/llmux/status, POST /llmux/models/NAME/wake and /sleep; 404 for any other
         /llmux/ path.  NAME is decoded (route_path) and may hold '/' (``org/model``)."""
-        if path == "/llmux/status":
-            if method in ("GET", "HEAD"):
+        if path in ("/llmux/status", "/llmux/events", "/llmux/ui", "/llmux/ui/"):
+            if method in ("GET", "HEAD") and path == "/llmux/status":
                 return 200, self.status()
             raise LLMuxError(f"{path} takes GET", status=405, type="invalid_request_error",
-                             code="method_not_allowed")
+                             code="method_not_allowed", headers=[("allow", "GET, HEAD")])
         match = re.fullmatch(r"/llmux/models/(.+)/(wake|sleep)", path, re.DOTALL)
         if not match:
             raise LLMuxError(f"no llmux route {path}; expected /llmux/status or "
@@ -7162,7 +7162,7 @@ class Server:
                              status=404, type="invalid_request_error", code="not_found")
         if method != "POST":
             raise LLMuxError(f"{path} takes POST", status=405, type="invalid_request_error",
-                             code="method_not_allowed")
+                             code="method_not_allowed", headers=[("allow", "POST")])
         cfg = self.config.resolve(match.group(1))
         if cfg is None:
             raise self._unknown_model(match.group(1))

@@ -7355,6 +7355,18 @@ def test_loopback_peer_decision(peer: Any, local: bool) -> None:
     assert llmux.is_loopback_peer(peer) is local
 
 
+def test_llmux_routes_answer_a_wrong_method_405_with_allow(env: Env) -> None:
+    """Regression (attack): POST /llmux/events and /llmux/ui were 404 "no llmux route";
+    and no 405 said which methods the route takes (RFC 9110 15.5.6: Allow)."""
+    lx = env.start({"a": env.model("a")})
+    for method, path, allow in (("POST", "/llmux/events", "GET, HEAD"), ("POST", "/llmux/ui", "GET, HEAD"),
+                                ("DELETE", "/llmux/status", "GET, HEAD"),
+                                ("GET", "/llmux/models/a/wake", "POST")):
+        status, headers, payload = lx.request(method, path)
+        assert status == 405 and headers["allow"] == allow, (method, path, status, headers)
+        assert payload["error"]["code"] == "method_not_allowed", payload
+
+
 def test_control_api_answers_remote_peers_403_unless_keys_or_allowed() -> None:
     """Regression: with the defaults (0.0.0.0, no keys) any network peer could wake and
     sleep models and read hook output from /llmux/status."""
