@@ -4690,7 +4690,7 @@ def test_a_process_group_is_gone_when_only_zombies_are_left() -> None:
     not waited for; one that runs is named; a group with no member is gone."""
     code = ("import os, subprocess, sys, time\n"
             "os.setsid()\n"
-            "subprocess.Popen(['true']).pid\n"  # never reaped: a zombie of this group
+            "zombie = subprocess.Popen(['true'])\n"  # kept, never waited for: a zombie of this group
             "print(os.getpid(), flush=True)\n"
             "time.sleep(600)\n")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
