@@ -3286,7 +3286,7 @@ class HookRunner:
         # start of the model waits for what is left of the group, for the rest of
         # GROUP_KILL_WAIT_SECS (later its number may name a stranger's group).
         self._dying: Dict[str, Tuple[_ManagedServer, float]] = {}
-        self._stuck_left: Dict[str, List[int]] = {}  # what outlived SIGKILL, by model
+        self._stuck_left: Dict[str, Tuple[int, List[int]]] = {}  # (pgid, what outlived SIGKILL)
         self.spawning = 0  # children being started: their pids are not known yet
         # Set at shutdown (shutdown_grace_secs): no server's stop may take longer.
         self.grace_cap: Optional[float] = None
@@ -3453,8 +3453,7 @@ class HookRunner:
         # A server llmux did not start (left by an old llmux on a host without
         # PR_SET_PDEATHSIG, say) would pass the readiness check and be taken for ours.
         if await _port_taken(model.port):
-            stuck = _group_left(self._stuck_left[name][0], self._stuck_left[name]) \
-                if name in self._stuck_left else []
+            stuck = _group_left(*self._stuck_left[name]) if name in self._stuck_left else []
             if stuck:
                 raise fail(f"server for model '{name}' cannot start: port {model.port} is still "
                            f"held by what its last server left running after SIGKILL (pid "
@@ -3522,7 +3521,7 @@ class HookRunner:
         self._stuck_left.pop(server.model.name, None)
         if left:
             server.kill_group()  # (what it forked since the first SIGKILL)
-            self._stuck_left[server.model.name] = left
+            self._stuck_left[server.model.name] = (server.proc.pid, left)
             self.log.warning("server.group_left", model=server.model.name, pid=server.proc.pid,
                              left=",".join(map(str, left[:8])),
                              reason=f"its process group still runs {GROUP_KILL_WAIT_SECS:g}s "

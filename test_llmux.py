@@ -166,6 +166,10 @@ _HOP = """import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 events, name = sys.argv[1:3]
 tag = "child-up"
+if sys.argv[3:]:  # hold-port: it holds the fd it was given, and never hops
+    with open(events, "a") as f:
+        f.write(f"{tag} {os.getpid()} {name}\\n")
+    time.sleep(3600)
 while True:
     with open(events, "a") as f:
         f.write(f"{tag} {os.getpid()} {name}\\n")
@@ -184,7 +188,8 @@ def fake_backend_main(argv: List[str]) -> None:
     ``--child slow-term|ignore-term|hop``: start a child in its process group (as vLLM's
     engine core is) that, on SIGTERM, takes CHILD_TERM_SECS to exit, or ignores it; it
     notes ``child-up PID NAME`` and ``child-done PID NAME`` in --events.  ``hop`` ignores
-    SIGTERM and every 5 ms forks and exits, noting ``hop PID NAME`` for each new one."""
+    SIGTERM and every 5 ms forks and exits, noting ``hop PID NAME`` for each new one.
+    ``hold-port`` ignores SIGTERM and holds the listening socket (as a server's workers do)."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FakeHandler, bind_and_activate=False)
     server.socket.close()
     if "--port" in argv:
@@ -202,16 +207,19 @@ def fake_backend_main(argv: List[str]) -> None:
     if "--child" in argv:
         events, name = argv[argv.index("--events") + 1], argv[argv.index("--name") + 1]
         term = {"slow-term": f'sleep {CHILD_TERM_SECS}; echo "child-done $$ {name}" >> {events}; exit 0',
-                "ignore-term": "", "hop": ""}[argv[argv.index("--child") + 1]]
+                "ignore-term": "", "hop": "", "hold-port": ""}[argv[argv.index("--child") + 1]]
         def ups() -> int:
             return sum(line.startswith("child-up ") and line.endswith(f" {name}")
                        for line in Path(events).read_text().splitlines())
         up = ups()
         mode = argv[argv.index("--child") + 1]
-        child = [sys.executable, "-c", _HOP, events, name] if mode == "hop" else \
+        child = [sys.executable, "-c", _HOP, events, name] if mode in ("hop", "hold-port") else \
             ["sh", "-c", f"trap '{term}' TERM; echo \"child-up $$ {name}\" >> {events}; "
              "while :; do sleep 0.05; done"]
-        subprocess.Popen(child, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if mode == "hold-port":
+            child.append(str(server.socket.fileno()))  # _HOP's third argument: hold it, do not hop
+        subprocess.Popen(child, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         pass_fds=(server.socket.fileno(),) if mode == "hold-port" else ())
         while ups() == up:  # up (its trap set) before the server is
             time.sleep(0.005)
     if "--port" in argv:
@@ -1833,6 +1841,38 @@ def test_sleep_on_exit_stops_a_managed_server_within_the_shutdown_grace(env: Env
     assert lx.proc.returncode == 0, lx.proc.returncode
     lx.wait_log(r"warning server\.kill model=a pid=%d reason=\"still running 0.5s after SIGTERM" % pa)
     assert pid_gone(pa)
+
+
+def test_a_worker_stuck_in_the_kernel_is_named_and_the_switch_goes_on(env: Env) -> None:
+    """A worker that survives SIGKILL (frozen by the cgroup v1 freezer, as one stuck in a
+    GPU driver would be) and holds the server's port: the stop names it after
+    GROUP_KILL_WAIT_SECS and goes on; the next wake says what holds the port (it said a
+    process llmux did not start)."""
+    freezer = Path("/sys/fs/cgroup/freezer")
+    if not (freezer / "tasks").exists() or not os.access(freezer, os.W_OK):
+        pytest.skip("needs the cgroup v1 freezer (root)")
+    group = freezer / f"llmux-test-{os.getpid()}"
+    group.mkdir()
+    lx = env.start({"a": env.managed("a", "--child", "hold-port", stop_grace_secs=0.2)})
+    try:
+        assert lx.chat("a")[0] == 200
+        [pa] = server_pids(lx, "a")
+        [child] = [int(line.split()[1]) for line in env.lines() if line.startswith("child-up ")]
+        (group / "tasks").write_text(str(child))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", "the freeze")
+        assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
+        lx.wait_log(r"warning server\.group_left model=a pid=%d left=%d reason=\"its process group "
+                    r"still runs 5s after SIGKILL" % (pa, child))
+        port = json.loads(lx.config_path.read_text())["models"]["a"]["port"]
+        status, payload = lx.chat("a")
+        assert status == 503 and payload["error"]["message"].startswith(
+            f"server for model 'a' cannot start: port {port} is still held by what "
+            f"its last server left running after SIGKILL (pid {child}: stuck in the kernel?)"), payload
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        wait_for(lambda: not (group / "tasks").read_text().split(), "the frozen worker to die")
+        group.rmdir()
 
 
 def test_a_crashed_servers_group_is_gone_before_its_model_wakes_again(env: Env) -> None:
