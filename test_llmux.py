@@ -8508,26 +8508,14 @@ def test_a_burst_of_events_larger_than_a_readers_bound_drops_nobody() -> None:
     """Regression: events are batched for 10 ms; a burst of over 1 MiB in one loop step
     (thousands of held streams ending at once) was one write above every reader's bound,
     and dropped them all."""
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
-        reader, _ = await asyncio.open_connection(sock=b)
-        bus = llmux.EventBus()
-        sub = bus.subscribe(transport, False)  # type: ignore[arg-type]
+    async def load(bus: llmux.EventBus, sub: Any, transport: Any, reader: asyncio.StreamReader) -> None:
         for i in range(2000):  # ~2 MiB at once, without yielding
             bus.publish("request", {"i": i, "pad": "y" * 1000})
             if i % 100 == 99:  # the reader keeps up between pieces, as a live one does
                 while transport.get_write_buffer_size():
                     await reader.read(1 << 20)
-        bus.flush()  # what the 10 ms timer does
-        assert not sub.dropped and bus.subscribers == [sub]
-        bus.close("test over")
-        transport.close()
-        b.close()
-        await asyncio.sleep(0)
 
-    run_checked(go())
+    run_checked(_one_subscriber_kept(load))
 
 
 def test_a_snapshot_larger_than_a_readers_bound_is_sent_whole() -> None:
@@ -8535,22 +8523,29 @@ def test_a_snapshot_larger_than_a_readers_bound_is_sent_whole() -> None:
     EVENTS_MAX_BUFFERED; the snapshot alone was over every new reader's bound, so each
     was dropped at once and the dashboard never went live.  The bound is on what is
     unsent beyond the snapshot."""
-    async def go() -> None:
-        loop = asyncio.get_running_loop()
-        a, b = socket.socketpair()
-        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
-        bus = llmux.EventBus()
-        sub = bus.subscribe(transport, False)  # type: ignore[arg-type]
+    async def load(bus: llmux.EventBus, sub: Any, transport: Any, reader: asyncio.StreamReader) -> None:
         bus.send({"event": "snapshot", "pad": "y" * (llmux.EVENTS_MAX_BUFFERED + 4096)}, only=sub)
         bus.publish("request", {"i": 1})
-        bus.flush()
-        assert not sub.dropped and bus.subscribers == [sub]
-        bus.close("test over")
-        transport.close()
-        b.close()
-        await asyncio.sleep(0)
 
-    run_checked(go())
+    run_checked(_one_subscriber_kept(load))
+
+
+async def _one_subscriber_kept(load: Callable[..., Awaitable[None]]) -> None:
+    """An EventBus with one subscriber on a real socket: ``load(bus, sub, transport,
+    reader)`` publishes; what it published is flushed, and the subscriber must be kept."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+    reader, _ = await asyncio.open_connection(sock=b)
+    bus = llmux.EventBus()
+    sub = bus.subscribe(transport, False)  # type: ignore[arg-type]
+    await load(bus, sub, transport, reader)
+    bus.flush()  # what the 10 ms timer does
+    assert not sub.dropped and bus.subscribers == [sub]
+    bus.close("test over")
+    transport.close()
+    b.close()
+    await asyncio.sleep(0)
 
 
 def test_a_slow_events_reader_is_dropped_with_memory_bounded() -> None:
