@@ -165,6 +165,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
 import traceback
 import urllib.parse
@@ -188,9 +189,12 @@ from typing import (
     Set,
     Tuple,
     Type,
+    TypeVar,
     Union,
     cast,
 )
+
+T = TypeVar("T")
 
 try:  # Unix only (it is stdlib there): the fd limit is raised and obeyed where it exists.
     import resource
@@ -375,6 +379,7 @@ READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers 
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 REAP_BATCH = 256  # orphans reaped in one pass (one step of the loop); the rest in the next.
+REAP_BEHIND_OWN = [False]  # the last pass stopped at one of llmux's own children
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
 EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
@@ -444,12 +449,29 @@ class HTTPError(LLMuxError, ValueError):
     code = "bad_request"
 
 
+CONFIG_PROBLEMS_MAX = 20  # problems a config error lists; the rest are counted
+
+
+def _config_name(name: Any) -> str:
+    """A key or model name as a config error shows it: whole when short and printable,
+    else as JSON (no newline can forge a line), cut to 60 characters."""
+    text = str(name)
+    if len(text) <= 60 and text.isprintable():
+        return text
+    quoted = json.dumps(text[:60])
+    return quoted[:57] + "..." if len(quoted) > 60 else quoted
+
+
 class ConfigError(LLMuxError, ValueError):
     """A config that cannot run; ``problems`` has one message per problem."""
 
     def __init__(self, problems: Sequence[str]) -> None:
+        problems = list(problems)
+        if len(problems) > CONFIG_PROBLEMS_MAX:  # 200,000 unknown keys are not 200,000 lines
+            problems[CONFIG_PROBLEMS_MAX:] = [f"... and {len(problems) - CONFIG_PROBLEMS_MAX} "
+                                              "more problems"]
         super().__init__("; ".join(problems))
-        self.problems = list(problems)
+        self.problems = problems
 
 
 class HookError(LLMuxError):
@@ -892,9 +914,13 @@ class _Checker:
         if value is None and nullable:
             return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            ok = ok and abs(float(value)) != float("inf")  # (an int of 400 digits: overflow)
+        except OverflowError:
+            ok = False
         if integer:
             ok = ok and float(value).is_integer()
-        if ok and value == value and value not in (float("inf"), float("-inf")):
+        if ok and value == value:
             if (value > minimum) if positive else (value >= minimum):
                 return int(value) if integer else float(value)
         what = "a whole number" if integer else "a number"
@@ -938,7 +964,7 @@ class _Checker:
             if key not in known:
                 prefix = f"{path}." if path else ""
                 self.problems.append(
-                    f"{prefix}{key}: unknown key; expected one of {', '.join(known)}")
+                    f"{prefix}{_config_name(key)}: unknown key; expected one of {', '.join(known)}")
 
 
 _POLICY_NUMBERS = {
@@ -1126,7 +1152,7 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
     ports: Dict[int, str] = {}
     names: Dict[str, str] = {}
     for name, m in models_raw.items():
-        where = f"models.{name}"
+        where = f"models.{_config_name(name)}"
         if not isinstance(name, str):  # YAML keys may be numbers
             c.bad(where, "a model name (a string)", name)
             continue
@@ -3581,6 +3607,9 @@ class HookRunner:
             # (bounded: a process stuck in the kernel, or traced, may never be reaped)
             self._stuck(server, await _group_wait(server, GROUP_KILL_WAIT_SECS))
         except BaseException:  # cancelled (shutdown): no half-stopped group is left
+            if server.running or _group_has_members(pgid):
+                self.log.warning("server.kill", model=model.name, pid=pgid,
+                                 reason="its stop was cut short (llmux is shutting down)")
             server.kill_group()
             self._dying[model.name] = (server, loop.time())  # a start of it waits for that group
             raise
@@ -3641,12 +3670,36 @@ def _group_left(pgid: int, among: Optional[Sequence[int]] = None) -> List[int]:
     return left
 
 
+def _in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+    """``fn(*args)`` in a daemon thread of its own: unlike the default executor's threads,
+    asyncio.run does not wait for it at exit (a reload's parse must not hold shutdown)."""
+    loop = asyncio.get_running_loop()
+    future: "asyncio.Future[T]" = loop.create_future()
+
+    def done(result: Any, error: Optional[BaseException]) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(done, result, error)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits any more
+
+    threading.Thread(target=run, name="llmux-" + getattr(fn, "__name__", "work"), daemon=True).start()
+    return future
+
+
 async def _group_scan(pgid: int) -> List[int]:
     """_group_left(pgid), with /proc read in a thread when the group has members (on a
     node of 1,000 processes, reading each one's stat takes ~20 ms: not on the loop)."""
     if not _group_has_members(pgid):
         return []
-    return await asyncio.get_running_loop().run_in_executor(None, _group_left, pgid)
+    return await _in_thread(_group_left, pgid)
 
 
 async def _group_wait(server: _ManagedServer, timeout: float) -> List[int]:
@@ -3730,6 +3783,7 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
     for the others behind it (Linux, and only a /proc of llmux's own pid namespace)."""
     me = os.getpid()
     reaped: List[Tuple[int, int]] = []
+    REAP_BEHIND_OWN[0] = False
     waitid = getattr(os, "waitid", None)
     if waitid is not None:
         for _ in range(REAP_BATCH):
@@ -3740,7 +3794,8 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
             if info is None or info.si_pid == 0:
                 return reaped  # none waiting
             if info.si_pid in own:
-                break  # the watcher's: look behind it
+                REAP_BEHIND_OWN[0] = True  # the watcher's: look behind it (or, without
+                break  # a /proc of our own, again once the watcher has reaped it)
             pid, status = os.waitpid(info.si_pid, os.WNOHANG)
             if pid:
                 reaped.append((pid, status))
@@ -6207,6 +6262,9 @@ class Server:
             log_internal_error(self.log, self.metrics, "reaper", e)
         if len(reaped) >= REAP_BATCH:  # more may wait: in the next step, after other work
             self._reap_timer = asyncio.get_running_loop().call_later(0, self._reap)
+        elif REAP_BEHIND_OWN[0] and not _proc_ours():  # orphans may wait behind it, and
+            # no SIGCHLD will come for them again: look once the watcher has reaped it
+            self._reap_timer = asyncio.get_running_loop().call_later(REAP_RETRY_SECS, self._reap)
         elif self._reap_poll is not None:
             self._reap_timer = asyncio.get_running_loop().call_later(self._reap_poll, self._reap)
 
@@ -6298,9 +6356,11 @@ class Server:
 
     async def _reload(self) -> bool:
         async with self._reload_lock:
+            if self.closing:
+                self.log.info("reload.skipped", reason="llmux is shutting down")
+                return False
             try:  # in a thread: a YAML file nested deep takes seconds to parse
-                new = await asyncio.get_running_loop().run_in_executor(
-                    None, load_config, self.config.path or "")
+                new = await _in_thread(load_config, self.config.path or "")
                 own = _own_port_problems(new, self.port, self.host)
                 if own:
                     raise ConfigError(own)

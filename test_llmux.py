@@ -189,7 +189,8 @@ def fake_backend_main(argv: List[str]) -> None:
     engine core is) that, on SIGTERM, takes CHILD_TERM_SECS to exit, or ignores it; it
     notes ``child-up PID NAME`` and ``child-done PID NAME`` in --events.  ``hop`` ignores
     SIGTERM and every 5 ms forks and exits, noting ``hop PID NAME`` for each new one.
-    ``hold-port`` ignores SIGTERM and holds the listening socket (as a server's workers do)."""
+    ``hold-port`` ignores SIGTERM and holds the listening socket (as a server's workers do);
+    ``plain`` dies of SIGTERM at once."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FakeHandler, bind_and_activate=False)
     server.socket.close()
     if "--port" in argv:
@@ -207,7 +208,7 @@ def fake_backend_main(argv: List[str]) -> None:
     if "--child" in argv:
         events, name = argv[argv.index("--events") + 1], argv[argv.index("--name") + 1]
         term = {"slow-term": f'sleep {CHILD_TERM_SECS}; echo "child-done $$ {name}" >> {events}; exit 0',
-                "ignore-term": "", "hop": "", "hold-port": ""}[argv[argv.index("--child") + 1]]
+                "ignore-term": "", "hop": "", "hold-port": "", "plain": "-"}[argv[argv.index("--child") + 1]]
         def ups() -> int:
             return sum(line.startswith("child-up ") and line.endswith(f" {name}")
                        for line in Path(events).read_text().splitlines())
@@ -886,6 +887,17 @@ def _aliases_bomb(depth: int) -> Any:
      ["preload: expected null or the name of a model in 'models'; got []"]),
     ({"models": {"a": {"port": 8001}}, "policy": {"name": {}}},
      ["policy.name: expected one of cost, fifo; got {}"]),
+    # Regression (attack): an int of 400 digits overflowed float(): a traceback.
+    ({"models": {"a": {"port": 8001}}, "policy": {"request_timeout_secs": 10 ** 400}},
+     ["policy.request_timeout_secs: expected a number > 0 or null; got " + "1" + "0" * 56 + "... (a number)"]),
+    # Regression (attack): keys were written whole (2 MB, or with a newline that forged a
+    # line of its own), and 200,000 of them made 200,000 lines.
+    ({"models": {"a": {"port": 8001}}, "x" * 5000: 1, "a\nllmux: forged": 2},
+     ['"' + "x" * 56 + "...: unknown key; expected one of " + ", ".join(llmux._TOP_KEYS),
+      '"a\\nllmux: forged": unknown key; expected one of ' + ", ".join(llmux._TOP_KEYS)]),
+    ({"models": {"a": {"port": 8001}}, **{f"k{i}": 1 for i in range(1000)}},
+     [f"k{i}: unknown key; expected one of " + ", ".join(llmux._TOP_KEYS) for i in range(20)]
+     + ["... and 980 more problems"]),
     # Regression (attack): YAML aliases nested 9 deep are 10^10 items written out: the
     # error message wrote the value whole before cutting it to 60 characters.
     ({"models": {"a": {"port": 8001, "aliases": _aliases_bomb(9)}}},
@@ -2121,6 +2133,60 @@ def test_in_a_pid_namespace_without_its_own_proc_a_stop_waits_for_the_group(env:
     assert lx.log_count(r"server\.kill") == 0
     os.kill(_child_of(lx.proc.pid), signal.SIGTERM)  # unshare itself ignores SIGTERM
     lx.proc.wait(T)
+
+
+def test_in_a_pid_namespace_without_its_own_proc_orphans_behind_its_own_child_are_reaped(env: Env) -> None:
+    """Regression (attack): there, a reaper pass that met llmux's own zombie server first
+    stopped (it cannot look behind it in /proc), and no SIGCHLD came again for the
+    worker that died with it: its zombie counted as a member, and every stop waited out
+    the grace and 5 s more, saying it was stuck in the kernel."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=T)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
+    cfg = {"models": {"a": env.managed("a", "--child", "plain", stop_grace_secs=2)},
+           "policy": {"wake_backoff_secs": 0}}
+    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--kill-child=SIGKILL"))
+    env.procs.append(lx)
+    for i in range(4):
+        assert lx.chat("a")[0] == 200
+        assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
+        lx.wait_log(r"server\.stopped model=a", count=i + 1)
+    assert lx.log_count(r"server\.kill|server\.group_left") == 0
+    os.kill(_child_of(lx.proc.pid), signal.SIGTERM)
+    lx.proc.wait(T)
+
+
+def test_a_sighup_during_shutdown_is_not_applied(env: Env) -> None:
+    """Regression (attack): reloads during shutdown were applied (logged reload.done, and
+    swapped the config shutdown was reading)."""
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a")}, policy={"shutdown_grace_secs": 30})
+    conn, resp = sse_stream(lx.port, {"model": "a", "stream": True, "hold": str(gate)})
+    resp.readline()
+    lx.proc.send_signal(signal.SIGTERM)
+    lx.wait_log(r"info shutdown grace_secs=30")
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"info reload\.skipped reason=\"llmux is shutting down\"")
+    gate.touch()
+    resp.read()
+    conn.close()
+    assert lx.proc.wait(T) == 0
+    assert lx.log_count(r"reload\.done") == 0
+
+
+def test_work_in_a_thread_does_not_hold_the_loop_s_exit() -> None:
+    """Regression (attack): a reload parsed its file in the default executor, which
+    asyncio.run waits for at exit: SIGTERM during a 20 s parse took 20 s."""
+    release = threading.Event()
+
+    async def go() -> None:
+        llmux._in_thread(release.wait)  # as a reload cut short by shutdown leaves it
+
+    try:
+        asyncio.run(go())
+        assert any(t.name == "llmux-wait" and t.is_alive() for t in threading.enumerate())
+    finally:
+        release.set()
 
 
 def test_hook_managed_backend_that_dies_is_rewoken_by_the_next_request(env: Env) -> None:
