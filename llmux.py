@@ -375,6 +375,7 @@ READY_POLL_SECS = 0.05  # readiness is probed this often while the server starts
 # most GROUP_KILL_WAIT_SECS (a process stuck in the kernel is logged and left).
 GROUP_POLL_SECS = 0.05
 GROUP_KILL_WAIT_SECS = 5.0
+ZOMBIE_REAP_WAIT_SECS = 1.0  # a server's zombie is waited for this long to be reaped (its exit code)
 READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers is not ready.
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
@@ -3716,6 +3717,8 @@ async def _group_wait(server: _ManagedServer, timeout: float) -> List[int]:
         if wait <= 0:
             return [pgid]
         await asyncio.wait([server.exited], timeout=min(GROUP_POLL_SECS, wait))
+    if server.running:  # a zombie: the child watcher reaps it in a moment, unless a tracer
+        await asyncio.wait([server.exited], timeout=ZOMBIE_REAP_WAIT_SECS)  # holds it
     swept = False
     left = [] if server.reused() else await _group_scan(pgid)
     while True:
