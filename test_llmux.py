@@ -2111,19 +2111,25 @@ def test_llmux_as_pid_1_of_a_pid_namespace_reaps_orphans(env: Env) -> None:
     assert lx.log_count(r"Unknown child process") == 0
 
 
+def _in_a_pid_namespace_without_proc(env: Env, model: Dict[str, Any]) -> Llmux:
+    """llmux as PID 1 of a pid namespace entered without a /proc of its own, serving
+    ``model`` as "a" (skips where unshare --pid is not allowed)."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=T)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
+    cfg = {"models": {"a": model}, "policy": {"wake_backoff_secs": 0}}
+    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--kill-child=SIGKILL"))
+    env.procs.append(lx)
+    lx.wait_log(r"reaper\.on pid=1 ")
+    return lx
+
+
 def test_in_a_pid_namespace_without_its_own_proc_a_stop_waits_for_the_group(env: Env) -> None:
     """Regression (attack): in a pid namespace entered without a /proc of its own
     (`unshare --pid --fork`, no --mount-proc), /proc/PID is another process: the group's
     scan looked at the host's processes, found nothing of it, and the stop cut its
     workers' shutdown short.  There llmux goes by the group's members alone."""
-    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=T)
-    if probe.returncode != 0:
-        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
-    cfg = {"models": {"a": env.managed("a", "--child", "slow-term", stop_grace_secs=5)},
-           "policy": {"wake_backoff_secs": 0}}
-    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--kill-child=SIGKILL"))
-    env.procs.append(lx)
-    lx.wait_log(r"reaper\.on pid=1 ")
+    lx = _in_a_pid_namespace_without_proc(env, env.managed("a", "--child", "slow-term", stop_grace_secs=5))
     assert lx.chat("a")[0] == 200
     assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
     done = [line for line in env.lines() if line.startswith("child-done ")]
@@ -2140,13 +2146,7 @@ def test_in_a_pid_namespace_without_its_own_proc_orphans_behind_its_own_child_ar
     stopped (it cannot look behind it in /proc), and no SIGCHLD came again for the
     worker that died with it: its zombie counted as a member, and every stop waited out
     the grace and 5 s more, saying it was stuck in the kernel."""
-    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=T)
-    if probe.returncode != 0:
-        pytest.skip("unshare --pid needs root (CAP_SYS_ADMIN) here")
-    cfg = {"models": {"a": env.managed("a", "--child", "plain", stop_grace_secs=2)},
-           "policy": {"wake_backoff_secs": 0}}
-    lx = Llmux(cfg, env.tmp, wrapper=("unshare", "--pid", "--fork", "--kill-child=SIGKILL"))
-    env.procs.append(lx)
+    lx = _in_a_pid_namespace_without_proc(env, env.managed("a", "--child", "plain", stop_grace_secs=2))
     for i in range(4):
         assert lx.chat("a")[0] == 200
         assert lx.request("POST", "/llmux/models/a/sleep")[0] == 200
