@@ -380,7 +380,6 @@ READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers 
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 REAP_BATCH = 256  # orphans reaped in one pass (one step of the loop); the rest in the next.
-REAP_BEHIND_OWN = [False]  # the last pass stopped at one of llmux's own children
 RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
 
 EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
@@ -457,10 +456,7 @@ def _config_name(name: Any) -> str:
     """A key or model name as a config error shows it: whole when short and printable,
     else as JSON (no newline can forge a line), cut to 60 characters."""
     text = str(name)
-    if len(text) <= 60 and text.isprintable():
-        return text
-    quoted = json.dumps(text[:60])
-    return quoted[:57] + "..." if len(quoted) > 60 else quoted
+    return text if len(text) <= 60 and text.isprintable() else _describe(text).rpartition(" (")[0]
 
 
 class ConfigError(LLMuxError, ValueError):
@@ -3776,7 +3772,7 @@ def reaps_orphans() -> bool:
     return _PRCTL(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
 
 
-def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
+def _reap_pass(own: Set[int]) -> Tuple[List[Tuple[int, int]], bool]:
     """Reap zombie children of llmux that it did not start itself (orphans reparented
     to it); return their (pid, status).  Its own hooks and servers (``own``) are left to
     asyncio's child watcher, which waits for each by pid: reaping one here would steal
@@ -3786,30 +3782,30 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
     for the others behind it (Linux, and only a /proc of llmux's own pid namespace)."""
     me = os.getpid()
     reaped: List[Tuple[int, int]] = []
-    REAP_BEHIND_OWN[0] = False
+    behind = False  # stopped at one of its own, with no /proc of its own to look past it
     waitid = getattr(os, "waitid", None)
     if waitid is not None:
         for _ in range(REAP_BATCH):
             try:
                 info = waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return reaped  # no child at all
+                return reaped, False  # no child at all
             if info is None or info.si_pid == 0:
-                return reaped  # none waiting
+                return reaped, False  # none waiting
             if info.si_pid in own:
-                REAP_BEHIND_OWN[0] = True  # the watcher's: look behind it (or, without
-                break  # a /proc of our own, again once the watcher has reaped it)
+                behind = True  # the watcher's: look behind it (or, without a /proc
+                break  # of our own, again once the watcher has reaped it)
             pid, status = os.waitpid(info.si_pid, os.WNOHANG)
             if pid:
                 reaped.append((pid, status))
         else:
-            return reaped  # a full batch: the next SIGCHLD (or poll) goes on
+            return reaped, False  # a full batch: the next SIGCHLD (or poll) goes on
     if not _proc_ours():
-        return reaped
+        return reaped, behind
     try:
         names = os.listdir("/proc")
     except OSError:
-        return reaped
+        return reaped, False
     for name in names:
         if not name.isdigit() or int(name) in own:
             continue
@@ -3826,7 +3822,12 @@ def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
             continue
         if pid:
             reaped.append((pid, status))
-    return reaped
+    return reaped, False
+
+
+def reap_orphans(own: Set[int]) -> List[Tuple[int, int]]:
+    """_reap_pass's orphans: their (pid, status)."""
+    return _reap_pass(own)[0]
 
 
 class _ManagedServer:
@@ -6257,15 +6258,16 @@ class Server:
             self._reap_timer = asyncio.get_running_loop().call_later(REAP_RETRY_SECS, self._reap)
             return
         reaped: List[Tuple[int, int]] = []
+        behind = False
         try:
-            reaped = reap_orphans(self.hooks.own_pids())
+            reaped, behind = _reap_pass(self.hooks.own_pids())
             for pid, status in reaped:
                 self.log.info("reaper.reaped", pid=pid, status=status)
         except Exception as e:
             log_internal_error(self.log, self.metrics, "reaper", e)
         if len(reaped) >= REAP_BATCH:  # more may wait: in the next step, after other work
             self._reap_timer = asyncio.get_running_loop().call_later(0, self._reap)
-        elif REAP_BEHIND_OWN[0] and not _proc_ours():  # orphans may wait behind it, and
+        elif behind:  # orphans may wait behind one of its own children, and
             # no SIGCHLD will come for them again: look once the watcher has reaped it
             self._reap_timer = asyncio.get_running_loop().call_later(REAP_RETRY_SECS, self._reap)
         elif self._reap_poll is not None:
