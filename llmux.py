@@ -1238,6 +1238,71 @@ def _own_port_problems(config: Config, port: Optional[int], host: str) -> List[s
             for name, m in config.models.items() if m.port == port]
 
 
+class _Mapping(dict):  # type: ignore[type-arg]
+    """An object of a config file as decoded, with the keys it gave more than once (JSON
+    and YAML let the last one win without a word; llmux says so)."""
+
+    __slots__ = ("repeated",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeated: List[Any] = []
+
+
+def _json_object(pairs: List[Tuple[str, Any]]) -> "_Mapping":
+    m = _Mapping()
+    for key, value in pairs:
+        if key in m:
+            m.repeated.append(key)
+        m[key] = value
+    return m
+
+
+def _yaml_loader(yaml: Any) -> Any:
+    """PyYAML's SafeLoader, making _Mappings: a key the document's own mapping gives twice
+    is noted (one a merge key ``<<`` brings in and the mapping overrides is not)."""
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
+        def _map(self, node: Any) -> Any:
+            data = _Mapping()
+            yield data
+            seen: Set[Any] = set()
+            for key, _ in node.value:  # before construct_mapping puts merged keys in
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        data.repeated.append(key.value)
+                    seen.add(key.value)
+            data.update(self.construct_mapping(node))
+
+    Loader.add_constructor("tag:yaml.org,2002:map", Loader._map)
+    return Loader
+
+
+def _repeated_keys(raw: Any) -> List[str]:
+    """A problem for each key an object of the file gave more than once, by key path.  A
+    node shared by aliases (a YAML alias bomb) is visited once."""
+    problems: List[str] = []
+    seen: Set[int] = set()
+    stack: List[Tuple[str, Any]] = [("", raw)]
+    while stack and len(problems) <= CONFIG_PROBLEMS_MAX:
+        where, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            counts: Dict[Any, int] = {}
+            for key in getattr(node, "repeated", ()):
+                counts[key] = counts.get(key, 1) + 1
+            for key, count in counts.items():
+                problems.append(f"{where or '(top level)'}: the key '{_config_name(key)}' is given "
+                                f"{count} times; expected each key once")
+            stack.extend((f"{where}.{_config_name(k)}" if where else _config_name(k), v)
+                         for k, v in reversed(list(node.items())))
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return problems
+
+
 def load_config(path: str) -> Config:
     """Read and validate a JSON (or, with PyYAML, YAML) config file."""
     try:
@@ -1251,19 +1316,26 @@ def load_config(path: str) -> Config:
             raise ConfigError([f"{path}: a YAML config needs PyYAML, which is not installed; "
                                "install it (pip install pyyaml) or write the config as JSON"])
         try:
-            raw = yaml.safe_load(data)
+            raw = yaml.load(data, Loader=_yaml_loader(yaml))  # safe: a SafeLoader
         except (yaml.YAMLError, ValueError) as e:  # (ValueError: an int of 5,000 digits)
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
         except RecursionError:
             raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     else:
         try:
-            raw = json.loads(data)
+            raw = json.loads(data, object_pairs_hook=_json_object)
         except ValueError as e:
             raise ConfigError([f"{path}: not valid JSON: {e}"]) from None
         except RecursionError:
             raise ConfigError([f"{path}: not valid JSON: nested too deeply"]) from None
-    return parse_config(raw, os.path.abspath(path))
+    repeated = _repeated_keys(raw)
+    try:
+        config = parse_config(raw, os.path.abspath(path))
+    except ConfigError as e:
+        raise ConfigError(repeated + e.problems) from None
+    if repeated:
+        raise ConfigError(repeated)
+    return config
 
 
 # ─────────────────────────────── HTTP wire (sans-I/O) ───────────────────────────────────
@@ -6063,6 +6135,7 @@ class Server:
         self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
         self._background: List["asyncio.Task[None]"] = []
         self._reload_lock = asyncio.Lock()
+        self.reload_waiting = False  # a SIGHUP's reload has not started yet (main coalesces)
         self.closing = False
         self.port: Optional[int] = None
         self.host = ""
@@ -6359,8 +6432,12 @@ class Server:
             log_internal_error(self.log, self.metrics, "reload", e)
             return False
 
+    def reloading(self) -> bool:
+        return self._reload_lock.locked()
+
     async def _reload(self) -> bool:
         async with self._reload_lock:
+            self.reload_waiting = False
             if self.closing:
                 self.log.info("reload.skipped", reason="llmux is shutting down")
                 return False
@@ -7140,7 +7217,8 @@ class Server:
         origin = head.get("origin")
         if origin is None or origin.lower() in _control_origins(self.config.cors_origins):
             return
-        if urllib.parse.urlsplit(origin.strip()).netloc.lower() == (head.get("host") or "").strip().lower():
+        netloc = urllib.parse.urlsplit(origin.strip()).netloc.lower()
+        if netloc and netloc == (head.get("host") or "").strip().lower():  # null names no host
             return
         raise LLMuxError(f"/llmux/ does not answer pages of other origins; expected a request "
                          f"from the dashboard's own origin or one listed by name in cors_origins "
@@ -8560,7 +8638,15 @@ async def _serve(server: Server, stop: asyncio.Event, early_reload: asyncio.Even
     server.start_background()
 
     def reload() -> None:
+        # A reload waiting for the running one reads the file when it starts: one is
+        # enough for any number of SIGHUPs meanwhile (a storm of them is not a queue).
         reloads[:] = [t for t in reloads if not t.done()]
+        if server.reload_waiting:
+            log.info("reload.coalesced", reason="a reload is waiting to start; it reads the file then")
+            return
+        if server.reloading():
+            log.info("reload.queued", reason="a reload is running; this one starts after it")
+        server.reload_waiting = True
         reloads.append(loop.create_task(server.reload()))
 
     loop.add_signal_handler(signal.SIGHUP, reload)

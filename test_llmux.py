@@ -936,6 +936,59 @@ def test_unreadable_and_invalid_json_configs(tmp_path: Path) -> None:
         llmux.load_config(str(bad))
 
 
+def test_a_key_given_twice_is_a_config_error_naming_its_path(tmp_path: Path) -> None:
+    """Regression: a key given twice was taken silently, the last value winning (a model
+    pasted twice under one name, or a port given twice, ran on what the reader did not
+    see)."""
+    path = tmp_path / "c.json"
+    path.write_text('{"models": {"a": {"port": 8001, "port": 8002}, "b": {"port": 8003},'
+                    ' "b": {"port": 8004}}, "policy": {"min_active_secs": 1, "min_active_secs": 2}}')
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert sorted(e.value.problems) == [
+        "models.a: the key 'port' is given 2 times; expected each key once",
+        "models: the key 'b' is given 2 times; expected each key once",
+        "policy: the key 'min_active_secs' is given 2 times; expected each key once"]
+    # With other problems, all are named; the same key in two objects is no repeat.
+    path.write_text('{"models": {"a": {"port": "x"}, "b": {"port": 8003}}, "models": {}}')
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert e.value.problems[0] == "(top level): the key 'models' is given 2 times; expected each key once"
+    path.write_text('{"models": {"a": {"port": 8001}, "b": {"port": 8002}}}')
+    assert list(llmux.load_config(str(path)).models) == ["a", "b"]
+
+
+def test_a_yaml_key_given_twice_is_a_config_error_but_a_merge_key_is_not(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  a:\n    port: 8001\n    port: 8002\n")
+    with pytest.raises(llmux.ConfigError, match=r"^models\.a: the key 'port' is given 2 times"):
+        llmux.load_config(str(path))
+    # A YAML merge key (<<) overridden by the mapping's own key is what merges are for.
+    path.write_text("base: &base {port: 8001, wake: 'echo up'}\n"
+                    "models:\n  a: {<<: *base, port: 8002}\n  b: {<<: *base, port: 8003}\n")
+    path.write_text(path.read_text().replace("base: &base", "x-base: &base"))
+    with pytest.raises(llmux.ConfigError, match="x-base") as e:  # an unknown top-level key, only
+        llmux.load_config(str(path))
+    assert len(e.value.problems) == 1
+    path.write_text("models:\n  a: &a {port: 8001, wake: 'echo up'}\n  b: {<<: *a, port: 8003}\n")
+    cfg = llmux.load_config(str(path))
+    assert (cfg.models["b"].port, cfg.models["b"].wake) == (8003, "echo up")
+
+
+def test_repeated_keys_in_a_yaml_alias_bomb_cost_one_visit_each(tmp_path: Path) -> None:
+    """The walk that looks for repeated keys visits a shared node once: a billion-laughs
+    document is as cheap to check as it is to load."""
+    pytest.importorskip("yaml")
+    lines = ["a0: &a0 {k: 1, k: 2}"] + [f"a{i}: &a{i} [{', '.join(['*a%d' % (i - 1)] * 9)}]"
+                                          for i in range(1, 12)]
+    path = tmp_path / "c.yaml"
+    path.write_text("\n".join(lines) + "\nmodels: {a: {port: 8001}}\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert "a0: the key 'k' is given 2 times; expected each key once" in e.value.problems
+
+
 def test_check_flag_validates_and_exits_0() -> None:
     p = subprocess.run([sys.executable, LLMUX, "-c", str(HERE / "example-config.json"), "--check"],
                        capture_output=True, text=True, timeout=T)
@@ -8770,6 +8823,17 @@ def test_control_routes_answer_no_other_origin(env: Env) -> None:
     assert status == 200 and headers["access-control-allow-origin"] == "https://evil.example"
 
 
+def test_an_origin_without_a_host_is_no_same_origin_page(env: Env) -> None:
+    """Regression: `Origin: null` (a sandboxed or file: page) on an HTTP/1.0 request
+    without Host matched "no Host" as its own origin and got /llmux/ answered."""
+    lx = env.start({"a": env.model("a")})
+    for origin in (b"null", b"file://", b"http://"):
+        answer = raw_exchange(lx.port, b"GET /llmux/status HTTP/1.0\r\nOrigin: " + origin + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403 ") and b'"cross_origin_control"' in answer, (origin, answer)
+    answer = raw_exchange(lx.port, b"GET /llmux/status HTTP/1.0\r\n\r\n")  # curl-like: no Origin
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
 def test_queue_position_never_exceeds_the_queue() -> None:
     """Regression (attack): "10 of 2 in its queue" once most waiters ahead had left."""
     cfg = llmux.parse_config({"models": {"a": {"port": 1}, "b": {"port": 2}}})
@@ -8939,6 +9003,30 @@ def test_models_list_says_loaded_loading_unloaded_with_an_eta(env: Env) -> None:
     assert join(t, box)[0] == 200
     card = lx.request("GET", "/v1/models/b")[2]
     assert card["status"] == {"value": "loaded", "eta_secs": 0.0} and card["loaded"] is True
+
+
+def test_a_storm_of_sighups_is_one_reload_running_and_one_waiting(env: Env) -> None:
+    """Regression: each SIGHUP queued a reload of its own; 30 signals during a slow one
+    meant 30 more, one after another.  A reload that is waiting to start reads the file
+    as it is when it starts, so one waiting is all a storm needs."""
+    gate = env.gate("sleep")
+    lx = env.start({"a": env.model("a", sleep_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")})
+    assert lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    config["models"]["a"]["wake"] += "\ntrue"  # a changed server: drained and slept first
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "sleep-start a" in env.lines(), "the reload's sleep hook")
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"info reload\.queued reason=\"a reload is running")
+    for i in range(1, 30):  # one at a time: the kernel merges a signal sent while one is pending
+        lx.proc.send_signal(signal.SIGHUP)
+        lx.wait_log(r"info reload\.coalesced", count=i)
+    gate.touch()
+    lx.wait_log(r"info reload\.done", count=2)
+    lx.proc.send_signal(signal.SIGHUP)  # after the storm, a reload runs as before
+    lx.wait_log(r"info reload\.done", count=3)
+    assert lx.log_count(r"reload\.done") == 3 and lx.log_count(r"reload\.coalesced") == 29
 
 
 def test_reload_changing_only_soft_keys_keeps_the_active_model_running(env: Env) -> None:
