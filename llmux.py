@@ -390,6 +390,7 @@ EVENTS_BATCH_BYTES = 64 * 1024  # ... or as soon as a batch is this large
 TIMELINE_LEN = 256  # model state changes kept for the snapshot (the dashboard's timeline)
 DEFAULT_PROGRESS_INTERVAL = 5.0  # a held stream gets a loading-status comment this often
 LOG_BURST = 20  # warning and error lines of one event per second; the rest are counted.
+LOG_PREFIXES_MAX = 256  # request lines' method-path-model texts kept (Log.request)
 LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 # Connections accepted per wake-up of the listening socket, and at most this many being
 # refused at once (then accepting pauses ACCEPT_PAUSE_SECS: a connect flood waits in the
@@ -502,6 +503,30 @@ _NEEDS_QUOTES = re.compile(r'[\s"=\\]').search
 _LOG_KEYS: Dict[str, str] = {}  # a field's name as written: "frm_" -> "frm="
 
 
+def _text_fields(fields: Dict[str, Any]) -> List[str]:
+    """``key=value`` for each field that is not None, quoted as JSON where it must be."""
+    parts = []
+    keys = _LOG_KEYS
+    for key, value in fields.items():
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is str:
+            if not value or _NEEDS_QUOTES(value):
+                value = json.dumps(value)
+        elif kind is int or kind is float:
+            value = str(value)  # never needs quotes
+        else:
+            value = json.dumps(value, default=str)
+            if not value or _NEEDS_QUOTES(value):
+                value = json.dumps(value)
+        prefix = keys.get(key)
+        if prefix is None:  # keys are names in this file's code: a bounded set
+            prefix = keys[key] = key.rstrip("_") + "="
+        parts.append(prefix + value)
+    return parts
+
+
 class Log:
     """Event logger: ``log.info("switch.end", frm="a", to="b", secs=1.2)``."""
 
@@ -526,6 +551,7 @@ class Log:
         # a busy proxy logs a line per request, and a write per line was a syscall each.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._pending: List[str] = []
+        self._request_prefixes: Dict[Tuple[Any, Any, Any], str] = {}  # see request()
 
     def batch(self, loop: Optional[asyncio.AbstractEventLoop]) -> None:
         """Write lines at the end of each iteration of ``loop`` (None: at once, as
@@ -550,6 +576,46 @@ class Log:
     def emit(self, level: str, event: str, fields: Dict[str, Any]) -> None:
         if self.LEVELS[level] < self.threshold:
             return
+        stamp = self._now(level, event, fields)
+        if stamp is None:
+            return
+        if self.fmt == "json":
+            record = {"ts": stamp, "level": level, "event": event}
+            record.update((k.rstrip("_"), v) for k, v in fields.items() if v is not None)
+            line = json.dumps(record, default=str, separators=(",", ":"))
+        else:
+            text = fields.pop("text", None)
+            line = " ".join([stamp, level, event, *_text_fields(fields)]) + \
+                (f" | {text}" if text is not None else "")
+        self._write(line)
+
+    def request(self, fields: Dict[str, Any]) -> None:
+        """emit("info", "request", fields) for the line each request ends with; ``fields``
+        begins with method, path, model, status and secs.  The text of its first three is
+        kept from the lines before: a busy proxy's requests repeat a few of them."""
+        if self.fmt == "json" or "text" in fields:
+            self.emit("info", "request", fields)
+            return
+        if 20 < self.threshold:
+            return
+        stamp = self._now("info", "request", fields)
+        if stamp is None:
+            return
+        it = iter(fields.items())
+        key = (next(it)[1], next(it)[1], next(it)[1])  # method, path, model
+        prefix = self._request_prefixes.get(key)
+        if prefix is None:
+            if len(self._request_prefixes) >= LOG_PREFIXES_MAX:  # paths come from clients
+                self._request_prefixes.clear()
+            prefix = self._request_prefixes[key] = " ".join(
+                ["info request", *_text_fields({"method": key[0], "path": key[1], "model": key[2]})])
+        rest = _text_fields(dict(it)) if len(fields) > 5 else \
+            [f"status={next(it)[1]}", f"secs={next(it)[1]}"]
+        self._write(f"{stamp} {prefix} {' '.join(rest)}")
+
+    def _now(self, level: str, event: str, fields: Dict[str, Any]) -> Optional[str]:
+        """The timestamp for a line now (None: a warning over its burst, counted), once
+        the listener has the line's fields."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -565,7 +631,7 @@ class Log:
             seen = self._burst[event] = self._burst.get(event, 0) + 1
             if seen > LOG_BURST and event != "log.suppressed":
                 self._suppressed[event] = self._suppressed.get(event, 0) + 1
-                return
+                return None
         if self.listener is not None and level != "debug":
             try:
                 self.listener(level, event, fields)
@@ -576,33 +642,9 @@ class Log:
         if milli != self._milli:  # a busy proxy writes many lines a millisecond
             self._milli = milli
             self._stamp = "%s.%03dZ" % (self._prefix, milli % 1000)
-        stamp = self._stamp
-        if self.fmt == "json":
-            record = {"ts": stamp, "level": level, "event": event}
-            record.update((k.rstrip("_"), v) for k, v in fields.items() if v is not None)
-            line = json.dumps(record, default=str, separators=(",", ":"))
-        else:
-            text = fields.pop("text", None)
-            parts = [stamp, level, event]
-            keys = _LOG_KEYS
-            for key, value in fields.items():
-                if value is None:
-                    continue
-                kind = type(value)
-                if kind is str:
-                    if not value or _NEEDS_QUOTES(value):
-                        value = json.dumps(value)
-                elif kind is int or kind is float:
-                    value = str(value)  # never needs quotes
-                else:
-                    value = json.dumps(value, default=str)
-                    if not value or _NEEDS_QUOTES(value):
-                        value = json.dumps(value)
-                prefix = keys.get(key)
-                if prefix is None:  # keys are names in this file's code: a bounded set
-                    prefix = keys[key] = key.rstrip("_") + "="
-                parts.append(prefix + value)
-            line = " ".join(parts) + (f" | {text}" if text is not None else "")
+        return self._stamp
+
+    def _write(self, line: str) -> None:
         loop = self._loop
         batched = loop is not None and not loop.is_closed()
         if batched and not self._pending:
@@ -6862,7 +6904,7 @@ class Server:
                 line["eta_secs"] = round(eta, 3)
             if held is not None:
                 line["held"] = True
-            self.log.emit("info", "request", line)
+            self.log.request(line)
             if model is not None:
                 self.metrics.inc("llmux_requests_total", model.name, str(status))
                 self.metrics.observe("llmux_request_duration_seconds", model.name, value=secs)

@@ -8856,6 +8856,34 @@ def test_queue_position_never_exceeds_the_queue() -> None:
     run_checked(go(), loop)
 
 
+def test_the_request_line_is_the_line_emit_would_write_whatever_its_fields() -> None:
+    """Log.request keeps each method-path-model text from the lines before: seeded
+    random fields (quoting, None, unicode, extra fields, more distinct paths than it
+    keeps) give byte for byte what emit("info", "request", ...) gives, to the listener too."""
+    seed = int(os.environ.get("LLMUX_FUZZ_SEED", "11"))
+    rng = random.Random(seed)
+    texts = ["POST", "/v1/chat/completions", "/a b", 'q"uote', "", "x=y", "é/ü", "a\\b", "\u2028"]
+    fast, slow = ListStream(), ListStream()
+    heard: List[Tuple[str, List[Any]]] = []
+    logs = {"fast": llmux.Log(fast), "slow": llmux.Log(slow)}
+    for name, log in logs.items():
+        log.listener = lambda level, event, fields, name=name: heard.append((name, [level, event, dict(fields)]))
+    for i in range(3 * llmux.LOG_PREFIXES_MAX):
+        fields: Dict[str, Any] = {
+            "method": rng.choice(["GET", "POST", "HEAD"]),
+            "path": rng.choice(texts) + (str(rng.randrange(2 * llmux.LOG_PREFIXES_MAX)) if rng.random() < 0.5 else ""),
+            "model": rng.choice([None, "a", "m o", "qwen2.5:7b"]), "status": rng.choice([200, 499, 503]),
+            "secs": round(rng.random(), 4)}
+        for extra, value in (("waited_secs", 1.25), ("waited_for", "a"), ("eta_secs", 3.0), ("held", True)):
+            if rng.random() < 0.2:
+                fields[extra] = value
+        logs["fast"].request(dict(fields))
+        logs["slow"].emit("info", "request", dict(fields))
+        assert fast.lines[-1].split(" ", 1)[1] == slow.lines[-1].split(" ", 1)[1], (seed, i, fields)
+        assert heard[-2][1] == heard[-1][1], (seed, i)
+    assert len(logs["fast"]._request_prefixes) <= llmux.LOG_PREFIXES_MAX
+
+
 def test_log_suppressed_names_what_it_counted_apart_from_its_own_name() -> None:
     """Regression (attack): its "event" field overwrote the record's event name, so JSON
     logs and /llmux/events showed a fake request.failed."""
