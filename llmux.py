@@ -453,10 +453,18 @@ class HTTPError(LLMuxError, ValueError):
 CONFIG_PROBLEMS_MAX = 20  # problems a config error lists; the rest are counted
 
 
+def _key_text(key: Any) -> str:
+    """str(key), but for an int too long for str() (a YAML key of 5,000 digits)."""
+    try:
+        return str(key)
+    except ValueError:
+        return f"<an integer of {key.bit_length()} bits>"
+
+
 def _config_name(name: Any) -> str:
     """A key or model name as a config error shows it: whole when short and printable,
     else as JSON (no newline can forge a line), cut to 60 characters."""
-    text = str(name)
+    text = _key_text(name)
     return text if len(text) <= 60 and text.isprintable() else _describe(text).rpartition(" (")[0]
 
 
@@ -921,7 +929,7 @@ def _preview(value: Any, limit: int) -> str:
         if not put(opening):
             return False
         for i, (k, x) in enumerate(items):
-            if (i and not put(", ")) or (opening == "{" and not put(json.dumps(str(k)[:limit]) + ": ")) \
+            if (i and not put(", ")) or (opening == "{" and not put(json.dumps(_key_text(k)[:limit]) + ": ")) \
                     or not walk(x):
                 return False
         return put(closing)
@@ -1302,18 +1310,42 @@ def _json_object(pairs: List[Tuple[str, Any]]) -> "_Mapping":
 
 def _yaml_loader(yaml: Any) -> Any:
     """PyYAML's SafeLoader, making _Mappings: a key the document's own mapping gives twice
-    is noted (one a merge key ``<<`` brings in and the mapping overrides is not)."""
+    (as loaded: ``1`` and ``0x1`` are one key, ``1`` and ``"1"`` two) is noted; one that a
+    merge key ``<<`` brings in and the mapping overrides is not."""
 
     class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._written: Dict[int, List[Any]] = {}  # id(node) -> the keys it repeats
+
+        def _repeats(self, node: Any) -> List[Any]:
+            """The keys ``node`` repeats as written: seen before flatten_mapping puts merged
+            keys into its value, which it does to a merge source when another mapping
+            merges it, maybe before the source's own turn."""
+            found = self._written.get(id(node))
+            if found is None:
+                found = self._written[id(node)] = []
+                seen: Set[Any] = set()
+                for key, _ in node.value:
+                    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    value = self.construct_object(key)
+                    try:
+                        if value in seen:
+                            found.append(value)
+                        seen.add(value)
+                    except TypeError:  # unhashable: construct_mapping says so
+                        pass
+            return found
+
+        def flatten_mapping(self, node: Any) -> None:
+            self._repeats(node)
+            super().flatten_mapping(node)
+
         def _map(self, node: Any) -> Any:
             data = _Mapping()
             yield data
-            seen: Set[Any] = set()
-            for key, _ in node.value:  # before construct_mapping puts merged keys in
-                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    if key.value in seen:
-                        data.repeated.append(key.value)
-                    seen.add(key.value)
+            data.repeated = self._repeats(node)
             data.update(self.construct_mapping(node))
 
     Loader.add_constructor("tag:yaml.org,2002:map", Loader._map)
@@ -1321,28 +1353,47 @@ def _yaml_loader(yaml: Any) -> Any:
 
 
 def _repeated_keys(raw: Any) -> List[str]:
-    """A problem for each key an object of the file gave more than once, by key path.  A
-    node shared by aliases (a YAML alias bomb) is visited once."""
+    """A problem for each key an object of the file gave more than once, by key path.
+    Each object or list is visited once (a YAML alias bomb costs what it loads), and a
+    path is written out only for a problem: a deep document costs one link a container."""
     problems: List[str] = []
-    seen: Set[int] = set()
-    stack: List[Tuple[str, Any]] = [("", raw)]
+    seen: Set[int] = {id(raw)}
+    # (node, its path as links: (key or [index], the parent's links) or None at the top)
+    stack: List[Tuple[Any, Any]] = [(raw, None)]
     while stack and len(problems) <= CONFIG_PROBLEMS_MAX:
-        where, node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
+        node, links = stack.pop()
         if isinstance(node, dict):
-            counts: Dict[Any, int] = {}
-            for key in getattr(node, "repeated", ()):
-                counts[key] = counts.get(key, 1) + 1
-            for key, count in counts.items():
-                problems.append(f"{where or '(top level)'}: the key '{_config_name(key)}' is given "
-                                f"{count} times; expected each key once")
-            stack.extend((f"{where}.{_config_name(k)}" if where else _config_name(k), v)
-                         for k, v in reversed(list(node.items())))
-        elif isinstance(node, list):
-            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+            repeated = getattr(node, "repeated", ())
+            if repeated:
+                counts: Dict[Any, int] = {}
+                for key in repeated:
+                    counts[key] = counts.get(key, 1) + 1
+                where = _key_path(links)
+                for key, count in counts.items():
+                    problems.append(f"{where or '(top level)'}: the key '{_config_name(key)}' is "
+                                    f"given {count} times; expected each key once")
+            children: Iterable[Tuple[Any, Any]] = node.items()
+        else:
+            children = ((_Index(i), v) for i, v in enumerate(node))
+        below = []
+        for key, value in children:
+            if isinstance(value, (dict, list)) and id(value) not in seen:
+                seen.add(id(value))
+                below.append((value, (key, links)))
+        stack.extend(reversed(below))  # problems in the file's order
     return problems
+
+
+class _Index(int):
+    """A list index in a key path (written ``[i]``)."""
+
+
+def _key_path(links: Any) -> str:
+    parts: List[str] = []
+    while links is not None:
+        key, links = links
+        parts.append(f"[{int(key)}]" if isinstance(key, _Index) else "." + _config_name(key))
+    return "".join(reversed(parts)).lstrip(".")
 
 
 def load_config(path: str) -> Config:
@@ -7256,11 +7307,18 @@ class Server:
         form POST that needs no preflight, wake and sleep models).  Same-origin pages (the
         dashboard), origins listed by name in cors_origins, and clients that send no
         Origin (curl, SDKs) may."""
-        origin = head.get("origin")
-        if origin is None or origin.lower() in _control_origins(self.config.cors_origins):
+        given = [v for k, v in head.headers if k == "origin"]
+        if not given:
             return
-        netloc = urllib.parse.urlsplit(origin.strip()).netloc.lower()
-        if netloc and netloc == (head.get("host") or "").strip().lower():  # null names no host
+        origin = given[-1]
+        if len(given) == 1 and origin.lower() in _control_origins(self.config.cors_origins):
+            return
+        try:  # (a browser sends one Origin; https: llmux behind a TLS-terminating proxy)
+            url = urllib.parse.urlsplit(origin.strip(" \t"))
+        except ValueError:  # "http://[x]": no origin of any page
+            url = None
+        if len(given) == 1 and url is not None and url.scheme.lower() in ("http", "https") and url.netloc \
+                and url.netloc.lower() == (head.get("host") or "").strip(" \t").lower():
             return
         raise LLMuxError(f"/llmux/ does not answer pages of other origins; expected a request "
                          f"from the dashboard's own origin or one listed by name in cors_origins "
@@ -8745,6 +8803,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "(pip install uvloop), or LLMUX_LOOP unset", file=sys.stderr)
             return 2
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    else:
+        _patient_child_watcher()  # (uvloop's own watcher does not block)
     _trim_heap()
     try:
         return asyncio.run(serve(config, log, host, port))
@@ -8752,6 +8812,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for problem in e.problems:
             print(f"llmux: config error: {problem}", file=sys.stderr)
         return 2
+
+
+CHILD_REAP_RETRY_SECS = (0.05, 1.0)  # a child that exited but cannot be reaped yet: first, last retry
+
+
+def _patient_child_watcher() -> None:
+    """On Python 3.12 and 3.13, asyncio's default child watcher reaps a child with a
+    blocking waitpid(pid, 0) on the loop's thread as soon as its pidfd says it exited.
+    A killed server that a tracer holds (a debugger left attached) has exited but cannot
+    be reaped until the tracer lets go: the whole loop stopped.  This one asks with
+    WNOHANG and, while the answer is "not yet", asks again later (from 50 ms, doubling, to
+    every second), so only that child waits.  (3.8-3.11 reap in a thread of each child's
+    own: nothing to do.)"""
+    base = getattr(asyncio, "PidfdChildWatcher", None)
+    if sys.version_info < (3, 12) or base is None or not hasattr(os, "pidfd_open"):
+        return
+    try:  # a kernel without pidfds (before 5.3), or a seccomp filter refusing them
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+
+    class Patient(base):  # type: ignore[misc,valid-type]
+        def _do_wait(self, pid: int, pidfd: int, callback: Any, args: Any,
+                     delay: float = 0.0) -> None:
+            loop = asyncio.get_running_loop()
+            if not delay:
+                loop._remove_reader(pidfd)  # type: ignore[attr-defined]
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: asyncio's own answer
+                done, status = pid, 255 << 8
+            if not done:  # exited, not reapable yet: only this child waits
+                delay = min(max(delay * 2, CHILD_REAP_RETRY_SECS[0]), CHILD_REAP_RETRY_SECS[1])
+                loop.call_later(delay, self._do_wait, pid, pidfd, callback, args, delay)
+                return
+            os.close(pidfd)
+            callback(pid, os.waitstatus_to_exitcode(status), *args)
+
+    import warnings  # (loaded at every interpreter's start: costs nothing)
+    with warnings.catch_warnings():  # 3.12 deprecates child watchers; 3.14 drops them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.get_event_loop_policy().set_child_watcher(Patient())
 
 
 def _trim_heap() -> None:

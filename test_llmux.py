@@ -989,6 +989,54 @@ def test_repeated_keys_in_a_yaml_alias_bomb_cost_one_visit_each(tmp_path: Path) 
     assert "a0: the key 'k' is given 2 times; expected each key once" in e.value.problems
 
 
+def test_the_repeated_key_walk_is_linear_in_a_deep_document(tmp_path: Path) -> None:
+    """Regression (attack): the walk gave every child its whole key path as a string: a
+    547 KB JSON file of long keys 900 deep took 11.6 s and 2.7 GB to check, and a YAML
+    file of aliases as much per level.  Paths are written out for problems only: the
+    walk's memory, measured here, is a link a container."""
+    import tracemalloc
+    key = "k" * 60
+    doc: Dict[str, Any] = {f"v{i}": 0 for i in range(50000)}
+    for _ in range(900):
+        doc = {key: doc}
+    raw = json.loads(json.dumps({"x": doc}), object_pairs_hook=llmux._json_object)
+    tracemalloc.start()
+    try:
+        assert llmux._repeated_keys(raw) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # (a path string per key: 50,000 x 54 KB)
+    leaf = raw["x"]
+    for _ in range(899):
+        leaf = leaf[key]
+    leaf[key].repeated.append("v1")
+    [problem] = llmux._repeated_keys(raw)
+    assert problem.startswith("x." + ".".join([key] * 900) + ": the key 'v1' is given 2 times")
+
+
+def test_yaml_repeats_are_keys_as_loaded_and_merge_sources_are_read_as_written(tmp_path: Path) -> None:
+    """Regression (attack): a merge source flattened by a shallower mapping before its
+    own turn counted the keys merged into it as repeats; keys were compared as written
+    (1 and "1" one key, 0x2 and 2 two); a key of 4,000 hex digits crashed the check."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("b: &b {port: 1}\nx:\n  y: &m {<<: *b, port: 2}\nz: {<<: *m}\nmodels: {a: {port: 8001}}\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert not any("given" in p for p in e.value.problems), e.value.problems
+    path.write_text("models: {a: {port: 8001}}\nx: {1: a, '1': b, 0x2: c, 2: d}\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert [p for p in e.value.problems if "given" in p] == ["x: the key '2' is given 2 times; expected each key once"]
+    path.write_text("models: {a: {port: 8001}}\nx:\n  ? 0x" + "f" * 4000 + "\n  : 1\n  ? 0x" + "f" * 4000 + "\n  : 2\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert e.value.problems[0] == "x: the key '<an integer of 16000 bits>' is given 2 times; expected each key once"
+    p = subprocess.run([sys.executable, LLMUX, "-c", str(path), "--check"], capture_output=True, text=True, timeout=T)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+
+
 def test_check_flag_validates_and_exits_0() -> None:
     p = subprocess.run([sys.executable, LLMUX, "-c", str(HERE / "example-config.json"), "--check"],
                        capture_output=True, text=True, timeout=T)
@@ -1840,10 +1888,9 @@ def test_a_stopped_server_that_cannot_be_reaped_does_not_hang_the_switch(env: En
     """Regression (attack): a server traced by a process that never waits for it (a
     debugger left suspended) is killed but cannot be reaped by llmux; the switch awaited
     its exit for ever, and so did shutdown.  A zombie holds nothing: the switch goes on.
-    Not on 3.12+: there asyncio's pidfd child watcher reaps with a blocking waitpid(pid, 0)
-    on the loop's thread, which waits for the tracer: the whole loop stops (README)."""
-    if sys.version_info >= (3, 12):
-        pytest.skip("asyncio 3.12+ waits for a traced child on the loop's thread (waitpid(pid, 0))")
+    On 3.12+ (regression): asyncio's pidfd child watcher reaped with a blocking
+    waitpid(pid, 0) on the loop's thread, which waited for the tracer: the whole loop
+    stopped, until llmux installed a watcher that asks again later."""
     lx = env.start({"a": env.managed("a", stop_grace_secs=0.3), "b": env.managed("b")},
                    policy={"shutdown_grace_secs": 1})
     assert lx.chat("a")[0] == 200
@@ -8821,6 +8868,25 @@ def test_control_routes_answer_no_other_origin(env: Env) -> None:
     named = env.start({"a": env.model("a")}, cors_origins=["https://evil.example"])
     status, headers, _ = named.request("GET", "/llmux/status", None, evil)
     assert status == 200 and headers["access-control-allow-origin"] == "https://evil.example"
+
+
+def test_a_malformed_or_repeated_origin_on_control_routes_is_refused_not_a_500(env: Env) -> None:
+    """Regression (attack): `Origin: http://[x]` made urlsplit raise: a 500 and an
+    internal error's traceback; two Origin headers were judged by the last alone; a
+    file: origin naming this host passed."""
+    lx = env.start({"a": env.model("a")})
+    host = f"127.0.0.1:{lx.port}".encode()
+    for origins in ([b"http://[x]"], [b"http://["], [b"http://]"], [b"file://" + host],
+                    [b"https://evil.example", b"http://" + host]):
+        head = b"".join(b"Origin: " + o + b"\r\n" for o in origins)
+        answer = raw_exchange(lx.port, b"GET /llmux/status HTTP/1.1\r\nHost: " + host + b"\r\n" + head +
+                              b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403 ") and b'"cross_origin_control"' in answer, (origins, answer)
+    for origin in (b"http://" + host, b"https://" + host):  # the dashboard, maybe behind TLS
+        answer = raw_exchange(lx.port, b"GET /llmux/status HTTP/1.1\r\nHost: " + host + b"\r\nOrigin: " +
+                              origin + b"\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), (origin, answer)
+    assert lx.log_count("internal.error") == 0
 
 
 def test_an_origin_without_a_host_is_no_same_origin_page(env: Env) -> None:
