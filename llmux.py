@@ -7311,15 +7311,16 @@ class Server:
         if not given:
             return
         origin = given[-1]
-        if len(given) == 1 and origin.lower() in _control_origins(self.config.cors_origins):
-            return
-        try:  # (a browser sends one Origin; https: llmux behind a TLS-terminating proxy)
-            url = urllib.parse.urlsplit(origin.strip(" \t"))
-        except ValueError:  # "http://[x]": no origin of any page
-            url = None
-        if len(given) == 1 and url is not None and url.scheme.lower() in ("http", "https") and url.netloc \
-                and url.netloc.lower() == (head.get("host") or "").strip(" \t").lower():
-            return
+        if len(given) == 1:  # (a browser sends one: two is no page's request)
+            if origin.lower() in _control_origins(self.config.cors_origins):
+                return
+            try:  # https too: llmux behind a TLS-terminating proxy
+                url = urllib.parse.urlsplit(origin.strip(" \t"))
+            except ValueError:  # "http://[x]": no origin of any page
+                url = None
+            if url is not None and url.scheme.lower() in ("http", "https") and url.netloc \
+                    and url.netloc.lower() == (head.get("host") or "").strip(" \t").lower():
+                return
         raise LLMuxError(f"/llmux/ does not answer pages of other origins; expected a request "
                          f"from the dashboard's own origin or one listed by name in cors_origins "
                          f"(\"*\" does not count here); got Origin {origin[:MAX_ECHOED_NAME]}",
