@@ -168,6 +168,7 @@ import subprocess
 import threading
 import time
 import traceback
+import warnings
 import urllib.parse
 from http import HTTPStatus
 from _operator import _compare_digest  # hmac.compare_digest without hashlib's OpenSSL
@@ -8834,6 +8835,14 @@ def _patient_child_watcher() -> None:
     except OSError:
         return
 
+    with warnings.catch_warnings():  # 3.12 deprecates child watchers; 3.14 drops them
+        warnings.simplefilter("ignore", DeprecationWarning)  # (defining a subclass warns too)
+        asyncio.get_event_loop_policy().set_child_watcher(_patient_watcher(base)())
+
+
+def _patient_watcher(base: Any) -> Any:
+    """_patient_child_watcher's class (defined under its warnings filter)."""
+
     class Patient(base):  # type: ignore[misc,valid-type]
         def _do_wait(self, pid: int, pidfd: int, callback: Any, args: Any,
                      delay: float = 0.0) -> None:
@@ -8851,10 +8860,7 @@ def _patient_child_watcher() -> None:
             os.close(pidfd)
             callback(pid, os.waitstatus_to_exitcode(status), *args)
 
-    import warnings  # (loaded at every interpreter's start: costs nothing)
-    with warnings.catch_warnings():  # 3.12 deprecates child watchers; 3.14 drops them
-        warnings.simplefilter("ignore", DeprecationWarning)
-        asyncio.get_event_loop_policy().set_child_watcher(Patient())
+    return Patient
 
 
 def _trim_heap() -> None:

@@ -738,7 +738,7 @@ def test_llmux_imports_only_the_standard_library() -> None:
         "urllib", "codecs", "__future__", "math", "random", "struct", "threading", "functools",
         "itertools", "string", "textwrap", "base64", "hashlib", "io", "pathlib", "tempfile",
         "shutil", "platform", "contextlib", "weakref", "heapq", "copy", "locale", "datetime", "gc",
-        "_operator", "marshal"}
+        "_operator", "marshal", "warnings"}
     bad = []
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
