@@ -605,7 +605,7 @@ class Log:
         if self.fmt == "json" or "text" in fields:
             self.emit("info", "request", fields)
             return
-        if 20 < self.threshold:
+        if self.LEVELS["info"] < self.threshold:
             return
         stamp = self._now("info", "request", fields)
         if stamp is None:
@@ -8837,30 +8837,25 @@ def _patient_child_watcher() -> None:
 
     with warnings.catch_warnings():  # 3.12 deprecates child watchers; 3.14 drops them
         warnings.simplefilter("ignore", DeprecationWarning)  # (defining a subclass warns too)
-        asyncio.get_event_loop_policy().set_child_watcher(_patient_watcher(base)())
 
+        class Patient(base):  # type: ignore[misc,valid-type]
+            def _do_wait(self, pid: int, pidfd: int, callback: Any, args: Any,
+                         delay: float = 0.0) -> None:
+                loop = asyncio.get_running_loop()
+                if not delay:
+                    loop._remove_reader(pidfd)  # type: ignore[attr-defined]
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere: asyncio's own answer
+                    done, status = pid, 255 << 8
+                if not done:  # exited, not reapable yet: only this child waits
+                    delay = min(max(delay * 2, CHILD_REAP_RETRY_SECS[0]), CHILD_REAP_RETRY_SECS[1])
+                    loop.call_later(delay, self._do_wait, pid, pidfd, callback, args, delay)
+                    return
+                os.close(pidfd)
+                callback(pid, os.waitstatus_to_exitcode(status), *args)
 
-def _patient_watcher(base: Any) -> Any:
-    """_patient_child_watcher's class (defined under its warnings filter)."""
-
-    class Patient(base):  # type: ignore[misc,valid-type]
-        def _do_wait(self, pid: int, pidfd: int, callback: Any, args: Any,
-                     delay: float = 0.0) -> None:
-            loop = asyncio.get_running_loop()
-            if not delay:
-                loop._remove_reader(pidfd)  # type: ignore[attr-defined]
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: asyncio's own answer
-                done, status = pid, 255 << 8
-            if not done:  # exited, not reapable yet: only this child waits
-                delay = min(max(delay * 2, CHILD_REAP_RETRY_SECS[0]), CHILD_REAP_RETRY_SECS[1])
-                loop.call_later(delay, self._do_wait, pid, pidfd, callback, args, delay)
-                return
-            os.close(pidfd)
-            callback(pid, os.waitstatus_to_exitcode(status), *args)
-
-    return Patient
+        asyncio.get_event_loop_policy().set_child_watcher(Patient())
 
 
 def _trim_heap() -> None:
