@@ -263,6 +263,7 @@ MIN_BODY_PIECE_AVG = 256
 # connections, the log.  max_connections is clamped to leave it.
 FD_RESERVE = 96
 MULTIPART_MAX_PARTS = 128  # 400: real forms (audio uploads) have a handful of parts.
+MULTIPART_MAX_BOUNDARY = 70  # 400: RFC 2046 section 5.1.1 (clients send 16-40 characters).
 MULTIPART_MAX_PART_HEAD = 2048  # a longer part head is not a form field: skipped unread.
 # The JSON model scanner hands a regex at most this many bytes per call (its backtracking
 # stack grows with the tokens matched), and yields to the event loop every JSON_SCAN_SLICE
@@ -1478,8 +1479,6 @@ class _EndOfMessage:
 EndOfMessage = _EndOfMessage()
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# RFC 9110 section 5: field-name ":" OWS field-value OWS, the value without CTLs but HTAB.
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 # A whole header section at once (each line with its CRLF): _FIELD_BLOCK says whether every
 # line is a field (unambiguous: a value cannot hold CR, so each repetition ends at its
 # line's CRLF and a failure never backtracks into earlier lines); then _FIELD_LINE takes
@@ -1497,7 +1496,9 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
 _CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,%d})\r\n" % MAX_CHUNK_SIZE_DIGITS)  # no extension: the usual
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f-\xff]")
-_PLAIN_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
+# (A target holds no "#": RFC 9112 section 3.2.  A fragment is not part of the path to
+# llmux, but uvicorn drops it and routes /sleep#x to /sleep: blocked_paths would not see it.)
+_PLAIN_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21\x22\x24-\x7e]+) HTTP/1\.([01])")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 # RFC 9110 section 15: a status code is 100 to 599 (a "099" is no interim answer).
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: ([\x09\x20-\x7e\x80-\xff]*))?\Z")
@@ -1520,19 +1521,20 @@ def _header_tokens(headers: List[Tuple[str, str]], name: str) -> List[str]:
 
 
 def _parse_fields(lines: List[bytes], status: int = 400) -> List[Tuple[str, str]]:
-    """Header field lines (RFC 9112 section 5) to (lower-case name, value) pairs."""
+    """Header field lines (RFC 9112 section 5: field-name ":" OWS field-value OWS, the
+    value without CTLs but HTAB) to (lower-case name, value) pairs.  Each test is one
+    pass that cannot backtrack: a regex for the whole line, with OWS on both sides of a
+    lazy value, took quadratic time to fail on a run of spaces (17 s for 60,000)."""
     headers: List[Tuple[str, str]] = []
-    fullmatch = _FIELD.fullmatch
     for line in lines:
-        match = fullmatch(line)
-        if match is None:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.match(name) is None:
             if line[:1] in (b" ", b"\t"):
                 raise HTTPError("obsolete line folding in header section", status=status)
-            name, colon, _ = line.partition(b":")
-            if colon and _TOKEN.match(name):
-                raise HTTPError(f"invalid character in header {name.decode()!r}", status=status)
             raise HTTPError(f"invalid header line {line[:40]!r}", status=status)
-        headers.append((match.group(1).decode("ascii").lower(), match.group(2).decode("latin-1")))
+        if _FIELD_VALUE_BAD.search(value) is not None:
+            raise HTTPError(f"invalid character in header {name.decode()!r}", status=status)
+        headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     return headers
 
 
@@ -1665,6 +1667,7 @@ class _Parser:
      _DONE, _BROKEN) = range(10)
     _error_status = 400
     _trailer_status = 431
+    _trailer_code: Optional[str] = "headers_too_large"  # (as the head's 431s)
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -1833,7 +1836,8 @@ class _Parser:
             return self._end()
         return self._take("connection closed before the body was complete")
 
-    def _line(self, limit: int, too_long: str, status: Optional[int] = None) -> Optional[bytes]:
+    def _line(self, limit: int, too_long: str, status: Optional[int] = None,
+              code: Optional[str] = None) -> Optional[bytes]:
         """The CRLF-terminated line (at most ``limit`` bytes) at the start of the buffer,
         consumed; None while it is incomplete.  HTTPError(``too_long``) past the limit."""
         buf = self._buf
@@ -1851,7 +1855,7 @@ class _Parser:
         self._checked = upto
         if end < 0:
             if len(buf) >= limit + 2:
-                raise self._fail(too_long, status)
+                raise self._fail(too_long, status, code=code)
             return None
         line = bytes(buf[:end])
         del buf[: end + 2]
@@ -1926,7 +1930,7 @@ class _Parser:
         # bounded: each line costs a loop iteration and a regex match.
         budget = MAX_TRAILER_BYTES - self._trailer_bytes
         line = self._line(max(0, budget - 2), f"trailer section too large; expected at most "
-                          f"{MAX_TRAILER_BYTES} bytes", self._trailer_status)
+                          f"{MAX_TRAILER_BYTES} bytes", self._trailer_status, self._trailer_code)
         if line is None:
             if self._eof:
                 raise self._fail("connection closed inside the trailer section")
@@ -1937,7 +1941,7 @@ class _Parser:
         self._trailer_lines += 1
         if self._trailer_lines > MAX_TRAILER_LINES:
             raise self._fail(f"too many trailer fields; expected at most {MAX_TRAILER_LINES}",
-                             self._trailer_status)
+                             self._trailer_status, code=self._trailer_code)
         _parse_fields([line], self._error_status)
         return _AGAIN
 
@@ -2096,6 +2100,8 @@ class RequestParser(_Parser):
         method, target, version = parts
         if _TARGET_BAD.search(target):
             raise self._fail("invalid character in request target")
+        if b"#" in target:
+            raise self._fail("a request target has no fragment ('#'); expected a path and query")
         match = _VERSION.match(version)
         if not match:
             raise self._fail("malformed HTTP version")
@@ -2147,6 +2153,7 @@ class ResponseParser(_Parser):
 
     _error_status = 502
     _trailer_status = 502
+    _trailer_code = None
 
     def __init__(self, method: str) -> None:
         super().__init__()
@@ -2240,11 +2247,12 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 def json_response(status: int, obj: Any, *, keep_alive: bool = True,
-                  headers: Sequence[Tuple[str, str]] = (), head_only: bool = False) -> bytes:
+                  headers: Sequence[Tuple[str, str]] = (), head_only: bool = False,
+                  http10: bool = False) -> bytes:
     """A complete response with a JSON body."""
     body = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
     return local_response(status, body, "application/json", keep_alive=keep_alive,
-                          headers=headers, head_only=head_only)
+                          headers=headers, head_only=head_only, http10=http10)
 
 
 def _reason_phrase(status: int) -> str:
@@ -2259,9 +2267,11 @@ def _reason_phrase(status: int) -> str:
 
 def local_response(status: int, body: bytes, content_type: Optional[str], *,
                    keep_alive: bool = True, headers: Sequence[Tuple[str, str]] = (),
-                   head_only: bool = False) -> bytes:
+                   head_only: bool = False, http10: bool = False) -> bytes:
     """A complete response llmux writes itself; a 204 gets no body and, as RFC 9110
-    section 8.6 requires, no Content-Length."""
+    section 8.6 requires, no Content-Length.  ``head_only``: the answer to a HEAD (its
+    Content-Length the GET's).  ``http10``: to an HTTP/1.0 client, whose connection
+    closes unless the answer says keep-alive (RFC 9112 section 9.3)."""
     lines = [f"HTTP/1.1 {status} {_reason_phrase(status)}"]
     if status != 204:
         if content_type is not None:
@@ -2270,16 +2280,21 @@ def local_response(status: int, body: bytes, content_type: Optional[str], *,
     lines.extend(f"{k}: {v}" for k, v in headers)
     if not keep_alive:
         lines.append("connection: close")
+    elif http10:
+        lines.append("connection: keep-alive")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only or status == 204 else head + body
 
 
 def error_response(e: LLMuxError, keep_alive: bool = False,
-                   headers: Sequence[Tuple[str, str]] = ()) -> bytes:
+                   headers: Sequence[Tuple[str, str]] = (), head: Optional["RequestHead"] = None) -> bytes:
     """The one way an error becomes a response: its status, its JSON, its headers (and
-    ``headers``: the request's CORS ones)."""
+    ``headers``: the request's CORS ones); as an answer to ``head``, when there is one
+    (no body for a HEAD, keep-alive said to HTTP/1.0)."""
     return json_response(e.status, e.to_json(), keep_alive=keep_alive,
-                         headers=[*e.headers, *headers])
+                         headers=[*e.headers, *headers],
+                         head_only=head is not None and head.method == "HEAD",
+                         http10=head is not None and head.version == "HTTP/1.0")
 
 
 def error_event(e: LLMuxError) -> bytes:
@@ -2335,7 +2350,8 @@ def preflight_response(head: RequestHead, origins: Sequence[str], keep_alive: bo
                     ("access-control-allow-headers", asked.strip() if asked else CORS_DEFAULT_HEADERS),
                     ("access-control-max-age", str(CORS_MAX_AGE)),
                     ("vary", "access-control-request-headers")]  # echoed just above
-    return local_response(204, b"", None, keep_alive=head.keep_alive and keep_alive, headers=headers)
+    return local_response(204, b"", None, keep_alive=head.keep_alive and keep_alive, headers=headers,
+                          http10=head.version == "HTTP/1.0")
 
 
 def forward_headers(headers: List[Tuple[str, str]], drop: Iterable[str] = ()) -> List[Tuple[str, str]]:
@@ -5847,9 +5863,35 @@ def _multipart_boundary(content_type: str) -> bytes:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
+            if len(value) > MULTIPART_MAX_BOUNDARY:
+                raise HTTPError(f"multipart/form-data boundary of {len(value)} characters; "
+                                f"expected at most {MULTIPART_MAX_BOUNDARY} (RFC 2046)")
             if value:
                 return value.encode("latin-1", "replace")
     raise HTTPError("multipart/form-data without a boundary")
+
+
+if sys.version_info >= (3, 10):
+    def _find(data: bytes, needle: bytes, start: int) -> int:
+        """data.find(needle, start): linear since Python 3.10 (two-way for long needles)."""
+        return data.find(needle, start)
+else:
+    def _find(data: bytes, needle: bytes, start: int) -> int:
+        """data.find(needle, start) in linear time.  Before 3.10 bytes.find is O(n*m) on
+        some inputs (a needle of dashes in runs of slightly more: 8 s for 4 MB); re's
+        search for a literal uses a failure table (KMP), linear on all of them."""
+        found = _literal(needle).search(data, start)
+        return found.start() if found is not None else -1
+
+    _LITERALS: Dict[bytes, "re.Pattern[bytes]"] = {}
+
+    def _literal(needle: bytes) -> "re.Pattern[bytes]":
+        pattern = _LITERALS.get(needle)
+        if pattern is None:
+            if len(_LITERALS) >= 16:  # (needles come from clients' boundaries)
+                _LITERALS.clear()
+            pattern = _LITERALS[needle] = re.compile(re.escape(needle))
+        return pattern
 
 
 def _is_model_field(head: bytes) -> bool:
@@ -5902,7 +5944,7 @@ def _multipart_model_field(content_type: str, body: bytes) -> Optional[_ModelMem
     found with bytes.find, never a regex over the body; each part head is bounded."""
     delimiter = b"--" + _multipart_boundary(content_type)
     found: Optional[_ModelMember] = None
-    at = body.find(delimiter)
+    at = _find(body, delimiter, 0)
     parts = 0
     while at >= 0:
         start = at + len(delimiter)
@@ -5931,12 +5973,13 @@ def _next_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
     """Where the next CRLF + delimiter line starts, or -1.  ``--BOUNDARY`` followed by
     anything else (``--BOUNDARYx`` inside an uploaded file, say) is not a delimiter, as
     for the engines' parsers.  Each find starts past the last: linear."""
-    at = body.find(b"\r\n" + delimiter, start)
+    line = b"\r\n" + delimiter
+    at = _find(body, line, start)
     while at >= 0:
         after = at + 2 + len(delimiter)
         if after >= len(body) or _DELIMITER_END.match(body, after):
             return at
-        at = body.find(b"\r\n" + delimiter, at + 1)
+        at = _find(body, line, at + 1)
     return -1
 
 
@@ -6841,7 +6884,8 @@ class Server:
                 keep = self._keeps(head)
                 await self._send(writer, proto, local_response(
                     answer.status, answer.body, answer.content_type, keep_alive=keep,
-                    headers=[*cors, *answer.headers], head_only=head.method == "HEAD"))
+                    headers=[*cors, *answer.headers], head_only=head.method == "HEAD",
+                    http10=head.version == "HTTP/1.0"))
                 return keep
             model = answer.model
             proto.model = model.name
@@ -6894,7 +6938,7 @@ class Server:
                 await self._send(writer, proto, held_error(e, held))
                 return held and held_keeps
             keep = self._keeps(head)
-            await self._send(writer, proto, error_response(e, keep, cors))
+            await self._send(writer, proto, error_response(e, keep, cors, head))
             return keep
         except _Cut as e:
             status = 502
@@ -6921,7 +6965,7 @@ class Server:
             if held is not None:
                 writer.write(held_error(told, held, b"\n\n" if proto.relayed else b""))
             elif not proto.responding:
-                writer.write(error_response(told, False, cors))
+                writer.write(error_response(told, False, cors, head))
             if cut is None:
                 raise  # the shutdown goes on
             task = asyncio.current_task()

@@ -4179,6 +4179,49 @@ def run_child(code: str) -> subprocess.CompletedProcess:
                            "import llmux\n" + code, str(HERE)], capture_output=True, text=True, timeout=T)
 
 
+@pytest.mark.parametrize("line", [
+    "b'X: a' + b' ' * 200_000 + b'b\\x01'",  # an invalid character after a run of spaces
+    "b'X:' + b' \\t' * 100_000 + b'a' + b' ' * 100_000 + b'\\x01'",  # and before it too
+    "b'X: ' + b' a' * 100_000 + b'\\x7f'",
+])
+def test_a_bad_header_line_is_judged_in_linear_time(line: str) -> None:
+    # Regression (attack): the line regex's lazy value and its optional whitespace around
+    # it backtracked quadratically on a failing line: 60,000 spaces and one control byte
+    # froze the event loop for 17 s, in a request head or (keep-alive) a chunked trailer
+    # (at most 16 KiB: 1 s a request).
+    p = run_child(f"line = {line}\n"
+                  "for parse in (lambda: llmux._parse_fields([line]), "
+                  "lambda: llmux._field_block(line + b'\\r\\n')):\n"
+                  "    try:\n"
+                  "        parse()\n"
+                  "    except llmux.HTTPError as e:\n"
+                  "        print(e)\n"
+                  "parser = llmux.RequestParser()\n"
+                  "parser.feed(b'POST / HTTP/1.1\\r\\nHost: x\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n'\n"
+                  "            b'0\\r\\n' + line[:8000] + line[-1:] + b'\\r\\n\\r\\n')\n"
+                  "try:\n"
+                  "    while parser.next_event() is not llmux.EndOfMessage:\n"
+                  "        pass\n"
+                  "except llmux.HTTPError as e:\n"
+                  "    print(e)\n")
+    assert p.returncode == 0 and p.stdout == "invalid character in header 'X'\n" * 3, (p.stdout, p.stderr)
+
+
+def test_a_multipart_delimiter_is_found_in_linear_time() -> None:
+    # Regression (attack, Python 3.8/3.9): bytes.find is O(n*m) there on a needle of
+    # dashes in a haystack of slightly longer runs of them: a boundary of 30,000 dashes
+    # and a 4 MB body froze the loop for 8 s.  Boundaries are at most 70 characters (RFC
+    # 2046), and the search itself is linear on every Python (16 MB here: minutes before).
+    p = run_child("needle = b'-' * 30002\n"
+                  "body = (b'-' * 30001 + b'x') * 530 + needle\n"
+                  "print(llmux._find(body, needle, 0) == len(body) - len(needle), llmux._find(body, b'--x', 5))\n")
+    assert p.returncode == 0 and p.stdout == "True 29999\n", (p.stdout, p.stderr)
+    ok = "multipart/form-data; boundary=" + "b" * 70
+    assert llmux._multipart_boundary(ok) == b"b" * 70
+    with pytest.raises(llmux.HTTPError, match="boundary of 71 characters; expected at most 70"):
+        llmux._multipart_boundary(ok + "b")
+
+
 def test_multipart_model_field_is_found_in_linear_time() -> None:
     # Regression: a part head repeating `content-disposition:;` made the name= regex
     # backtrack quadratically on the event loop (400 KB: tens of seconds; this: days).
@@ -5565,7 +5608,9 @@ def test_fuzz_no_request_without_a_valid_key_is_proxied_or_answered(tmp_path: Pa
             status = int(reply[9:12])
             seen = len(raw.requests())
             why = f"seed {seed} step {step}: {data!r} -> {reply[:300]!r}"
-            if not valid:
+            if "#" in target:  # no valid request (a fragment): refused before anything else
+                assert status == 400 and seen == proxied, why
+            elif not valid:
                 public = is_health and method in ("GET", "HEAD")
                 assert status == (200 if public else 401), why
                 assert seen == proxied, "proxied without a valid key: " + why
@@ -5783,11 +5828,52 @@ def test_engine_control_routes_are_not_proxied(env: Env) -> None:
     for path in ("/sleep?level=1", "/wake_up", "/models/unload", "/release_memory_occupation"):
         status, _, payload = lx.request("POST", path, {"model": "a"}, auth)
         assert status == 403 and payload["error"]["code"] == "blocked_path", (path, payload)
+    # Regression (attack): a fragment is not part of the path to llmux, but uvicorn drops
+    # it and routes /sleep#x to /sleep.  A client sends no fragment: a 400 (RFC 9112 3.2).
+    for path in ("/sleep#x", "/wake_up#", "/sleep?level=1#", "http://h/sleep#x", "/upstream/a/sleep#x",
+                 "/v1/chat/completions#"):
+        status, _, payload = lx.request("POST", path, {"model": "a"}, auth)
+        assert status == 400 and "fragment" in payload["error"]["message"], (path, payload)
     assert [line for line in env.lines() if line.startswith("req")] == []
     lx.stop()
     lx2 = env.start({"a": env.model("a")}, blocked_paths=[])
     status, _, payload = lx2.request("POST", "/sleep", {"model": "a"}, {"content-type": "application/json"})
     assert status == 200 and payload["backend"] == "a"  # opted out: proxied
+
+
+def _replies(data: bytes) -> List[Tuple[bytes, bytes]]:
+    """Pipelined answers, each (head, body) by its content-length (none: no body)."""
+    out = []
+    while data:
+        end = data.index(b"\r\n\r\n") + 4
+        head = data[:end]
+        length = re.search(rb"(?im)^content-length: *(\d+)\r$", head)
+        n = int(length.group(1)) if length else 0
+        out.append((head, data[end:end + n]))
+        data = data[end + n:]
+    return out
+
+
+def test_llmux_own_answers_to_head_have_no_body_and_say_http10_keep_alive(env: Env) -> None:
+    """Regression (attack): llmux's own error answers to HEAD (404, 401, 405) carried
+    their JSON body, which a pipelining client read as the start of the next answer;
+    and an HTTP/1.0 client that asked for keep-alive was kept but never told so."""
+    lx = env.start({"a": env.model("a")}, api_keys=["k"])
+    reply = raw_exchange(lx.port, b"HEAD /v1/models/nope HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n"
+                                  b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+                                  b"HEAD /llmux/models/a/wake HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n"
+                                  b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    # HEAD answers have no body: the next answer's status line follows each head at once.
+    parts = reply.split(b"\r\n\r\n")
+    assert [p[:12] for p in parts[:3]] == [b"HTTP/1.1 404", b"HTTP/1.1 401", b"HTTP/1.1 405"], reply
+    assert parts[3].startswith(b"HTTP/1.1 200") and b'"status"' in parts[4], reply
+    reply = raw_exchange(lx.port, b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                                  b"GET /v1/models/nope HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer k\r\n\r\n"
+                                  b"GET /health HTTP/1.0\r\n\r\n")
+    answers = _replies(reply)
+    assert [h[:12] for h, _ in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 404", b"HTTP/1.1 200"], reply
+    assert [b"connection: keep-alive" in h.lower() for h, _ in answers] == [True, True, False], reply
+    assert b"connection: close" in answers[2][0]
 
 
 def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
@@ -6095,6 +6181,11 @@ def test_thousands_of_trailers_are_refused_cleanly_both_ways(env: Env) -> None:
                          b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n%s\r\n"
                          % (len(body), body, trailers.encode()))
     assert reply.startswith(b"HTTP/1.1 431 ") and b"too many trailer fields" in reply, reply[:300]
+    assert b'"code":"headers_too_large"' in reply, reply  # regression (attack): as the head's 431s
+    reply = raw_exchange(lx.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nt: %s\r\n\r\n"
+                         % (len(body), body, b"x" * llmux.MAX_TRAILER_BYTES))
+    assert reply.startswith(b"HTTP/1.1 431 ") and b'"code":"headers_too_large"' in reply, reply
     raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n" + trailers + "\r\n"
     conn = lx.conn()
     conn.request("POST", "/fault/raw", body=json.dumps({"model": "a", "raw": raw}))
