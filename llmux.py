@@ -500,6 +500,10 @@ class UpstreamError(LLMuxError):
     code = "upstream_error"
 
 
+class _PortHeld(Exception):
+    """A switch's target shares its port with a model still loaded (see _check_port_free)."""
+
+
 class ClientGone(Exception):
     """The client went away; nothing can be answered."""
 
@@ -988,9 +992,10 @@ class _Checker:
     def text(self, path: str, value: Any, *, nullable: bool = True) -> Any:
         if value is None and nullable:
             return None
-        if isinstance(value, str) and value.strip():
-            return value
-        self.bad(path, "a non-empty string" + (" or null" if nullable else ""), value)
+        if isinstance(value, str) and value.strip() and "\x00" not in value:
+            return value  # (a NUL cannot be passed to a process: hooks and env are text)
+        self.bad(path, "a non-empty string" + (" without NUL characters" if isinstance(value, str) and "\x00" in value else "")
+                 + (" or null" if nullable else ""), value)
         return None
 
     def choice(self, path: str, value: Any, choices: Sequence[str], *, nullable: bool = False) -> Any:
@@ -1069,11 +1074,12 @@ def _check_managed(c: _Checker, where: str, m: Dict[str, Any],
                 argv = []
         elif isinstance(raw, list) and all(isinstance(a, str) for a in raw):
             argv = list(raw)
-        if not argv or not all(argv):  # not text, nothing to run, or an empty argument
+        if not argv or not all(argv) or any("\x00" in a for a in argv):  # not text, nothing
+            # to run, an empty argument, or one no process can be given
             if argv is not None and not argv and isinstance(raw, str) and raw.strip():
                 pass  # a quoting error, reported above
             else:
-                c.bad(f"{where}.cmd", expected, raw)
+                c.bad(f"{where}.cmd", expected + (", without NUL characters" if argv and all(argv) else ""), raw)
         else:
             out["cmd"] = tuple(argv)
         # With cmd, wake and sleep are vLLM-style sleep mode: both or neither (a sleep
@@ -1359,6 +1365,8 @@ def _repeated_keys(raw: Any) -> List[str]:
     Each object or list is visited once (a YAML alias bomb costs what it loads), and a
     path is written out only for a problem: a deep document costs one link a container."""
     problems: List[str] = []
+    if not isinstance(raw, (dict, list)):
+        return problems  # (null, a number: parse_config says what the top level must be)
     seen: Set[int] = {id(raw)}
     # (node, its path as links: (key or [index], the parent's links) or None at the top)
     stack: List[Tuple[Any, Any]] = [(raw, None)]
@@ -3581,7 +3589,12 @@ class HookRunner:
             except asyncio.TimeoutError:
                 timed_out = True
                 _killpg(proc.pid)
-                await proc.wait()
+                try:  # bounded: a hook held by a tracer, or stuck in the kernel, stays unreaped
+                    await asyncio.wait_for(proc.wait(), GROUP_KILL_WAIT_SECS)
+                except asyncio.TimeoutError:
+                    self.log.warning("hook.unreaped", model=model.name, hook=hook, pid=proc.pid,
+                                     reason=f"killed, and not reaped {GROUP_KILL_WAIT_SECS:g}s later "
+                                            "(traced, or stuck in the kernel); the switch goes on")
         except BaseException:
             _killpg(proc.pid)  # cancelled (shutdown): leave no half-run hook behind
             raise
@@ -5127,6 +5140,7 @@ class Switcher:
                 self._fire(v, ModelEvent.SLEPT)
             # Phase 3: wake.
             if target is not None:
+                self._check_port_free(target)
                 self._enter_phase("waking", to)
                 self._fire(target, ModelEvent.WAKE)
                 await self.hooks.run(target.cfg, "wake")
@@ -5143,7 +5157,7 @@ class Switcher:
             raise
         except Exception as e:
             failure = _reason(e)
-            if not isinstance(e, HookError):
+            if not isinstance(e, (HookError, _PortHeld)):
                 self._internal_error("switch", e)
             await self._restore_and_clean(target, victims, e)
             return result
@@ -5168,6 +5182,17 @@ class Switcher:
                     self._schedule()
                 except Exception as e:
                     self._internal_error("schedule", e)
+
+    def _check_port_free(self, target: _Model) -> None:
+        """Raise _PortHeld if another model still loaded serves on ``target``'s port: one
+        a reload removed or moved, whose sleep failed, keeps its old port until a sleep
+        succeeds, and a model the reload gave that port would be answered by it."""
+        for m in self.models.values():
+            if m is not target and m.state is not ModelState.ASLEEP and m.cfg.port == target.cfg.port:
+                why = "removed by a config reload" if m.retired else "changed by a config reload"
+                raise _PortHeld(f"its port {target.cfg.port} is still held by model '{m.name}' "
+                                f"({why}; still loaded, as its sleep failed); it wakes once "
+                                f"'{m.name}' sleeps")
 
     def _restore(self, target: Optional[_Model], victims: List[_Model],
                  error: Optional[BaseException]) -> List[_Model]:

@@ -903,6 +903,17 @@ def _aliases_bomb(depth: int) -> Any:
     ({"models": {"a": {"port": 8001, "aliases": _aliases_bomb(9)}}},
      ["models.a.aliases: expected a list of non-empty strings; got "
       "[[[[[[[[[[1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, ..."]),
+    # Regression (attack): a NUL passed the check, then could not be run: the start died
+    # with a traceback (alive), a switch failed without naming its hook (wake, sleep,
+    # cmd), and an alive hook added by a reload leaked its pipes every interval.
+    ({"models": {"a": {"port": 8001, "alive": "true\x00"}}},
+     ['models.a.alive: expected a non-empty string without NUL characters or null; got "true\\u0000" (a string)']),
+    ({"models": {"a": {"port": 8001, "cmd": "srv\x00 x"}}},
+     ["models.a.cmd: expected a command line (a string, split as a shell would but run without one) or a "
+      'non-empty list of strings, without NUL characters; got "srv\\u0000 x" (a string)']),
+    ({"models": {"a": {"port": 8001, "cmd": ["srv", "a\x00"]}}},
+     ["models.a.cmd: expected a command line (a string, split as a shell would but run without one) or a "
+      "non-empty list of strings, without NUL characters; got [\"srv\", \"a\\u0000\"]"]),
     # Several problems: every one is reported, in document order.
     ({"models": {"a": {"port": 0, "wake": 1}}, "policy": {"min_active_secs": "x"}},
      ['policy.min_active_secs: expected a number >= 0; got "x" (a string)',
@@ -913,6 +924,21 @@ def test_config_errors_name_the_key_and_what_was_expected(raw: Any, problems: Li
     with pytest.raises(llmux.ConfigError) as info:
         llmux.parse_config(raw)
     assert info.value.problems == problems
+
+
+@pytest.mark.parametrize("text, name", [("null", "c.json"), ("42", "c.json"), ('"x"', "c.json"),
+                                        ("", "c.yaml"), ("# nothing\n", "c.yaml"), ("7\n", "c.yaml")])
+def test_a_config_that_is_no_object_is_a_config_error(tmp_path: Path, text: str, name: str) -> None:
+    # Regression (attack): an empty YAML file (an editor mid-save), null or a number
+    # raised a TypeError: a traceback at start, an internal error on reload.
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(
+        "(top level): expected an object with a 'models' key; got"), e.value.problems
 
 
 def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
@@ -1906,6 +1932,39 @@ def test_a_stopped_server_that_cannot_be_reaped_does_not_hang_the_switch(env: En
         assert lx.chat("b")[0] == 200  # a: SIGTERM (held by the tracer), SIGKILL, a zombie
         lx.wait_log(r"server\.kill model=a pid=%d reason=\"still running 0\.3s" % pa)
         lx.wait_log(r"server\.stopped model=a pid=%d killed=true" % pa)
+        lx.stop()
+        assert lx.proc.returncode == 0
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
+def test_a_timed_out_hook_that_cannot_be_reaped_does_not_hang_the_switch(env: Env, tmp_path: Path) -> None:
+    """Regression (attack): after hook_timeout_secs a hook's group is SIGKILLed, and its
+    exit was then awaited for ever: a hook held by a tracer (or stuck in the kernel)
+    stayed a zombie, and its switch, and every switch after it, waited until the tracer
+    let go.  Now the wait is GROUP_KILL_WAIT_SECS at most, and the hook times out."""
+    pidfile = tmp_path / "hook.pid"
+    lx = env.start({"a": env.model("a", wake_extra=f"echo $$ > {pidfile}; exec sleep 1000")},
+                   policy={"hook_timeout_secs": 1})
+    result: List[Any] = []
+    asker = threading.Thread(target=lambda: result.append(lx.chat("a")), daemon=True)
+    asker.start()
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the wake hook's pid")
+    pid = int(pidfile.read_text())
+    tracer = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, time\n"
+        f"ok = ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pid}, None, None) == 0\n"  # PTRACE_SEIZE
+        "print(ok, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        if tracer.stdout.readline().strip() != "True":  # type: ignore[union-attr]
+            pytest.skip("ptrace is not allowed here")
+        asker.join(T + llmux.GROUP_KILL_WAIT_SECS)
+        assert result, "the request never got an answer"
+        status, payload = result[0]
+        assert status == 503 and "timed out after" in payload["error"]["message"], payload
+        lx.wait_log(r"hook\.unreaped model=a hook=wake pid=%d" % pid)
         lx.stop()
         assert lx.proc.returncode == 0
     finally:
@@ -3065,6 +3124,27 @@ def test_reload_to_a_smaller_capacity_sleeps_what_no_longer_fits(env: Env) -> No
     health = lx.health()
     assert health["active"] == ["b"] and health["capacity"] == 1, health  # a: least recent
     assert env.lines()[-2:] == ["sleep-start a", "sleep-end a"]
+
+
+def test_a_model_is_not_woken_on_a_port_a_retired_model_still_holds(env: Env) -> None:
+    """Regression (attack): a reload removed a (whose sleep failed: still loaded, on its
+    old port) and added c on that port; with room for both, c was woken beside it, and
+    c's requests were answered by a's server."""
+    flag = env.tmp / "stuck"
+    flag.touch()
+    lx = env.start({"a": env.model("a", size=1, sleep_extra=f"[ -e {flag} ] && exit 1")},
+                   policy={"capacity": 2})
+    assert lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    port = config["models"].pop("a")["port"]
+    config["models"]["c"] = {"port": port, "wake": "true", "sleep": "true", "size": 1}
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done")
+    status, payload = lx.chat("c")
+    assert status == 503 and f"its port {port} is still held by model 'a' (removed by a config reload" \
+        in payload["error"]["message"], payload
+    assert lx.health()["active"] == ["a"]
 
 
 def test_failed_wake_whose_cleanup_sleep_fails_counts_as_loaded(env: Env) -> None:
