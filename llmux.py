@@ -1334,8 +1334,14 @@ def _yaml_loader(yaml: Any) -> Any:
             if found is None:
                 found = self._written[id(node)] = []
                 seen: Set[Any] = set()
+                merges = 0
                 for key, _ in node.value:
-                    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    if not isinstance(key, yaml.ScalarNode):
+                        continue
+                    if key.tag == "tag:yaml.org,2002:merge":  # two: the later one won, silently
+                        merges += 1  # (several sources are one key: <<: [*a, *b])
+                        if merges > 1:
+                            found.append("<<")
                         continue
                     value = self.construct_object(key)
                     try:
@@ -1357,6 +1363,13 @@ def _yaml_loader(yaml: Any) -> Any:
             data.update(self.construct_mapping(node))
 
     Loader.add_constructor("tag:yaml.org,2002:map", Loader._map)
+    # YAML 1.1 reads 1:30 as 90 (base 60) and 1:30.5 as a float: a port or a time typed
+    # that way would be taken silently.  As in YAML 1.2, they are strings (a config error).
+    base_60 = re.compile(r"\|[^|\n]*\(\?::\[0-5\]\?\[0-9\]\)\+[^|\n)]*")  # that alternative
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, re.compile(base_60.sub("", rx.pattern), rx.flags) if base_60.search(rx.pattern) else rx)
+                for tag, rx in entries]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     return Loader
 
 
@@ -8627,7 +8640,32 @@ def _read_pidfile(path: str) -> Optional[int]:
         return None
     # 0 and negative pids name process groups (kill(0) is our own, kill(-1) everyone's),
     # and 1 is init: none is a server a pidfile may name.
-    return pid if pid > 1 else None
+    if pid <= 1:
+        return None
+    if _began_after(pid, path):
+        print(f"llmux: pid {pid} began after {path} was written: not the process it names "
+              "(that one is gone, its number reused); taken as no process", file=sys.stderr)
+        return None
+    return pid
+
+
+PIDFILE_SLACK_SECS = 1.0  # a process that began this long after its pidfile was written is another
+
+
+def _began_after(pid: int, path: str) -> bool:
+    """Whether process ``pid`` began after ``path`` was last written: then the process
+    the file named is gone and its number was reused (after a crash, or a reboot), by a
+    stranger or by llmux itself.  A server begins before its pid is written."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22: starttime
+        written = os.stat(path).st_mtime
+        boot_now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        began = ticks / os.sysconf("SC_CLK_TCK")  # seconds after boot
+    except (OSError, ValueError, IndexError, AttributeError):
+        return False  # no such process (its signal finds none), or no /proc: as before
+    return began > boot_now - (time.time() - written) + PIDFILE_SLACK_SECS
 
 
 def _stop_pidfile(path: str, grace: float = 10.0) -> int:

@@ -1000,6 +1000,24 @@ def test_a_yaml_key_given_twice_is_a_config_error_but_a_merge_key_is_not(tmp_pat
     path.write_text("models:\n  a: &a {port: 8001, wake: 'echo up'}\n  b: {<<: *a, port: 8003}\n")
     cfg = llmux.load_config(str(path))
     assert (cfg.models["b"].port, cfg.models["b"].wake) == (8003, "echo up")
+    # Regression (attack): two merge keys in one mapping were taken, the later one winning.
+    path.write_text("x: [&a {wake: 'echo a'}, &c {wake: 'echo c'}]\n"
+                    "models:\n  b: {<<: *a, <<: *c, port: 8003}\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert "models.b: the key '<<' is given 2 times; expected each key once" in e.value.problems
+    path.write_text("x: [&a {wake: 'echo a'}, &c {sleep: 'echo c'}]\n"
+                    "models:\n  b: {<<: [*a, *c], port: 8003}\n")
+    with pytest.raises(llmux.ConfigError) as e:  # one merge key of two sources: only x is unknown
+        llmux.load_config(str(path))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith("x: unknown key"), e.value.problems
+    # Regression (attack): YAML 1.1 read a port of 1:30 as 90 (base 60); as in YAML 1.2 it is text.
+    path.write_text("models:\n  a: {port: 1:30, idle_sleep_secs: 1:30.5}\n  b: {port: 8002, size: 0x10, idle_sleep_secs: 1.5e+3}\n")
+    with pytest.raises(llmux.ConfigError) as e:
+        llmux.load_config(str(path))
+    assert [p.split(";")[0] for p in e.value.problems] == [
+        "models.a.port: expected a port number from 1 to 65535", "models.a.idle_sleep_secs: expected a number >= 0 or null"], \
+        e.value.problems
 
 
 def test_repeated_keys_in_a_yaml_alias_bomb_cost_one_visit_each(tmp_path: Path) -> None:
@@ -2087,6 +2105,28 @@ def test_a_pidfile_naming_a_process_group_or_init_names_nothing(tmp_path: Path) 
         assert llmux._read_pidfile(str(path)) is None, text
         p = subprocess.run([sys.executable, LLMUX, "stop", "--pidfile", str(path)], timeout=T)
         assert p.returncode == 0  # nothing to stop, and nothing was signalled
+
+
+def test_a_stale_pidfile_naming_a_newer_process_names_nothing(tmp_path: Path) -> None:
+    """Regression (attack): after a crash or a reboot a pidfile can name a pid that a
+    stranger (or llmux itself) now has; `llmux.py stop` killed it.  A process that began
+    after its pidfile was written is not the one the file names."""
+    path = tmp_path / "x.pid"
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        path.write_text(f"{stranger.pid}\n")  # written after it began: names it
+        assert llmux._read_pidfile(str(path)) == stranger.pid
+        old = time.time() - 3600
+        os.utime(path, (old, old))  # written an hour ago: its process is gone, the pid reused
+        assert llmux._read_pidfile(str(path)) is None
+        p = subprocess.run([sys.executable, LLMUX, "stop", "--pidfile", str(path)], timeout=T)
+        assert p.returncode == 0 and stranger.poll() is None  # not signalled
+        p = subprocess.run([sys.executable, LLMUX, "probe", "--pidfile", str(path), "http://127.0.0.1:9/"],
+                           capture_output=True, text=True, timeout=T)
+        assert p.returncode == 1 and "no server process" in p.stderr, p.stderr
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_upstream_takes_no_body_naming_another_model(env: Env) -> None:
