@@ -5670,9 +5670,14 @@ _JSON_STREAM_TEXT = (rb'(?:s|\\u0073)(?:t|\\u0074)(?:r|\\u0072)(?:e|\\u0065)(?:a
 # Its string alternative is atomic ((?=(X))\1 matches what X matches, and is never backtracked
 # into; Python 3.8 has no atomic groups): a string cut by the window's edge fails at once
 # instead of giving back its 64 KiB a byte at a time (4 ms for one long image string).
-_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_TEXT + rb'|' + _JSON_STREAM_TEXT
+# "model" in any case (Go's encoding/json, under Ollama, takes a key in any case for a
+# field, the last one winning: {"model": "a", "MODEL": "b"} is b there), at most 31 bytes.
+_JSON_MODEL_ANY_CASE = (rb'(?:[mM]|\\u00[46][dD])(?:[oO]|\\u00[46][fF])(?:[dD]|\\u00[46]4)'
+                        rb'(?:[eE]|\\u00[46]5)(?:[lL]|\\u00[46][cC])"')
+_JSON_RUN = re.compile(rb'(?:[^"]+|"(?!' + _JSON_MODEL_ANY_CASE + rb'|' + _JSON_STREAM_TEXT
                        + rb')(?=([^"\\]*))\1(?:\\[\s\S](?=([^"\\]*))\2)*")*')
 _JSON_MODEL_TEXT_RE = re.compile(_JSON_MODEL_TEXT)
+_JSON_MODEL_ANY_CASE_RE = re.compile(_JSON_MODEL_ANY_CASE)
 _JSON_STREAM_TEXT_RE = re.compile(_JSON_STREAM_TEXT)
 _JSON_TRUE = re.compile(rb"true(?![A-Za-z0-9])")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*"')
@@ -5811,6 +5816,8 @@ def _json_model_scan(body: bytes) -> Generator[None, None, Optional[_ModelMember
             colon = _match_end(_JSON_WS_RUN, body, end + 1, n)
             if colon < n and body[colon] == 0x3A:  # a member of the top-level object
                 is_model = end - pos <= 31 and _JSON_MODEL_TEXT_RE.match(body, pos + 1, end + 1) is not None
+                if not is_model and end - pos <= 31 and _JSON_MODEL_ANY_CASE_RE.match(body, pos + 1, end + 1):
+                    raise _OtherCase(_other_case(_json_model_name(body, pos, end + 1)))
                 value = _match_end(_JSON_WS_RUN, body, colon + 1, n)
                 if not is_model and end - pos <= 37 and _JSON_STREAM_TEXT_RE.match(body, pos + 1, end + 1):
                     stream = _JSON_TRUE.match(body, value) is not None  # the last one wins
@@ -5840,6 +5847,15 @@ _JSON_SCAN: Callable[[str, int], Tuple[Any, int]] = json.JSONDecoder().scan_once
 _JSON_WS_TEXT = re.compile(r"[ \t\n\r]*")
 
 
+class _OtherCase(ValueError):
+    """A top-level key that is "model" in another case (see _JSON_MODEL_ANY_CASE)."""
+
+
+def _other_case(key: Any) -> str:
+    return (f"the top-level key {str(key)!r} is 'model' in another case; expected 'model' "
+            "alone (an engine such as Ollama would read it as the model, llmux does not)")
+
+
 def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
     """For a small body (JSON_QUICK_BYTES), its ``model`` member by json.loads, without
     where it lies (start and end are -1); False when only the scanner can say (invalid
@@ -5863,6 +5879,9 @@ def _json_model_quick(body: bytes) -> Union[_ModelMember, None, Literal[False]]:
         trailing = _JSON_WS_TEXT.match(text, end)  # always matches, maybe empty
         if trailing is None or trailing.end() != len(text):
             return False
+    for key in doc:
+        if len(key) == 5 and key != "model" and key.lower() == "model":
+            return False  # the scanner says what is wrong (_other_case)
     if "model" not in doc:
         return None
     name = doc["model"]
@@ -7275,7 +7294,9 @@ class Server:
         multipart = (head.get("content-type") or "").lower().startswith("multipart/form-data")
         try:
             found = await self._model_member(head, body, multipart)
-        except LLMuxError:
+        except LLMuxError as e:
+            if e.code == "ambiguous_model":
+                raise
             return  # not a body llmux can read: the backend judges it
         name = found.value if found is not None else None
         if isinstance(name, str) and name not in (cfg.name, *cfg.aliases, cfg.upstream_model):
@@ -7363,6 +7384,9 @@ class Server:
         except _NotAnObject as e:
             raise LLMuxError(f"request body is {e}; expected a JSON object with a 'model' field",
                              status=400, type="invalid_request_error", code="missing_model") from None
+        except _OtherCase as e:  # valid JSON, but two engines would read two models
+            raise LLMuxError(str(e), status=400, type="invalid_request_error",
+                             code="ambiguous_model") from None
         except ValueError as e:
             raise LLMuxError(f"request body is not valid JSON: {e}", status=400,
                              type="invalid_request_error", code="invalid_json") from None

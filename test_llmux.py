@@ -2136,6 +2136,17 @@ def test_upstream_takes_no_body_naming_another_model(env: Env) -> None:
     status, _, payload = lx.request("POST", "/upstream/llama3/api/generate", {"model": "mistral"})
     assert status == 400 and payload["error"]["code"] == "model_mismatch", payload
     assert not [line for line in env.lines() if line.startswith("req")]
+    # Regression (attack): Ollama (Go's encoding/json) reads a key in any case, the last
+    # one winning: {"MODEL": "mistral"} passed the check, and {"model": "llama3", "MODEL":
+    # "mistral"} was routed to llama3's engine, which would load mistral.
+    for body in ({"MODEL": "mistral"}, {"model": "llama3", "Model": "mistral"}):
+        for path in ("/upstream/llama3/api/generate", "/api/generate", "/v1/chat/completions"):
+            status, _, payload = lx.request("POST", path, body)
+            assert status == 400 and "is 'model' in another case" in payload["error"]["message"], (path, payload)
+    big = {"model": "llama3", "prompt": "x" * 100_000, "MODEL": "mistral"}  # the streaming scanner's way
+    status, _, payload = lx.request("POST", "/api/generate", big)
+    assert status == 400 and "is 'model' in another case" in payload["error"]["message"], payload
+    assert not [line for line in env.lines() if line.startswith("req")]
     status, _, payload = lx.request("POST", "/upstream/llama3/api/generate", {"model": "llama3"})
     assert status == 200 and payload["backend"] == "llama3"
 
