@@ -3337,6 +3337,14 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _spawn_reason(e: BaseException, cwd: Optional[str]) -> str:
+    """Why a process could not start: _reason, but a missing working directory (the
+    config's folder, moved or deleted while llmux runs) is named, not taken for sh."""
+    if isinstance(e, FileNotFoundError) and cwd is not None and not os.path.isdir(cwd):
+        return f"its working directory {cwd} (the config file's) does not exist any more"
+    return _reason(e)
+
+
 # ───────────────────────────────────────── hooks ────────────────────────────────────────
 # A hook is shell text run as `sh -c TEXT` in its own session (so a timeout can kill its
 # whole process group), with LLMUX_MODEL, LLMUX_PORT and LLMUX_HOOK set.  Its stdout and
@@ -3587,7 +3595,7 @@ class HookRunner:
                     self.out_of_fds(_reason(e))  # the server gives up idle connections
                     await asyncio.sleep(0)  # their sockets close in the loop's next turn
                     continue
-                return HookResult(model.name, hook, None, error=_reason(e),
+                return HookResult(model.name, hook, None, error=_spawn_reason(e, self.cwd),
                                   duration=loop.time() - started)
         os.close(out_w)
         os.close(err_w)
@@ -3709,7 +3717,8 @@ class HookRunner:
         except (OSError, subprocess.SubprocessError) as e:
             for fd in fds:
                 os.close(fd)
-            raise fail(f"server for model '{name}' could not start: {_reason(e)}", error=_reason(e))
+            why = _spawn_reason(e, self.cwd)
+            raise fail(f"server for model '{name}' could not start: {why}", error=why)
         os.close(fds[1])
         output = _PipeReader(fds[0], self.log, name, "server", "output", self._readers.discard)
         self._readers.add(output)

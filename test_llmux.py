@@ -3198,6 +3198,24 @@ def test_a_model_is_not_woken_on_a_port_a_retired_model_still_holds(env: Env) ->
     assert lx.health()["active"] == ["a"]
 
 
+def test_a_hook_whose_working_directory_is_gone_says_so(tmp_path: Path) -> None:
+    """Regression (attack): hooks run in the config file's folder; with the folder moved
+    away while llmux ran, a hook failed as "could not start: no such file or directory",
+    which reads as if sh were missing."""
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    lx = Llmux({"models": {"a": {"port": 9, "wake": "true"}}, "policy": {"wake_backoff_secs": 0}}, folder)
+    try:
+        lx.config_path.unlink()
+        folder.rmdir()
+        status, _, payload = lx.request("POST", "/v1/chat/completions", {"model": "a"})
+        assert status == 503 and f"its working directory {folder} (the config file's) does not exist any more" \
+            in payload["error"]["message"], payload
+    finally:
+        lx.stop()
+    lx.assert_clean()
+
+
 def test_failed_wake_whose_cleanup_sleep_fails_counts_as_loaded(env: Env) -> None:
     """Regression (attack): a wake that failed after loading part of the model, and whose
     cleanup sleep failed too, was taken as asleep; the next model woke beside it."""
