@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple, cast
+from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, cast
 
 
 HERE = Path(__file__).resolve().parent
@@ -1928,6 +1928,25 @@ def test_a_group_member_that_forks_past_every_scan_is_killed(env: Env) -> None:
         assert len(hops) > 2 and not group_running(pa) and pid_gone(hops[-1]), "the chain runs on"
 
 
+@contextlib.contextmanager
+def traced(pid: int) -> Iterator[None]:
+    """A tracer holds ``pid`` (PTRACE_SEIZE) and never waits for it, as a debugger left
+    suspended would: once it exits, nobody but the tracer can reap it.  Skips where
+    ptrace is not allowed."""
+    tracer = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, time\n"
+        f"ok = ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pid}, None, None) == 0\n"  # PTRACE_SEIZE
+        "print(ok, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        if tracer.stdout.readline().strip() != "True":  # type: ignore[union-attr]
+            pytest.skip("ptrace is not allowed here")
+        yield
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
 def test_a_stopped_server_that_cannot_be_reaped_does_not_hang_the_switch(env: Env) -> None:
     """Regression (attack): a server traced by a process that never waits for it (a
     debugger left suspended) is killed but cannot be reaped by llmux; the switch awaited
@@ -1939,22 +1958,12 @@ def test_a_stopped_server_that_cannot_be_reaped_does_not_hang_the_switch(env: En
                    policy={"shutdown_grace_secs": 1})
     assert lx.chat("a")[0] == 200
     [pa] = server_pids(lx, "a")
-    tracer = subprocess.Popen([sys.executable, "-c", (
-        "import ctypes, sys, time\n"
-        f"ok = ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pa}, None, None) == 0\n"  # PTRACE_SEIZE
-        "print(ok, flush=True)\n"
-        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        if tracer.stdout.readline().strip() != "True":  # type: ignore[union-attr]
-            pytest.skip("ptrace is not allowed here")
+    with traced(pa):
         assert lx.chat("b")[0] == 200  # a: SIGTERM (held by the tracer), SIGKILL, a zombie
         lx.wait_log(r"server\.kill model=a pid=%d reason=\"still running 0\.3s" % pa)
         lx.wait_log(r"server\.stopped model=a pid=%d killed=true" % pa)
         lx.stop()
         assert lx.proc.returncode == 0
-    finally:
-        tracer.kill()
-        tracer.wait()
 
 
 def test_a_timed_out_hook_that_cannot_be_reaped_does_not_hang_the_switch(env: Env, tmp_path: Path) -> None:
@@ -1970,14 +1979,7 @@ def test_a_timed_out_hook_that_cannot_be_reaped_does_not_hang_the_switch(env: En
     asker.start()
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the wake hook's pid")
     pid = int(pidfile.read_text())
-    tracer = subprocess.Popen([sys.executable, "-c", (
-        "import ctypes, sys, time\n"
-        f"ok = ctypes.CDLL(None, use_errno=True).ptrace(0x4206, {pid}, None, None) == 0\n"  # PTRACE_SEIZE
-        "print(ok, flush=True)\n"
-        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        if tracer.stdout.readline().strip() != "True":  # type: ignore[union-attr]
-            pytest.skip("ptrace is not allowed here")
+    with traced(pid):
         asker.join(T + llmux.GROUP_KILL_WAIT_SECS)
         assert result, "the request never got an answer"
         status, payload = result[0]
@@ -1985,9 +1987,6 @@ def test_a_timed_out_hook_that_cannot_be_reaped_does_not_hang_the_switch(env: En
         lx.wait_log(r"hook\.unreaped model=a hook=wake pid=%d" % pid)
         lx.stop()
         assert lx.proc.returncode == 0
-    finally:
-        tracer.kill()
-        tracer.wait()
 
 
 def test_a_crashed_servers_number_reused_by_a_stranger_is_not_waited_for(env: Env) -> None:
