@@ -382,7 +382,7 @@ READY_PROBE_TIMEOUT = 5.0  # one probe; a server that accepts but never answers 
 REAP_POLL_SECS = 0.5  # with uvloop (no SIGCHLD handler of our own), orphans are looked for this often.
 REAP_RETRY_SECS = 0.05  # PID 1: orphans are reaped this long after a spawn that was running.
 REAP_BATCH = 256  # orphans reaped in one pass (one step of the loop); the rest in the next.
-RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed whose sleep failed: retried this often.
+RETIRED_SLEEP_RETRY = 30.0  # a model a reload removed or changed whose sleep failed: retried this often.
 
 EVENTS_MAX_BUFFERED = 1024 * 1024  # bytes unsent to one /llmux/events reader: beyond, dropped
 EVENTS_MAX_SUBSCRIBERS = 64  # 503: /llmux/events streams open at once
@@ -992,9 +992,9 @@ class _Checker:
     def text(self, path: str, value: Any, *, nullable: bool = True) -> Any:
         if value is None and nullable:
             return None
-        if isinstance(value, str) and value.strip() and "\x00" not in value:
-            return value  # (a NUL cannot be passed to a process: hooks and env are text)
-        self.bad(path, "a non-empty string" + (" without NUL characters" if isinstance(value, str) and "\x00" in value else "")
+        if isinstance(value, str) and value.strip() and not _unpassable(value):
+            return value
+        self.bad(path, "a non-empty string" + (_unpassable(value) if isinstance(value, str) else "")
                  + (" or null" if nullable else ""), value)
         return None
 
@@ -1057,6 +1057,19 @@ _API_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?\Z")
 _API_KEY_EXPECTED = "a non-empty string of printable ASCII without surrounding spaces"
 
 
+def _unpassable(text: str) -> str:
+    """Why no process can be given ``text`` (as an argument or in its environment: the
+    model name is LLMUX_MODEL): " without NUL characters", " without lone surrogates"
+    (JSON's "\\ud800", not UTF-8), or "" when it can."""
+    if "\x00" in text:
+        return " without NUL characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return " without lone surrogates"
+    return ""
+
+
 def _check_managed(c: _Checker, where: str, m: Dict[str, Any],
                    hooks: Dict[str, Optional[str]]) -> Dict[str, Any]:
     """The keys of a managed server: ``cmd``, ``ready_path``, ``stop_grace_secs``."""
@@ -1074,12 +1087,13 @@ def _check_managed(c: _Checker, where: str, m: Dict[str, Any],
                 argv = []
         elif isinstance(raw, list) and all(isinstance(a, str) for a in raw):
             argv = list(raw)
-        if not argv or not all(argv) or any("\x00" in a for a in argv):  # not text, nothing
-            # to run, an empty argument, or one no process can be given
+        unpassable = "".join(_unpassable(a) for a in argv or ())[:40]
+        if not argv or not all(argv) or unpassable:  # not text, nothing to run, an empty
+            # argument, or one no process can be given
             if argv is not None and not argv and isinstance(raw, str) and raw.strip():
                 pass  # a quoting error, reported above
             else:
-                c.bad(f"{where}.cmd", expected + (", without NUL characters" if argv and all(argv) else ""), raw)
+                c.bad(f"{where}.cmd", expected + ("," + unpassable if argv and all(argv) else ""), raw)
         else:
             out["cmd"] = tuple(argv)
         # With cmd, wake and sleep are vLLM-style sleep mode: both or neither (a sleep
@@ -1211,8 +1225,8 @@ def parse_config(raw: Any, path: Optional[str] = None) -> Config:
         if not isinstance(name, str):  # YAML keys may be numbers
             c.bad(where, "a model name (a string)", name)
             continue
-        if not name.strip() or any(ch.isspace() or ord(ch) < 32 for ch in name):
-            c.bad(where, "a model name without spaces or control characters", name)
+        if not name.strip() or any(ch.isspace() or ord(ch) < 32 for ch in name) or _unpassable(name):
+            c.bad(where, "a model name without spaces, control characters or lone surrogates", name)
         if not isinstance(m, dict):
             c.bad(where, "an object with at least 'port'", m)
             continue
@@ -5142,6 +5156,8 @@ class Switcher:
         drain_secs = 0.0
         failure: Optional[str] = None  # why it failed, for the log and /llmux/status
         try:
+            if target is not None:  # before anything is drained or slept for nothing
+                self._check_port_free(target, victims)
             # Phase 1: drain.
             if victims:
                 if not await self._drain(target, victims, forced):
@@ -5162,7 +5178,6 @@ class Switcher:
                 self._fire(v, ModelEvent.SLEPT)
             # Phase 3: wake.
             if target is not None:
-                self._check_port_free(target)
                 self._enter_phase("waking", to)
                 self._fire(target, ModelEvent.WAKE)
                 await self.hooks.run(target.cfg, "wake")
@@ -5205,12 +5220,14 @@ class Switcher:
                 except Exception as e:
                     self._internal_error("schedule", e)
 
-    def _check_port_free(self, target: _Model) -> None:
-        """Raise _PortHeld if another model still loaded serves on ``target``'s port: one
-        a reload removed or moved, whose sleep failed, keeps its old port until a sleep
-        succeeds, and a model the reload gave that port would be answered by it."""
+    def _check_port_free(self, target: _Model, victims: List[_Model]) -> None:
+        """Raise _PortHeld if another model still loaded, and not slept by this switch,
+        serves on ``target``'s port: one a reload removed or moved, whose sleep failed,
+        keeps its old port until a sleep succeeds (retried: _arm_idle), and a model the
+        reload gave that port would be answered by it."""
         for m in self.models.values():
-            if m is not target and m.state is not ModelState.ASLEEP and m.cfg.port == target.cfg.port:
+            if m is not target and m not in victims and m.state is not ModelState.ASLEEP \
+                    and m.cfg.port == target.cfg.port:
                 why = "removed by a config reload" if m.retired else "changed by a config reload"
                 raise _PortHeld(f"its port {target.cfg.port} is still held by model '{m.name}' "
                                 f"({why}; still loaded, as its sleep failed); it wakes once "
@@ -5365,8 +5382,8 @@ class Switcher:
     def _arm_idle(self, m: _Model) -> None:
         """Schedule the idle check of an ACTIVE model with nothing in flight."""
         secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
-        if m.retired:
-            secs = secs or RETIRED_SLEEP_RETRY  # a removed model's sleep is retried
+        if m.retired or m.pending_cfg is not None:
+            secs = secs or RETIRED_SLEEP_RETRY  # a removed or changed model's sleep is retried
         if not secs or m.state is not ModelState.ACTIVE or m.in_flight or self.closed:
             return
         when = m.last_used + secs
@@ -5381,13 +5398,14 @@ class Switcher:
         if self._idle_timers.get(m.name, (None, None))[1] is m:
             del self._idle_timers[m.name]
         secs = m.cfg.idle_sleep_secs if m.cfg.idle_sleep_secs is not None else self.policy_cfg.idle_sleep_secs
-        if m.retired:
+        if m.retired or m.pending_cfg is not None:
             secs = secs or RETIRED_SLEEP_RETRY
         if not secs or m.state is not ModelState.ACTIVE or m.in_flight or m.queue:
             return
         if self.clock() < m.last_used + secs - 1e-3:
             self._arm_idle(m)
         elif self.start_sleep(m.name, "removed by a config reload" if m.retired else
+                              "changed by a config reload" if m.pending_cfg is not None else
                               f"idle for {secs:g}s (idle_sleep_secs)") is None:
             m.last_used = self.clock()  # a switch runs: look again one period later
             self._arm_idle(m)

@@ -914,6 +914,16 @@ def _aliases_bomb(depth: int) -> Any:
     ({"models": {"a": {"port": 8001, "cmd": ["srv", "a\x00"]}}},
      ["models.a.cmd: expected a command line (a string, split as a shell would but run without one) or a "
       "non-empty list of strings, without NUL characters; got [\"srv\", \"a\\u0000\"]"]),
+    # Regression (attack): so did a lone surrogate (JSON's "\ud800"), and in a model name
+    # (LLMUX_MODEL) it wedged every switch after its own.
+    ({"models": {"a": {"port": 8001, "wake": "true \ud800"}}},
+     ['models.a.wake: expected a non-empty string without lone surrogates or null; got "true \\ud800" (a string)']),
+    ({"models": {"a": {"port": 8001, "cmd": ["srv", "\ud800"]}}},
+     ["models.a.cmd: expected a command line (a string, split as a shell would but run without one) or a "
+      'non-empty list of strings, without lone surrogates; got ["srv", "\\ud800"]']),
+    ({"models": {"a\ud800": {"port": 8001}}},
+     ['models."a\\ud800": expected a model name without spaces, control characters or lone surrogates; '
+      'got "a\\ud800" (a string)']),
     # Several problems: every one is reported, in document order.
     ({"models": {"a": {"port": 0, "wake": 1}}, "policy": {"min_active_secs": "x"}},
      ['policy.min_active_secs: expected a number >= 0; got "x" (a string)',
@@ -3195,6 +3205,28 @@ def test_a_model_is_not_woken_on_a_port_a_retired_model_still_holds(env: Env) ->
     assert status == 503 and f"its port {port} is still held by model 'a' (removed by a config reload" \
         in payload["error"]["message"], payload
     assert lx.health()["active"] == ["a"]
+
+
+def test_a_port_held_by_a_changed_model_fails_the_switch_before_any_victim_sleeps(env: Env) -> None:
+    """Regression (attack): the port check ran after the switch's victims had slept: a
+    healthy b was slept for nothing before c was refused (a, changed by a reload to
+    another port, still held c's port, its sleep failing)."""
+    flag = env.tmp / "stuck"
+    flag.touch()
+    lx = env.start({"a": env.model("a", size=1, sleep_extra=f"[ -e {flag} ] && exit 1"),
+                    "b": env.model("b", size=1)}, policy={"capacity": 2})
+    assert lx.chat("b")[0] == 200 and lx.chat("a")[0] == 200
+    config = json.loads(lx.config_path.read_text())
+    port = config["models"]["a"]["port"]
+    config["models"]["a"]["port"] = 9  # moved (a's sleep fails: it keeps its old port)
+    config["models"]["c"] = {"port": port, "wake": "true", "sleep": "true", "size": 1}
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done")
+    status, payload = lx.chat("c")
+    assert status == 503 and f"its port {port} is still held by model 'a' (changed by a config reload" \
+        in payload["error"]["message"], payload
+    assert sorted(lx.health()["active"]) == ["a", "b"]  # b was not slept for nothing
 
 
 def test_a_hook_whose_working_directory_is_gone_says_so(tmp_path: Path) -> None:
