@@ -3186,6 +3186,19 @@ def test_reload_to_a_smaller_capacity_sleeps_what_no_longer_fits(env: Env) -> No
     assert env.lines()[-2:] == ["sleep-start a", "sleep-end a"]
 
 
+def _c_on_as_port(lx: Llmux, edit: Callable[[Dict[str, Any]], Any]) -> Tuple[int, Tuple[int, Any]]:
+    """Reload with ``edit`` applied to the models and a new model c on a's old port:
+    that port, and the answer to a chat request for c."""
+    config = json.loads(lx.config_path.read_text())
+    port = config["models"]["a"]["port"]
+    edit(config["models"])
+    config["models"]["c"] = {"port": port, "wake": "true", "sleep": "true", "size": 1}
+    lx.config_path.write_text(json.dumps(config))
+    lx.proc.send_signal(signal.SIGHUP)
+    lx.wait_log(r"reload\.done")
+    return port, lx.chat("c")
+
+
 def test_a_model_is_not_woken_on_a_port_a_retired_model_still_holds(env: Env) -> None:
     """Regression (attack): a reload removed a (whose sleep failed: still loaded, on its
     old port) and added c on that port; with room for both, c was woken beside it, and
@@ -3195,13 +3208,7 @@ def test_a_model_is_not_woken_on_a_port_a_retired_model_still_holds(env: Env) ->
     lx = env.start({"a": env.model("a", size=1, sleep_extra=f"[ -e {flag} ] && exit 1")},
                    policy={"capacity": 2})
     assert lx.chat("a")[0] == 200
-    config = json.loads(lx.config_path.read_text())
-    port = config["models"].pop("a")["port"]
-    config["models"]["c"] = {"port": port, "wake": "true", "sleep": "true", "size": 1}
-    lx.config_path.write_text(json.dumps(config))
-    lx.proc.send_signal(signal.SIGHUP)
-    lx.wait_log(r"reload\.done")
-    status, payload = lx.chat("c")
+    port, (status, payload) = _c_on_as_port(lx, lambda models: models.pop("a"))
     assert status == 503 and f"its port {port} is still held by model 'a' (removed by a config reload" \
         in payload["error"]["message"], payload
     assert lx.health()["active"] == ["a"]
@@ -3216,14 +3223,8 @@ def test_a_port_held_by_a_changed_model_fails_the_switch_before_any_victim_sleep
     lx = env.start({"a": env.model("a", size=1, sleep_extra=f"[ -e {flag} ] && exit 1"),
                     "b": env.model("b", size=1)}, policy={"capacity": 2})
     assert lx.chat("b")[0] == 200 and lx.chat("a")[0] == 200
-    config = json.loads(lx.config_path.read_text())
-    port = config["models"]["a"]["port"]
-    config["models"]["a"]["port"] = 9  # moved (a's sleep fails: it keeps its old port)
-    config["models"]["c"] = {"port": port, "wake": "true", "sleep": "true", "size": 1}
-    lx.config_path.write_text(json.dumps(config))
-    lx.proc.send_signal(signal.SIGHUP)
-    lx.wait_log(r"reload\.done")
-    status, payload = lx.chat("c")
+    # a moved (its sleep fails: it keeps its old port)
+    port, (status, payload) = _c_on_as_port(lx, lambda models: models["a"].update(port=9))
     assert status == 503 and f"its port {port} is still held by model 'a' (changed by a config reload" \
         in payload["error"]["message"], payload
     assert sorted(lx.health()["active"]) == ["a", "b"]  # b was not slept for nothing
