@@ -1769,6 +1769,7 @@ class _Parser:
         if not buf:
             return self._eof_between_messages() if self._eof else NEED_DATA
         self._trailer_bytes = self._trailer_lines = 0
+        self._method = None
         whole = self._head_at_once()
         if whole is not None:
             return whole
@@ -2067,6 +2068,15 @@ class RequestParser(_Parser):
         self.max_body = max_body
         self._body_total = 0
         self.framing: Union[str, int] = 0  # the last head's (request_framing)
+        self._method: Optional[str] = None  # the method of the head being read, once whole
+
+    def refused_method(self) -> str:
+        """The method of the request being read, as far as it is known ("" if not): for
+        the answer to one refused before it was routed, which for a HEAD has no body."""
+        if self._method is not None:
+            return self._method
+        space = self._buf.find(b" ", 0, MAX_REQUEST_LINE)
+        return self._buf[:space].decode("latin-1") if space > 0 else ""
 
     def _start_line(self) -> Any:
         # The request line is checked as it arrives: bytes that are not HTTP (a TLS
@@ -2127,6 +2137,7 @@ class RequestParser(_Parser):
                           code="headers_too_large")
 
     def _parse_head(self, request_line: bytes, block: bytes) -> RequestHead:
+        self._method = request_line.partition(b" ")[0].decode("latin-1")  # (the line is consumed)
         if block.count(b"\r\n") > MAX_HEADER_COUNT:
             raise self._too_many_fields()
         parts = request_line.split(b" ")
@@ -2150,6 +2161,7 @@ class RequestParser(_Parser):
               headers: List[Tuple[str, str]]) -> RequestHead:
         """A head whose request line and fields are valid, as a RequestHead (or the
         error its fields make: host, framing, expectations)."""
+        self._method = method.decode("ascii")
         names = [k for k, _ in headers]
         if ver == "HTTP/1.1" and names.count("host") != 1:
             raise self._fail("an HTTP/1.1 request needs exactly one host header")
@@ -2322,13 +2334,15 @@ def local_response(status: int, body: bytes, content_type: Optional[str], *,
 
 
 def error_response(e: LLMuxError, keep_alive: bool = False,
-                   headers: Sequence[Tuple[str, str]] = (), head: Optional["RequestHead"] = None) -> bytes:
+                   headers: Sequence[Tuple[str, str]] = (), head: Optional["RequestHead"] = None,
+                   method: str = "") -> bytes:
     """The one way an error becomes a response: its status, its JSON, its headers (and
     ``headers``: the request's CORS ones); as an answer to ``head``, when there is one
-    (no body for a HEAD, keep-alive said to HTTP/1.0)."""
+    (no body for a HEAD, keep-alive said to HTTP/1.0), or to a ``method`` whose head
+    was refused."""
     return json_response(e.status, e.to_json(), keep_alive=keep_alive,
                          headers=[*e.headers, *headers],
-                         head_only=head is not None and head.method == "HEAD",
+                         head_only=(head.method if head is not None else method) == "HEAD",
                          http10=head is not None and head.version == "HTTP/1.0")
 
 
@@ -3377,6 +3391,7 @@ class HookResult:
     signal: Optional[int] = None
     timed_out: bool = False
     duration: float = 0.0
+    timeout: Optional[float] = None  # the one reached, when timed_out
     stderr_tail: List[str] = field(default_factory=list)
     error: Optional[str] = None  # could not start
     summary: Optional[str] = None  # a managed server's failure, said in its own words
@@ -3394,7 +3409,9 @@ class HookResult:
         elif self.error:
             what += f" could not start: {self.error}"
         elif self.timed_out:
-            what += f" timed out after {self.duration:.1f}s (its process group was killed)"
+            after = f"{self.timeout:g}s (hook_timeout_secs; " if self.timeout is not None \
+                else f"{self.duration:.1f}s ("
+            what += f" timed out after {after}its process group was killed)"
         elif self.signal is not None:
             what += f" was killed by signal {self.signal} ({_signame(self.signal)})"
         else:
@@ -3642,7 +3659,7 @@ class HookRunner:
         return HookResult(model.name, hook, code if code is not None and code >= 0 else None,
                           signal=-code if code is not None and code < 0 and not timed_out else None,
                           timed_out=timed_out, duration=loop.time() - started,
-                          stderr_tail=list(err.tail))
+                          timeout=self.timeout if timed_out else None, stderr_tail=list(err.tail))
 
     def close(self) -> None:
         """Kill hooks and managed servers still running (SIGKILL, at once) and stop
@@ -6793,7 +6810,7 @@ class Server:
                                          or _readable(writer)):
                     return  # (a request already here is in flight: shutdown's grace serves it)
         except HTTPError as e:
-            await self._reject(reader, writer, e, LINGER_SECS)
+            await self._reject(reader, writer, e, LINGER_SECS, parser)
         except (_Idle, _Cut, ConnectionError):
             pass
         except asyncio.CancelledError:
@@ -6801,7 +6818,7 @@ class Server:
                 if self.closing and not self._busy.get(proto) and (parser.buffered or parser.expecting_body):
                     # Shutdown's grace ended while a request was arriving: told, not dropped
                     # (it lingers as a refused connection does: shutdown waits for it).
-                    await self._reject(reader, writer, _shutting_down(), REFUSED_LINGER_SECS)
+                    await self._reject(reader, writer, _shutting_down(), REFUSED_LINGER_SECS, parser)
                 raise  # shutdown, or cut by a drain: the caller knows
         except Exception as e:  # a bug outside a request's own boundary (_respond)
             log_internal_error(self.log, self.metrics, "connection", e)
@@ -6811,11 +6828,11 @@ class Server:
             await self._close(writer, proto)
 
     async def _reject(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      e: LLMuxError, linger_secs: float) -> None:
+                      e: LLMuxError, linger_secs: float, parser: "RequestParser") -> None:
         """A request refused before it was routed: logged, answered, and the connection
         lingers so that the client reads the answer before the close."""
         self.log.info("request.rejected", status=e.status, reason=e.message, peer=_peer(writer))
-        writer.write(error_response(e))
+        writer.write(error_response(e, method=parser.refused_method()))
         await _linger(reader, writer, linger_secs)
 
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:

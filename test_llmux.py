@@ -1670,8 +1670,10 @@ def test_hook_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     _, error, _ = run_hook(f"sleep 60 & echo $! > {pidfile}; echo waiting >&2; wait", timeout=0.5)
     assert error is not None and error.result.timed_out
-    assert error.message.startswith("hook 'wake' for model 'm1' timed out after ")
-    assert error.message.endswith("s (its process group was killed): waiting")
+    # Regression: it said the time the hook took in all ("after 8.1s" for a hook that
+    # took long to die), not the timeout that was reached.
+    assert error.message == ("hook 'wake' for model 'm1' timed out after 0.5s (hook_timeout_secs; "
+                             "its process group was killed): waiting"), error.message
     wait_for(lambda: pid_gone(int(pidfile.read_text())), "the hook's background child to die")
 
 
@@ -6055,6 +6057,31 @@ def test_llmux_own_answers_to_head_have_no_body_and_say_http10_keep_alive(env: E
     assert [h[:12] for h, _ in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 404", b"HTTP/1.1 200"], reply
     assert [b"connection: keep-alive" in h.lower() for h, _ in answers] == [True, True, False], reply
     assert b"connection: close" in answers[2][0]
+
+
+def test_llmux_refusals_of_a_head_request_have_no_body(env: Env) -> None:
+    """Regression: a HEAD the parser refused (a fragment, a 431, a 413, a bad field)
+    was answered with its JSON body, as if it were a GET."""
+    lx = env.start({"a": env.model("a")}, http={"max_body_bytes": 1000})
+    heads = [b"HEAD /v1/models#x HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 70_000 + b"\r\n\r\n",
+             b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+             b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n",
+             b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"800\r\n" + b"z" * 2048 + b"\r\n0\r\n\r\n"]
+    for wire, status in zip(heads, [b"400", b"431", b"413", b"400", b"413"]):
+        reply = raw_exchange(lx.port, wire)
+        head, sep, rest = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status) and sep and rest == b"", reply[:300]
+        assert b"content-length: " in head and b"connection: close" in head, head
+    # Pipelined behind a GET: the GET's answer keeps its body, the refused HEAD's has none.
+    reply = raw_exchange(lx.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + heads[0])
+    answers = _replies(reply)
+    assert [h[:12] for h, _ in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 400"], reply
+    assert b'"status"' in answers[0][1] and reply.endswith(b"\r\n\r\n"), reply
+    # A GET refused the same way still says why in its body.
+    reply = raw_exchange(lx.port, heads[0].replace(b"HEAD", b"GET", 1))
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_request"
 
 
 def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
