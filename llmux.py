@@ -1727,8 +1727,8 @@ class _Parser:
     @property
     def expecting_body(self) -> bool:
         """True between a head and its EndOfMessage when body bytes are still due."""
-        return self._state in (self._CHUNK_SIZE, self._CLOSE) or (
-            self._state == self._LENGTH and self._remaining > 0)
+        return self._state in (self._CHUNK_SIZE, self._CHUNK_DATA, self._CHUNK_END, self._TRAILER,
+                               self._CLOSE) or (self._state == self._LENGTH and self._remaining > 0)
 
     def feed(self, data: bytes) -> None:
         """Append bytes received from the peer."""
@@ -1801,12 +1801,12 @@ class _Parser:
         if _FIELD_BLOCK.fullmatch(text) is None:
             return None
         headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(text)]
+        if len(headers) > MAX_HEADER_COUNT:  # (before the head is consumed: its error may
+            raise self._too_many_fields()   # need it, as refused_method does)
         groups = line.groups()  # (before the buffer changes under the match)
         del buf[:end + 4]
         self._line_end = self._scan = self._checked = 0
         self._state = self._FIELDS  # as _start_line leaves it, for the errors that follow
-        if len(headers) > MAX_HEADER_COUNT:
-            raise self._too_many_fields()
         return groups, headers
 
     def _too_many_fields(self) -> HTTPError:
@@ -3605,6 +3605,7 @@ class HookRunner:
         self.log.info("hook.start", model=model.name, hook=hook)
         self.log.debug("hook.script", model=model.name, hook=hook, script=script, cwd=self.cwd)
         started = loop.time()
+        timeout = self.timeout  # (as it is now: a reload may change it meanwhile)
         for attempt in (0, 1):
             fds: List[int] = []
             try:  # out of fds (EMFILE), no sh, a bad cwd: the hook could not start, a failure
@@ -3637,7 +3638,7 @@ class HookRunner:
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), self.timeout)
+                await asyncio.wait_for(proc.wait(), timeout)
             except asyncio.TimeoutError:
                 timed_out = True
                 _killpg(proc.pid)
@@ -3659,7 +3660,7 @@ class HookRunner:
         return HookResult(model.name, hook, code if code is not None and code >= 0 else None,
                           signal=-code if code is not None and code < 0 and not timed_out else None,
                           timed_out=timed_out, duration=loop.time() - started,
-                          timeout=self.timeout if timed_out else None, stderr_tail=list(err.tail))
+                          timeout=timeout if timed_out else None, stderr_tail=list(err.tail))
 
     def close(self) -> None:
         """Kill hooks and managed servers still running (SIGKILL, at once) and stop
@@ -3706,6 +3707,7 @@ class HookRunner:
             await self._stop(old)  # sleep mode kept it up; a reload changed how to run it
         loop = asyncio.get_running_loop()
         started = loop.time()
+        timeout = self.timeout  # (as it is now: a reload may change it meanwhile)
         name = model.name
 
         def fail(summary: str, tail: Sequence[str] = (), **kw: Any) -> HookError:
@@ -3756,7 +3758,7 @@ class HookRunner:
         server = self.servers[name] = _ManagedServer(model, proc, output)
         server.exited.add_done_callback(lambda _: self._exited(server))
         self.log.info("server.started", model=name, pid=proc.pid)
-        deadline = None if self.timeout is None else started + self.timeout
+        deadline = None if timeout is None else started + timeout
         try:
             while True:
                 if not server.running or server.exited.done():
@@ -3769,7 +3771,7 @@ class HookRunner:
                 left = None if deadline is None else deadline - loop.time()
                 if left is not None and left <= 0:
                     raise fail(f"server for model '{name}' was not ready within "
-                               f"{self.timeout:g}s (hook_timeout_secs; it was stopped)",
+                               f"{timeout:g}s (hook_timeout_secs; it was stopped)",
                                output.tail, timed_out=True)
                 probe = READY_PROBE_TIMEOUT if left is None else min(left, READY_PROBE_TIMEOUT)
                 # Ready only while the process still runs: a stale server on the port

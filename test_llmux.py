@@ -1677,6 +1677,36 @@ def test_hook_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     wait_for(lambda: pid_gone(int(pidfile.read_text())), "the hook's background child to die")
 
 
+def test_a_timed_out_hook_and_server_name_the_timeout_they_were_given() -> None:
+    """Regression (attack): a reload that changed hook_timeout_secs while a hook or a
+    server's start ran made its failure name the new timeout (after 100s, for a wake
+    stopped after 0.3s)."""
+    async def go() -> List[str]:
+        runner = llmux.HookRunner(llmux.Log(ListStream()), timeout=0.3)
+        listener = socket.create_server(("127.0.0.1", 0))  # a port nobody answers on
+        port = listener.getsockname()[1]
+        listener.close()
+        messages = []
+        try:
+            for model in (llmux.ModelConfig("m1", 8123, wake="sleep 30"),
+                          llmux.ModelConfig("m2", port, cmd=["sleep", "30"])):
+                runner.timeout = 0.3
+                task = asyncio.get_running_loop().create_task(runner.run(model, "wake"))
+                await asyncio.sleep(0)  # started, then a reload changes the timeout
+                runner.timeout = 100.0
+                with pytest.raises(llmux.HookError) as error:
+                    await asyncio.wait_for(task, T)
+                messages.append(error.value.message)
+        finally:
+            await runner.stop_servers()
+            runner.close()
+        return messages
+
+    hook, server = run_checked(go())
+    assert hook.startswith("hook 'wake' for model 'm1' timed out after 0.3s (hook_timeout_secs;"), hook
+    assert server.startswith("server for model 'm2' was not ready within 0.3s (hook_timeout_secs;"), server
+
+
 def test_hook_killed_by_a_signal() -> None:
     _, error, _ = run_hook("echo dying >&2; kill -9 $$")
     assert error is not None
@@ -6069,7 +6099,9 @@ def test_llmux_refusals_of_a_head_request_have_no_body(env: Env) -> None:
              b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n",
              b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
              b"800\r\n" + b"z" * 2048 + b"\r\n0\r\n\r\n"]
-    for wire, status in zip(heads, [b"400", b"431", b"413", b"400", b"413"]):
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(llmux.MAX_HEADER_COUNT + 30))
+    heads.append(b"HEAD / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")  # (attack: read from what followed)
+    for wire, status in zip(heads, [b"400", b"431", b"413", b"400", b"413", b"431"]):
         reply = raw_exchange(lx.port, wire)
         head, sep, rest = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 " + status) and sep and rest == b"", reply[:300]
@@ -6079,9 +6111,11 @@ def test_llmux_refusals_of_a_head_request_have_no_body(env: Env) -> None:
     answers = _replies(reply)
     assert [h[:12] for h, _ in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 400"], reply
     assert b'"status"' in answers[0][1] and reply.endswith(b"\r\n\r\n"), reply
-    # A GET refused the same way still says why in its body.
+    # A GET refused the same way still says why in its body, whatever follows it.
     reply = raw_exchange(lx.port, heads[0].replace(b"HEAD", b"GET", 1))
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_request"
+    reply = raw_exchange(lx.port, heads[-1].replace(b"HEAD", b"GET", 1) + heads[-1])
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large", reply
 
 
 def test_connection_cap_answers_503_and_keeps_serving(env: Env) -> None:
@@ -7510,6 +7544,59 @@ def test_requests_waiting_their_turn_are_answered_logged_and_counted(meanwhile: 
             await asyncio.wait_for(be.wait_closed(), T)
 
     run_checked(go())
+
+
+def test_a_request_parser_says_body_bytes_are_due_until_its_end_at_every_cut() -> None:
+    """Regression (attack): a chunked body cut inside a chunk's data, before its CRLF
+    or inside the trailer was taken for no body due (expecting_body False), and a
+    shutdown closed such a connection without its 503.  Every cut of a chunked and of a
+    length-framed request, fed in one go and byte by byte: between the head and the
+    end, body bytes are due."""
+    chunked = (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nabcde\r\n3;ext=1\r\nfgh\r\n0\r\nTrailer-A: 1\r\n\r\n")
+    framed = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nabcde"
+    for wire in (chunked, framed):
+        head_end = wire.index(b"\r\n\r\n") + 4
+        for cut in range(head_end, len(wire)):
+            for pieces in ([wire[:cut]], [wire[i:i + 1] for i in range(cut)]):
+                parser = llmux.RequestParser()
+                events = []
+                for piece in pieces:
+                    parser.feed(piece)
+                    while True:
+                        event = parser.next_event()
+                        if event is llmux.NEED_DATA:
+                            break
+                        events.append(event)
+                assert isinstance(events[0], llmux.RequestHead), (wire, cut)
+                assert llmux.EndOfMessage not in events, (wire, cut)
+                assert parser.expecting_body, f"cut at {cut} of {wire!r}: {wire[:cut][-12:]!r}"
+
+
+@pytest.mark.parametrize("cut", [b"5\r\nab", b"5\r\nabcde", b"5\r\nabcde\r\n0\r\n"])
+def test_shutdown_answers_a_chunked_body_cut_inside_a_chunk(cut: bytes) -> None:
+    """Regression (attack): the same, end to end in-process: the 503 shutting_down."""
+    async def go() -> bytes:
+        cfg = llmux.parse_config({"models": {"a": {"port": 9}}, "policy": {"shutdown_grace_secs": 0.1}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + cut)
+            # Read (one write, one segment: the head and the cut together), parsed, and
+            # waiting for more: its reader waits again with nothing left in it.
+            await steps_until(lambda: any(p.idle_since is None and p._stream_reader._waiter is not None
+                                          and not p._stream_reader._buffer for p in server._busy),
+                              "llmux to wait for the rest of the body")
+            await asyncio.wait_for(server.shutdown(), T)
+            return await asyncio.wait_for(reader.read(), T)
+        finally:
+            writer.close()
+            await server.stop()
+
+    answer = run_checked(go())
+    assert answer.startswith(b"HTTP/1.1 503") and b'"shutting_down"' in answer, answer
 
 
 @pytest.mark.parametrize("body_ends", [True, False])

@@ -19,7 +19,10 @@ Each column runs alone on CPU 0 under `valgrind --tool=callgrind --instr-atstart
 of 3 requests a connection first, then counting is switched on (callgrind_control) for
 the measured requests (--requests, default 1,280, over 64 keep-alive connections),
 off, and dumped.  A second proxy, the same way, counts 20 streams of 200 SSE events
-(the chunk row: their count less 20 requests at the first count, per event).  Columns: llmux.py, --baseline (an earlier llmux.py), the aiohttp +
+(the chunk row: their count less 20 requests at the first count, per event), and a
+third, 6 bursts of 100 new connections with a small request each (the new-connection
+row: what a stream start costs in overhead.py's time-to-first-byte bursts, the accept,
+the connection's setup and its close included).  Columns: llmux.py, --baseline (an earlier llmux.py), the aiohttp +
 uvloop peer (when --peer-python imports them), and the two asyncio HTTP floors (see
 bench/overhead.py).  llmux.py runs with LLMUX_REEXEC=0: valgrind follows no exec.
 Nothing here is asserted; it prints a markdown table.
@@ -85,11 +88,13 @@ def _control(*argv: str) -> None:
 
 
 STREAMS, CHUNKS, GAP = 20, 200, 0.002  # the chunk row: 20 streams of 200 events, 2 ms apart
+BURST, BURSTS = 100, 6  # the new-connection row: 6 bursts of 100 new connections, a request each
 
 
-def count(b: o.Bench, column: Column, requests: int, chunks: bool = False) -> float:
-    """Instructions per request of one column (with ``chunks``, in all for STREAMS
-    streams of CHUNKS events), on a fresh backend and proxy."""
+def count(b: o.Bench, column: Column, requests: int, load: str = "requests") -> float:
+    """Instructions per request of one column, on a fresh backend and proxy: ``load``
+    "requests" (over keep-alive connections), "bursts" (each on a new connection), or
+    "chunks" (in all, for STREAMS streams of CHUNKS events)."""
     backend = o.start_backend(b, "a")
     out = b.path("callgrind.out")
     tmp = os.path.dirname(out)
@@ -121,8 +126,7 @@ def count(b: o.Bench, column: Column, requests: int, chunks: bool = False) -> fl
         meter = o.Meter(proc.pid)
         asyncio.run(asyncio.wait_for(o.small_requests(port, 3 * o.SMALL_CONNS, meter), STARTUP_SECS))
         _control("-i", "on", str(proc.pid))
-        load = o.streams(port, STREAMS, CHUNKS, GAP) if chunks else o.small_requests(port, requests, meter)
-        asyncio.run(asyncio.wait_for(load, 20 * STARTUP_SECS))
+        asyncio.run(asyncio.wait_for(_load(load, port, requests, meter), 20 * STARTUP_SECS))
         _control("-i", "off", str(proc.pid))
         _control("-d", str(proc.pid))
         total = None
@@ -133,9 +137,19 @@ def count(b: o.Bench, column: Column, requests: int, chunks: bool = False) -> fl
                         total = int(line.split()[1])
         if total is None:
             raise RuntimeError(f"{column.label}: callgrind wrote no totals")
-        return total if chunks else total / requests
+        return total if load == "chunks" else total / (BURST * BURSTS if load == "bursts" else requests)
     finally:
         b.procs.stop(proc, backend.proc)
+
+
+async def _load(load: str, port: int, requests: int, meter: o.Meter) -> None:
+    if load == "chunks":
+        await o.streams(port, STREAMS, CHUNKS, GAP)
+    elif load == "bursts":
+        for _ in range(BURSTS):
+            await o.burst(port, BURST, 0, request=o.SMALL)
+    else:
+        await o.small_requests(port, requests, meter)
 
 
 def main() -> None:
@@ -157,6 +171,7 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     results: Dict[str, float] = {}
     per_chunk: Dict[str, float] = {}
+    per_connection: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
     procs = o.Procs()
     with tempfile.TemporaryDirectory(prefix="llmux-instructions-") as tmp:
@@ -170,11 +185,13 @@ def main() -> None:
                     continue
                 started = time.monotonic()
                 results[column.label] = count(b, column, args.requests)
-                streamed = count(b, column, args.requests, chunks=True)
+                streamed = count(b, column, args.requests, "chunks")
+                per_connection[column.label] = count(b, column, args.requests, "bursts")
                 # Less the streams' own requests, at the cost just counted.
                 per_chunk[column.label] = (streamed - STREAMS * results[column.label]) / (STREAMS * CHUNKS)
                 print(f"{column.label}: {results[column.label]:,.0f} instructions a request, "
-                      f"{per_chunk[column.label]:,.0f} a relayed chunk "
+                      f"{per_chunk[column.label]:,.0f} a relayed chunk, "
+                      f"{per_connection[column.label]:,.0f} a request on a new connection "
                       f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         finally:
             procs.stop_all()
@@ -185,7 +202,9 @@ def main() -> None:
     print("|---|" + "---:|" * len(labels))
     for title, row in (("instructions per request", results),
                        (f"instructions per relayed chunk ({STREAMS} streams of {CHUNKS} events; "
-                        "their requests' cost removed)", per_chunk)):
+                        "their requests' cost removed)", per_chunk),
+                       (f"instructions per request on a new connection ({BURSTS} bursts of {BURST}: "
+                        "connect all, then a small request on each at once)", per_connection)):
         ref = row.get("aiohttp + uvloop")
         print(f"| {title} | " + " | ".join(
             f"{row[k]:,.0f}" + (f" ×{row[k] / ref:.2f}" if ref and k != "aiohttp + uvloop" else "")
