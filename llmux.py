@@ -1715,6 +1715,7 @@ class _Parser:
         self._trailer_lines = 0
         self._eof = False
         self._error: Optional[HTTPError] = None
+        self._method: Optional[bytes] = None  # (RequestParser) of the head being read, once read
         self.steps = 0  # reader calls so far: the work-per-byte bound is tested on it
 
     @property
@@ -2068,15 +2069,15 @@ class RequestParser(_Parser):
         self.max_body = max_body
         self._body_total = 0
         self.framing: Union[str, int] = 0  # the last head's (request_framing)
-        self._method: Optional[str] = None  # the method of the head being read, once whole
 
     def refused_method(self) -> str:
         """The method of the request being read, as far as it is known ("" if not): for
         the answer to one refused before it was routed, which for a HEAD has no body."""
-        if self._method is not None:
-            return self._method
-        space = self._buf.find(b" ", 0, MAX_REQUEST_LINE)
-        return self._buf[:space].decode("latin-1") if space > 0 else ""
+        method = self._method
+        if method is None:
+            space = self._buf.find(b" ", 0, MAX_REQUEST_LINE)
+            method = bytes(self._buf[:max(space, 0)])
+        return method.decode("latin-1")
 
     def _start_line(self) -> Any:
         # The request line is checked as it arrives: bytes that are not HTTP (a TLS
@@ -2137,7 +2138,7 @@ class RequestParser(_Parser):
                           code="headers_too_large")
 
     def _parse_head(self, request_line: bytes, block: bytes) -> RequestHead:
-        self._method = request_line.partition(b" ")[0].decode("latin-1")  # (the line is consumed)
+        self._method = request_line.partition(b" ")[0]  # (the line is consumed)
         if block.count(b"\r\n") > MAX_HEADER_COUNT:
             raise self._too_many_fields()
         parts = request_line.split(b" ")
@@ -2161,7 +2162,7 @@ class RequestParser(_Parser):
               headers: List[Tuple[str, str]]) -> RequestHead:
         """A head whose request line and fields are valid, as a RequestHead (or the
         error its fields make: host, framing, expectations)."""
-        self._method = method.decode("ascii")
+        self._method = method
         names = [k for k, _ in headers]
         if ver == "HTTP/1.1" and names.count("host") != 1:
             raise self._fail("an HTTP/1.1 request needs exactly one host header")
@@ -5591,23 +5592,26 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     """A client connection.  When the client goes away (EOF or reset) the task serving
     it is cancelled at once, wherever it is: queued for a model, or relaying."""
 
+    # Each connection's state starts as these class attributes say (one is set on the
+    # instance when it changes: a new connection costs no assignment for them).
+    _llmux_task: Optional["asyncio.Task[None]"] = None
+    gone = False
+    write_paused = False
+    upstream: Optional[_Upstream] = None  # the backend piping into us now
+    model: Optional[str] = None  # of the request being served, for the log
+    responding = False  # a byte of the current request's answer was written
+    relayed = False  # a byte of the backend's answer was written (held streams)
+    refused = False  # answered 503 at admission; counted in Server._refusing
+    idle_since: Optional[float] = None  # waiting for a request, nothing buffered
+    peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
+    counted = False  # in Server's connection table (admitted, not yet forgotten)
+    _stall: Optional[asyncio.TimerHandle] = None
+    _llmux_writer: Optional[asyncio.StreamWriter] = None
+    deadline: Optional[_ReadDeadline] = None  # its reads' timeout (read_request)
+    _watch: Optional[asyncio.TimerHandle] = None  # while reading is paused
+
     def __init__(self, server: "Server") -> None:
         self._llmux_server = server
-        self._llmux_task: Optional["asyncio.Task[None]"] = None
-        self.gone = False
-        self.write_paused = False
-        self.upstream: Optional[_Upstream] = None  # the backend piping into us now
-        self.model: Optional[str] = None  # of the request being served, for the log
-        self.responding = False  # a byte of the current request's answer was written
-        self.relayed = False  # a byte of the backend's answer was written (held streams)
-        self.refused = False  # answered 503 at admission; counted in Server._refusing
-        self.idle_since: Optional[float] = None  # waiting for a request, nothing buffered
-        self.peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
-        self.counted = False  # in Server's connection table (admitted, not yet forgotten)
-        self._stall: Optional[asyncio.TimerHandle] = None
-        self._llmux_writer: Optional[asyncio.StreamWriter] = None
-        self.deadline: Optional[_ReadDeadline] = None  # its reads' timeout (read_request)
-        self._watch: Optional[asyncio.TimerHandle] = None  # while reading is paused
         super().__init__(asyncio.StreamReader(limit=STREAM_LIMIT), self._llmux_connected)
 
     def pause_writing(self) -> None:
@@ -5684,6 +5688,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
             self.refused = False
             self._llmux_server._refusing -= 1
         self._llmux_server._flushing.discard(self)
+        if self._llmux_writer is not None:
+            self._llmux_server._accepting.discard(self._llmux_writer.transport)
         self._llmux_gone()
         super().connection_lost(exc)
         # StreamReaderProtocol keeps the reset in a future that only its own __del__
@@ -6361,7 +6367,9 @@ class Server:
         self._keys = [k.encode("utf-8") for k in config.api_keys]
         self._routes = self._route_table()
         self._listening: List[socket.socket] = []
-        self._accepting: Set["asyncio.Task[Any]"] = set()  # connections being set up
+        # Connections being set up: their transport (made at accept) until their task
+        # runs, or the task of connect_accepted_socket (a loop without _make_socket_transport).
+        self._accepting: Set[Any] = set()
         self._refusing = 0  # connections answered 503 at admission whose fd is not closed yet
         self._accept_paused: Optional[asyncio.TimerHandle] = None
         self._busy: Dict[_ClientProtocol, bool] = {}  # connection -> serving a request now
@@ -6386,12 +6394,15 @@ class Server:
         self._reaping = False  # PID 1 or a subreaper: SIGCHLD reaps orphans (start_reaper)
         self._reap_timer: Optional[asyncio.TimerHandle] = None
         self._reap_poll: Optional[float] = None  # seconds between looks, without SIGCHLD (uvloop)
+        self._make_transport: Optional[Callable[..., Any]] = None  # (start: see _accept)
 
     async def start(self, host: str, port: int, sock: Optional[socket.socket] = None) -> int:
         """Listen (on ``sock`` if given); return the bound port.  Also makes this
         server the loop's last-resort error boundary (see _loop_error)."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_error)
+        self._make_transport = loop._make_socket_transport if isinstance(  # type: ignore[attr-defined]
+            loop, asyncio.selector_events.BaseSelectorEventLoop) else None  # (see _accept)
         if sock is None:
             socks = []
             try:
@@ -6435,13 +6446,19 @@ class Server:
         return self.port
 
     # Our own accept loop, not asyncio's: out of fds, asyncio's retries accept() once per
-    # backlog slot and logs a traceback for each, tens of thousands a second.
+    # backlog slot and logs a traceback for each, tens of thousands a second.  A stdlib
+    # loop's transport is made at once, with the call asyncio's own accept makes
+    # (_make_socket_transport, in every selector loop, 3.4 to 3.13): connect_accepted_socket
+    # costs a task, two coroutines and a future more a connection, 8% of what a request
+    # on a new connection costs (bench/instructions.py).  Other loops (uvloop) take that way.
     def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        make = self._make_transport
+        limit = self.connection_limit()
         for _ in range(ACCEPT_BATCH):
             # With the table full, what is accepted now will be refused: at most
             # ACCEPT_BATCH of those at once.  With room, a burst is accepted at full speed.
-            busy = self._refusing + (len(self._accepting) if self._open >= self.connection_limit() else 0)
+            busy = self._refusing + (len(self._accepting) if self._open >= limit else 0)
             if busy >= ACCEPT_BATCH:
                 self._pause_accepting("too many connections being refused")
                 return
@@ -6458,9 +6475,23 @@ class Server:
                     log_internal_error(self.log, self.metrics, "accept", e)
                 return
             conn.setblocking(False)
+            if make is not None:
+                self._transport_now(make, conn)
+                continue
             task = loop.create_task(self._connect(conn))
             self._accepting.add(task)
             task.add_done_callback(self._accepting.discard)
+
+    def _transport_now(self, make: Callable[..., Any], conn: socket.socket) -> None:
+        """An accepted socket's transport, made now: the loop calls the protocol's
+        connection_made next (its task takes it out of _accepting, as does its loss)."""
+        try:
+            self._accepting.add(make(conn, _ClientProtocol(self)))
+        except OSError:
+            conn.close()
+        except Exception as e:  # (3.13: a transport still registered for the fd)
+            conn.close()
+            log_internal_error(self.log, self.metrics, "accept", e)
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
@@ -6739,8 +6770,8 @@ class Server:
         self.closing = True
         self._stop_listening()
         self.events.close("llmux is shutting down")
-        for task in self._accepting:
-            task.cancel()
+        for setup in list(self._accepting):
+            setup.cancel() if isinstance(setup, asyncio.Task) else setup.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -6778,6 +6809,7 @@ class Server:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                 proto: _ClientProtocol) -> None:
         http = self.config.http
+        self._accepting.discard(writer.transport)
         self._busy[proto] = False
         refused = self._admit(proto, writer)
         if refused is not None:

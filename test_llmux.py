@@ -7730,26 +7730,69 @@ def test_fuzz_multipart_hostile_part_heads(capsys: Any) -> None:
         print(f"\n[fuzz] multipart: seed {seed}, 1500 forms")
 
 
-def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any) -> None:
+@pytest.mark.parametrize("accept", ["transport", "connect_accepted_socket"])
+def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any, accept: str) -> None:
+    """Both ways a connection is set up: its transport made at accept (a stdlib loop),
+    and connect_accepted_socket (the way of a loop without _make_socket_transport)."""
     backend = Backend("a", None)
     try:
         cfg = llmux.parse_config({"models": {"a": {"port": backend.port}},
                                   "http": {"max_body_bytes": 10_000, "header_timeout_secs": 5,
                                            "body_timeout_secs": 5}})
-        stats = run_checked(_fuzz_live(cfg, random.Random(4242), 400))
+        stats = run_checked(_fuzz_live(cfg, random.Random(4242), 400, accept == "transport"))
     finally:
         backend.stop()
     with capsys.disabled():
-        print(f"\n[fuzz] live server: {stats['count']} inputs, {stats['rate']:.0f} inputs/s, "
+        print(f"\n[fuzz] live server ({accept}): {stats['count']} inputs, {stats['rate']:.0f} inputs/s, "
               f"statuses {stats['statuses']}")
 
 
-async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[str, Any]:
+@pytest.mark.parametrize("accept", ["transport", "connect_accepted_socket"])
+def test_stop_while_connections_are_being_set_up_leaves_none_behind(accept: str) -> None:
+    """Connections accepted and not yet served when the server stops: each is closed,
+    none is left being set up, no task is left and nothing is logged as an error."""
+    async def go() -> None:
+        stream = ListStream()
+        server = llmux.Server(llmux.parse_config({"models": {"a": {"port": 9}}}), llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        if accept != "transport":
+            server._make_transport = None
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=T) for _ in range(40)]
+        for sock in socks[::2]:  # (connected in the kernel, none accepted yet: no loop step)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        clients = []
+        try:
+            await steps_until(lambda: server._accepting, "connections being set up")
+            await server.stop()
+            for sock in socks:
+                sock.setblocking(False)
+                clients.append(await asyncio.open_connection(sock=sock))
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), T) for r, _ in clients),
+                                           return_exceptions=True)
+            # Closed: with an answer, or without (a reset, for one whose request is unread,
+            # or still in the backlog when the listening socket closed).
+            assert all(a == b"" or isinstance(a, ConnectionResetError) or a.startswith(b"HTTP/1.1 ")
+                       for a in answers), answers
+            assert not server._accepting and not server._busy
+            assert not [line for line in stream.lines if "error" in line.split(" ", 2)[1:2]], stream.lines
+        finally:
+            for _, writer in clients:
+                writer.close()
+            for sock in socks[len(clients):]:
+                sock.close()
+
+    run_checked(go())
+
+
+async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int, transport_now: bool = True) -> Dict[str, Any]:
     loop = asyncio.get_running_loop()
     problems: List[Dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: problems.append(context))
     server = llmux.Server(cfg, llmux.Log(ListStream()))
     port = await server.start("127.0.0.1", 0)
+    assert server._make_transport is not None  # a stdlib loop
+    if not transport_now:
+        server._make_transport = None
     statuses: Dict[str, int] = {}
 
     async def one(data: bytes, close_early: bool) -> None:
@@ -7773,6 +7816,7 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}')
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)).startswith(b"HTTP/1.1 200 ")
+    assert not server._accepting, "a connection served is still counted as being set up"
     writer.close()
     deadline = loop.time() + T
     while server._busy and loop.time() < deadline:
@@ -7780,6 +7824,7 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int) -> Dict[
     assert not server._busy, "connections left open"
     # The body budget and the connection table are back to empty: nothing leaked.
     assert server.bodies.used == 0 and server._open == 0 and server._peers == {}
+    assert not server._accepting, server._accepting
     assert server.switcher.queued == 0
     assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
     await server.stop()
