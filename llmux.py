@@ -795,7 +795,8 @@ def llmux_metrics() -> Metrics:
     m.define("counter", "llmux_internal_errors_total",
              "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
     m.define("counter", "llmux_accept_paused_total",
-             "Times accepting paused because llmux was out of file descriptors.")
+             "Times accepting paused: out of file descriptors, or ACCEPT_BATCH newcomers "
+             "being refused or set up beyond a full connection table.")
     m.define("histogram", "llmux_request_wait_seconds",
              "Time a queued request waited, by why: switch (its model was woken for it), "
              "max_in_flight (a slot was released), drain (a drain of its model was undone).",
@@ -6141,13 +6142,32 @@ def _peer_gone(sock: Any) -> bool:
 
 
 def _readable(writer: asyncio.StreamWriter) -> bool:
-    """Whether the connection's socket has bytes (or EOF) llmux has not read yet."""
+    """Whether the connection's socket has bytes (or EOF) llmux has not read yet; False
+    for a socket closed already (its fd is -1 until its task has run: uvloop closes it
+    at once when its peer resets)."""
     sock = writer.get_extra_info("socket")
     if sock is None or not hasattr(select, "poll"):
         return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _unread_method(writer: asyncio.StreamWriter) -> str:
+    """The method of a request still unread in the connection's socket, as far as it has
+    arrived ("" if none): for an answer written before the request is read (a full
+    table's 503), which for a HEAD has no body.  Peeked at through a duplicate of the fd:
+    nothing is read."""
+    sock = writer.get_extra_info("socket")
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+            data = peek.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (OSError, ValueError, AttributeError):
+        return ""  # nothing arrived yet, closed, or out of fds: no method known
+    return data.partition(b" ")[0].decode("latin-1") if b" " in data else ""
 
 
 def _is_loopback(ip: str) -> bool:
@@ -6456,11 +6476,14 @@ class Server:
         make = self._make_transport
         limit = self.connection_limit()
         for _ in range(ACCEPT_BATCH):
-            # With the table full, what is accepted now will be refused: at most
-            # ACCEPT_BATCH of those at once.  With room, a burst is accepted at full speed.
-            busy = self._refusing + (len(self._accepting) if self._open >= limit else 0)
-            if busy >= ACCEPT_BATCH:
-                self._pause_accepting("too many connections being refused")
+            # What is accepted beyond the table's room will be refused (or evict an idle
+            # connection): at most ACCEPT_BATCH of those at once, counting those still
+            # being set up from earlier wake-ups.  With room, a burst is accepted at full speed.
+            beyond = self._refusing + max(0, self._open + len(self._accepting) - limit)
+            if beyond >= ACCEPT_BATCH:
+                self._pause_accepting(f"the connection table is full (max_connections {limit}) and "
+                                      f"{beyond} newcomers are being refused or set up beyond it",
+                                      out_of_fds=False)
                 return
             try:
                 conn, _ = sock.accept()
@@ -6503,14 +6526,15 @@ class Server:
             conn.close()
             log_internal_error(self.log, self.metrics, "accept", e)
 
-    def _pause_accepting(self, reason: str) -> None:
-        """Out of fds: stop accepting for ACCEPT_PAUSE_SECS (new clients wait in the
-        kernel's backlog), say so once, and count it."""
+    def _pause_accepting(self, reason: str, out_of_fds: bool = True) -> None:
+        """Out of fds, or too many newcomers beyond a full table: stop accepting for
+        ACCEPT_PAUSE_SECS (new clients wait in the kernel's backlog), say so, count it."""
         loop = asyncio.get_running_loop()
         self.metrics.inc("llmux_accept_paused_total")
         self.log.warning("accept.paused", reason=reason, secs=ACCEPT_PAUSE_SECS,
                          connections=len(self._busy))
-        self.pool.give_up_idle(reason)  # their fds are free when accepting resumes
+        if out_of_fds:
+            self.pool.give_up_idle(reason)  # their fds are free when accepting resumes
         for s in self._listening:
             loop.remove_reader(s.fileno())
         if self._accept_paused is None:
@@ -6811,19 +6835,18 @@ class Server:
         http = self.config.http
         self._accepting.discard(writer.transport)
         self._busy[proto] = False
-        refused = self._admit(proto, writer)
-        if refused is not None:
-            # A refused connection's fd is in no table: it lingers only REFUSED_LINGER_SECS
-            # (enough for the request it already sent), and at most ACCEPT_BATCH are being
-            # refused at once (_accept pauses beyond): a connect flood once took every fd.
-            proto.refused = True
-            self._refusing += 1
-            writer.write(error_response(refused))
-            await _linger(reader, writer, REFUSED_LINGER_SECS)
-            await self._close(writer, proto)
-            return
         parser = RequestParser(http.max_body_bytes)
-        try:
+        try:  # (from here on, however it ends, the connection is closed and forgotten)
+            refused = self._admit(proto, writer)
+            if refused is not None:
+                # A refused connection's fd is in no table: it lingers only REFUSED_LINGER_SECS
+                # (enough for the request it already sent), and at most ACCEPT_BATCH are being
+                # refused at once (_accept pauses beyond): a connect flood once took every fd.
+                proto.refused = True
+                self._refusing += 1
+                writer.write(error_response(refused, method=_unread_method(writer)))
+                await _linger(reader, writer, REFUSED_LINGER_SECS)
+                return
             while True:
                 # The claim is this request's share of the body budget.  It has one owner,
                 # this loop, and is released in the finally however the request ends.

@@ -7747,6 +7747,122 @@ def test_fuzz_live_server_keeps_serving_and_leaks_nothing(capsys: Any, accept: s
               f"statuses {stats['statuses']}")
 
 
+def _cap_server(max_connections: int) -> Tuple[llmux.Server, ListStream]:
+    stream = ListStream()
+    cfg = llmux.parse_config({"models": {"a": {"port": 9}}, "http": {"max_connections": max_connections}})
+    return llmux.Server(cfg, llmux.Log(stream)), stream
+
+
+def test_a_connection_closed_before_its_task_forgets_it_is_evicted_without_an_error() -> None:
+    """Regression (attack, uvloop): a newcomer with the table full looked for an idle
+    connection to evict, and one whose socket was closed already (reset by its peer, its
+    task not yet run) made poll() raise on fd -1: the newcomer's task died silently,
+    its entry leaked for good and shutdown waited its whole grace for it."""
+    async def go() -> None:
+        server, stream = _cap_server(1)
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await steps_until(lambda: any(p.idle_since is not None for p in server._busy), "an idle connection")
+            proto = next(iter(server._busy))
+            transport = proto._llmux_writer.transport
+            transport.abort()  # its socket closes in the next step; its task runs after
+            await steps_until(lambda: transport.get_extra_info("socket").fileno() == -1, "its socket closed")
+            assert proto.counted and proto.idle_since is not None  # (the window: not forgotten yet)
+            assert not llmux._readable(proto._llmux_writer)
+            assert server._evict_idle(None, "max_connections")  # its room is free
+            await steps_until(lambda: not server._busy, "its task to end")
+            assert server._open == 0
+        finally:
+            writer.close()
+            await server.stop()
+        assert not [line for line in stream.lines if " error " in line], stream.lines
+
+    run_checked(go())
+
+
+def test_an_unexpected_error_in_admission_is_logged_counted_and_the_connection_closed() -> None:
+    """Fault injection: admission raising took the connection's task down before its
+    try/finally: never closed, never logged, its table entry leaked."""
+    async def go() -> None:
+        server, stream = _cap_server(4)
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+
+        def broken(*_: Any) -> None:
+            raise RuntimeError("injected")
+        server._admit = broken  # type: ignore[method-assign]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await asyncio.wait_for(reader.read(), T)
+            assert reply.startswith(b"HTTP/1.1 500 ") and b'"internal_error"' in reply, reply
+            await steps_until(lambda: not server._busy, "the connection forgotten")
+            assert 'llmux_internal_errors_total{where="connection"} 1' in server.metrics.render()
+            assert sum("RuntimeError: injected" in line for line in stream.lines) == 1, stream.lines
+        finally:
+            writer.close()
+            await server.stop()
+
+    run_checked(go())
+
+
+def test_a_head_refused_at_admission_gets_no_body() -> None:
+    """Regression (attack): the 503 of a full table carried its JSON body to a HEAD
+    already in the socket (a GET's still says why)."""
+    async def go() -> List[bytes]:
+        server, _ = _cap_server(1)
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        held = socket.create_connection(("127.0.0.1", port), timeout=T)
+        held.sendall(b"GET /health HTTP/1.1\r\n")  # a request under way: not evictable
+        await steps_until(lambda: server._open == 1 and not any(p.idle_since for p in server._busy),
+                          "the table full")
+        answers = []
+        try:
+            for method in (b"HEAD", b"GET"):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=T)
+                sock.sendall(method + b" /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # (before any step)
+                sock.setblocking(False)
+                r, w = await asyncio.open_connection(sock=sock)
+                answers.append(await asyncio.wait_for(r.read(), T))
+                w.close()
+        finally:
+            held.close()
+            await server.stop()
+        return answers
+
+    head, get = run_checked(go())
+    assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n") and b"content-length: " in head, head
+    assert get.startswith(b"HTTP/1.1 503 ") and get.endswith(b'"too_many_connections"}}\n'), get
+
+
+def test_at_most_accept_batch_connections_are_set_up_beyond_the_tables_room() -> None:
+    """Regression (attack): with the table one short of full, each wake-up of the
+    listening socket accepted ACCEPT_BATCH connections before any was admitted, twice
+    the bound on connections being refused at once (their fds come out of FD_RESERVE)."""
+    async def go() -> int:
+        limit = 4
+        server, _ = _cap_server(limit)
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0), backlog=512))
+        held = [socket.create_connection(("127.0.0.1", port), timeout=T) for _ in range(limit - 1)]
+        for sock in held:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # under way: not evictable
+        await steps_until(lambda: server._open == limit - 1, "the table one short of full")
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=T) for _ in range(150)]
+        beyond = 0
+        try:
+            for _ in range(400):
+                await asyncio.sleep(0)
+                beyond = max(beyond, server._refusing + max(0, server._open + len(server._accepting) - limit))
+        finally:
+            for sock in held + flood:
+                sock.close()
+            await server.stop()
+        return beyond
+
+    beyond = run_checked(go())
+    assert 0 < beyond <= llmux.ACCEPT_BATCH, beyond
+
+
 @pytest.mark.parametrize("accept", ["transport", "connect_accepted_socket"])
 def test_stop_while_connections_are_being_set_up_leaves_none_behind(accept: str) -> None:
     """Connections accepted and not yet served when the server stops: each is closed,
