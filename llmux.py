@@ -4262,7 +4262,7 @@ class EventBus:
                 self.metrics.inc("llmux_events_dropped_subscribers_total")
             if self.log is not None:  # soon, not now: we may be inside a log call
                 log = self.log
-                peer = transport.get_extra_info("peername")
+                peer = _peername(transport)
                 asyncio.get_running_loop().call_soon(
                     lambda: log.warning("events.dropped", peer=peer, reason=why))
             self.end(sub, why)
@@ -6145,10 +6145,12 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
     """Whether the connection's socket has bytes (or EOF) llmux has not read yet; False
     for a socket closed already (its fd is -1 until its task has run: uvloop closes it
     at once when its peer resets)."""
-    sock = writer.get_extra_info("socket")
-    if sock is None or not hasattr(select, "poll"):
+    if not hasattr(select, "poll"):
         return False
     try:
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return False
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
@@ -6161,8 +6163,8 @@ def _unread_method(writer: asyncio.StreamWriter) -> str:
     arrived ("" if none): for an answer written before the request is read (a full
     table's 503), which for a HEAD has no body.  Peeked at through a duplicate of the fd:
     nothing is read."""
-    sock = writer.get_extra_info("socket")
     try:
+        sock = writer.get_extra_info("socket")
         with socket.socket(fileno=os.dup(sock.fileno())) as peek:
             data = peek.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (OSError, ValueError, AttributeError):
@@ -6923,7 +6925,7 @@ class Server:
         request in progress: nothing accepted is lost): idle connections cannot keep
         a newcomer, a health check say, out."""
         http = self.config.http
-        peer = writer.get_extra_info("peername")
+        peer = _peername(writer)
         ip = peer[0] if isinstance(peer, tuple) else None
         if ip is not None and _is_loopback(ip):
             ip = None  # a reverse proxy on this host: every client comes from there
@@ -7032,7 +7034,7 @@ class Server:
             if bad_path is not None:
                 raise bad_path
             answer = self._route_now(head, body, path) or \
-                await self._route(head, body, path, writer.get_extra_info("peername"))
+                await self._route(head, body, path, _peername(writer))
             if isinstance(answer, _Stream):
                 status = 200
                 status = await answer.serve(head, writer, proto, cors)
@@ -7831,8 +7833,17 @@ def _request_timeout(part: str) -> HTTPError:
     return HTTPError(f"request {part} not received in time", status=408, code="request_timeout")
 
 
+def _peername(side: Any) -> Any:
+    """A transport's (or writer's) peer address; None once its socket is closed (uvloop
+    makes the address from the fd each time, and raises for fd -1)."""
+    try:
+        return side.get_extra_info("peername")
+    except (OSError, ValueError):
+        return None
+
+
 def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+    peer = _peername(writer)
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 

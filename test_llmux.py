@@ -7781,6 +7781,26 @@ def test_a_connection_closed_before_its_task_forgets_it_is_evicted_without_an_er
     run_checked(go())
 
 
+def test_the_address_of_a_closed_uvloop_transport_is_none_not_an_error() -> None:
+    """Regression (attack, uvloop): uvloop makes a transport's peername from its fd each
+    time, and raises ValueError once the socket is closed; the eviction's log line (and
+    admission, and routing) then failed with an internal error.  A stand-in for such a
+    transport, as uvloop's behaves (checked by hand with uvloop 0.21: 602 evictions
+    under a reset flood, no error)."""
+    class ClosedUvloopTransport:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            if name in ("peername", "sockname"):
+                raise ValueError("negative file descriptor")
+            return default
+
+        def is_closing(self) -> bool:
+            return True
+    assert llmux._peername(ClosedUvloopTransport()) is None
+    writer: Any = ClosedUvloopTransport()  # (all three ask a writer for get_extra_info only)
+    assert llmux._peer(writer) == "None" and not llmux._readable(writer)
+    assert llmux._unread_method(writer) == ""
+
+
 def test_an_unexpected_error_in_admission_is_logged_counted_and_the_connection_closed() -> None:
     """Fault injection: admission raising took the connection's task down before its
     try/finally: never closed, never logged, its table entry leaked."""
