@@ -6158,18 +6158,24 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
         return False
 
 
-def _unread_method(writer: asyncio.StreamWriter) -> str:
-    """The method of a request still unread in the connection's socket, as far as it has
-    arrived ("" if none): for an answer written before the request is read (a full
-    table's 503), which for a HEAD has no body.  Peeked at through a duplicate of the fd:
-    nothing is read."""
-    try:
-        sock = writer.get_extra_info("socket")
-        with socket.socket(fileno=os.dup(sock.fileno())) as peek:
-            data = peek.recv(8, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (OSError, ValueError, AttributeError):
-        return ""  # nothing arrived yet, closed, or out of fds: no method known
+def _unread_method(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """The method of a request not read yet, as far as it has arrived ("" if none): for
+    an answer written before the request is read (a full table's 503), which for a HEAD
+    has no body.  In the reader's buffer (uvloop reads before the task runs), else peeked
+    at in the socket through a duplicate of its fd: nothing is taken."""
+    data = bytes(getattr(reader, "_buffer", b"")[:UNREAD_PEEK_BYTES])
+    if not data:
+        try:
+            sock = writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+                data = peek.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (OSError, ValueError, AttributeError):
+            return ""  # nothing arrived yet, closed, or out of fds: no method known
+    data = data.lstrip(b"\r\n")  # (empty lines may come first: RFC 9112 section 2.2)
     return data.partition(b" ")[0].decode("latin-1") if b" " in data else ""
+
+
+UNREAD_PEEK_BYTES = 64  # _unread_method: what it looks at (empty lines, then a method)
 
 
 def _is_loopback(ip: str) -> bool:
@@ -6478,10 +6484,12 @@ class Server:
         make = self._make_transport
         limit = self.connection_limit()
         for _ in range(ACCEPT_BATCH):
-            # What is accepted beyond the table's room will be refused (or evict an idle
+            # Newcomers beyond the table's room will be refused (or evict an idle
             # connection): at most ACCEPT_BATCH of those at once, counting those still
-            # being set up from earlier wake-ups.  With room, a burst is accepted at full speed.
-            beyond = self._refusing + max(0, self._open + len(self._accepting) - limit)
+            # being set up from earlier wake-ups (only newcomers: a reload that shrank
+            # the table leaves it over full, its idle connections still evictable).
+            # With room, a burst is accepted at full speed.
+            beyond = self._refusing + max(0, len(self._accepting) - max(0, limit - self._open))
             if beyond >= ACCEPT_BATCH:
                 self._pause_accepting(f"the connection table is full (max_connections {limit}) and "
                                       f"{beyond} newcomers are being refused or set up beyond it",
@@ -6846,7 +6854,7 @@ class Server:
                 # refused at once (_accept pauses beyond): a connect flood once took every fd.
                 proto.refused = True
                 self._refusing += 1
-                writer.write(error_response(refused, method=_unread_method(writer)))
+                writer.write(error_response(refused, method=_unread_method(reader, writer)))
                 await _linger(reader, writer, REFUSED_LINGER_SECS)
                 return
             while True:

@@ -7798,7 +7798,7 @@ def test_the_address_of_a_closed_uvloop_transport_is_none_not_an_error() -> None
     assert llmux._peername(ClosedUvloopTransport()) is None
     writer: Any = ClosedUvloopTransport()  # (all three ask a writer for get_extra_info only)
     assert llmux._peer(writer) == "None" and not llmux._readable(writer)
-    assert llmux._unread_method(writer) == ""
+    assert llmux._unread_method(cast(Any, object()), writer) == ""
 
 
 def test_an_unexpected_error_in_admission_is_logged_counted_and_the_connection_closed() -> None:
@@ -7838,7 +7838,7 @@ def test_a_head_refused_at_admission_gets_no_body() -> None:
                           "the table full")
         answers = []
         try:
-            for method in (b"HEAD", b"GET"):
+            for method in (b"HEAD", b"\r\n\r\nHEAD", b"GET"):  # (RFC 9112 2.2: empty lines first)
                 sock = socket.create_connection(("127.0.0.1", port), timeout=T)
                 sock.sendall(method + b" /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # (before any step)
                 sock.setblocking(False)
@@ -7850,9 +7850,39 @@ def test_a_head_refused_at_admission_gets_no_body() -> None:
             await server.stop()
         return answers
 
-    head, get = run_checked(go())
-    assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n") and b"content-length: " in head, head
+    head, after_empty_lines, get = run_checked(go())
+    for head in (head, after_empty_lines):
+        assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n") and b"content-length: " in head, head
     assert get.startswith(b"HTTP/1.1 503 ") and get.endswith(b'"too_many_connections"}}\n'), get
+
+
+def test_a_reload_that_shrinks_the_table_still_lets_a_newcomer_evict_an_idle_connection(tmp_path: Path) -> None:
+    """Regression (attack): after a reload cut max_connections by ACCEPT_BATCH or more,
+    the connections over the new limit counted as newcomers beyond the table: accepting
+    paused every 0.1 s for ever, and a health check never got in, though the table held
+    only idle connections to evict."""
+    async def go() -> bytes:
+        path = tmp_path / "llmux.json"
+        path.write_text(json.dumps({"models": {"a": {"port": 9}}, "http": {"max_connections": 40}}))
+        server = llmux.Server(llmux.load_config(str(path)), llmux.Log(ListStream()))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0)))
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        try:
+            await steps_until(lambda: server._open == 40 and all(p.idle_since for p in server._busy),
+                              "40 idle connections")
+            path.write_text(json.dumps({"models": {"a": {"port": 9}}, "http": {"max_connections": 4}}))
+            assert await server.reload()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), T)
+            writer.close()
+            return answer
+        finally:
+            for _, w in idle:
+                w.close()
+            await server.stop()
+
+    assert run_checked(go()).startswith(b"HTTP/1.1 200 ")
 
 
 def test_at_most_accept_batch_connections_are_set_up_beyond_the_tables_room() -> None:
