@@ -7799,6 +7799,10 @@ def test_the_address_of_a_closed_uvloop_transport_is_none_not_an_error() -> None
     writer: Any = ClosedUvloopTransport()  # (all three ask a writer for get_extra_info only)
     assert llmux._peer(writer) == "None" and not llmux._readable(writer)
     assert llmux._unread_method(cast(Any, object()), writer) == ""
+    # uvloop reads a connection's first bytes before its task runs: they are in the reader.
+    class ReadAlready:
+        _buffer = bytearray(b"\r\nHEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert llmux._unread_method(cast(Any, ReadAlready()), writer) == "HEAD"
 
 
 def test_an_unexpected_error_in_admission_is_logged_counted_and_the_connection_closed() -> None:
