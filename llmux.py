@@ -2074,11 +2074,9 @@ class RequestParser(_Parser):
     def refused_method(self) -> str:
         """The method of the request being read, as far as it is known ("" if not): for
         the answer to one refused before it was routed, which for a HEAD has no body."""
-        method = self._method
-        if method is None:
-            space = self._buf.find(b" ", 0, MAX_REQUEST_LINE)
-            method = bytes(self._buf[:max(space, 0)])
-        return method.decode("latin-1")
+        if self._method is not None:
+            return self._method.decode("latin-1")
+        return _method_of(bytes(self._buf[:MAX_REQUEST_LINE]))
 
     def _start_line(self) -> Any:
         # The request line is checked as it arrives: bytes that are not HTTP (a TLS
@@ -6158,6 +6156,16 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
         return False
 
 
+def _method_of(data: bytes) -> str:
+    """The method a request's first bytes begin with, after any empty lines (RFC 9112
+    section 2.2); "" until the space after it has arrived."""
+    data = data.lstrip(b"\r\n")
+    return data.partition(b" ")[0].decode("latin-1") if b" " in data else ""
+
+
+UNREAD_PEEK_BYTES = 64  # _unread_method: what it looks at (empty lines, then a method)
+
+
 def _unread_method(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
     """The method of a request not read yet, as far as it has arrived ("" if none): for
     an answer written before the request is read (a full table's 503), which for a HEAD
@@ -6171,11 +6179,7 @@ def _unread_method(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
                 data = peek.recv(UNREAD_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (OSError, ValueError, AttributeError):
             return ""  # nothing arrived yet, closed, or out of fds: no method known
-    data = data.lstrip(b"\r\n")  # (empty lines may come first: RFC 9112 section 2.2)
-    return data.partition(b" ")[0].decode("latin-1") if b" " in data else ""
-
-
-UNREAD_PEEK_BYTES = 64  # _unread_method: what it looks at (empty lines, then a method)
+    return _method_of(data)
 
 
 def _is_loopback(ip: str) -> bool:
