@@ -399,6 +399,10 @@ LISTEN_BACKLOG = 1024  # kernel queue of connections not yet accepted.
 # kernel's backlog instead of taking fds).
 ACCEPT_BATCH = 32
 ACCEPT_PAUSE_SECS = 0.1  # out of fds: stop accepting this long (clients wait in the backlog).
+# Connections of one address beyond max_connections_per_peer being set up or refused at
+# once; more, when none of its connections is idle, are closed as accepted, unanswered:
+# one address's connect flood costs an accept and a close each, and pauses no one.
+PEER_PENDING_MAX = 4
 # Requests that start being served in one turn of the event loop; the rest of a burst
 # waits for the next turns, in arrival order (TurnBudget).  In bench/overhead.py's burst,
 # 2 to 16 did alike within the host's noise; 32 was close to no budget at all.
@@ -794,6 +798,10 @@ def llmux_metrics() -> Metrics:
              "Models found dead while active (server exited, backend refused).", ("model",))
     m.define("counter", "llmux_internal_errors_total",
              "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
+    m.define("counter", "llmux_connections_refused_total",
+             "Connections refused: max_connections and max_connections_per_peer (answered "
+             "503), peer_flood (closed unanswered: PEER_PENDING_MAX more of the address "
+             "were being refused).", ("reason",))
     m.define("counter", "llmux_accept_paused_total",
              "Times accepting paused: out of file descriptors, or ACCEPT_BATCH newcomers "
              "being refused or set up beyond a full connection table.")
@@ -5603,6 +5611,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     refused = False  # answered 503 at admission; counted in Server._refusing
     idle_since: Optional[float] = None  # waiting for a request, nothing buffered
     peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
+    setup_ip: Optional[str] = None  # counted in Server._peer_setup (accepted, not admitted)
+    refused_ip: Optional[str] = None  # counted in Server._peer_refusing
     counted = False  # in Server's connection table (admitted, not yet forgotten)
     _stall: Optional[asyncio.TimerHandle] = None
     _llmux_writer: Optional[asyncio.StreamWriter] = None
@@ -5686,6 +5696,7 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         if self.refused:  # its fd is closed now: one fewer being refused
             self.refused = False
             self._llmux_server._refusing -= 1
+        self._llmux_server._unsetup(self)
         self._llmux_server._flushing.discard(self)
         if self._llmux_writer is not None:
             self._llmux_server._accepting.discard(self._llmux_writer.transport)
@@ -6410,6 +6421,10 @@ class Server:
         self._flushing: Set[_ClientProtocol] = set()
         self._open = 0  # connections admitted and not yet closed or evicted
         self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
+        # Non-loopback address -> its connections accepted and not admitted yet (being set
+        # up, or refused and lingering), and of those refused by max_connections_per_peer.
+        self._peer_setup: Dict[str, int] = {}
+        self._peer_refusing: Dict[str, int] = {}
         self.bodies = BodyBudget(config.http.max_buffered_bytes)
         self.turns = TurnBudget(STARTS_PER_TURN, TURN_WAIT_MAX_SECS, self.metrics)
         self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
@@ -6487,6 +6502,7 @@ class Server:
         loop = asyncio.get_running_loop()
         make = self._make_transport
         limit = self.connection_limit()
+        cap = self.config.http.max_connections_per_peer
         for _ in range(ACCEPT_BATCH):
             # Newcomers beyond the table's room will be refused (or evict an idle
             # connection): at most ACCEPT_BATCH of those at once, counting those still
@@ -6500,7 +6516,7 @@ class Server:
                                       out_of_fds=False)
                 return
             try:
-                conn, _ = sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -6511,32 +6527,74 @@ class Server:
                 else:
                     log_internal_error(self.log, self.metrics, "accept", e)
                 return
+            ip = addr[0] if cap is not None and isinstance(addr, tuple) and not _is_loopback(addr[0]) \
+                else None
+            if ip is not None and cap is not None and self._flooding(ip, cap):
+                conn.close()
+                continue
+            proto = _ClientProtocol(self)
+            if ip is not None:
+                proto.setup_ip = ip
+                self._peer_setup[ip] = self._peer_setup.get(ip, 0) + 1
             conn.setblocking(False)
             if make is not None:
-                self._transport_now(make, conn)
+                self._transport_now(make, conn, proto)
                 continue
-            task = loop.create_task(self._connect(conn))
+            task = loop.create_task(self._connect(conn, proto))
             self._accepting.add(task)
             task.add_done_callback(self._accepting.discard)
 
-    def _transport_now(self, make: Callable[..., Any], conn: socket.socket) -> None:
+    def _flooding(self, ip: str, cap: int) -> bool:
+        """Whether a connection just accepted from ``ip`` is one too many: the address holds
+        ``cap`` connections, PEER_PENDING_MAX more are being set up or refused, and none of
+        its connections is idle (to be evicted for it).  Then it is closed unanswered: a
+        flood from one address costs an accept and a close a connection, not an fd and a
+        task for REFUSED_LINGER_SECS each, nor a pause of accepting for everyone."""
+        setup = self._peer_setup.get(ip, 0)
+        if self._peers.get(ip, 0) + setup < cap + PEER_PENDING_MAX:
+            return False
+        # A refusal of this address is lingering: its eviction found no idle connection
+        # just now (the table is scanned only when none is: once per REFUSED_LINGER_SECS).
+        if not self._peer_refusing.get(ip) and self._evict_idle(ip, "max_connections_per_peer"):
+            return False
+        self.metrics.inc("llmux_connections_refused_total", "peer_flood")
+        self.log.warning("connection.refused", reason="peer_flood", limit=cap, peer=ip,
+                         pending=setup)
+        return True
+
+    def _unsetup(self, proto: _ClientProtocol) -> None:
+        """The connection is admitted or closed: out of _peer_setup (and _peer_refusing)."""
+        for table, ip in ((self._peer_setup, proto.setup_ip), (self._peer_refusing, proto.refused_ip)):
+            if ip is not None:
+                left = table.get(ip, 1) - 1
+                if left > 0:
+                    table[ip] = left
+                else:
+                    table.pop(ip, None)
+        proto.setup_ip = proto.refused_ip = None
+
+    def _transport_now(self, make: Callable[..., Any], conn: socket.socket,
+                       proto: _ClientProtocol) -> None:
         """An accepted socket's transport, made now: the loop calls the protocol's
         connection_made next (its task takes it out of _accepting, as does its loss)."""
         try:
-            self._accepting.add(make(conn, _ClientProtocol(self)))
+            self._accepting.add(make(conn, proto))
         except OSError:
+            self._unsetup(proto)
             conn.close()
         except Exception as e:  # (3.13: a transport still registered for the fd)
+            self._unsetup(proto)
             conn.close()
             log_internal_error(self.log, self.metrics, "accept", e)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, proto: _ClientProtocol) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _ClientProtocol(self), conn)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: proto, conn)
         except OSError:
+            self._unsetup(proto)
             conn.close()  # gone before we got to it, or out of fds for the transport
         except Exception as e:
+            self._unsetup(proto)
             conn.close()
             log_internal_error(self.log, self.metrics, "accept", e)
 
@@ -6908,6 +6966,7 @@ class Server:
 
     async def _close(self, writer: asyncio.StreamWriter, proto: _ClientProtocol) -> None:
         self._forget(proto)
+        self._unsetup(proto)  # (and in connection_lost: one lost before its task ran)
         self._busy.pop(proto, None)
         self._note_unsent(proto, writer)
         writer.close()
@@ -6944,18 +7003,24 @@ class Server:
         cap = http.max_connections_per_peer
         if ip is not None and cap is not None and self._peers.get(ip, 0) >= cap:
             if not self._evict_idle(ip, "max_connections_per_peer"):
+                self.metrics.inc("llmux_connections_refused_total", "max_connections_per_peer")
                 self.log.warning("connection.refused", reason="max_connections_per_peer",
                                  limit=cap, peer=ip)
+                if proto.setup_ip is not None and proto.refused_ip is None:
+                    proto.refused_ip = proto.setup_ip
+                    self._peer_refusing[proto.refused_ip] = self._peer_refusing.get(proto.refused_ip, 0) + 1
                 return LLMuxError(f"too many connections from {ip}; expected at most {cap} "
                                   "per client address; retry later", status=503,
                                   code="too_many_connections", headers=[("retry-after", "1")])
         limit = self.connection_limit()
         if self._open >= limit and not self._evict_idle(None, "max_connections"):
+            self.metrics.inc("llmux_connections_refused_total", "max_connections")
             self.log.warning("connection.refused", reason="max_connections", limit=limit)
             return LLMuxError("too many connections; retry later", status=503,
                               code="too_many_connections", headers=[("retry-after", "1")])
         self._open += 1
         proto.counted = True
+        self._unsetup(proto)
         if ip is not None:
             proto.peer_ip = ip
             self._peers[ip] = self._peers.get(ip, 0) + 1

@@ -4971,6 +4971,13 @@ def servers_of(marker: str) -> List[int]:
     return pids
 
 
+def test_readme_lists_every_metric() -> None:
+    """The README's table of metrics names each family llmux exports, and no other."""
+    listed = set(re.findall(r"^\| `(llmux_[a-z_]+)` \|", README.read_text(), re.M))
+    exported = set(llmux.llmux_metrics()._meta)
+    assert listed == exported, listed ^ exported
+
+
 def test_readme_every_recipe_block_is_tested() -> None:
     text = README.read_text()
     section = text[text.index("## Recipes\n"):text.index("\n## ", text.index("## Recipes\n") + 1)]
@@ -6322,6 +6329,53 @@ def test_connections_per_peer_are_capped_and_loopback_is_not(env: Env) -> None:
             assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
     finally:
         for s in held:
+            s.close()
+
+
+def test_a_connect_flood_from_one_address_does_not_pause_accepting_for_others(env: Env) -> None:
+    # Regression: refusals by the per-peer cap counted against ACCEPT_BATCH, so one address
+    # opening connections faster than they were refused paused accepting for every client.
+    gate = env.gate("a")
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
+                   http={"max_connections_per_peer": 1})
+    request = b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}'
+
+    def connect(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", lx.port), timeout=T, source_address=(source, 0))
+
+    held = connect("127.0.0.2")
+    flood: List[socket.socket] = []
+    try:
+        held.sendall(request)  # in progress: not evictable
+        wait_for(lambda: lx.health()["models"]["a"]["queued"] == 1, "the held request queued")
+        flood = [connect("127.0.0.2") for _ in range(300)]
+        with connect("127.0.0.3") as other:  # while the flood is being refused
+            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
+        answered = unanswered = 0
+        for s in flood:  # each is answered 503 or closed: none hangs
+            try:
+                reply = s.recv(65536)
+            except ConnectionResetError:
+                reply = b""
+            if reply:
+                assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+                answered += 1
+            else:
+                unanswered += 1
+        assert answered >= 1 and unanswered >= 1, (answered, unanswered)
+        samples = {(name, tuple(sorted(labels.items()))): value
+                   for f in parse_prometheus(lx.request("GET", "/metrics")[2].decode()).values()
+                   for name, labels, value in f["samples"]}
+        assert samples.get(("llmux_accept_paused_total", ()), 0) == 0
+        refused = {k[1]: v for k, v in samples.items() if k[0] == "llmux_connections_refused_total"}
+        assert refused == {(("reason", "max_connections_per_peer"),): answered,
+                           (("reason", "peer_flood"),): unanswered}, refused
+        assert lx.log_count(r"accept\.paused") == 0
+        gate.touch()
+        assert held.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in flood + [held]:
             s.close()
 
 
@@ -7917,6 +7971,169 @@ def test_at_most_accept_batch_connections_are_set_up_beyond_the_tables_room() ->
     assert 0 < beyond <= llmux.ACCEPT_BATCH, beyond
 
 
+def _check_peer_tables(server: llmux.Server, cap: int) -> None:
+    """The per-address tables agree with the connections: admitted ones (_peers, at most
+    ``cap`` each), set up or refused (_peer_setup), refused by the cap (_peer_refusing)."""
+    protos = list(server._busy)
+    for table, attr in ((server._peers, "peer_ip"), (server._peer_setup, "setup_ip"),
+                        (server._peer_refusing, "refused_ip")):
+        counted: Dict[str, int] = {}
+        for p in protos:
+            ip = getattr(p, attr)
+            if ip is not None and (attr != "peer_ip" or p.counted):
+                counted[ip] = counted.get(ip, 0) + 1
+        assert table == counted, (attr, table, counted)
+    assert all(n <= cap for n in server._peers.values()), server._peers
+    assert all(p.refused for p in protos if p.refused_ip is not None)
+    # (a refused connection's fd is closed, and it leaves _refusing, a step after its task)
+    assert sum(1 for p in protos if p.refused) <= server._refusing < llmux.ACCEPT_BATCH
+
+
+def test_a_burst_from_an_address_at_its_cap_evicts_its_idle_connections_none_is_closed() -> None:
+    """An address at its cap with idle connections (a NAT, a client's pool) that opens
+    more at once than PEER_PENDING_MAX: each newcomer takes an idle one's place, none is
+    closed unanswered as a flood's would be."""
+    cap = 24
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {"a": {"port": 9}}, "http": {"max_connections_per_peer": cap}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0), backlog=512))
+        idle = []
+        try:
+            for _ in range(cap):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+                idle.append(writer)
+            await steps_until(lambda: server._peers.get("127.0.0.2") == cap, "the address at its cap")
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=T, source_address=("127.0.0.2", 0))
+                     for _ in range(cap - 4)]  # all in the kernel's queue before one is accepted
+            burst = []
+            for sock in socks:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                sock.setblocking(False)
+            for sock in socks:
+                burst.append(await asyncio.open_connection(sock=sock))
+            replies = await asyncio.gather(*(asyncio.wait_for(r.read(), T) for r, _ in burst))
+            assert all(r.startswith(b"HTTP/1.1 200 ") for r in replies), [r[:40] for r in replies]
+            for _, writer in burst:
+                writer.close()
+        finally:
+            for writer in idle:
+                writer.close()
+            await server.stop()
+        assert not server.metrics._values["llmux_connections_refused_total"]
+
+    run_checked(go())
+
+
+@pytest.mark.parametrize("accept", ["transport", "connect_accepted_socket"])
+@pytest.mark.parametrize("seed", range(3))
+def test_explore_connect_floods_from_few_addresses(accept: str, seed: int) -> None:
+    """Seeded scenarios on loopback addresses 127.0.0.2-4 (cap 2 each): floods of up to 60
+    connections, requests held half-sent, idle keep-alive connections, closes.  After each
+    step: every connection opened so far is answered (200 or 503) or closed unanswered,
+    none hangs; the per-address tables agree with the connections; accepting never
+    paused; closes unanswered are all counted.  At the end every table is empty and each
+    address is served again."""
+    cap = 2
+    rng = random.Random(seed)
+    GET = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+
+    async def go() -> None:
+        cfg = llmux.parse_config({"models": {"a": {"port": 9}},
+                                  "http": {"max_connections_per_peer": cap, "max_connections": 512}})
+        stream = ListStream()
+        server = llmux.Server(cfg, llmux.Log(stream))
+        port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0), backlog=512))
+        if accept != "transport":
+            server._make_transport = None
+        addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        seen = {"200": 0, "503": 0, "none": 0}
+        open_: List[Tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]] = []  # (.., held)
+
+        async def connect(ip: str, data: bytes) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            # Connected and sent before the loop runs again: in the kernel's queue when it is
+            # accepted, so never taken for idle (an idle connection is evicted unread).
+            sock = socket.create_connection(("127.0.0.1", port), timeout=T, source_address=(ip, 0))
+            sock.sendall(data)
+            sock.setblocking(False)
+            return await asyncio.open_connection(sock=sock)
+
+        async def outcome(reader: asyncio.StreamReader) -> str:
+            try:
+                first = await asyncio.wait_for(reader.read(12), T)
+            except ConnectionResetError:
+                first = b""
+            kind = first[9:12].decode() if first else "none"
+            assert kind in seen, first
+            seen[kind] += 1
+            return kind
+
+        def metric(reason: str) -> float:
+            return server.metrics._values["llmux_connections_refused_total"].get((reason,), 0.0)
+
+        try:
+            for step in range(12):
+                ip = rng.choice(addresses)
+                action = rng.choice(["flood", "flood", "held", "idle", "finish", "close"])
+                if action == "flood":
+                    socks = await asyncio.gather(*(connect(ip, GET + b"Connection: close\r\n\r\n")
+                                                   for _ in range(rng.randint(1, 60))))
+                    await asyncio.gather(*(outcome(r) for r, _ in socks))
+                    for _, w in socks:
+                        w.close()
+                elif action == "held":  # under way: not evictable; its outcome is read at finish
+                    open_.append((*await connect(ip, GET), True))
+                elif action == "idle":
+                    reader, writer = await connect(ip, GET + b"\r\n")
+                    if await outcome(reader) == "200":
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+                        await reader.readexactly(length)
+                        open_.append((reader, writer, False))  # idle: evictable
+                    else:
+                        writer.close()
+                else:  # finish a request held, or close an idle connection (evicted or not)
+                    some = [c for c in open_ if c[2] == (action == "finish")]
+                    if some:
+                        reader, writer, held = some[rng.randrange(len(some))]
+                        open_.remove((reader, writer, held))
+                        if held:
+                            writer.write(b"Connection: close\r\n\r\n")
+                            await outcome(reader)
+                        writer.close()
+                await steps_until(lambda: not server._accepting, "connections set up")
+                _check_peer_tables(server, cap)
+                assert not server.metrics._values["llmux_accept_paused_total"], (seed, step)
+                assert metric("peer_flood") >= seen["none"], (seed, step)
+            for reader, writer, held in open_:
+                if held:
+                    writer.write(b"Connection: close\r\n\r\n")
+                    await outcome(reader)
+                writer.close()
+            open_.clear()
+            await steps_until(lambda: not server._busy, "every connection closed", limit=200_000)
+            _check_peer_tables(server, cap)
+            assert server._peers == server._peer_setup == server._peer_refusing == {}
+            assert metric("peer_flood") == seen["none"], (seed, metric("peer_flood"), seen)
+            assert metric("max_connections_per_peer") == seen["503"], (seed, seen)
+            for ip in addresses:  # each address is served again
+                reader, writer = await connect(ip, GET + b"Connection: close\r\n\r\n")
+                assert await outcome(reader) == "200", (seed, ip)
+                writer.close()
+        finally:
+            for _, writer, _ in open_:
+                writer.close()
+            await server.stop()
+        assert not [line for line in stream.lines if " error " in line], (seed, stream.lines[-20:])
+
+    run_checked(go())
+
+
 @pytest.mark.parametrize("accept", ["transport", "connect_accepted_socket"])
 def test_stop_while_connections_are_being_set_up_leaves_none_behind(accept: str) -> None:
     """Connections accepted and not yet served when the server stops: each is closed,
@@ -7993,7 +8210,8 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int, transpor
         await asyncio.sleep(0.01)
     assert not server._busy, "connections left open"
     # The body budget and the connection table are back to empty: nothing leaked.
-    assert server.bodies.used == 0 and server._open == 0 and server._peers == {}
+    assert server.bodies.used == 0 and server._open == 0 and server._peers == {} \
+        and server._peer_setup == {} and server._peer_refusing == {}
     assert not server._accepting, server._accepting
     assert server.switcher.queued == 0
     assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
