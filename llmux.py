@@ -5610,9 +5610,8 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     relayed = False  # a byte of the backend's answer was written (held streams)
     refused = False  # answered 503 at admission; counted in Server._refusing
     idle_since: Optional[float] = None  # waiting for a request, nothing buffered
-    peer_ip: Optional[str] = None  # counted in Server._peers (None: loopback, or not yet)
+    peer_ip: Optional[str] = None  # in Server._peers (None: loopback, or not yet)
     setup_ip: Optional[str] = None  # counted in Server._peer_setup (accepted, not admitted)
-    refused_ip: Optional[str] = None  # counted in Server._peer_refusing
     counted = False  # in Server's connection table (admitted, not yet forgotten)
     _stall: Optional[asyncio.TimerHandle] = None
     _llmux_writer: Optional[asyncio.StreamWriter] = None
@@ -6420,11 +6419,13 @@ class Server:
         # waits for them (within its grace), or the process's exit would drop those bytes.
         self._flushing: Set[_ClientProtocol] = set()
         self._open = 0  # connections admitted and not yet closed or evicted
-        self._peers: Dict[str, int] = {}  # non-loopback client address -> its connections
+        self._peers: Dict[str, Set[_ClientProtocol]] = {}  # non-loopback address -> its connections
         # Non-loopback address -> its connections accepted and not admitted yet (being set
-        # up, or refused and lingering), and of those refused by max_connections_per_peer.
+        # up, or refused and lingering).
         self._peer_setup: Dict[str, int] = {}
-        self._peer_refusing: Dict[str, int] = {}
+        # Addresses whose last look for an idle connection found none, and none of whose
+        # connections has gone idle since (read_request takes them out): not looked again.
+        self._no_idle: Set[str] = set()
         self.bodies = BodyBudget(config.http.max_buffered_bytes)
         self.turns = TurnBudget(STARTS_PER_TURN, TURN_WAIT_MAX_SECS, self.metrics)
         self.fd_limit: Optional[int] = None  # RLIMIT_NOFILE's soft limit after start()
@@ -6489,7 +6490,8 @@ class Server:
             (self.log.warning if limit < configured else self.log.info)(
                 "limits.connections", max_connections=limit, configured=configured,
                 fd_limit=self.fd_limit, reserve=FD_RESERVE,
-                reason="two fds per connection (client and backend) plus the reserve")
+                reason="two fds per connection (client and backend) plus the reserve",
+                max_connections_per_peer=self.peer_cap())
         return self.port
 
     # Our own accept loop, not asyncio's: out of fds, asyncio's retries accept() once per
@@ -6502,7 +6504,7 @@ class Server:
         loop = asyncio.get_running_loop()
         make = self._make_transport
         limit = self.connection_limit()
-        cap = self.config.http.max_connections_per_peer
+        cap = self.peer_cap()
         for _ in range(ACCEPT_BATCH):
             # Newcomers beyond the table's room will be refused (or evict an idle
             # connection): at most ACCEPT_BATCH of those at once, counting those still
@@ -6545,33 +6547,42 @@ class Server:
             task.add_done_callback(self._accepting.discard)
 
     def _flooding(self, ip: str, cap: int) -> bool:
-        """Whether a connection just accepted from ``ip`` is one too many: the address holds
-        ``cap`` connections, PEER_PENDING_MAX more are being set up or refused, and none of
-        its connections is idle (to be evicted for it).  Then it is closed unanswered: a
-        flood from one address costs an accept and a close a connection, not an fd and a
-        task for REFUSED_LINGER_SECS each, nor a pause of accepting for everyone."""
+        """Whether a connection just accepted from ``ip`` is one too many: PEER_PENDING_MAX
+        of the address's connections beyond its ``cap`` are being set up or refused
+        already, and none of its connections is idle (to be evicted for it).  Then it is
+        closed unanswered: a flood from one address costs an accept, a set lookup and a
+        close a connection, not an fd and a task for REFUSED_LINGER_SECS each, nor a
+        pause of accepting for everyone."""
         setup = self._peer_setup.get(ip, 0)
-        if self._peers.get(ip, 0) + setup < cap + PEER_PENDING_MAX:
-            return False
-        # A refusal of this address is lingering: its eviction found no idle connection
-        # just now (the table is scanned only when none is: once per REFUSED_LINGER_SECS).
-        if not self._peer_refusing.get(ip) and self._evict_idle(ip, "max_connections_per_peer"):
+        if setup - max(0, cap - len(self._peers.get(ip, ()))) < PEER_PENDING_MAX:
+            return False  # (those that will fit under the cap are not beyond it)
+        if self._evict_idle_of(ip):
             return False
         self.metrics.inc("llmux_connections_refused_total", "peer_flood")
-        self.log.warning("connection.refused", reason="peer_flood", limit=cap, peer=ip,
-                         pending=setup)
+        self.log.warning("connection.flood", reason="max_connections_per_peer", limit=cap,
+                         peer=ip, pending=setup)
         return True
 
+    def _evict_idle_of(self, ip: str) -> bool:
+        """Close ``ip``'s connection idle longest for a newcomer of its own; False if none
+        is, and then no look again until one of its connections goes idle (_no_idle)."""
+        if ip in self._no_idle:
+            return False
+        if self._evict_idle(ip, "max_connections_per_peer"):
+            return True
+        self._no_idle.add(ip)
+        return False
+
     def _unsetup(self, proto: _ClientProtocol) -> None:
-        """The connection is admitted or closed: out of _peer_setup (and _peer_refusing)."""
-        for table, ip in ((self._peer_setup, proto.setup_ip), (self._peer_refusing, proto.refused_ip)):
-            if ip is not None:
-                left = table.get(ip, 1) - 1
-                if left > 0:
-                    table[ip] = left
-                else:
-                    table.pop(ip, None)
-        proto.setup_ip = proto.refused_ip = None
+        """The connection is admitted or closed: out of _peer_setup."""
+        ip = proto.setup_ip
+        if ip is not None:
+            proto.setup_ip = None
+            left = self._peer_setup.get(ip, 1) - 1
+            if left > 0:
+                self._peer_setup[ip] = left
+            else:
+                self._peer_setup.pop(ip, None)
 
     def _transport_now(self, make: Callable[..., Any], conn: socket.socket,
                        proto: _ClientProtocol) -> None:
@@ -6990,6 +7001,12 @@ class Server:
             limit = min(limit, max(1, (self.fd_limit - FD_RESERVE) // 2))
         return limit
 
+    def peer_cap(self) -> Optional[int]:
+        """http.max_connections_per_peer, kept PEER_PENDING_MAX under connection_limit():
+        one address never fills the table by itself (None: no cap)."""
+        cap = self.config.http.max_connections_per_peer
+        return None if cap is None else min(cap, max(1, self.connection_limit() - PEER_PENDING_MAX))
+
     def _admit(self, proto: _ClientProtocol, writer: asyncio.StreamWriter) -> Optional[LLMuxError]:
         """Count a new connection in, or say why not (a 503 to answer).  A full table, or
         a peer at its cap, first makes room by closing the connection idle longest (no
@@ -7000,15 +7017,12 @@ class Server:
         ip = peer[0] if isinstance(peer, tuple) else None
         if ip is not None and _is_loopback(ip):
             ip = None  # a reverse proxy on this host: every client comes from there
-        cap = http.max_connections_per_peer
-        if ip is not None and cap is not None and self._peers.get(ip, 0) >= cap:
-            if not self._evict_idle(ip, "max_connections_per_peer"):
+        cap = self.peer_cap()
+        if ip is not None and cap is not None and len(self._peers.get(ip, ())) >= cap:
+            if not self._evict_idle_of(ip):
                 self.metrics.inc("llmux_connections_refused_total", "max_connections_per_peer")
                 self.log.warning("connection.refused", reason="max_connections_per_peer",
                                  limit=cap, peer=ip)
-                if proto.setup_ip is not None and proto.refused_ip is None:
-                    proto.refused_ip = proto.setup_ip
-                    self._peer_refusing[proto.refused_ip] = self._peer_refusing.get(proto.refused_ip, 0) + 1
                 return LLMuxError(f"too many connections from {ip}; expected at most {cap} "
                                   "per client address; retry later", status=503,
                                   code="too_many_connections", headers=[("retry-after", "1")])
@@ -7023,7 +7037,7 @@ class Server:
         self._unsetup(proto)
         if ip is not None:
             proto.peer_ip = ip
-            self._peers[ip] = self._peers.get(ip, 0) + 1
+            self._peers.setdefault(ip, set()).add(proto)
         return None
 
     @staticmethod
@@ -7036,8 +7050,8 @@ class Server:
     def _evict_idle(self, ip: Optional[str], reason: str) -> bool:
         """Close the connection idle longest (of ``ip`` only, if given); False if none is.
         One whose next request is already in its socket (not read yet) is not idle."""
-        idle = sorted((p for p in self._busy if p.counted and p.idle_since is not None
-                       and (ip is None or p.peer_ip == ip)), key=lambda p: p.idle_since or 0.0)
+        idle = sorted((p for p in (self._busy if ip is None else self._peers.get(ip, ()))
+                       if p.counted and p.idle_since is not None), key=lambda p: p.idle_since or 0.0)
         for proto in idle:
             writer = proto._llmux_writer
             if writer is None or not self._between_requests(proto):
@@ -7059,11 +7073,12 @@ class Server:
         self._open -= 1
         ip = proto.peer_ip
         if ip is not None:
-            left = self._peers.get(ip, 1) - 1
-            if left > 0:
-                self._peers[ip] = left
-            else:
-                self._peers.pop(ip, None)
+            conns = self._peers.get(ip)
+            if conns is not None:
+                conns.discard(proto)
+                if not conns:
+                    del self._peers[ip]
+                    self._no_idle.discard(ip)
 
     # -- one request --
 
@@ -7813,6 +7828,8 @@ async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         if parser.buffered == 0 and deadline is None:
             if conn is not None:
                 conn.idle_since = idle_until - http.idle_timeout_secs  # eviction: oldest first
+                if conn.peer_ip is not None:  # it may make room for its address's newcomer
+                    conn._llmux_server._no_idle.discard(conn.peer_ip)
             try:
                 if lazy is not None:  # read_within's way, less its coroutine (once a request)
                     lazy.arm(max(0.0, idle_until - loop.time()), _Idle)

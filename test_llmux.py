@@ -2112,7 +2112,8 @@ def test_a_worker_stuck_in_the_kernel_is_named_and_the_switch_goes_on(env: Env) 
 def test_a_crashed_servers_group_is_gone_before_its_model_wakes_again(env: Env) -> None:
     """The server dies (kill -9); what it left in its group is killed, and the next wake
     starts a new server only once that group has gone."""
-    lx = env.start({"a": env.managed("a", "--child", "ignore-term")}, policy={"alive_interval_secs": 0})
+    lx = env.start({"a": env.managed("a", "--child", "ignore-term", stop_grace_secs=0.5)},
+                   policy={"alive_interval_secs": 0})  # (its child ignores SIGTERM: a short stop)
     assert lx.chat("a")[0] == 200
     [pa] = server_pids(lx, "a")
     os.kill(pa, signal.SIGKILL)
@@ -7973,20 +7974,165 @@ def test_at_most_accept_batch_connections_are_set_up_beyond_the_tables_room() ->
 
 def _check_peer_tables(server: llmux.Server, cap: int) -> None:
     """The per-address tables agree with the connections: admitted ones (_peers, at most
-    ``cap`` each), set up or refused (_peer_setup), refused by the cap (_peer_refusing)."""
+    ``cap`` each), set up or refused (_peer_setup); an address said to have no idle
+    connection has none."""
     protos = list(server._busy)
-    for table, attr in ((server._peers, "peer_ip"), (server._peer_setup, "setup_ip"),
-                        (server._peer_refusing, "refused_ip")):
-        counted: Dict[str, int] = {}
-        for p in protos:
-            ip = getattr(p, attr)
-            if ip is not None and (attr != "peer_ip" or p.counted):
-                counted[ip] = counted.get(ip, 0) + 1
-        assert table == counted, (attr, table, counted)
-    assert all(n <= cap for n in server._peers.values()), server._peers
-    assert all(p.refused for p in protos if p.refused_ip is not None)
+    admitted: Dict[str, set] = {}
+    setup: Dict[str, int] = {}
+    for p in protos:
+        if p.peer_ip is not None and p.counted:
+            admitted.setdefault(p.peer_ip, set()).add(p)
+        if p.setup_ip is not None:
+            setup[p.setup_ip] = setup.get(p.setup_ip, 0) + 1
+    assert server._peers == admitted, (server._peers, admitted)
+    assert server._peer_setup == setup, (server._peer_setup, setup)
+    assert all(len(c) <= cap for c in server._peers.values()), server._peers
+    assert server._no_idle <= set(server._peers), (server._no_idle, server._peers)
+    for ip in server._no_idle:
+        assert not [p for p in server._peers[ip] if server._between_requests(p)], ip
     # (a refused connection's fd is closed, and it leaves _refusing, a step after its task)
     assert sum(1 for p in protos if p.refused) <= server._refusing < llmux.ACCEPT_BATCH
+
+
+async def _peer_server(tmp: Path, http: Dict[str, Any]) -> Tuple[llmux.Server, ListStream, int, Path]:
+    """An in-process server on a config file (so that reload reads it) with ``http``."""
+    path = tmp / "llmux.json"
+    path.write_text(json.dumps({"models": {"a": {"port": 9}}, "http": http}))
+    stream = ListStream()
+    server = llmux.Server(llmux.load_config(str(path)), llmux.Log(stream))
+    port = await server.start("127.0.0.1", 0, sock=socket.create_server(("127.0.0.1", 0), backlog=512))
+    return server, stream, port, path
+
+
+async def _peer_connect(port: int, ip: str, data: bytes) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from ``ip`` whose ``data`` is sent before the loop runs again (so it
+    is in the kernel's queue when accepted: never taken for idle)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=T, source_address=(ip, 0))
+    sock.sendall(data)
+    sock.setblocking(False)
+    return await asyncio.open_connection(sock=sock)
+
+
+_HALF = b"GET /health HTTP/1.1\r\n"  # a request under way: its connection is not idle
+_WHOLE = _HALF + b"Host: x\r\nConnection: close\r\n\r\n"
+
+
+def _refused(server: llmux.Server, reason: str) -> float:
+    return server.metrics._values["llmux_connections_refused_total"].get((reason,), 0.0)
+
+
+def test_a_cap_lowered_by_a_reload_refuses_a_newcomer_with_503_not_unanswered(tmp_path: Path) -> None:
+    """Regression (attack): a reload set max_connections_per_peer under what an address
+    held; its next connection, with nothing else of it pending, was closed unanswered as
+    a flood's, where the 503 of the cap was due."""
+    async def go() -> None:
+        server, _, port, path = await _peer_server(tmp_path, {"max_connections_per_peer": None})
+        held = [await _peer_connect(port, "127.0.0.2", _HALF) for _ in range(10)]
+        try:
+            await steps_until(lambda: server._open == 10, "ten connections admitted")
+            path.write_text(json.dumps({"models": {"a": {"port": 9}}, "http": {"max_connections_per_peer": 4}}))
+            assert await server.reload()
+            reader, writer = await _peer_connect(port, "127.0.0.2", _WHOLE)
+            reply = await asyncio.wait_for(reader.read(), T)
+            writer.close()
+            assert reply.startswith(b"HTTP/1.1 503 ") and b"too many connections from 127.0.0.2" in reply, reply
+            assert _refused(server, "peer_flood") == 0
+        finally:
+            for _, w in held:
+                w.close()
+            await server.stop()
+
+    run_checked(go())
+
+
+def test_an_address_with_refusals_lingering_still_evicts_its_idle_connections(tmp_path: Path,
+                                                                              monkeypatch: Any) -> None:
+    """Regression (attack): while an address's refused connections lingered (their 503
+    read, not yet closed), its newcomer was closed unanswered although its other
+    connections had become idle: it should have taken an idle one's place."""
+    monkeypatch.setattr(llmux, "REFUSED_LINGER_SECS", 60.0)  # (the refused stay for the test)
+
+    async def go() -> None:
+        server, _, port, _ = await _peer_server(tmp_path, {"max_connections_per_peer": 4})
+        busy = [await _peer_connect(port, "127.0.0.2", _HALF) for _ in range(4)]
+        refused = [await _peer_connect(port, "127.0.0.2", _WHOLE) for _ in range(4)]
+        try:
+            for reader, _ in refused:
+                assert (await asyncio.wait_for(reader.read(12), T)).startswith(b"HTTP/1.1 503")
+            for reader, writer in busy:  # their requests end: the connections go idle
+                writer.write(b"Host: x\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
+                await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            await steps_until(lambda: all(server._between_requests(p) for p in server._busy if p.counted),
+                              "the four idle")
+            reader, writer = await _peer_connect(port, "127.0.0.2", _WHOLE)
+            reply = await asyncio.wait_for(reader.read(), T)
+            writer.close()
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+            assert _refused(server, "peer_flood") == 0
+        finally:
+            for _, w in busy + refused:
+                w.close()
+            await server.stop()
+
+    run_checked(go())
+
+
+def test_a_flood_looks_for_an_idle_connection_once_not_once_a_connection(tmp_path: Path) -> None:
+    """Regression (attack): each connection of a flood from an address at its cap looked
+    through the server's connections for an idle one of that address: the flood cost
+    the loop a scan of every connection (loopback ones too) per connection.  Now a scan
+    that finds none is not made again until one of the address's connections goes idle."""
+    async def go() -> None:
+        server, _, port, _ = await _peer_server(tmp_path, {"max_connections_per_peer": 2})
+        scans: List[Optional[str]] = []
+        evict = server._evict_idle
+
+        def counted(ip: Optional[str], reason: str) -> bool:
+            scans.append(ip)
+            return evict(ip, reason)
+
+        server._evict_idle = counted  # type: ignore[method-assign]
+        busy = [await _peer_connect(port, "127.0.0.2", _HALF) for _ in range(2)]
+        try:
+            await steps_until(lambda: server._open == 2, "the address at its cap")
+            for _ in range(10):  # each connects, sends and goes at once: its refusal is short
+                flood = [await _peer_connect(port, "127.0.0.2", _WHOLE) for _ in range(20)]
+                for _, writer in flood:
+                    writer.transport.abort()
+                await steps_until(lambda: not server._peer_setup, "the flood refused")
+            assert _refused(server, "peer_flood") + _refused(server, "max_connections_per_peer") == 200
+            assert len(scans) <= 2, len(scans)
+        finally:
+            for _, w in busy:
+                w.close()
+            await server.stop()
+
+    run_checked(go())
+
+
+def test_the_per_peer_cap_is_kept_under_a_small_connection_table(tmp_path: Path) -> None:
+    """Regression (attack): with max_connections (or the fd limit's clamp of it) no larger
+    than max_connections_per_peer, one address could fill the whole table and every
+    other address was refused.  The cap is kept PEER_PENDING_MAX under the table."""
+    async def go() -> None:
+        server, _, port, _ = await _peer_server(tmp_path, {"max_connections": 12})
+        held = [await _peer_connect(port, "127.0.0.2", _HALF) for _ in range(20)]
+        try:
+            await steps_until(lambda: not server._accepting and _refused(server, "max_connections_per_peer")
+                              + _refused(server, "peer_flood") == 20 - 12 + llmux.PEER_PENDING_MAX,
+                              "the twenty seen")
+            assert server._open == 12 - llmux.PEER_PENDING_MAX
+            reader, writer = await _peer_connect(port, "127.0.0.3", _WHOLE)
+            reply = await asyncio.wait_for(reader.read(), T)
+            writer.close()
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:80]
+        finally:
+            for _, w in held:
+                w.close()
+            await server.stop()
+
+    run_checked(go())
 
 
 def test_a_burst_from_an_address_at_its_cap_evicts_its_idle_connections_none_is_closed() -> None:
@@ -8008,7 +8154,7 @@ def test_a_burst_from_an_address_at_its_cap_evicts_its_idle_connections_none_is_
                 head = await reader.readuntil(b"\r\n\r\n")
                 await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
                 idle.append(writer)
-            await steps_until(lambda: server._peers.get("127.0.0.2") == cap, "the address at its cap")
+            await steps_until(lambda: len(server._peers.get("127.0.0.2", ())) == cap, "the address at its cap")
             socks = [socket.create_connection(("127.0.0.1", port), timeout=T, source_address=("127.0.0.2", 0))
                      for _ in range(cap - 4)]  # all in the kernel's queue before one is accepted
             burst = []
@@ -8118,7 +8264,7 @@ def test_explore_connect_floods_from_few_addresses(accept: str, seed: int) -> No
             open_.clear()
             await steps_until(lambda: not server._busy, "every connection closed", limit=200_000)
             _check_peer_tables(server, cap)
-            assert server._peers == server._peer_setup == server._peer_refusing == {}
+            assert server._peers == server._peer_setup == {} and not server._no_idle
             assert metric("peer_flood") == seen["none"], (seed, metric("peer_flood"), seen)
             assert metric("max_connections_per_peer") == seen["503"], (seed, seen)
             for ip in addresses:  # each address is served again
@@ -8211,7 +8357,7 @@ async def _fuzz_live(cfg: llmux.Config, rng: random.Random, total: int, transpor
     assert not server._busy, "connections left open"
     # The body budget and the connection table are back to empty: nothing leaked.
     assert server.bodies.used == 0 and server._open == 0 and server._peers == {} \
-        and server._peer_setup == {} and server._peer_refusing == {}
+        and server._peer_setup == {} and not server._no_idle
     assert not server._accepting, server._accepting
     assert server.switcher.queued == 0
     assert all(m.in_flight == 0 and not m.slots for m in server.switcher.models.values())
