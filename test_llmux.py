@@ -6300,15 +6300,24 @@ def test_full_connection_table_evicts_the_longest_idle_connection(env: Env) -> N
             s.close()
 
 
-def test_connections_per_peer_are_capped_and_loopback_is_not(env: Env) -> None:
+_GATED_REQUEST = b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}'
+
+
+def _gated_llmux(env: Env, **http: Any) -> Tuple[Llmux, Path, Callable[[str], socket.socket]]:
+    """llmux whose model's wake waits for the gate (a request to it stays in progress),
+    and a connect from a given source address."""
     gate = env.gate("a")
-    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
-                   http={"max_connections_per_peer": 2})
-    request = b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}'
+    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")}, http=http)
 
     def connect(source: str) -> socket.socket:
         return socket.create_connection(("127.0.0.1", lx.port), timeout=T, source_address=(source, 0))
 
+    return lx, gate, connect
+
+
+def test_connections_per_peer_are_capped_and_loopback_is_not(env: Env) -> None:
+    lx, gate, connect = _gated_llmux(env, max_connections_per_peer=2)
+    request = _GATED_REQUEST
     held = [connect("127.0.0.2") for _ in range(2)]
     try:
         for s in held:  # requests in progress: not evictable
@@ -6336,14 +6345,8 @@ def test_connections_per_peer_are_capped_and_loopback_is_not(env: Env) -> None:
 def test_a_connect_flood_from_one_address_does_not_pause_accepting_for_others(env: Env) -> None:
     # Regression: refusals by the per-peer cap counted against ACCEPT_BATCH, so one address
     # opening connections faster than they were refused paused accepting for every client.
-    gate = env.gate("a")
-    lx = env.start({"a": env.model("a", wake_extra=f"while [ ! -e {gate} ]; do sleep 0.01; done")},
-                   http={"max_connections_per_peer": 1})
-    request = b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{"model": "a"}'
-
-    def connect(source: str) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", lx.port), timeout=T, source_address=(source, 0))
-
+    lx, gate, connect = _gated_llmux(env, max_connections_per_peer=1)
+    request = _GATED_REQUEST
     held = connect("127.0.0.2")
     flood: List[socket.socket] = []
     try:
