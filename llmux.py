@@ -800,8 +800,8 @@ def llmux_metrics() -> Metrics:
              "Unexpected exceptions (each logged with its traceback), by where.", ("where",))
     m.define("counter", "llmux_connections_refused_total",
              "Connections refused: max_connections and max_connections_per_peer (answered "
-             "503), peer_flood (closed unanswered: PEER_PENDING_MAX more of the address "
-             "were being refused).", ("reason",))
+             "503), peer_flood (closed unanswered: PEER_PENDING_MAX of the address beyond its "
+             "cap were pending and none of its connections was idle).", ("reason",))
     m.define("counter", "llmux_accept_paused_total",
              "Times accepting paused: out of file descriptors, or ACCEPT_BATCH newcomers "
              "being refused or set up beyond a full connection table.")
@@ -7012,7 +7012,6 @@ class Server:
         a peer at its cap, first makes room by closing the connection idle longest (no
         request in progress: nothing accepted is lost): idle connections cannot keep
         a newcomer, a health check say, out."""
-        http = self.config.http
         peer = _peername(writer)
         ip = peer[0] if isinstance(peer, tuple) else None
         if ip is not None and _is_loopback(ip):
